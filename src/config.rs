@@ -1,0 +1,393 @@
+//! The TOML configuration: parsed as [`RawConfig`], validated into [`Config`]
+//! (no `Option`s left where a value is needed at run time).
+
+use serde::Deserialize;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Longest path a unix socket address can hold (`sun_path` less the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: `{field}`: {reason}")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        reason: String,
+    },
+}
+
+/// The file as written. Unknown keys are errors.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    log_level: Option<String>,
+    socket_dir: Option<PathBuf>,
+    #[serde(default)]
+    upstream: RawUpstream,
+    #[serde(default)]
+    client: RawClient,
+    #[serde(default)]
+    vm: Vec<RawVm>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    connect_timeout_ms: Option<u64>,
+    greeting_timeout_ms: Option<u64>,
+    backoff_initial_ms: Option<u64>,
+    backoff_max_ms: Option<u64>,
+    backoff_multiplier: Option<f64>,
+    backoff_jitter: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClient {
+    greeting_wait_ms: Option<u64>,
+    max_message_bytes: Option<usize>,
+    max_depth: Option<u32>,
+    max_in_flight: Option<usize>,
+    queue_messages: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVm {
+    name: String,
+    upstream: PathBuf,
+    listen: Option<PathBuf>,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// `RUST_LOG`-style filter; `RUST_LOG` itself wins when set.
+    pub log_level: String,
+    pub upstream: UpstreamOptions,
+    pub client: ClientOptions,
+    pub vms: Vec<VmConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamOptions {
+    pub connect_timeout: Duration,
+    pub greeting_timeout: Duration,
+    pub backoff: BackoffOptions,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BackoffOptions {
+    pub initial: Duration,
+    pub max: Duration,
+    pub multiplier: f64,
+    /// Fraction of each delay randomised either way (0 to 1).
+    pub jitter: f64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientOptions {
+    /// How long a client that connects before QEMU was ever seen waits for
+    /// the first greeting before it is disconnected.
+    pub greeting_wait: Duration,
+    pub max_message_bytes: usize,
+    pub max_depth: u32,
+    /// Requests a client may have unanswered before qmpmux stops reading it.
+    pub max_in_flight: usize,
+    /// Messages (replies, events) queued for a client before it counts as
+    /// not reading and is disconnected.
+    pub queue_messages: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    pub name: String,
+    pub upstream: PathBuf,
+    pub listen: PathBuf,
+}
+
+impl Default for UpstreamOptions {
+    fn default() -> Self {
+        UpstreamOptions {
+            connect_timeout: Duration::from_secs(5),
+            greeting_timeout: Duration::from_secs(5),
+            backoff: BackoffOptions {
+                initial: Duration::from_millis(50),
+                max: Duration::from_millis(1000),
+                multiplier: 2.0,
+                jitter: 0.1,
+            },
+        }
+    }
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            greeting_wait: Duration::from_secs(5),
+            max_message_bytes: 64 << 20,
+            max_depth: 1024,
+            max_in_flight: 64,
+            queue_messages: 4096,
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_toml(&text, path)
+    }
+
+    /// Parses and validates config text; `path` is only used in messages.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        raw.validate().map_err(|(field, reason)| ConfigError::Invalid {
+            path: path.to_owned(),
+            field,
+            reason,
+        })
+    }
+}
+
+type Invalid = (String, String);
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Invalid {
+    (field.into(), reason.into())
+}
+
+fn ms(v: Option<u64>, default: Duration, field: &str) -> Result<Duration, Invalid> {
+    match v {
+        None => Ok(default),
+        Some(0) => Err(invalid(field, "must be greater than 0")),
+        Some(n) => Ok(Duration::from_millis(n)),
+    }
+}
+
+impl RawConfig {
+    fn validate(self) -> Result<Config, Invalid> {
+        let upstream = self.upstream.validate()?;
+        let client = self.client.validate()?;
+        let mut names = HashSet::new();
+        let mut listens = HashSet::new();
+        let mut vms = Vec::with_capacity(self.vm.len());
+        for (i, vm) in self.vm.into_iter().enumerate() {
+            let at = |f: &str| format!("vm[{i}].{f}");
+            if vm.name.is_empty()
+                || !vm
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                || vm.name.starts_with('.')
+            {
+                return Err(invalid(
+                    at("name"),
+                    format!("{:?}: use letters, digits, '-', '_' and '.'", vm.name),
+                ));
+            }
+            if !names.insert(vm.name.clone()) {
+                return Err(invalid(at("name"), format!("{:?} is used by another VM", vm.name)));
+            }
+            if vm.upstream.as_os_str().is_empty() {
+                return Err(invalid(at("upstream"), "must be a socket path"));
+            }
+            check_socket_path(&vm.upstream).map_err(|r| invalid(at("upstream"), r))?;
+            let listen = match (vm.listen, &self.socket_dir) {
+                (Some(l), _) if !l.as_os_str().is_empty() => l,
+                (Some(_), _) => return Err(invalid(at("listen"), "must be a socket path")),
+                (None, Some(dir)) => dir.join(format!("{}.sock", vm.name)),
+                (None, None) => return Err(invalid(at("listen"), "is required when `socket_dir` is not set")),
+            };
+            check_socket_path(&listen).map_err(|r| invalid(at("listen"), r))?;
+            if listen == vm.upstream {
+                return Err(invalid(at("listen"), "is the same path as `upstream`"));
+            }
+            if !listens.insert(listen.clone()) {
+                return Err(invalid(
+                    at("listen"),
+                    format!("{} is used by another VM", listen.display()),
+                ));
+            }
+            vms.push(VmConfig {
+                name: vm.name,
+                upstream: vm.upstream,
+                listen,
+            });
+        }
+        let log_level = self.log_level.unwrap_or_else(|| "info".into());
+        tracing_subscriber::EnvFilter::try_new(&log_level).map_err(|e| invalid("log_level", e.to_string()))?;
+        Ok(Config {
+            log_level,
+            upstream,
+            client,
+            vms,
+        })
+    }
+}
+
+fn check_socket_path(p: &Path) -> Result<(), String> {
+    if p.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(format!(
+            "{} is longer than {MAX_SOCKET_PATH} bytes, the limit for unix sockets",
+            p.display()
+        ));
+    }
+    Ok(())
+}
+
+impl RawUpstream {
+    fn validate(self) -> Result<UpstreamOptions, Invalid> {
+        let d = UpstreamOptions::default();
+        let initial = ms(
+            self.backoff_initial_ms,
+            d.backoff.initial,
+            "upstream.backoff_initial_ms",
+        )?;
+        let max = ms(
+            self.backoff_max_ms,
+            d.backoff.max.max(initial),
+            "upstream.backoff_max_ms",
+        )?;
+        if max < initial {
+            return Err(invalid(
+                "upstream.backoff_max_ms",
+                "must not be less than backoff_initial_ms",
+            ));
+        }
+        let multiplier = self.backoff_multiplier.unwrap_or(d.backoff.multiplier);
+        if !(1.0..=100.0).contains(&multiplier) {
+            return Err(invalid("upstream.backoff_multiplier", "must be between 1 and 100"));
+        }
+        let jitter = self.backoff_jitter.unwrap_or(d.backoff.jitter);
+        if !(0.0..=1.0).contains(&jitter) {
+            return Err(invalid("upstream.backoff_jitter", "must be between 0 and 1"));
+        }
+        Ok(UpstreamOptions {
+            connect_timeout: ms(
+                self.connect_timeout_ms,
+                d.connect_timeout,
+                "upstream.connect_timeout_ms",
+            )?,
+            greeting_timeout: ms(
+                self.greeting_timeout_ms,
+                d.greeting_timeout,
+                "upstream.greeting_timeout_ms",
+            )?,
+            backoff: BackoffOptions {
+                initial,
+                max,
+                multiplier,
+                jitter,
+            },
+        })
+    }
+}
+
+impl RawClient {
+    fn validate(self) -> Result<ClientOptions, Invalid> {
+        let d = ClientOptions::default();
+        let positive = |v: Option<usize>, default: usize, field: &str| match v {
+            Some(0) => Err(invalid(field, "must be greater than 0")),
+            v => Ok(v.unwrap_or(default)),
+        };
+        let max_depth = self.max_depth.unwrap_or(d.max_depth);
+        if max_depth == 0 {
+            return Err(invalid("client.max_depth", "must be greater than 0"));
+        }
+        Ok(ClientOptions {
+            greeting_wait: ms(self.greeting_wait_ms, d.greeting_wait, "client.greeting_wait_ms")?,
+            max_message_bytes: positive(self.max_message_bytes, d.max_message_bytes, "client.max_message_bytes")?,
+            max_depth,
+            max_in_flight: positive(self.max_in_flight, d.max_in_flight, "client.max_in_flight")?,
+            queue_messages: positive(self.queue_messages, d.queue_messages, "client.queue_messages")?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, String> {
+        Config::from_toml(text, Path::new("test.toml")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn minimal_vm_gets_defaults() {
+        let c = load("[[vm]]\nname = \"web01\"\nupstream = \"/q/web01.sock\"\nlisten = \"/run/qmpmux/web01.sock\"\n")
+            .unwrap();
+        assert_eq!(c.vms.len(), 1);
+        assert_eq!(c.vms[0].listen, PathBuf::from("/run/qmpmux/web01.sock"));
+        assert_eq!(c.upstream, UpstreamOptions::default());
+        assert_eq!(c.client, ClientOptions::default());
+        assert_eq!(c.log_level, "info");
+    }
+
+    #[test]
+    fn socket_dir_derives_listen_paths() {
+        let c = load("socket_dir = \"/run/qmpmux\"\n[[vm]]\nname = \"a\"\nupstream = \"/q/a\"\n").unwrap();
+        assert_eq!(c.vms[0].listen, PathBuf::from("/run/qmpmux/a.sock"));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = load("[[vm]]\nname = \"a\"\nupstream = \"/q/a\"\n").unwrap_err();
+        assert!(e.contains("vm[0].listen") && e.contains("socket_dir"), "{e}");
+        let e = load("[[vm]]\nname = \"a\"\nupstream = \"/q/a\"\nlisten = \"/l/a\"\nbogus = 1\n").unwrap_err();
+        assert!(e.contains("unknown field `bogus`") && e.contains("line 5"), "{e}");
+        let e = load("[[vm]]\nname = \"a b\"\nupstream = \"/q\"\nlisten = \"/l\"\n").unwrap_err();
+        assert!(e.contains("vm[0].name"), "{e}");
+        let e = load("[[vm]]\nname = \"a\"\nupstream = \"/q\"\nlisten = \"/l\"\n[[vm]]\nname = \"a\"\nupstream = \"/q2\"\nlisten = \"/l2\"\n")
+            .unwrap_err();
+        assert!(e.contains("vm[1].name") && e.contains("another VM"), "{e}");
+        let e = load("[[vm]]\nname = \"a\"\nupstream = \"/q\"\nlisten = \"/l\"\n[[vm]]\nname = \"b\"\nupstream = \"/q2\"\nlisten = \"/l\"\n")
+            .unwrap_err();
+        assert!(e.contains("vm[1].listen"), "{e}");
+        let long = "x".repeat(120);
+        let e = load(&format!(
+            "[[vm]]\nname = \"a\"\nupstream = \"/{long}\"\nlisten = \"/l\"\n"
+        ))
+        .unwrap_err();
+        assert!(e.contains("vm[0].upstream") && e.contains("107"), "{e}");
+        let e = load("[upstream]\nbackoff_initial_ms = 500\nbackoff_max_ms = 100\n").unwrap_err();
+        assert!(e.contains("upstream.backoff_max_ms"), "{e}");
+        let e = load("[upstream]\nbackoff_jitter = 2.0\n").unwrap_err();
+        assert!(e.contains("upstream.backoff_jitter"), "{e}");
+        let e = load("[client]\nmax_in_flight = 0\n").unwrap_err();
+        assert!(e.contains("client.max_in_flight"), "{e}");
+        let e = load("log_level = \"info,,=\"\n").unwrap_err();
+        assert!(e.contains("log_level"), "{e}");
+        let e = load("[[vm]]\nname = 5\n").unwrap_err();
+        assert!(e.contains("invalid type"), "{e}");
+    }
+
+    #[test]
+    fn no_vms_is_valid() {
+        assert!(load("").unwrap().vms.is_empty());
+    }
+
+    #[test]
+    fn shipped_example_config_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/qmpmux.toml");
+        let c = Config::load(&path).unwrap();
+        assert!(!c.vms.is_empty());
+    }
+}

@@ -1,0 +1,237 @@
+//! One client connection: QMP as QEMU would speak it, backed by the shared
+//! upstream session.
+//!
+//! The task owns the socket and a FIFO of reply slots, one per request in
+//! the order the client sent them. Local answers fill their slot at once,
+//! forwarded ones when the session routes the reply back; slots leave the
+//! FIFO only from the front, so every client sees its replies in request
+//! order whatever answered them. Events go out as they come.
+
+use crate::config::ClientOptions;
+use crate::error::FailKind;
+use crate::qmp::framing::{JsonFramer, Limits};
+use crate::qmp::json::qemu_style;
+use crate::qmp::request::{decide, error_line, Caps, Decision, Session};
+use crate::upstream::{SessionHandle, ToClient, ToSession};
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use serde_json::value::RawValue;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+/// Stop taking replies and events from the mailbox while this much is
+/// waiting to be written; the mailbox then fills and the session drops a
+/// client that does not read.
+const OUTBUF_HIGH: usize = 1 << 20;
+
+/// What every client of one VM shares.
+#[derive(Debug, Clone)]
+pub struct ClientContext {
+    pub vm: Arc<str>,
+    pub session: SessionHandle,
+    pub opts: ClientOptions,
+    pub shutdown: CancellationToken,
+}
+
+enum Slot {
+    /// Forwarded; waiting for the session.
+    Waiting {
+        seq: u64,
+        id: Option<Box<RawValue>>,
+    },
+    Ready(Bytes),
+}
+
+struct Client {
+    id: u64,
+    ctx: ClientContext,
+    qmp: Session,
+    offered: Caps,
+    slots: VecDeque<Slot>,
+    next_seq: u64,
+    outbuf: BytesMut,
+}
+
+/// Why the client's connection ended.
+#[derive(Debug)]
+enum End {
+    ClientClosed,
+    Io(std::io::Error),
+    Shutdown,
+    /// The session dropped our mailbox: we did not keep up, or the VM went.
+    Dropped,
+    NoGreeting,
+}
+
+pub async fn run(stream: UnixStream, id: u64, ctx: ClientContext) {
+    let (pid, uid) = match stream.peer_cred() {
+        Ok(c) => (c.pid().unwrap_or(0), c.uid()),
+        Err(_) => (0, u32::MAX),
+    };
+    info!(client = id, pid, uid, "client connected");
+    let end = serve(stream, id, ctx.clone()).await;
+    let _ = ctx.session.tx.try_send(ToSession::Detach { client: id });
+    match end {
+        End::Io(e) => info!(client = id, error = %e, "client disconnected"),
+        End::Dropped => info!(client = id, "client disconnected by qmpmux: it was not reading"),
+        End::NoGreeting => info!(
+            client = id,
+            "client disconnected: QEMU has not been reachable since qmpmux started"
+        ),
+        other => info!(client = id, reason = ?other, "client disconnected"),
+    }
+}
+
+async fn serve(stream: UnixStream, id: u64, ctx: ClientContext) -> End {
+    let Some(greeting) = wait_for_greeting(&ctx).await else {
+        return if ctx.shutdown.is_cancelled() {
+            End::Shutdown
+        } else {
+            End::NoGreeting
+        };
+    };
+    let (read, mut write) = stream.into_split();
+    let limits = Limits {
+        max_message: ctx.opts.max_message_bytes,
+        max_depth: ctx.opts.max_depth,
+    };
+    let mut reader = FramedRead::new(read, JsonFramer::new(limits));
+    let (mailbox_tx, mut mailbox) = mpsc::channel(ctx.opts.queue_messages);
+    if ctx
+        .session
+        .tx
+        .send(ToSession::Attach {
+            client: id,
+            mailbox: mailbox_tx,
+        })
+        .await
+        .is_err()
+    {
+        return End::Shutdown;
+    }
+    let mut client = Client {
+        id,
+        offered: Caps::default(),
+        ctx,
+        qmp: Session::default(),
+        slots: VecDeque::new(),
+        next_seq: 0,
+        outbuf: BytesMut::from(&greeting[..]),
+    };
+    let shutdown = client.ctx.shutdown.clone();
+    let mut eof = false;
+    loop {
+        if eof && client.slots.is_empty() && client.outbuf.is_empty() {
+            return End::ClientClosed;
+        }
+        let can_read = !eof && client.slots.len() < client.ctx.opts.max_in_flight && client.outbuf.len() < OUTBUF_HIGH;
+        // Cancel-safe branches only: FramedRead::next, mpsc::recv, one write.
+        tokio::select! {
+            () = shutdown.cancelled() => return End::Shutdown,
+            frame = reader.next(), if can_read => match frame {
+                Some(Ok(frame)) => client.on_frame(frame).await,
+                Some(Err(e)) => return End::Io(e),
+                // The client closed its sending side: answer what it asked.
+                None => eof = true,
+            },
+            msg = mailbox.recv(), if client.outbuf.len() < OUTBUF_HIGH => match msg {
+                Some(msg) => client.on_session(msg),
+                None => return End::Dropped,
+            },
+            r = write.write_buf(&mut client.outbuf), if !client.outbuf.is_empty() => match r {
+                Ok(0) => return End::ClientClosed,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return End::ClientClosed,
+                Err(e) => return End::Io(e),
+            },
+        }
+    }
+}
+
+/// The greeting line to send, waiting (bounded) for QEMU to be seen once.
+async fn wait_for_greeting(ctx: &ClientContext) -> Option<Bytes> {
+    let mut status = ctx.session.status.clone();
+    let wait = status.wait_for(|s| s.greeting.is_some());
+    let found = tokio::select! {
+        r = tokio::time::timeout(ctx.opts.greeting_wait, wait) => r.ok()?.ok()?.greeting.clone(),
+        () = ctx.shutdown.cancelled() => None,
+    };
+    found.map(|g| g.line(false))
+}
+
+impl Client {
+    async fn on_frame(&mut self, frame: crate::qmp::framing::Frame) {
+        match decide(frame, &mut self.qmp, self.offered) {
+            Decision::Local(line) => self.slots.push_back(Slot::Ready(line)),
+            Decision::Forward(fwd) => {
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                debug!(client = self.id, command = %fwd.command, "forward");
+                self.slots.push_back(Slot::Waiting { seq, id: fwd.id });
+                let msg = ToSession::Execute {
+                    client: self.id,
+                    seq,
+                    tail: fwd.tail,
+                };
+                if self.ctx.session.tx.send(msg).await.is_err() {
+                    let vm = self.ctx.vm.clone();
+                    self.fill(seq, |id| failure_line(&vm, id, FailKind::NotSent));
+                }
+            }
+        }
+        self.flush_ready();
+    }
+
+    fn on_session(&mut self, msg: ToClient) {
+        match msg {
+            ToClient::Reply { seq, line } => self.fill(seq, |_| line),
+            ToClient::Failed { seq, kind } => {
+                let vm = self.ctx.vm.clone();
+                self.fill(seq, |id| failure_line(&vm, id, kind))
+            }
+            ToClient::Event(line) => {
+                if self.qmp.negotiated {
+                    self.outbuf.extend_from_slice(&line);
+                }
+            }
+        }
+        self.flush_ready();
+    }
+
+    /// Fills the waiting slot `seq` with the line `make` builds from the
+    /// request's id.
+    fn fill(&mut self, seq: u64, make: impl FnOnce(Option<&RawValue>) -> Bytes) {
+        let slot = self
+            .slots
+            .iter_mut()
+            .find(|s| matches!(s, Slot::Waiting { seq: s2, .. } if *s2 == seq));
+        if let Some(slot) = slot {
+            let line = match slot {
+                Slot::Waiting { id, .. } => make(id.as_deref()),
+                Slot::Ready(_) => return,
+            };
+            *slot = Slot::Ready(line);
+        }
+    }
+
+    /// Moves answered requests at the front of the FIFO to the output.
+    fn flush_ready(&mut self) {
+        while let Some(Slot::Ready(_)) = self.slots.front() {
+            if let Some(Slot::Ready(line)) = self.slots.pop_front() {
+                self.outbuf.extend_from_slice(&line);
+            }
+        }
+    }
+}
+
+fn failure_line(vm: &str, id: Option<&RawValue>, kind: FailKind) -> Bytes {
+    let (class, desc) = kind.for_vm(vm).to_qmp();
+    let id = id.map(qemu_style);
+    error_line(id.as_deref(), class, &desc)
+}

@@ -1,0 +1,57 @@
+//! Errors qmpmux itself reports to clients, and the one place they become
+//! QMP wire errors.
+
+use crate::upstream::Runstate;
+
+/// Why qmpmux, not QEMU, answers a forwarded command.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Failure {
+    #[error("QEMU monitor of VM '{vm}' is not connected (upstream {state}); the command was not executed")]
+    Down { vm: String, state: Runstate },
+    #[error(
+        "connection to QEMU monitor of VM '{vm}' was lost while the command was in flight; its outcome is unknown"
+    )]
+    Lost { vm: String },
+    #[error("connection to QEMU monitor of VM '{vm}' was lost before the command was sent; it was not executed")]
+    NotSent { vm: String },
+}
+
+/// Why a forwarded command failed, without the VM name (which the client
+/// task adds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailKind {
+    Down(Runstate),
+    Lost,
+    NotSent,
+}
+
+impl FailKind {
+    pub fn for_vm(self, vm: &str) -> Failure {
+        let vm = vm.to_string();
+        match self {
+            FailKind::Down(state) => Failure::Down { vm, state },
+            FailKind::Lost => Failure::Lost { vm },
+            FailKind::NotSent => Failure::NotSent { vm },
+        }
+    }
+}
+
+impl Failure {
+    /// QMP error class and desc. Always GenericError: CommandNotFound would
+    /// read as "this QEMU lacks the command".
+    pub fn to_qmp(&self) -> (&'static str, String) {
+        ("GenericError", format!("qmpmux: {self}"))
+    }
+}
+
+/// Formats an error with its sources: `outer: inner: root`.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
+}

@@ -1,0 +1,23 @@
+//! qmpmux: one upstream QMP session per VM, shared by any number of clients.
+//!
+//! # Layout
+//! - [`config`]: the TOML file, validated into [`config::Config`].
+//! - [`qmp`]: the wire protocol (framing, QEMU-style JSON, request checks,
+//!   upstream messages); pure code, no I/O.
+//! - [`router`]: correlation of forwarded requests with replies; pure.
+//! - [`upstream`]: the per-VM session task owning QEMU's socket.
+//! - [`downstream`]: listeners and per-client tasks.
+//! - [`supervisor`]: [`run`], tying it together until shutdown.
+//! - [`error`]: qmpmux's own failures and their QMP wire form.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod demo;
+pub mod downstream;
+pub mod error;
+pub mod qmp;
+pub mod router;
+pub mod supervisor;
+pub mod upstream;
+
+pub use supervisor::{run, Listeners, RunError};

@@ -1,0 +1,487 @@
+//! Streaming JSON framing, the way QEMU's `json-streamer` splits its input.
+//!
+//! QMP input is not line based: a message ends when the brace/bracket depth
+//! returns to zero, wherever the newlines are. This codec finds message
+//! boundaries in one pass over the bytes without building values, reproduces
+//! QEMU's lexical errors and their recovery, and hands complete messages on
+//! as [`Bytes`] for the (separate) parsing step.
+
+use bytes::{Bytes, BytesMut};
+use tokio_util::codec::Decoder;
+
+/// One item of the input stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// A complete top-level JSON text (object, array or scalar), not yet
+    /// checked beyond its lexical shape.
+    Message(Bytes),
+    /// Input QEMU's parser would reject before building a value; the reply is
+    /// an id-less GenericError with this text.
+    Error(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Str {
+    None,
+    Double,
+    Single,
+}
+
+/// Limits applied while framing. QEMU's own are 64 MiB and 1024 levels.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_message: usize,
+    pub max_depth: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message: 64 << 20,
+            max_depth: 1024,
+        }
+    }
+}
+
+/// Decoder state; feed it a growing buffer, get frames out.
+#[derive(Debug)]
+pub struct JsonFramer {
+    limits: Limits,
+    /// Bytes of `src` already scanned as part of the current message.
+    pos: usize,
+    braces: i64,
+    brackets: i64,
+    string: Str,
+    escape: bool,
+    /// Offset of the opening quote of the current string (for error text).
+    string_start: usize,
+    /// Inside a bare top-level token (number or keyword).
+    scalar: bool,
+    /// The message uses single quotes or `\'`: normalise before parsing.
+    needs_requote: bool,
+    /// Skipping input after a lexical error, as QEMU's lexer does.
+    recovering: bool,
+    /// Too-large message being discarded up to its end.
+    discarding: bool,
+}
+
+impl JsonFramer {
+    pub fn new(limits: Limits) -> Self {
+        JsonFramer {
+            limits,
+            pos: 0,
+            braces: 0,
+            brackets: 0,
+            string: Str::None,
+            escape: false,
+            string_start: 0,
+            scalar: false,
+            needs_requote: false,
+            recovering: false,
+            discarding: false,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.pos = 0;
+        self.braces = 0;
+        self.brackets = 0;
+        self.string = Str::None;
+        self.escape = false;
+        self.scalar = false;
+        self.needs_requote = false;
+    }
+
+    fn depth(&self) -> i64 {
+        self.braces + self.brackets
+    }
+
+    /// Takes the message that ends at `end` (exclusive) out of `src`.
+    fn emit(&mut self, src: &mut BytesMut, end: usize) -> Frame {
+        let requote = self.needs_requote;
+        let discarding = std::mem::replace(&mut self.discarding, false);
+        let raw = src.split_to(end);
+        self.reset();
+        if discarding {
+            return Frame::Error("JSON token size limit exceeded".into());
+        }
+        if requote {
+            Frame::Message(requote_single_quotes(&raw).into())
+        } else {
+            Frame::Message(raw.freeze())
+        }
+    }
+
+    /// A lexical error at `at`: QEMU reports the token text so far, then
+    /// skips to a resynchronisation point.
+    fn lexical_error(&mut self, src: &mut BytesMut, at: usize) -> Frame {
+        let from = if self.string != Str::None {
+            self.string_start
+        } else {
+            at
+        };
+        let token = String::from_utf8_lossy(&src[from..=at]).into_owned();
+        let _ = src.split_to(at + 1);
+        self.reset();
+        self.discarding = false;
+        self.recovering = true;
+        Frame::Error(format!("JSON parse error, stray '{token}'"))
+    }
+
+    fn too_deep(&mut self, src: &mut BytesMut, at: usize) -> Frame {
+        let _ = src.split_to(at + 1);
+        self.reset();
+        self.recovering = true;
+        Frame::Error("JSON nesting depth limit exceeded".into())
+    }
+
+    fn structural_error(&mut self, src: &mut BytesMut, at: usize) -> Frame {
+        let _ = src.split_to(at + 1);
+        self.reset();
+        Frame::Error("JSON parse error, expecting value".into())
+    }
+
+    /// Skips bytes after a lexical error until a byte QEMU resynchronises on.
+    fn skip_recovery(&mut self, src: &mut BytesMut) {
+        let n = src
+            .iter()
+            .position(|&b| matches!(b, b'{' | b'}' | b'[' | b']' | 0xFE | 0xFF) || (b < 0x20 && b != b'\t'))
+            .unwrap_or(src.len());
+        if n < src.len() {
+            self.recovering = false;
+        }
+        let _ = src.split_to(n);
+    }
+
+    /// While a message is longer than allowed, drop what was scanned so far
+    /// but keep scanning (so the end of it is still found); reported once it
+    /// ends.
+    fn check_size(&mut self, src: &mut BytesMut) {
+        if self.pos > self.limits.max_message {
+            self.discarding = true;
+        }
+        if self.discarding && self.pos > 0 {
+            let _ = src.split_to(self.pos);
+            self.string_start = 0;
+            self.pos = 0;
+        }
+    }
+
+    fn scan(&mut self, src: &mut BytesMut) -> Option<Frame> {
+        {
+            if self.recovering {
+                self.skip_recovery(src);
+                if self.recovering {
+                    return None;
+                }
+            }
+            if self.pos == 0 && !self.discarding {
+                let ws = src.iter().take_while(|b| is_ws(**b)).count();
+                let _ = src.split_to(ws);
+            }
+            let mut i = self.pos;
+            while i < src.len() {
+                let b = src[i];
+                if self.string != Str::None {
+                    if self.escape {
+                        self.escape = false;
+                        if b == b'\'' {
+                            self.needs_requote = true;
+                        }
+                    } else if b == b'\\' {
+                        self.escape = true;
+                    } else if (b == b'"' && self.string == Str::Double) || (b == b'\'' && self.string == Str::Single) {
+                        self.string = Str::None;
+                        if self.depth() == 0 {
+                            return Some(self.emit(src, i + 1));
+                        }
+                    } else if !(0x20..0xFE).contains(&b) {
+                        return Some(self.lexical_error(src, i));
+                    }
+                    i += 1;
+                    continue;
+                }
+                if self.scalar {
+                    if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'+' | b'.') {
+                        i += 1;
+                        continue;
+                    }
+                    // The bare token ends before this byte, which is looked at again.
+                    return Some(self.emit(src, i));
+                }
+                match b {
+                    b' ' | b'\t' | b'\r' | b'\n' => {}
+                    b'{' | b'[' => {
+                        if b == b'{' {
+                            self.braces += 1
+                        } else {
+                            self.brackets += 1
+                        }
+                        if self.depth() > i64::from(self.limits.max_depth) {
+                            return Some(self.too_deep(src, i));
+                        }
+                    }
+                    b'}' | b']' => {
+                        if b == b'}' {
+                            self.braces -= 1
+                        } else {
+                            self.brackets -= 1
+                        }
+                        if self.braces < 0 || self.brackets < 0 {
+                            return Some(self.structural_error(src, i));
+                        }
+                        if self.depth() == 0 {
+                            return Some(self.emit(src, i + 1));
+                        }
+                    }
+                    b'"' | b'\'' => {
+                        self.string = if b == b'"' { Str::Double } else { Str::Single };
+                        self.needs_requote |= b == b'\'';
+                        self.string_start = i;
+                    }
+                    b':' | b',' if self.depth() == 0 => {
+                        return Some(self.structural_error(src, i));
+                    }
+                    b':' | b',' => {}
+                    b'a'..=b'z' | b'0'..=b'9' | b'-' => {
+                        if self.depth() == 0 {
+                            self.scalar = true;
+                        }
+                    }
+                    b'A'..=b'Z' | b'+' | b'.' if self.depth() > 0 => {}
+                    _ => return Some(self.lexical_error(src, i)),
+                }
+                i += 1;
+            }
+            self.pos = i;
+            self.check_size(src);
+            None
+        }
+    }
+}
+
+fn is_ws(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\r' | b'\n')
+}
+
+/// Rewrites QEMU's single-quoted strings (and `\'` escapes) as standard JSON.
+fn requote_single_quotes(raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(raw.len() + 8);
+    let mut string = Str::None;
+    let mut escape = false;
+    for &b in raw {
+        match string {
+            Str::None => {
+                if b == b'\'' {
+                    string = Str::Single;
+                    out.push(b'"');
+                } else {
+                    if b == b'"' {
+                        string = Str::Double;
+                    }
+                    out.push(b);
+                }
+            }
+            _ if escape => {
+                escape = false;
+                if b != b'\'' {
+                    out.push(b'\\');
+                }
+                out.push(b);
+            }
+            _ if b == b'\\' => escape = true,
+            Str::Single if b == b'\'' => {
+                string = Str::None;
+                out.push(b'"');
+            }
+            Str::Single if b == b'"' => out.extend_from_slice(b"\\\""),
+            Str::Double if b == b'"' => {
+                string = Str::None;
+                out.push(b);
+            }
+            _ => out.push(b),
+        }
+    }
+    out
+}
+
+impl Decoder for JsonFramer {
+    type Item = Frame;
+    type Error = std::io::Error;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, std::io::Error> {
+        Ok(self.scan(src))
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, std::io::Error> {
+        if let Some(frame) = self.scan(src) {
+            return Ok(Some(frame));
+        }
+        if self.scalar && !src.is_empty() {
+            let end = src.len();
+            return Ok(Some(self.emit(src, end)));
+        }
+        // A partial message at EOF is discarded, as QEMU does.
+        src.clear();
+        self.reset();
+        self.discarding = false;
+        self.recovering = false;
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames(limits: Limits, chunks: &[&[u8]]) -> Vec<Frame> {
+        let mut f = JsonFramer::new(limits);
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        for c in chunks {
+            buf.extend_from_slice(c);
+            while let Some(fr) = f.decode(&mut buf).unwrap() {
+                out.push(fr);
+            }
+        }
+        while let Some(fr) = f.decode_eof(&mut buf).unwrap() {
+            out.push(fr);
+        }
+        out
+    }
+
+    fn msg(s: &str) -> Frame {
+        Frame::Message(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    fn err(s: &str) -> Frame {
+        Frame::Error(s.to_string())
+    }
+
+    #[test]
+    fn several_per_line_and_no_newline() {
+        let out = frames(Limits::default(), &[b"{\"a\":1}{\"b\":[2]} {\"c\":3}"]);
+        assert_eq!(out, vec![msg("{\"a\":1}"), msg("{\"b\":[2]}"), msg("{\"c\":3}")]);
+    }
+
+    #[test]
+    fn one_message_over_lines_and_chunks() {
+        let out = frames(
+            Limits::default(),
+            &[b"{\n \"exe", b"cute\": \"x\",\n", b"\"id\": \"}{\"\n}\r\n"],
+        );
+        assert_eq!(out, vec![msg("{\n \"execute\": \"x\",\n\"id\": \"}{\"\n}")]);
+    }
+
+    #[test]
+    fn every_split_point_gives_the_same_frames() {
+        let input: &[u8] = b" {\"a\":\"x\\\"}\"} [1,{\"b\":[]}]\n{'c':'d\\'e'}5 ";
+        let whole = frames(Limits::default(), &[input]);
+        assert_eq!(whole.len(), 4);
+        for cut in 0..input.len() {
+            assert_eq!(
+                frames(Limits::default(), &[&input[..cut], &input[cut..]]),
+                whole,
+                "cut at {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn escaped_quotes_and_brackets_inside_strings() {
+        let out = frames(Limits::default(), &[br#"{"a":"\\"}{"b":"]}\""}"#]);
+        assert_eq!(out, vec![msg(r#"{"a":"\\"}"#), msg(r#"{"b":"]}\""}"#)]);
+    }
+
+    #[test]
+    fn single_quotes_are_requoted() {
+        let out = frames(Limits::default(), &[br#"{'execute':'x', 'id':'a"b\'c', "k":"it\'s"}"#]);
+        assert_eq!(out, vec![msg(r#"{"execute":"x", "id":"a\"b'c", "k":"it's"}"#)]);
+    }
+
+    #[test]
+    fn stray_byte_reports_and_recovers_like_qemu() {
+        // QEMU: stray '@', then the `}` is a token of its own: expecting value.
+        let out = frames(Limits::default(), &[b"{\"a\":1 @ }{\"b\":2}"]);
+        assert_eq!(
+            out,
+            vec![
+                err("JSON parse error, stray '@'"),
+                err("JSON parse error, expecting value"),
+                msg("{\"b\":2}")
+            ]
+        );
+    }
+
+    #[test]
+    fn control_char_in_string_reports_the_token() {
+        let out = frames(Limits::default(), &[b"{\"a\":\"x\x01\"}"]);
+        assert_eq!(
+            out,
+            vec![
+                err("JSON parse error, stray '\"x\u{1}'"),
+                err("JSON parse error, expecting value")
+            ]
+        );
+    }
+
+    #[test]
+    fn escape_byte_resets_a_partial_message() {
+        let out = frames(Limits::default(), &[b"{\"execute\": \x1b{\"a\":1}"]);
+        assert_eq!(out, vec![err("JSON parse error, stray '\u{1b}'"), msg("{\"a\":1}")]);
+    }
+
+    #[test]
+    fn unbalanced_close_is_an_error() {
+        assert_eq!(
+            frames(Limits::default(), &[b"}"]),
+            vec![err("JSON parse error, expecting value")]
+        );
+        assert_eq!(
+            frames(Limits::default(), &[b"[}"]),
+            vec![err("JSON parse error, expecting value")]
+        );
+    }
+
+    #[test]
+    fn top_level_scalars_are_frames() {
+        let out = frames(Limits::default(), &[b"5 \"s\" [1]"]);
+        assert_eq!(out, vec![msg("5"), msg("\"s\""), msg("[1]")]);
+    }
+
+    #[test]
+    fn depth_limit() {
+        let limits = Limits {
+            max_message: 1 << 20,
+            max_depth: 3,
+        };
+        let out = frames(limits, &[b"[[[1]]] [[[[1]]]]{\"a\":1}"]);
+        assert_eq!(out[0], msg("[[[1]]]"));
+        assert_eq!(out[1], err("JSON nesting depth limit exceeded"));
+        assert_eq!(out.last(), Some(&msg("{\"a\":1}")));
+    }
+
+    #[test]
+    fn size_limit_discards_without_buffering_and_resyncs() {
+        let limits = Limits {
+            max_message: 16,
+            max_depth: 10,
+        };
+        let mut f = JsonFramer::new(limits);
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(b"{\"a\":\"");
+        for _ in 0..100 {
+            buf.extend_from_slice(&[b'x'; 100]);
+            assert_eq!(f.decode(&mut buf).unwrap(), None);
+            assert!(buf.len() <= 200, "buffer grew to {}", buf.len());
+        }
+        buf.extend_from_slice(b"\"}{\"b\":1}");
+        assert_eq!(f.decode(&mut buf).unwrap(), Some(err("JSON token size limit exceeded")));
+        assert_eq!(f.decode(&mut buf).unwrap(), Some(msg("{\"b\":1}")));
+    }
+
+    #[test]
+    fn partial_message_at_eof_is_dropped() {
+        assert_eq!(frames(Limits::default(), &[b"{\"a\":1}{\"b\""]), vec![msg("{\"a\":1}")]);
+    }
+}

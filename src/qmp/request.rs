@@ -1,0 +1,324 @@
+//! What a client's message means: QEMU's request checks, capabilities
+//! negotiation answered locally, and the bytes to forward upstream.
+//!
+//! This mirrors `qmp_dispatch()` and `qmp_dispatch_check_obj()` in QEMU's
+//! `qapi/qmp-dispatch.c` and `qmp_qmp_capabilities()` in `monitor/`, so that
+//! everything qmpmux answers itself reads exactly as QEMU would answer it.
+
+use super::framing::Frame;
+use super::json::{members_checked, qdict_order, qemu_style, write_str, Members};
+use bytes::Bytes;
+use serde_json::value::RawValue;
+
+/// Capabilities a client may enable; QEMU knows only `oob`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Caps {
+    pub oob: bool,
+}
+
+/// Per-client negotiation state.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Session {
+    pub negotiated: bool,
+    pub enabled: Caps,
+}
+
+/// What to do with one frame from a client.
+#[derive(Debug)]
+pub enum Decision {
+    /// Answer with this line; nothing goes upstream.
+    Local(Bytes),
+    /// Forward upstream; the reply comes back by upstream id.
+    Forward(Forward),
+}
+
+/// A request to forward. The upstream message is `{"id": [N` + `tail`, where
+/// N is the upstream session's correlation number and the client's own id
+/// (if any) rides along as the second element, so QEMU itself re-serialises
+/// it and the reply can hand back exactly what QEMU would have.
+#[derive(Debug)]
+pub struct Forward {
+    pub tail: Bytes,
+    /// The client's id, for errors qmpmux must generate for this request.
+    pub id: Option<Box<RawValue>>,
+    pub command: String,
+}
+
+/// One QMP error class and text, as it goes on the wire.
+pub fn error_line(id: Option<&str>, class: &str, desc: &str) -> Bytes {
+    let mut out = String::with_capacity(desc.len() + 64);
+    match id {
+        Some(id) => {
+            out.push_str("{\"id\": ");
+            out.push_str(id);
+            out.push_str(", \"error\": {\"class\": ");
+        }
+        None => out.push_str("{\"error\": {\"class\": "),
+    }
+    write_str(&mut out, class);
+    out.push_str(", \"desc\": ");
+    write_str(&mut out, desc);
+    out.push_str("}}\r\n");
+    Bytes::from(out)
+}
+
+/// `{"return": {}}` with the id, in QEMU's member order.
+pub fn empty_return_line(id: Option<&str>) -> Bytes {
+    match id {
+        Some(id) => Bytes::from(format!("{{\"return\": {{}}, \"id\": {id}}}\r\n")),
+        None => Bytes::from_static(b"{\"return\": {}}\r\n"),
+    }
+}
+
+struct Reject {
+    class: &'static str,
+    desc: String,
+}
+
+fn generic(desc: impl Into<String>) -> Reject {
+    Reject {
+        class: "GenericError",
+        desc: desc.into(),
+    }
+}
+
+fn command_not_found(desc: &str) -> Reject {
+    Reject {
+        class: "CommandNotFound",
+        desc: desc.into(),
+    }
+}
+
+fn is_string(v: &RawValue) -> bool {
+    v.get().starts_with('"')
+}
+
+/// `qmp_dispatch_check_obj()`: returns the command name.
+fn check_obj(m: &Members<'_>, allow_oob: bool) -> Result<(String, bool), Reject> {
+    let mut exec: Option<(&str, &RawValue)> = None;
+    for i in qdict_order(&m.0.iter().map(|(k, _)| k.as_ref()).collect::<Vec<_>>()) {
+        let (key, value) = (&m.0[i].0, m.0[i].1);
+        match key.as_ref() {
+            k @ ("execute" | "exec-oob") if k == "execute" || allow_oob => {
+                if !is_string(value) {
+                    return Err(generic(format!("QMP input member '{k}' must be a string")));
+                }
+                if let Some((other, _)) = exec {
+                    return Err(generic(format!("QMP input member '{k}' clashes with '{other}'")));
+                }
+                exec = Some((k, value));
+            }
+            "arguments" => {
+                if !value.get().starts_with('{') {
+                    return Err(generic("QMP input member 'arguments' must be an object"));
+                }
+            }
+            "id" => {}
+            k => return Err(generic(format!("QMP input member '{k}' is unexpected"))),
+        }
+    }
+    let (key, value) = exec.ok_or_else(|| generic("QMP input lacks member 'execute'"))?;
+    let name: String =
+        serde_json::from_str(value.get()).map_err(|_| generic("QMP input member 'execute' must be a string"))?;
+    Ok((name, key == "exec-oob"))
+}
+
+/// The QAPI input visitor's checks on `qmp_capabilities` arguments.
+fn capabilities_args(m: &Members<'_>) -> Result<Caps, Reject> {
+    let mut caps = Caps::default();
+    let Some(args) = m.get("arguments") else {
+        return Ok(caps);
+    };
+    let args: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(args.get()).map_err(|_| generic("QMP input member 'arguments' must be an object"))?;
+    if let Some(enable) = args.get("enable") {
+        let list = enable
+            .as_array()
+            .ok_or_else(|| generic("Invalid parameter type for 'enable', expected: array"))?;
+        for (i, item) in list.iter().enumerate() {
+            match item.as_str() {
+                Some("oob") => caps.oob = true,
+                // QEMU really does say 'null' here.
+                Some(other) => return Err(generic(format!("Parameter 'null' does not accept value '{other}'"))),
+                None => {
+                    return Err(generic(format!(
+                        "Invalid parameter type for 'enable[{i}]', expected: string"
+                    )))
+                }
+            }
+        }
+    }
+    if let Some(extra) = args.keys().find(|k| *k != "enable") {
+        return Err(generic(format!("Parameter '{extra}' is unexpected")));
+    }
+    Ok(caps)
+}
+
+/// Decides what one frame means for a client in state `session`, whose
+/// greeting offered `offered`. Updates `session` on successful negotiation.
+pub fn decide(frame: Frame, session: &mut Session, offered: Caps) -> Decision {
+    let bytes = match frame {
+        Frame::Error(desc) => return Decision::Local(error_line(None, "GenericError", &desc)),
+        Frame::Message(bytes) => bytes,
+    };
+    let members = match members_checked(&bytes) {
+        Ok(m) => m,
+        Err(e) => return Decision::Local(error_line(None, "GenericError", &e.desc())),
+    };
+    let id = members.get("id");
+    let reject = |r: Reject| {
+        let id = id.map(qemu_style);
+        Decision::Local(error_line(id.as_deref(), r.class, &r.desc))
+    };
+    let (command, _oob) = match check_obj(&members, session.negotiated && session.enabled.oob) {
+        Ok(c) => c,
+        Err(r) => return reject(r),
+    };
+    if command == "qmp_capabilities" {
+        let caps = match capabilities_args(&members) {
+            Ok(c) => c,
+            Err(r) => return reject(r),
+        };
+        if session.negotiated {
+            return reject(command_not_found(
+                "Capabilities negotiation is already complete, command ignored",
+            ));
+        }
+        if caps.oob && !offered.oob {
+            return reject(generic("Capability oob not available"));
+        }
+        session.negotiated = true;
+        session.enabled = caps;
+        return Decision::Local(empty_return_line(id.map(qemu_style).as_deref()));
+    }
+    if !session.negotiated {
+        return reject(command_not_found(
+            "Expecting capabilities negotiation with 'qmp_capabilities'",
+        ));
+    }
+    Decision::Forward(Forward {
+        tail: forward_tail(&members),
+        id: id.map(|v| v.to_owned()),
+        command,
+    })
+}
+
+/// Everything after `{"id": [N` of the upstream message.
+fn forward_tail(m: &Members<'_>) -> Bytes {
+    let size: usize = m.0.iter().map(|(k, v)| k.len() + v.get().len() + 8).sum();
+    let mut out = String::with_capacity(size + 8);
+    if let Some(id) = m.get("id") {
+        out.push_str(", ");
+        out.push_str(id.get());
+    }
+    out.push(']');
+    for (k, v) in m.0.iter().filter(|(k, _)| k != "id") {
+        out.push_str(", ");
+        write_str(&mut out, k);
+        out.push_str(": ");
+        out.push_str(v.get());
+    }
+    out.push('}');
+    Bytes::from(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(s: &mut Session, offered: Caps, input: &str) -> String {
+        match decide(Frame::Message(Bytes::copy_from_slice(input.as_bytes())), s, offered) {
+            Decision::Local(b) => String::from_utf8(b.to_vec()).unwrap(),
+            Decision::Forward(f) => format!("FORWARD {{\"id\": [N{}", String::from_utf8(f.tail.to_vec()).unwrap()),
+        }
+    }
+
+    #[test]
+    fn negotiation_mode_matches_qemu() {
+        let mut s = Session::default();
+        let no = Caps::default();
+        assert_eq!(
+            run(&mut s, no, r#"{"execute":"query-status","id":1e3}"#),
+            "{\"id\": 1000, \"error\": {\"class\": \"CommandNotFound\", \"desc\": \"Expecting capabilities negotiation with 'qmp_capabilities'\"}}\r\n"
+        );
+        assert_eq!(
+            run(&mut s, no, r#"{"execute":"query-status","bogus":1,"id":2}"#),
+            "{\"id\": 2, \"error\": {\"class\": \"GenericError\", \"desc\": \"QMP input member 'bogus' is unexpected\"}}\r\n"
+        );
+        assert_eq!(
+            run(&mut s, no, r#"{"exec-oob":"query-status","id":1}"#),
+            "{\"id\": 1, \"error\": {\"class\": \"GenericError\", \"desc\": \"QMP input member 'exec-oob' is unexpected\"}}\r\n"
+        );
+        assert_eq!(
+            run(
+                &mut s,
+                no,
+                r#"{"execute":"qmp_capabilities","arguments":{"enable":["oob"]}}"#
+            ),
+            "{\"error\": {\"class\": \"GenericError\", \"desc\": \"Capability oob not available\"}}\r\n"
+        );
+        assert_eq!(
+            run(&mut s, no, r#"{"execute":"qmp_capabilities","arguments":{"enable":["foo"]}}"#),
+            "{\"error\": {\"class\": \"GenericError\", \"desc\": \"Parameter 'null' does not accept value 'foo'\"}}\r\n"
+        );
+        assert_eq!(
+            run(&mut s, no, r#"{"execute":"qmp_capabilities","arguments":{"enable":[1]}}"#),
+            "{\"error\": {\"class\": \"GenericError\", \"desc\": \"Invalid parameter type for 'enable[0]', expected: string\"}}\r\n"
+        );
+        assert!(!s.negotiated);
+        assert_eq!(
+            run(&mut s, no, r#"{"execute":"qmp_capabilities","id":null}"#),
+            "{\"return\": {}, \"id\": null}\r\n"
+        );
+        assert!(s.negotiated);
+        assert_eq!(
+            run(&mut s, no, r#"{"execute":"qmp_capabilities"}"#),
+            "{\"error\": {\"class\": \"CommandNotFound\", \"desc\": \"Capabilities negotiation is already complete, command ignored\"}}\r\n"
+        );
+        assert_eq!(
+            run(&mut s, no, r#"{"execute":"qmp_capabilities","arguments":{"x":1}}"#),
+            "{\"error\": {\"class\": \"GenericError\", \"desc\": \"Parameter 'x' is unexpected\"}}\r\n"
+        );
+    }
+
+    #[test]
+    fn forwarded_requests_carry_the_client_id_inside_ours() {
+        let mut s = Session {
+            negotiated: true,
+            enabled: Caps::default(),
+        };
+        let no = Caps::default();
+        assert_eq!(
+            run(&mut s, no, r#"{"execute":"query-status","id":{"a": [1, "x"]}}"#),
+            r#"FORWARD {"id": [N, {"a": [1, "x"]}], "execute": "query-status"}"#
+        );
+        assert_eq!(
+            run(&mut s, no, r#"{"arguments":{"a":1},"execute":"x"}"#),
+            r#"FORWARD {"id": [N], "arguments": {"a":1}, "execute": "x"}"#
+        );
+        // Not negotiated for OOB: exec-oob is an unknown member, as in QEMU.
+        assert!(run(&mut s, no, r#"{"exec-oob":"x","id":3}"#).contains("QMP input member 'exec-oob' is unexpected"));
+        assert!(run(&mut s, no, r#"{"execute":"x","arguments":[]}"#).contains("'arguments' must be an object"));
+    }
+
+    #[test]
+    fn framing_and_parse_errors_are_id_less() {
+        let mut s = Session::default();
+        let out = decide(
+            Frame::Error("JSON parse error, stray '@'".into()),
+            &mut s,
+            Caps::default(),
+        );
+        match out {
+            Decision::Local(b) => assert_eq!(
+                &b[..],
+                b"{\"error\": {\"class\": \"GenericError\", \"desc\": \"JSON parse error, stray '@'\"}}\r\n"
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            run(&mut s, Caps::default(), "[1]"),
+            "{\"error\": {\"class\": \"GenericError\", \"desc\": \"QMP input must be a JSON object\"}}\r\n"
+        );
+    }
+}

@@ -1,0 +1,169 @@
+//! Correlation of forwarded requests with upstream replies: a plain
+//! synchronous structure owned by the upstream session task.
+//!
+//! Requests wait in a FIFO until the in-flight window has room, then get a
+//! unique upstream number `N`; the reply carrying `N` is routed back to the
+//! client and request that sent it.
+
+use bytes::Bytes;
+use std::collections::{HashMap, VecDeque};
+
+/// Which client, and which of its requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Route {
+    pub client: u64,
+    pub seq: u64,
+}
+
+#[derive(Debug)]
+struct Queued {
+    route: Route,
+    tail: Bytes,
+}
+
+/// What was outstanding when the upstream connection ended.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Abandoned {
+    /// Sent to QEMU: the outcome is unknown.
+    pub in_flight: Vec<Route>,
+    /// Never sent: not executed.
+    pub queued: Vec<Route>,
+}
+
+#[derive(Debug)]
+pub struct Router {
+    next_n: u64,
+    window: usize,
+    queue: VecDeque<Queued>,
+    in_flight: HashMap<u64, Route>,
+}
+
+impl Router {
+    pub fn new(window: usize) -> Self {
+        Router {
+            next_n: 1,
+            window: window.max(1),
+            queue: VecDeque::new(),
+            in_flight: HashMap::new(),
+        }
+    }
+
+    /// The in-flight limit; QEMU queues at most 8 in-band commands.
+    pub fn set_window(&mut self, window: usize) {
+        self.window = window.max(1);
+    }
+
+    pub fn submit(&mut self, route: Route, tail: Bytes) {
+        self.queue.push_back(Queued { route, tail });
+    }
+
+    /// The next request to write upstream, if the window has room: its
+    /// upstream number and the bytes after `{"id": [N`.
+    pub fn next_to_send(&mut self) -> Option<(u64, Bytes)> {
+        if self.in_flight.len() >= self.window {
+            return None;
+        }
+        let q = self.queue.pop_front()?;
+        let n = self.next_n;
+        self.next_n += 1;
+        self.in_flight.insert(n, q.route);
+        Some((n, q.tail))
+    }
+
+    /// The reply with upstream number `n` arrived: who gets it.
+    pub fn complete(&mut self, n: u64) -> Option<Route> {
+        self.in_flight.remove(&n)
+    }
+
+    /// A client left: its queued requests are dropped; its in-flight ones
+    /// stay until their replies come (they still occupy QEMU's queue), and
+    /// those replies are then discarded.
+    pub fn forget_client(&mut self, client: u64) {
+        self.queue.retain(|q| q.route.client != client);
+    }
+
+    /// The connection ended: everything outstanding, in sending order.
+    pub fn abandon(&mut self) -> Abandoned {
+        let mut sent: Vec<(u64, Route)> = self.in_flight.drain().collect();
+        sent.sort_unstable_by_key(|(n, _)| *n);
+        Abandoned {
+            in_flight: sent.into_iter().map(|(_, r)| r).collect(),
+            queued: self.queue.drain(..).map(|q| q.route).collect(),
+        }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(client: u64, seq: u64) -> Route {
+        Route { client, seq }
+    }
+
+    #[test]
+    fn window_limits_what_is_sent() {
+        let mut rt = Router::new(2);
+        for s in 0..4 {
+            rt.submit(r(1, s), Bytes::from(format!("t{s}")));
+        }
+        let (n1, t1) = rt.next_to_send().unwrap();
+        let (n2, _) = rt.next_to_send().unwrap();
+        assert_eq!(&t1[..], b"t0");
+        assert!(rt.next_to_send().is_none());
+        assert_ne!(n1, n2);
+        assert_eq!(rt.complete(n1), Some(r(1, 0)));
+        assert_eq!(rt.complete(n1), None, "a reply is routed once");
+        let (_, t3) = rt.next_to_send().unwrap();
+        assert_eq!(&t3[..], b"t2");
+        assert_eq!((rt.in_flight(), rt.queued()), (2, 1));
+    }
+
+    #[test]
+    fn numbers_are_unique_across_many_requests() {
+        let mut rt = Router::new(8);
+        let mut seen = std::collections::HashSet::new();
+        for s in 0..1000 {
+            rt.submit(r(s % 3, s), Bytes::new());
+            let (n, _) = rt.next_to_send().unwrap();
+            assert!(seen.insert(n));
+            assert_eq!(rt.complete(n), Some(r(s % 3, s)));
+        }
+    }
+
+    #[test]
+    fn abandon_reports_sent_and_unsent_in_order() {
+        let mut rt = Router::new(2);
+        for s in 0..5 {
+            rt.submit(r(s % 2, s), Bytes::new());
+        }
+        rt.next_to_send();
+        rt.next_to_send();
+        let a = rt.abandon();
+        assert_eq!(a.in_flight, vec![r(0, 0), r(1, 1)]);
+        assert_eq!(a.queued, vec![r(0, 2), r(1, 3), r(0, 4)]);
+        assert_eq!((rt.in_flight(), rt.queued()), (0, 0));
+    }
+
+    #[test]
+    fn forgotten_client_loses_only_its_queued_requests() {
+        let mut rt = Router::new(1);
+        rt.submit(r(1, 0), Bytes::new());
+        rt.submit(r(1, 1), Bytes::new());
+        rt.submit(r(2, 0), Bytes::new());
+        let (n, _) = rt.next_to_send().unwrap();
+        rt.forget_client(1);
+        assert_eq!(rt.complete(n), Some(r(1, 0)));
+        let (n2, _) = rt.next_to_send().unwrap();
+        assert_eq!(rt.complete(n2), Some(r(2, 0)));
+        assert!(rt.next_to_send().is_none());
+    }
+}

@@ -1,0 +1,115 @@
+//! Establishing one upstream session: connect, greeting, negotiation.
+
+use crate::config::UpstreamOptions;
+use crate::qmp::framing::{Frame, JsonFramer, Limits};
+use crate::qmp::incoming::{classify, Greeting, Incoming};
+use futures_util::StreamExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+use tokio_util::codec::FramedRead;
+
+/// The id qmpmux uses for its own `qmp_capabilities`.
+const NEGOTIATE_ID: &str = "qmpmux-negotiate";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("cannot connect to {path}")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("timed out after {0:?} connecting")]
+    ConnectTimeout(Duration),
+    #[error("no greeting and negotiation within {0:?}")]
+    GreetingTimeout(Duration),
+    #[error("connection closed during greeting or negotiation")]
+    Closed,
+    #[error("unexpected message during negotiation: {0}")]
+    Unexpected(String),
+    #[error("QEMU refused capabilities negotiation: {0}")]
+    Refused(String),
+    #[error("I/O error during negotiation")]
+    Io(#[from] std::io::Error),
+}
+
+/// A negotiated upstream connection.
+pub struct Connection {
+    pub reader: FramedRead<OwnedReadHalf, JsonFramer>,
+    pub writer: OwnedWriteHalf,
+    pub greeting: Greeting,
+}
+
+/// Upstream messages are QEMU's replies; they can be large (QEMU itself
+/// caps nothing), so framing allows up to 256 MiB.
+fn upstream_limits() -> Limits {
+    Limits {
+        max_message: 256 << 20,
+        max_depth: 4096,
+    }
+}
+
+pub async fn connect(path: &Path, opts: &UpstreamOptions) -> Result<Connection, ConnectError> {
+    let stream = tokio::time::timeout(opts.connect_timeout, UnixStream::connect(path))
+        .await
+        .map_err(|_| ConnectError::ConnectTimeout(opts.connect_timeout))?
+        .map_err(|source| ConnectError::Connect {
+            path: path.to_owned(),
+            source,
+        })?;
+    let (read, writer) = stream.into_split();
+    let reader = FramedRead::new(read, JsonFramer::new(upstream_limits()));
+    tokio::time::timeout(opts.greeting_timeout, negotiate(reader, writer))
+        .await
+        .map_err(|_| ConnectError::GreetingTimeout(opts.greeting_timeout))?
+}
+
+async fn next_message(reader: &mut FramedRead<OwnedReadHalf, JsonFramer>) -> Result<bytes::Bytes, ConnectError> {
+    match reader.next().await {
+        None => Err(ConnectError::Closed),
+        Some(Err(e)) => Err(e.into()),
+        Some(Ok(Frame::Error(e))) => Err(ConnectError::Unexpected(e)),
+        Some(Ok(Frame::Message(m))) => Ok(m),
+    }
+}
+
+fn lossy(b: &[u8]) -> String {
+    String::from_utf8_lossy(&b[..b.len().min(200)]).into_owned()
+}
+
+async fn negotiate(
+    mut reader: FramedRead<OwnedReadHalf, JsonFramer>,
+    mut writer: OwnedWriteHalf,
+) -> Result<Connection, ConnectError> {
+    let first = next_message(&mut reader).await?;
+    let greeting = match classify(&first) {
+        Ok(Incoming::Greeting(g)) => g,
+        _ => return Err(ConnectError::Unexpected(lossy(&first))),
+    };
+    let enable = if greeting.oob { "[\"oob\"]" } else { "[]" };
+    let request = format!(
+        "{{\"execute\": \"qmp_capabilities\", \"arguments\": {{\"enable\": {enable}}}, \"id\": \"{NEGOTIATE_ID}\"}}"
+    );
+    writer.write_all(request.as_bytes()).await?;
+    loop {
+        let msg = next_message(&mut reader).await?;
+        let parsed = crate::qmp::json::members(&msg).map_err(|_| ConnectError::Unexpected(lossy(&msg)))?;
+        if parsed.get("event").is_some() {
+            continue;
+        }
+        if parsed.get("id").map(|v| v.get()) != Some(&format!("\"{NEGOTIATE_ID}\"")) {
+            return Err(ConnectError::Unexpected(lossy(&msg)));
+        }
+        if let Some(err) = parsed.get("error") {
+            return Err(ConnectError::Refused(err.get().to_string()));
+        }
+        return Ok(Connection {
+            reader,
+            writer,
+            greeting,
+        });
+    }
+}

@@ -1,0 +1,90 @@
+//! The upstream side: one task per VM owns the QEMU monitor socket, the
+//! correlation state and the set of attached clients.
+//!
+//! Clients talk to it only through [`SessionHandle`] (an mpsc sender); it
+//! answers each client through that client's own bounded mailbox.
+
+pub mod backoff;
+mod connect;
+mod session;
+
+use crate::error::FailKind;
+use crate::qmp::incoming::Greeting;
+use bytes::Bytes;
+use std::fmt;
+use std::sync::Arc;
+use tokio::sync::{mpsc, watch};
+
+pub use session::spawn;
+
+/// The upstream connection's state, as in QEMU's `AsyncProtocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Runstate {
+    Idle,
+    Connecting,
+    Running,
+    Disconnecting,
+}
+
+impl fmt::Display for Runstate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Runstate::Idle => "idle",
+            Runstate::Connecting => "connecting",
+            Runstate::Running => "running",
+            Runstate::Disconnecting => "disconnecting",
+        })
+    }
+}
+
+/// What the session publishes about itself.
+#[derive(Debug, Clone)]
+pub struct Status {
+    pub runstate: Runstate,
+    /// The latest greeting QEMU sent; kept while disconnected so clients can
+    /// still connect and negotiate while QEMU restarts.
+    pub greeting: Option<Arc<Greeting>>,
+    /// Successful connections so far.
+    pub connections: u64,
+    pub last_error: Option<String>,
+}
+
+/// From a client task to the session.
+#[derive(Debug)]
+pub enum ToSession {
+    Attach {
+        client: u64,
+        mailbox: mpsc::Sender<ToClient>,
+    },
+    Detach {
+        client: u64,
+    },
+    /// Forward `{"id": [N` + `tail` and route the reply to (client, seq).
+    Execute {
+        client: u64,
+        seq: u64,
+        tail: Bytes,
+    },
+}
+
+/// From the session to one client, in upstream order.
+#[derive(Debug)]
+pub enum ToClient {
+    Reply {
+        seq: u64,
+        line: Bytes,
+    },
+    Failed {
+        seq: u64,
+        kind: FailKind,
+    },
+    /// One event line, shared by all clients.
+    Event(Bytes),
+}
+
+/// A cloneable handle on one VM's session.
+#[derive(Debug, Clone)]
+pub struct SessionHandle {
+    pub tx: mpsc::Sender<ToSession>,
+    pub status: watch::Receiver<Status>,
+}

@@ -1,0 +1,334 @@
+//! The per-VM session task: IDLE -> CONNECTING -> RUNNING -> DISCONNECTING,
+//! reconnecting with backoff for as long as qmpmux runs.
+
+use super::backoff::Backoff;
+use super::connect::{connect, Connection};
+use super::{Runstate, SessionHandle, Status, ToClient, ToSession};
+use crate::config::{UpstreamOptions, VmConfig};
+use crate::error::FailKind;
+use crate::qmp::framing::Frame;
+use crate::qmp::incoming::{classify, Incoming};
+use crate::router::{Route, Router};
+use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::StreamExt;
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn, Instrument};
+
+/// QEMU queues at most 8 in-band commands per monitor (with OOB on; without
+/// it, the rest wait in the socket, which is just as fine).
+const UPSTREAM_WINDOW: usize = 8;
+/// Capacity of the channel all of one VM's clients send into.
+const INBOX: usize = 1024;
+
+/// Why a running connection ended.
+#[derive(Debug)]
+enum Exit {
+    Shutdown,
+    Eof,
+    Io(std::io::Error),
+    /// QEMU sent something that breaks correlation.
+    Desync(String),
+}
+
+struct Session {
+    vm: VmConfig,
+    opts: UpstreamOptions,
+    rx: mpsc::Receiver<ToSession>,
+    clients: HashMap<u64, mpsc::Sender<ToClient>>,
+    router: Router,
+    status: watch::Sender<Status>,
+    backoff: Backoff,
+    shutdown: CancellationToken,
+    /// Consecutive failed connection attempts (quietens logs while QEMU is down).
+    failures: u32,
+}
+
+/// Starts the session task of one VM.
+pub fn spawn(vm: VmConfig, opts: UpstreamOptions, shutdown: CancellationToken, tracker: &TaskTracker) -> SessionHandle {
+    let (tx, rx) = mpsc::channel(INBOX);
+    let (status, status_rx) = watch::channel(Status {
+        runstate: Runstate::Idle,
+        greeting: None,
+        connections: 0,
+        last_error: None,
+    });
+    let span = tracing::info_span!("vm", name = %vm.name);
+    let session = Session {
+        backoff: Backoff::new(opts.backoff),
+        vm,
+        opts,
+        rx,
+        clients: HashMap::new(),
+        router: Router::new(UPSTREAM_WINDOW),
+        status,
+        shutdown,
+        failures: 0,
+    };
+    tracker.spawn(session.run().instrument(span));
+    SessionHandle { tx, status: status_rx }
+}
+
+impl Session {
+    async fn run(mut self) {
+        loop {
+            self.set_state(Runstate::Connecting);
+            let (path, opts) = (self.vm.upstream.clone(), self.opts.clone());
+            let attempt = async move { connect(&path, &opts).await };
+            let result = tokio::select! {
+                r = attempt => r,
+                () = serve_down(&mut self.rx, &mut self.clients, &mut self.router, Runstate::Connecting) => return,
+                () = self.shutdown.cancelled() => return,
+            };
+            match result {
+                Ok(conn) => {
+                    self.failures = 0;
+                    self.backoff.reset();
+                    let exit = self.running(conn).await;
+                    if let Exit::Shutdown = exit {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    self.failures += 1;
+                    let text = crate::error::chain(&e);
+                    if self.failures == 1 {
+                        warn!(error = %text, path = %self.vm.upstream.display(), "cannot reach QEMU monitor; retrying");
+                    } else {
+                        debug!(error = %text, attempt = self.failures, "still cannot reach QEMU monitor");
+                    }
+                    self.status.send_modify(|s| s.last_error = Some(text));
+                }
+            }
+            self.set_state(Runstate::Idle);
+            let delay = self.backoff.next_delay(fastrand::f64());
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = serve_down(&mut self.rx, &mut self.clients, &mut self.router, Runstate::Idle) => return,
+                () = self.shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    fn set_state(&self, to: Runstate) {
+        let from = self.status.borrow().runstate;
+        if from == to {
+            return;
+        }
+        // While QEMU stays unreachable, the IDLE <-> CONNECTING cycle repeats
+        // every backoff period: keep that out of the info log.
+        if self.failures > 0 && matches!(to, Runstate::Idle | Runstate::Connecting) {
+            debug!(%from, %to, "runstate");
+        } else {
+            info!(%from, %to, "runstate");
+        }
+        self.status.send_modify(|s| s.runstate = to);
+    }
+
+    async fn running(&mut self, conn: Connection) -> Exit {
+        let Connection {
+            mut reader,
+            mut writer,
+            greeting,
+        } = conn;
+        info!(version = %greeting.version, oob = greeting.oob, "connected to QEMU monitor");
+        self.status.send_modify(|s| {
+            s.greeting = Some(Arc::new(greeting));
+            s.connections += 1;
+            s.last_error = None;
+        });
+        self.set_state(Runstate::Running);
+        let mut wbuf = BytesMut::with_capacity(4096);
+        let exit = loop {
+            self.pump(&mut wbuf);
+            // All branches are cancel-safe: FramedRead::next, mpsc::recv and a
+            // single write_buf either complete or leave their state untouched.
+            tokio::select! {
+                biased;
+                () = self.shutdown.cancelled() => break Exit::Shutdown,
+                frame = reader.next() => match frame {
+                    None => break Exit::Eof,
+                    Some(Err(e)) => break Exit::Io(e),
+                    Some(Ok(frame)) => {
+                        if let Err(exit) = self.on_upstream(frame) {
+                            break exit;
+                        }
+                    }
+                },
+                r = writer.write_buf(&mut wbuf), if !wbuf.is_empty() => {
+                    if let Err(e) = r {
+                        break Exit::Io(e);
+                    }
+                }
+                msg = self.rx.recv() => match msg {
+                    Some(msg) => self.on_client(msg),
+                    None => break Exit::Shutdown,
+                },
+            }
+        };
+        self.set_state(Runstate::Disconnecting);
+        match &exit {
+            Exit::Shutdown => info!("closing upstream connection"),
+            Exit::Eof => warn!("QEMU closed the monitor connection"),
+            Exit::Io(e) => warn!(error = %e, "upstream connection failed"),
+            Exit::Desync(what) => warn!(message = %what, "unexpected message from QEMU; reconnecting"),
+        }
+        let error = match &exit {
+            Exit::Shutdown => None,
+            Exit::Eof => Some("QEMU closed the connection".to_string()),
+            Exit::Io(e) => Some(e.to_string()),
+            Exit::Desync(m) => Some(format!("unexpected message from QEMU: {m}")),
+        };
+        self.status.send_modify(|s| s.last_error = error);
+        drop(writer);
+        drop(reader);
+        self.fail_outstanding();
+        exit
+    }
+
+    /// Moves requests the window has room for into the write buffer.
+    fn pump(&mut self, wbuf: &mut BytesMut) {
+        while let Some((n, tail)) = self.router.next_to_send() {
+            wbuf.put_slice(b"{\"id\": [");
+            let _ = write!(wbuf, "{n}");
+            wbuf.put_slice(&tail);
+        }
+    }
+
+    fn on_client(&mut self, msg: ToSession) {
+        match msg {
+            ToSession::Attach { client, mailbox } => {
+                self.clients.insert(client, mailbox);
+            }
+            ToSession::Detach { client } => {
+                self.clients.remove(&client);
+                self.router.forget_client(client);
+            }
+            ToSession::Execute { client, seq, tail } => self.router.submit(Route { client, seq }, tail),
+        }
+    }
+
+    fn on_upstream(&mut self, frame: Frame) -> Result<(), Exit> {
+        let bytes = match frame {
+            Frame::Message(b) => b,
+            Frame::Error(e) => return Err(Exit::Desync(e)),
+        };
+        match classify(&bytes) {
+            Ok(Incoming::Event) => {
+                let mut line = BytesMut::with_capacity(bytes.len() + 2);
+                line.put_slice(&bytes);
+                line.put_slice(b"\r\n");
+                self.broadcast(line.freeze());
+            }
+            Ok(Incoming::Reply(reply)) => match self.router.complete(reply.n) {
+                Some(route) => {
+                    let line = reply.client_line();
+                    self.deliver(route.client, ToClient::Reply { seq: route.seq, line });
+                }
+                None => warn!(n = reply.n, "reply to no pending request; dropped"),
+            },
+            Ok(Incoming::Stray(None)) => return Err(Exit::Desync(lossy(&bytes))),
+            Ok(Incoming::Stray(Some(_))) => {
+                warn!(message = %lossy(&bytes), "reply with an id qmpmux did not send; dropped")
+            }
+            Ok(Incoming::Greeting(_)) => return Err(Exit::Desync("greeting on a running connection".into())),
+            Err(e) => return Err(Exit::Desync(format!("{}: {}", e.desc(), lossy(&bytes)))),
+        }
+        Ok(())
+    }
+
+    fn broadcast(&mut self, line: Bytes) {
+        let mut gone = Vec::new();
+        for (&client, mailbox) in &self.clients {
+            if let Err(e) = mailbox.try_send(ToClient::Event(line.clone())) {
+                gone.push((client, matches!(e, TrySendError::Full(_))));
+            }
+        }
+        for (client, full) in gone {
+            self.drop_client(client, full);
+        }
+    }
+
+    fn deliver(&mut self, client: u64, msg: ToClient) {
+        let Some(mailbox) = self.clients.get(&client) else {
+            return;
+        };
+        if let Err(e) = mailbox.try_send(msg) {
+            self.drop_client(client, matches!(e, TrySendError::Full(_)));
+        }
+    }
+
+    /// Dropping its mailbox sender ends the client's task once it has
+    /// written what it already has.
+    fn drop_client(&mut self, client: u64, full: bool) {
+        if full {
+            warn!(client, "client is not reading its replies and events; disconnecting it");
+        }
+        self.clients.remove(&client);
+        self.router.forget_client(client);
+    }
+
+    fn fail_outstanding(&mut self) {
+        let abandoned = self.router.abandon();
+        for r in abandoned.in_flight {
+            self.deliver(
+                r.client,
+                ToClient::Failed {
+                    seq: r.seq,
+                    kind: FailKind::Lost,
+                },
+            );
+        }
+        for r in abandoned.queued {
+            self.deliver(
+                r.client,
+                ToClient::Failed {
+                    seq: r.seq,
+                    kind: FailKind::NotSent,
+                },
+            );
+        }
+    }
+}
+
+/// Serves clients while there is no upstream connection: every command is
+/// answered with an error at once. Returns when every handle is gone.
+async fn serve_down(
+    rx: &mut mpsc::Receiver<ToSession>,
+    clients: &mut HashMap<u64, mpsc::Sender<ToClient>>,
+    router: &mut Router,
+    state: Runstate,
+) {
+    while let Some(msg) = rx.recv().await {
+        match msg {
+            ToSession::Attach { client, mailbox } => {
+                clients.insert(client, mailbox);
+            }
+            ToSession::Detach { client } => {
+                clients.remove(&client);
+                router.forget_client(client);
+            }
+            ToSession::Execute { client, seq, .. } => {
+                let failed = ToClient::Failed {
+                    seq,
+                    kind: FailKind::Down(state),
+                };
+                if let Some(mailbox) = clients.get(&client) {
+                    if mailbox.try_send(failed).is_err() {
+                        clients.remove(&client);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn lossy(b: &[u8]) -> String {
+    String::from_utf8_lossy(&b[..b.len().min(200)]).into_owned()
+}

@@ -1,0 +1,274 @@
+//! Test harness: real QEMU processes, qmpmux started in-process, raw QMP
+//! clients, and a scripted fake QMP server for what QEMU cannot do on demand.
+#![allow(dead_code)]
+
+pub mod fake;
+
+use qmpmux::config::{ClientOptions, Config, UpstreamOptions, VmConfig};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// How long any single expected message may take before a test fails.
+pub const STEP: Duration = Duration::from_secs(10);
+
+pub fn qemu_binary() -> String {
+    let bin = std::env::var("QMPMUX_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into());
+    let ok = Command::new(&bin)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "{bin} not found: these tests need real QEMU (apt-get install qemu-system-x86, or run `bash .ci/run`)"
+    );
+    bin
+}
+
+/// A real QEMU (`-M none`) serving QMP on a unix socket.
+pub struct Qemu {
+    child: Child,
+    pub socket: PathBuf,
+}
+
+impl Qemu {
+    /// Starts QEMU and waits until its monitor answers with a greeting.
+    pub async fn start(socket: &Path) -> Qemu {
+        let _ = std::fs::remove_file(socket);
+        let child = Command::new(qemu_binary())
+            .args(["-M", "none", "-nodefaults", "-display", "none", "-qmp"])
+            .arg(format!("unix:{},server=on,wait=off", socket.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn qemu");
+        let q = Qemu {
+            child,
+            socket: socket.to_owned(),
+        };
+        q.wait_listening().await;
+        q
+    }
+
+    /// Waits for the socket to accept (without taking QEMU's one client slot
+    /// for longer than the check).
+    async fn wait_listening(&self) {
+        let deadline = tokio::time::Instant::now() + STEP;
+        loop {
+            if UnixStream::connect(&self.socket).await.is_ok() {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "QEMU did not start listening");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// qmpmux running in-process on its own runtime tasks.
+pub struct Daemon {
+    pub shutdown: CancellationToken,
+    task: Option<JoinHandle<Result<(), qmpmux::RunError>>>,
+    pub config: Config,
+}
+
+impl Daemon {
+    /// Starts qmpmux for `vms` (name, upstream socket, listen socket).
+    pub async fn start(vms: &[(&str, &Path, &Path)]) -> Daemon {
+        Daemon::start_with(vms, |_| {}).await
+    }
+
+    pub async fn start_with(vms: &[(&str, &Path, &Path)], tweak: impl FnOnce(&mut Config)) -> Daemon {
+        let mut config = Config {
+            log_level: "info".into(),
+            upstream: UpstreamOptions::default(),
+            client: ClientOptions::default(),
+            vms: vms
+                .iter()
+                .map(|(name, up, listen)| VmConfig {
+                    name: name.to_string(),
+                    upstream: up.to_path_buf(),
+                    listen: listen.to_path_buf(),
+                })
+                .collect(),
+        };
+        tweak(&mut config);
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .with_test_writer()
+            .try_init();
+        let listeners = qmpmux::Listeners::bind(&config).await.expect("bind listeners");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(qmpmux::run(config.clone(), listeners, shutdown.clone()));
+        Daemon {
+            shutdown,
+            task: Some(task),
+            config,
+        }
+    }
+
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.task.take() {
+            t.await.expect("daemon task").expect("daemon result");
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A raw QMP client speaking bytes on a unix socket.
+pub struct Client {
+    reader: BufReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+}
+
+impl Client {
+    pub async fn connect(path: &Path) -> Client {
+        let stream = UnixStream::connect(path).await.expect("connect to qmpmux");
+        let (r, w) = stream.into_split();
+        Client {
+            reader: BufReader::new(r),
+            writer: w,
+        }
+    }
+
+    /// Connects and reads the greeting.
+    pub async fn open(path: &Path) -> (Client, Value) {
+        let mut c = Client::connect(path).await;
+        let g = c.recv().await;
+        assert!(g.get("QMP").is_some(), "expected a greeting, got {g}");
+        (c, g)
+    }
+
+    /// Connects, reads the greeting and negotiates.
+    pub async fn ready(path: &Path) -> Client {
+        let (mut c, _) = Client::open(path).await;
+        c.send(r#"{"execute":"qmp_capabilities"}"#).await;
+        assert_eq!(c.recv().await, serde_json::json!({"return": {}}));
+        c
+    }
+
+    pub async fn send(&mut self, raw: &str) {
+        self.writer.write_all(raw.as_bytes()).await.expect("send");
+    }
+
+    pub async fn send_bytes(&mut self, raw: &[u8]) {
+        self.writer.write_all(raw).await.expect("send");
+    }
+
+    /// The next line, raw (with its `\r\n`); `None` at EOF.
+    pub async fn try_line(&mut self) -> Option<String> {
+        let mut line = String::new();
+        let n = tokio::time::timeout(STEP, self.reader.read_line(&mut line))
+            .await
+            .expect("timed out waiting for a message")
+            .expect("read");
+        (n > 0).then_some(line)
+    }
+
+    pub async fn line(&mut self) -> String {
+        self.try_line().await.expect("connection closed")
+    }
+
+    pub async fn recv(&mut self) -> Value {
+        let line = self.line().await;
+        assert!(line.ends_with("\r\n"), "line not ending in CRLF: {line:?}");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad JSON {line:?}: {e}"))
+    }
+
+    /// The next message that is not an event.
+    pub async fn reply(&mut self) -> Value {
+        loop {
+            let v = self.recv().await;
+            if v.get("event").is_none() {
+                return v;
+            }
+        }
+    }
+
+    /// The next event named `name`, skipping other events; panics on a reply.
+    pub async fn event(&mut self, name: &str) -> Value {
+        loop {
+            let v = self.recv().await;
+            assert!(v.get("event").is_some(), "expected event {name}, got {v}");
+            if v["event"] == name {
+                return v;
+            }
+        }
+    }
+
+    /// Sends one command and returns its reply (events skipped).
+    pub async fn cmd(&mut self, raw: &str) -> Value {
+        self.send(raw).await;
+        self.reply().await
+    }
+
+    /// Asserts nothing arrives within `d`.
+    pub async fn expect_silence(&mut self, d: Duration) {
+        let mut line = String::new();
+        if let Ok(r) = tokio::time::timeout(d, self.reader.read_line(&mut line)).await {
+            panic!("expected silence, got {r:?}: {line:?}");
+        }
+    }
+
+    /// Waits for the server to close the connection.
+    pub async fn expect_eof(&mut self) {
+        let mut line = String::new();
+        let n = tokio::time::timeout(STEP, self.reader.read_line(&mut line))
+            .await
+            .expect("timed out waiting for EOF")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "expected EOF, got {line:?}");
+    }
+}
+
+/// Waits until `f` returns true, polling; for conditions with no event to
+/// wait on (e.g. the daemon reconnecting).
+pub async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + STEP;
+    while !f().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Removes what varies between two QEMUs (timestamps) from a message.
+pub fn normalize(mut v: Value) -> Value {
+    if let Some(obj) = v.as_object_mut() {
+        if obj.contains_key("timestamp") {
+            obj.insert("timestamp".into(), Value::String("<ts>".into()));
+        }
+    }
+    v
+}
