@@ -251,11 +251,7 @@ impl Client {
 
 /// Waits until `f` returns true, polling; for conditions with no event to
 /// wait on (e.g. the daemon reconnecting).
-pub async fn eventually<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
+pub async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + STEP;
     while !f().await {
         assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
