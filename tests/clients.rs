@@ -271,3 +271,31 @@ async fn output_lines_end_in_crlf_and_are_compact() {
     assert_eq!(line.matches('\n').count(), 1);
     drop(s.qemu);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pretty_printing_qemu_is_forwarded_one_message_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = dir.path().join("qemu.sock");
+    let sock = dir.path().join("vm.sock");
+    let qemu = Qemu::start_pretty(&up).await;
+    // Check the premise: QEMU itself sends multi-line messages here.
+    let mut direct = Client::connect(&qemu.socket).await;
+    assert_eq!(direct.line().await, "{\r\n");
+    drop(direct);
+    // Through qmpmux: byte for byte what a compact-mode QEMU sends.
+    let compact_qemu = Qemu::start(&dir.path().join("compact.sock")).await;
+    let mut reference = Client::ready(&compact_qemu.socket).await;
+    reference.send(r#"{"execute":"query-status","id":1}"#).await;
+    let want = reference.line().await;
+    let daemon = Daemon::start(&[("vm", &up, &sock)]).await;
+    let (mut c, greeting) = Client::open(&sock).await;
+    assert!(greeting["QMP"]["version"]["qemu"].is_object());
+    c.send(r#"{"execute":"qmp_capabilities"}"#).await;
+    assert_eq!(c.line().await, "{\"return\": {}}\r\n");
+    c.send(r#"{"execute":"query-status","id":1}"#).await;
+    assert_eq!(c.line().await, want);
+    c.send(r#"{"execute":"stop"}"#).await;
+    let e = c.event("STOP").await;
+    assert!(e["timestamp"].is_object());
+    daemon.stop().await;
+}

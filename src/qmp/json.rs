@@ -335,6 +335,52 @@ pub fn qemu_style(raw: &RawValue) -> String {
     out
 }
 
+/// Rewrites a pretty-printed message (QEMU's `-mon ...,pretty=on`) into
+/// QEMU's compact form: whitespace runs outside strings that contain a
+/// newline become nothing after an opening or before a closing bracket, and
+/// one space elsewhere (after `,`). Compact input comes back unchanged.
+pub fn compact_pretty(msg: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(msg.len());
+    let (mut in_str, mut escape) = (false, false);
+    let mut i = 0;
+    while i < msg.len() {
+        let b = msg[i];
+        if in_str {
+            out.push(b);
+            if escape {
+                escape = false;
+            } else if b == b'\\' {
+                escape = true;
+            } else if b == b'"' {
+                in_str = false;
+            }
+            i += 1;
+            continue;
+        }
+        if matches!(b, b' ' | b'\t' | b'\r' | b'\n') {
+            let start = i;
+            while i < msg.len() && matches!(msg[i], b' ' | b'\t' | b'\r' | b'\n') {
+                i += 1;
+            }
+            let run = &msg[start..i];
+            if !run.contains(&b'\n') {
+                out.extend_from_slice(run);
+            } else {
+                let after_open = matches!(out.last(), Some(b'{' | b'[') | None);
+                let before_close = matches!(msg.get(i), Some(b'}' | b']') | None);
+                if !after_open && !before_close {
+                    out.push(b' ');
+                }
+            }
+            continue;
+        }
+        in_str = b == b'"';
+        out.push(b);
+        i += 1;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -405,6 +451,17 @@ mod tests {
             members_checked(bad_utf8).unwrap_err().desc(),
             "JSON parse error, invalid UTF-8 sequence in string"
         );
+    }
+
+    #[test]
+    fn pretty_output_is_compacted_like_qemus_compact_mode() {
+        let pretty = "{\n    \"return\": {\n        \"status\": \"a b\\n\",\n        \"list\": [\n            1,\n            2\n        ],\n        \"e\": {\n        }\n    },\n    \"id\": 8\n}";
+        assert_eq!(
+            String::from_utf8(compact_pretty(pretty.as_bytes())).unwrap(),
+            r#"{"return": {"status": "a b\n", "list": [1, 2], "e": {}}, "id": 8}"#
+        );
+        let compact = br#"{"return": {}, "id": "x  y"}"#;
+        assert_eq!(compact_pretty(compact), compact.to_vec());
     }
 
     #[test]

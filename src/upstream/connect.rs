@@ -3,13 +3,15 @@
 use crate::config::UpstreamOptions;
 use crate::qmp::framing::{Frame, JsonFramer, Limits};
 use crate::qmp::incoming::{classify, Greeting, Incoming};
+use crate::qmp::json::compact_pretty;
+use bytes::BytesMut;
 use futures_util::StreamExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
-use tokio_util::codec::FramedRead;
+use tokio_util::codec::{Decoder, FramedRead};
 
 /// The id qmpmux uses for its own `qmp_capabilities`.
 const NEGOTIATE_ID: &str = "qmpmux-negotiate";
@@ -36,9 +38,35 @@ pub enum ConnectError {
     Io(#[from] std::io::Error),
 }
 
+/// QEMU's framing, plus compaction of pretty-printed (`pretty=on`) output
+/// so that clients always get one message per line.
+pub struct UpstreamCodec(JsonFramer);
+
+impl Decoder for UpstreamCodec {
+    type Item = Frame;
+    type Error = std::io::Error;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, std::io::Error> {
+        Ok(self.0.decode(src)?.map(compact))
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, std::io::Error> {
+        Ok(self.0.decode_eof(src)?.map(compact))
+    }
+}
+
+fn compact(frame: Frame) -> Frame {
+    match frame {
+        Frame::Message(b) if b.contains(&b'\n') => Frame::Message(compact_pretty(&b).into()),
+        other => other,
+    }
+}
+
+pub type UpstreamReader = FramedRead<OwnedReadHalf, UpstreamCodec>;
+
 /// A negotiated upstream connection.
 pub struct Connection {
-    pub reader: FramedRead<OwnedReadHalf, JsonFramer>,
+    pub reader: UpstreamReader,
     pub writer: OwnedWriteHalf,
     pub greeting: Greeting,
 }
@@ -61,13 +89,13 @@ pub async fn connect(path: &Path, opts: &UpstreamOptions) -> Result<Connection, 
             source,
         })?;
     let (read, writer) = stream.into_split();
-    let reader = FramedRead::new(read, JsonFramer::new(upstream_limits()));
+    let reader = FramedRead::new(read, UpstreamCodec(JsonFramer::new(upstream_limits())));
     tokio::time::timeout(opts.greeting_timeout, negotiate(reader, writer))
         .await
         .map_err(|_| ConnectError::GreetingTimeout(opts.greeting_timeout))?
 }
 
-async fn next_message(reader: &mut FramedRead<OwnedReadHalf, JsonFramer>) -> Result<bytes::Bytes, ConnectError> {
+async fn next_message(reader: &mut UpstreamReader) -> Result<bytes::Bytes, ConnectError> {
     match reader.next().await {
         None => Err(ConnectError::Closed),
         Some(Err(e)) => Err(e.into()),
@@ -80,10 +108,7 @@ fn lossy(b: &[u8]) -> String {
     String::from_utf8_lossy(&b[..b.len().min(200)]).into_owned()
 }
 
-async fn negotiate(
-    mut reader: FramedRead<OwnedReadHalf, JsonFramer>,
-    mut writer: OwnedWriteHalf,
-) -> Result<Connection, ConnectError> {
+async fn negotiate(mut reader: UpstreamReader, mut writer: OwnedWriteHalf) -> Result<Connection, ConnectError> {
     let first = next_message(&mut reader).await?;
     let greeting = match classify(&first) {
         Ok(Incoming::Greeting(g)) => g,

@@ -42,10 +42,30 @@ pub struct Qemu {
 impl Qemu {
     /// Starts QEMU and waits until its monitor answers with a greeting.
     pub async fn start(socket: &Path) -> Qemu {
+        Qemu::start_args(
+            socket,
+            &["-qmp".into(), format!("unix:{},server=on,wait=off", socket.display())],
+        )
+        .await
+    }
+
+    /// QEMU with a pretty-printing monitor (`-mon ...,pretty=on`).
+    pub async fn start_pretty(socket: &Path) -> Qemu {
+        let chardev = format!("socket,id=mon0,path={},server=on,wait=off", socket.display());
+        let args = [
+            "-chardev".into(),
+            chardev,
+            "-mon".into(),
+            "chardev=mon0,mode=control,pretty=on".into(),
+        ];
+        Qemu::start_args(socket, &args).await
+    }
+
+    async fn start_args(socket: &Path, monitor: &[String]) -> Qemu {
         let _ = std::fs::remove_file(socket);
         let child = Command::new(qemu_binary())
-            .args(["-M", "none", "-nodefaults", "-display", "none", "-qmp"])
-            .arg(format!("unix:{},server=on,wait=off", socket.display()))
+            .args(["-M", "none", "-nodefaults", "-display", "none"])
+            .args(monitor)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()
