@@ -46,6 +46,7 @@ struct RawConfig {
 struct RawUpstream {
     connect_timeout_ms: Option<u64>,
     greeting_timeout_ms: Option<u64>,
+    command_timeout_ms: Option<u64>,
     backoff_initial_ms: Option<u64>,
     backoff_max_ms: Option<u64>,
     backoff_multiplier: Option<f64>,
@@ -59,7 +60,8 @@ struct RawClient {
     max_message_bytes: Option<usize>,
     max_depth: Option<u32>,
     max_in_flight: Option<usize>,
-    queue_messages: Option<usize>,
+    max_queue_bytes: Option<usize>,
+    max_clients: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -84,6 +86,9 @@ pub struct Config {
 pub struct UpstreamOptions {
     pub connect_timeout: Duration,
     pub greeting_timeout: Duration,
+    /// A command QEMU has not answered after this long gets an error; its
+    /// late reply is discarded. `None`: wait forever, as QEMU's own clients do.
+    pub command_timeout: Option<Duration>,
     pub backoff: BackoffOptions,
 }
 
@@ -105,9 +110,11 @@ pub struct ClientOptions {
     pub max_depth: u32,
     /// Requests a client may have unanswered before qmpmux stops reading it.
     pub max_in_flight: usize,
-    /// Messages (replies, events) queued for a client before it counts as
+    /// Bytes of replies and events waiting for a client before it counts as
     /// not reading and is disconnected.
-    pub queue_messages: usize,
+    pub max_queue_bytes: usize,
+    /// Clients one VM serves at once; more are refused.
+    pub max_clients: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,6 +129,7 @@ impl Default for UpstreamOptions {
         UpstreamOptions {
             connect_timeout: Duration::from_secs(5),
             greeting_timeout: Duration::from_secs(5),
+            command_timeout: None,
             backoff: BackoffOptions {
                 initial: Duration::from_millis(50),
                 max: Duration::from_millis(1000),
@@ -139,7 +147,8 @@ impl Default for ClientOptions {
             max_message_bytes: 64 << 20,
             max_depth: 1024,
             max_in_flight: 64,
-            queue_messages: 4096,
+            max_queue_bytes: 16 << 20,
+            max_clients: 4096,
         }
     }
 }
@@ -291,6 +300,10 @@ impl RawUpstream {
                 d.greeting_timeout,
                 "upstream.greeting_timeout_ms",
             )?,
+            command_timeout: match self.command_timeout_ms {
+                None => None,
+                Some(v) => Some(ms(Some(v), Duration::ZERO, "upstream.command_timeout_ms")?),
+            },
             backoff: BackoffOptions {
                 initial,
                 max,
@@ -317,7 +330,8 @@ impl RawClient {
             max_message_bytes: positive(self.max_message_bytes, d.max_message_bytes, "client.max_message_bytes")?,
             max_depth,
             max_in_flight: positive(self.max_in_flight, d.max_in_flight, "client.max_in_flight")?,
-            queue_messages: positive(self.queue_messages, d.queue_messages, "client.queue_messages")?,
+            max_queue_bytes: positive(self.max_queue_bytes, d.max_queue_bytes, "client.max_queue_bytes")?,
+            max_clients: positive(self.max_clients, d.max_clients, "client.max_clients")?,
         })
     }
 }

@@ -2,6 +2,7 @@
 //! QMP wire errors.
 
 use crate::upstream::Runstate;
+use std::time::Duration;
 
 /// Why qmpmux, not QEMU, answers a forwarded command.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -14,6 +15,10 @@ pub enum Failure {
     Lost { vm: String },
     #[error("connection to QEMU monitor of VM '{vm}' was lost before the command was sent; it was not executed")]
     NotSent { vm: String },
+    #[error("QEMU monitor of VM '{vm}' did not answer within {after:?}; the command may still complete")]
+    TimedOut { vm: String, after: Duration },
+    #[error("the command waited {after:?} behind others for QEMU monitor of VM '{vm}'; it was not executed")]
+    QueuedTooLong { vm: String, after: Duration },
 }
 
 /// Why a forwarded command failed, without the VM name (which the client
@@ -23,6 +28,11 @@ pub enum FailKind {
     Down(Runstate),
     Lost,
     NotSent,
+    /// No reply within the configured command timeout.
+    TimedOut {
+        sent: bool,
+        after: Duration,
+    },
 }
 
 impl FailKind {
@@ -32,6 +42,8 @@ impl FailKind {
             FailKind::Down(state) => Failure::Down { vm, state },
             FailKind::Lost => Failure::Lost { vm },
             FailKind::NotSent => Failure::NotSent { vm },
+            FailKind::TimedOut { sent: true, after } => Failure::TimedOut { vm, after },
+            FailKind::TimedOut { sent: false, after } => Failure::QueuedTooLong { vm, after },
         }
     }
 }

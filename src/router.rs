@@ -6,7 +6,8 @@
 //! client and request that sent it.
 
 use bytes::Bytes;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
 
 /// Which client, and which of its requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -19,9 +20,10 @@ pub struct Route {
 struct Queued {
     route: Route,
     tail: Bytes,
+    since: Instant,
 }
 
-/// What was outstanding when the upstream connection ended.
+/// Requests given up on (connection ended, or timed out).
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Abandoned {
     /// Sent to QEMU: the outcome is unknown.
@@ -35,7 +37,11 @@ pub struct Router {
     next_n: u64,
     window: usize,
     queue: VecDeque<Queued>,
-    in_flight: HashMap<u64, Route>,
+    in_flight: HashMap<u64, (Route, Instant)>,
+    /// Timed out while QEMU still owes the reply: the late reply is
+    /// discarded, and the request still counts against the window (it
+    /// still occupies QEMU's queue).
+    expired: HashSet<u64>,
 }
 
 impl Router {
@@ -45,6 +51,7 @@ impl Router {
             window: window.max(1),
             queue: VecDeque::new(),
             in_flight: HashMap::new(),
+            expired: HashSet::new(),
         }
     }
 
@@ -53,26 +60,62 @@ impl Router {
         self.window = window.max(1);
     }
 
-    pub fn submit(&mut self, route: Route, tail: Bytes) {
-        self.queue.push_back(Queued { route, tail });
+    pub fn submit(&mut self, route: Route, tail: Bytes, now: Instant) {
+        self.queue.push_back(Queued {
+            route,
+            tail,
+            since: now,
+        });
     }
 
     /// The next request to write upstream, if the window has room: its
     /// upstream number and the bytes after `{"id": [N`.
     pub fn next_to_send(&mut self) -> Option<(u64, Bytes)> {
-        if self.in_flight.len() >= self.window {
+        if self.in_flight.len() + self.expired.len() >= self.window {
             return None;
         }
         let q = self.queue.pop_front()?;
         let n = self.next_n;
         self.next_n += 1;
-        self.in_flight.insert(n, q.route);
+        self.in_flight.insert(n, (q.route, q.since));
         Some((n, q.tail))
     }
 
-    /// The reply with upstream number `n` arrived: who gets it.
+    /// The reply with upstream number `n` arrived: who gets it. `None` for
+    /// a reply nobody waits for any more (timed out, or unknown).
     pub fn complete(&mut self, n: u64) -> Option<Route> {
-        self.in_flight.remove(&n)
+        if self.expired.remove(&n) {
+            return None;
+        }
+        self.in_flight.remove(&n).map(|(r, _)| r)
+    }
+
+    /// Gives up on requests submitted longer than `timeout` ago.
+    pub fn expire(&mut self, now: Instant, timeout: Duration) -> Abandoned {
+        let late = |since: Instant| now.saturating_duration_since(since) >= timeout;
+        let mut sent: Vec<(u64, Route)> = self
+            .in_flight
+            .iter()
+            .filter(|(_, (_, since))| late(*since))
+            .map(|(n, (r, _))| (*n, *r))
+            .collect();
+        sent.sort_unstable_by_key(|(n, _)| *n);
+        for (n, _) in &sent {
+            self.in_flight.remove(n);
+            self.expired.insert(*n);
+        }
+        let mut queued = Vec::new();
+        self.queue.retain(|q| {
+            let keep = !late(q.since);
+            if !keep {
+                queued.push(q.route);
+            }
+            keep
+        });
+        Abandoned {
+            in_flight: sent.into_iter().map(|(_, r)| r).collect(),
+            queued,
+        }
     }
 
     /// A client left: its queued requests are dropped; its in-flight ones
@@ -84,7 +127,8 @@ impl Router {
 
     /// The connection ended: everything outstanding, in sending order.
     pub fn abandon(&mut self) -> Abandoned {
-        let mut sent: Vec<(u64, Route)> = self.in_flight.drain().collect();
+        self.expired.clear();
+        let mut sent: Vec<(u64, Route)> = self.in_flight.drain().map(|(n, (r, _))| (n, r)).collect();
         sent.sort_unstable_by_key(|(n, _)| *n);
         Abandoned {
             in_flight: sent.into_iter().map(|(_, r)| r).collect(),
@@ -92,8 +136,9 @@ impl Router {
         }
     }
 
+    /// Requests sent to QEMU and not answered yet (timed-out ones included).
     pub fn in_flight(&self) -> usize {
-        self.in_flight.len()
+        self.in_flight.len() + self.expired.len()
     }
 
     pub fn queued(&self) -> usize {
@@ -109,11 +154,36 @@ mod tests {
         Route { client, seq }
     }
 
+    fn now() -> Instant {
+        Instant::now()
+    }
+
+    #[test]
+    fn expired_requests_keep_their_window_slot_and_lose_their_reply() {
+        let t0 = Instant::now();
+        let sec = Duration::from_secs(1);
+        let mut rt = Router::new(1);
+        rt.submit(r(1, 0), Bytes::new(), t0);
+        rt.submit(r(1, 1), Bytes::new(), t0);
+        rt.submit(r(2, 0), Bytes::new(), t0 + sec);
+        let (n, _) = rt.next_to_send().unwrap();
+        let gone = rt.expire(t0 + sec, sec);
+        assert_eq!(gone.in_flight, vec![r(1, 0)]);
+        assert_eq!(gone.queued, vec![r(1, 1)]);
+        // QEMU still holds the expired one: nothing more is sent yet.
+        assert!(rt.next_to_send().is_none());
+        assert_eq!(rt.in_flight(), 1);
+        // Its late reply is swallowed, and frees the slot.
+        assert_eq!(rt.complete(n), None);
+        let (n2, _) = rt.next_to_send().unwrap();
+        assert_eq!(rt.complete(n2), Some(r(2, 0)));
+    }
+
     #[test]
     fn window_limits_what_is_sent() {
         let mut rt = Router::new(2);
         for s in 0..4 {
-            rt.submit(r(1, s), Bytes::from(format!("t{s}")));
+            rt.submit(r(1, s), Bytes::from(format!("t{s}")), now());
         }
         let (n1, t1) = rt.next_to_send().unwrap();
         let (n2, _) = rt.next_to_send().unwrap();
@@ -132,7 +202,7 @@ mod tests {
         let mut rt = Router::new(8);
         let mut seen = std::collections::HashSet::new();
         for s in 0..1000 {
-            rt.submit(r(s % 3, s), Bytes::new());
+            rt.submit(r(s % 3, s), Bytes::new(), now());
             let (n, _) = rt.next_to_send().unwrap();
             assert!(seen.insert(n));
             assert_eq!(rt.complete(n), Some(r(s % 3, s)));
@@ -143,7 +213,7 @@ mod tests {
     fn abandon_reports_sent_and_unsent_in_order() {
         let mut rt = Router::new(2);
         for s in 0..5 {
-            rt.submit(r(s % 2, s), Bytes::new());
+            rt.submit(r(s % 2, s), Bytes::new(), now());
         }
         rt.next_to_send();
         rt.next_to_send();
@@ -156,9 +226,9 @@ mod tests {
     #[test]
     fn forgotten_client_loses_only_its_queued_requests() {
         let mut rt = Router::new(1);
-        rt.submit(r(1, 0), Bytes::new());
-        rt.submit(r(1, 1), Bytes::new());
-        rt.submit(r(2, 0), Bytes::new());
+        rt.submit(r(1, 0), Bytes::new(), now());
+        rt.submit(r(1, 1), Bytes::new(), now());
+        rt.submit(r(2, 0), Bytes::new(), now());
         let (n, _) = rt.next_to_send().unwrap();
         rt.forget_client(1);
         assert_eq!(rt.complete(n), Some(r(1, 0)));

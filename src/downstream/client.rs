@@ -9,25 +9,28 @@
 
 use crate::config::ClientOptions;
 use crate::error::FailKind;
-use crate::qmp::framing::{JsonFramer, Limits};
+use crate::qmp::framing::{Frame, JsonFramer, Limits};
 use crate::qmp::json::qemu_style;
 use crate::qmp::request::{decide, error_line, Caps, Decision, Session};
+use crate::upstream::mailbox::mailbox;
 use crate::upstream::{SessionHandle, ToClient, ToSession};
 use bytes::{Bytes, BytesMut};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use serde_json::value::RawValue;
 use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
-use tokio::sync::mpsc;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::{debug, error, info, warn};
 
 /// Stop taking replies and events from the mailbox while this much is
-/// waiting to be written; the mailbox then fills and the session drops a
-/// client that does not read.
+/// waiting to be written (or half the client's queue budget, if smaller);
+/// the mailbox then fills and the session drops a client that does not
+/// read. A client that stops reading thus costs at most about 1.5 times
+/// `max_queue_bytes`, plus the kernel's socket buffer.
 const OUTBUF_HIGH: usize = 1 << 20;
 
 /// What every client of one VM shares.
@@ -56,6 +59,8 @@ struct Client {
     slots: VecDeque<Slot>,
     next_seq: u64,
     outbuf: BytesMut,
+    /// A limit was exceeded: answer what was asked, then disconnect.
+    closing: bool,
 }
 
 /// Why the client's connection ended.
@@ -67,6 +72,10 @@ enum End {
     /// The session dropped our mailbox: we did not keep up, or the VM went.
     Dropped,
     NoGreeting,
+    /// Sent input beyond a size or nesting limit.
+    Limit,
+    /// A bug in qmpmux; only this client is affected.
+    Panic,
 }
 
 pub async fn run(stream: UnixStream, id: u64, ctx: ClientContext) {
@@ -75,7 +84,10 @@ pub async fn run(stream: UnixStream, id: u64, ctx: ClientContext) {
         Err(_) => (0, u32::MAX),
     };
     info!(client = id, pid, uid, "client connected");
-    let end = serve(stream, id, ctx.clone()).await;
+    let end = AssertUnwindSafe(serve(stream, id, ctx.clone()))
+        .catch_unwind()
+        .await
+        .unwrap_or(End::Panic);
     let _ = ctx.session.tx.try_send(ToSession::Detach { client: id });
     match end {
         End::Io(e) => info!(client = id, error = %e, "client disconnected"),
@@ -84,6 +96,11 @@ pub async fn run(stream: UnixStream, id: u64, ctx: ClientContext) {
             client = id,
             "client disconnected: QEMU has not been reachable since qmpmux started"
         ),
+        End::Limit => warn!(
+            client = id,
+            "client disconnected: its input exceeded a size or nesting limit"
+        ),
+        End::Panic => error!(client = id, "client task failed (a bug in qmpmux); client disconnected"),
         other => info!(client = id, reason = ?other, "client disconnected"),
     }
 }
@@ -102,7 +119,7 @@ async fn serve(stream: UnixStream, id: u64, ctx: ClientContext) -> End {
         max_depth: ctx.opts.max_depth,
     };
     let mut reader = FramedRead::new(read, JsonFramer::new(limits));
-    let (mailbox_tx, mut mailbox) = mpsc::channel(ctx.opts.queue_messages);
+    let (mailbox_tx, mut mailbox) = mailbox(ctx.opts.max_queue_bytes);
     if ctx
         .session
         .tx
@@ -123,14 +140,19 @@ async fn serve(stream: UnixStream, id: u64, ctx: ClientContext) -> End {
         slots: VecDeque::new(),
         next_seq: 0,
         outbuf: BytesMut::from(&greeting[..]),
+        closing: false,
     };
     let shutdown = client.ctx.shutdown.clone();
+    let outbuf_high = OUTBUF_HIGH.min(client.ctx.opts.max_queue_bytes / 2);
     let mut eof = false;
     loop {
-        if eof && client.slots.is_empty() && client.outbuf.is_empty() {
-            return End::ClientClosed;
+        if (eof || client.closing) && client.slots.is_empty() && client.outbuf.is_empty() {
+            return if client.closing { End::Limit } else { End::ClientClosed };
         }
-        let can_read = !eof && client.slots.len() < client.ctx.opts.max_in_flight && client.outbuf.len() < OUTBUF_HIGH;
+        let can_read = !eof
+            && !client.closing
+            && client.slots.len() < client.ctx.opts.max_in_flight
+            && client.outbuf.len() < outbuf_high;
         // Cancel-safe branches only: FramedRead::next, mpsc::recv, one write.
         tokio::select! {
             () = shutdown.cancelled() => return End::Shutdown,
@@ -140,7 +162,7 @@ async fn serve(stream: UnixStream, id: u64, ctx: ClientContext) -> End {
                 // The client closed its sending side: answer what it asked.
                 None => eof = true,
             },
-            msg = mailbox.recv(), if client.outbuf.len() < OUTBUF_HIGH => match msg {
+            msg = mailbox.recv(), if client.outbuf.len() < outbuf_high => match msg {
                 Some(msg) => client.on_session(msg),
                 None => return End::Dropped,
             },
@@ -166,7 +188,8 @@ async fn wait_for_greeting(ctx: &ClientContext) -> Option<Bytes> {
 }
 
 impl Client {
-    async fn on_frame(&mut self, frame: crate::qmp::framing::Frame) {
+    async fn on_frame(&mut self, frame: Frame) {
+        self.closing |= matches!(frame, Frame::Limit(_));
         match decide(frame, &mut self.qmp, self.offered) {
             Decision::Local(line) => self.slots.push_back(Slot::Ready(line)),
             Decision::Forward(fwd) => {

@@ -6,8 +6,10 @@ use client::ClientContext;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn, Instrument};
 
@@ -67,6 +69,8 @@ static NEXT_CLIENT: AtomicU64 = AtomicU64::new(1);
 
 /// Accepts clients until shutdown; each gets its own task.
 pub async fn accept_loop(listener: UnixListener, ctx: ClientContext, tracker: TaskTracker) {
+    // One permit per connected client: `max_clients` at most.
+    let slots = Arc::new(Semaphore::new(ctx.opts.max_clients));
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -74,9 +78,24 @@ pub async fn accept_loop(listener: UnixListener, ctx: ClientContext, tracker: Ta
         };
         match accepted {
             Ok((stream, _)) => {
+                let Ok(permit) = slots.clone().try_acquire_owned() else {
+                    warn!(
+                        max = ctx.opts.max_clients,
+                        "VM has its maximum number of clients; refusing a new one"
+                    );
+                    drop(stream);
+                    continue;
+                };
                 let id = NEXT_CLIENT.fetch_add(1, Ordering::Relaxed);
                 let span = tracing::info_span!("client", id);
-                tracker.spawn(client::run(stream, id, ctx.clone()).instrument(span));
+                let client = client::run(stream, id, ctx.clone());
+                tracker.spawn(
+                    async move {
+                        client.await;
+                        drop(permit);
+                    }
+                    .instrument(span),
+                );
             }
             Err(e) if is_resource_exhaustion(&e) => {
                 // EMFILE/ENFILE/ENOBUFS: the pending connection stays queued,

@@ -18,6 +18,17 @@ pub enum Frame {
     /// Input QEMU's parser would reject before building a value; the reply is
     /// an id-less GenericError with this text.
     Error(String),
+    /// A size or nesting limit was exceeded: an id-less GenericError with
+    /// QEMU's text, after which qmpmux stops reading this peer.
+    Limit(String),
+}
+
+/// One step of the scanner.
+enum Step {
+    Frame(Frame),
+    /// State changed without a frame (a discarded message ended): go on.
+    Again,
+    NeedMore,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,24 +108,25 @@ impl JsonFramer {
     }
 
     /// Takes the message that ends at `end` (exclusive) out of `src`.
-    fn emit(&mut self, src: &mut BytesMut, end: usize) -> Frame {
+    fn emit(&mut self, src: &mut BytesMut, end: usize) -> Step {
         let requote = self.needs_requote;
         let discarding = std::mem::replace(&mut self.discarding, false);
         let raw = src.split_to(end);
         self.reset();
         if discarding {
-            return Frame::Error("JSON token size limit exceeded".into());
+            // Already reported when it grew too large.
+            return Step::Again;
         }
-        if requote {
+        Step::Frame(if requote {
             Frame::Message(requote_single_quotes(&raw).into())
         } else {
             Frame::Message(raw.freeze())
-        }
+        })
     }
 
     /// A lexical error at `at`: QEMU reports the token text so far, then
     /// skips to a resynchronisation point.
-    fn lexical_error(&mut self, src: &mut BytesMut, at: usize) -> Frame {
+    fn lexical_error(&mut self, src: &mut BytesMut, at: usize) -> Step {
         let from = if self.string != Str::None {
             self.string_start
         } else {
@@ -125,20 +137,20 @@ impl JsonFramer {
         self.reset();
         self.discarding = false;
         self.recovering = true;
-        Frame::Error(format!("JSON parse error, stray '{token}'"))
+        Step::Frame(Frame::Error(format!("JSON parse error, stray '{token}'")))
     }
 
-    fn too_deep(&mut self, src: &mut BytesMut, at: usize) -> Frame {
+    fn too_deep(&mut self, src: &mut BytesMut, at: usize) -> Step {
         let _ = src.split_to(at + 1);
         self.reset();
         self.recovering = true;
-        Frame::Error("JSON nesting depth limit exceeded".into())
+        Step::Frame(Frame::Limit("JSON nesting depth limit exceeded".into()))
     }
 
-    fn structural_error(&mut self, src: &mut BytesMut, at: usize) -> Frame {
+    fn structural_error(&mut self, src: &mut BytesMut, at: usize) -> Step {
         let _ = src.split_to(at + 1);
         self.reset();
-        Frame::Error("JSON parse error, expecting value".into())
+        Step::Frame(Frame::Error("JSON parse error, expecting value".into()))
     }
 
     /// Skips bytes after a lexical error until a byte QEMU resynchronises on.
@@ -153,110 +165,119 @@ impl JsonFramer {
         let _ = src.split_to(n);
     }
 
-    /// While a message is longer than allowed, drop what was scanned so far
-    /// but keep scanning (so the end of it is still found); reported once it
-    /// ends.
-    fn check_size(&mut self, src: &mut BytesMut) {
-        if self.pos > self.limits.max_message {
+    /// A message longer than allowed is reported as soon as it is, then
+    /// dropped as it arrives (never buffered) until its end is found.
+    fn check_size(&mut self, src: &mut BytesMut) -> Step {
+        let mut step = Step::NeedMore;
+        if self.pos > self.limits.max_message && !self.discarding {
             self.discarding = true;
+            step = Step::Frame(Frame::Limit("JSON token size limit exceeded".into()));
         }
         if self.discarding && self.pos > 0 {
             let _ = src.split_to(self.pos);
             self.string_start = 0;
             self.pos = 0;
         }
+        step
     }
 
     fn scan(&mut self, src: &mut BytesMut) -> Option<Frame> {
-        {
+        loop {
+            match self.step(src) {
+                Step::Frame(f) => return Some(f),
+                Step::Again => continue,
+                Step::NeedMore => return None,
+            }
+        }
+    }
+
+    fn step(&mut self, src: &mut BytesMut) -> Step {
+        if self.recovering {
+            self.skip_recovery(src);
             if self.recovering {
-                self.skip_recovery(src);
-                if self.recovering {
-                    return None;
-                }
+                return Step::NeedMore;
             }
-            if self.pos == 0 && !self.discarding {
-                let ws = src.iter().take_while(|b| is_ws(**b)).count();
-                let _ = src.split_to(ws);
-            }
-            let mut i = self.pos;
-            while i < src.len() {
-                let b = src[i];
-                if self.string != Str::None {
-                    if self.escape {
-                        self.escape = false;
-                        if b == b'\'' {
-                            self.needs_requote = true;
-                        }
-                    } else if b == b'\\' {
-                        self.escape = true;
-                    } else if (b == b'"' && self.string == Str::Double) || (b == b'\'' && self.string == Str::Single) {
-                        self.string = Str::None;
-                        if self.depth() == 0 {
-                            return Some(self.emit(src, i + 1));
-                        }
-                    } else if !(0x20..0xFE).contains(&b) {
-                        return Some(self.lexical_error(src, i));
+        }
+        if self.pos == 0 && !self.discarding {
+            let ws = src.iter().take_while(|b| is_ws(**b)).count();
+            let _ = src.split_to(ws);
+        }
+        let mut i = self.pos;
+        while i < src.len() {
+            let b = src[i];
+            if self.string != Str::None {
+                if self.escape {
+                    self.escape = false;
+                    if b == b'\'' {
+                        self.needs_requote = true;
                     }
+                } else if b == b'\\' {
+                    self.escape = true;
+                } else if (b == b'"' && self.string == Str::Double) || (b == b'\'' && self.string == Str::Single) {
+                    self.string = Str::None;
+                    if self.depth() == 0 {
+                        return self.emit(src, i + 1);
+                    }
+                } else if !(0x20..0xFE).contains(&b) {
+                    return self.lexical_error(src, i);
+                }
+                i += 1;
+                continue;
+            }
+            if self.scalar {
+                if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'+' | b'.') {
                     i += 1;
                     continue;
                 }
-                if self.scalar {
-                    if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'+' | b'.') {
-                        i += 1;
-                        continue;
-                    }
-                    // The bare token ends before this byte, which is looked at again.
-                    return Some(self.emit(src, i));
-                }
-                match b {
-                    b' ' | b'\t' | b'\r' | b'\n' => {}
-                    b'{' | b'[' => {
-                        if b == b'{' {
-                            self.braces += 1
-                        } else {
-                            self.brackets += 1
-                        }
-                        if self.depth() > i64::from(self.limits.max_depth) {
-                            return Some(self.too_deep(src, i));
-                        }
-                    }
-                    b'}' | b']' => {
-                        if b == b'}' {
-                            self.braces -= 1
-                        } else {
-                            self.brackets -= 1
-                        }
-                        if self.braces < 0 || self.brackets < 0 {
-                            return Some(self.structural_error(src, i));
-                        }
-                        if self.depth() == 0 {
-                            return Some(self.emit(src, i + 1));
-                        }
-                    }
-                    b'"' | b'\'' => {
-                        self.string = if b == b'"' { Str::Double } else { Str::Single };
-                        self.needs_requote |= b == b'\'';
-                        self.string_start = i;
-                    }
-                    b':' | b',' if self.depth() == 0 => {
-                        return Some(self.structural_error(src, i));
-                    }
-                    b':' | b',' => {}
-                    b'a'..=b'z' | b'0'..=b'9' | b'-' => {
-                        if self.depth() == 0 {
-                            self.scalar = true;
-                        }
-                    }
-                    b'A'..=b'Z' | b'+' | b'.' if self.depth() > 0 => {}
-                    _ => return Some(self.lexical_error(src, i)),
-                }
-                i += 1;
+                // The bare token ends before this byte, which is looked at again.
+                return self.emit(src, i);
             }
-            self.pos = i;
-            self.check_size(src);
-            None
+            match b {
+                b' ' | b'\t' | b'\r' | b'\n' => {}
+                b'{' | b'[' => {
+                    if b == b'{' {
+                        self.braces += 1
+                    } else {
+                        self.brackets += 1
+                    }
+                    if self.depth() > i64::from(self.limits.max_depth) {
+                        return self.too_deep(src, i);
+                    }
+                }
+                b'}' | b']' => {
+                    if b == b'}' {
+                        self.braces -= 1
+                    } else {
+                        self.brackets -= 1
+                    }
+                    if self.braces < 0 || self.brackets < 0 {
+                        return self.structural_error(src, i);
+                    }
+                    if self.depth() == 0 {
+                        return self.emit(src, i + 1);
+                    }
+                }
+                b'"' | b'\'' => {
+                    self.string = if b == b'"' { Str::Double } else { Str::Single };
+                    self.needs_requote |= b == b'\'';
+                    self.string_start = i;
+                }
+                b':' | b',' if self.depth() == 0 => {
+                    return self.structural_error(src, i);
+                }
+                b':' | b',' => {}
+                b'a'..=b'z' | b'0'..=b'9' | b'-' => {
+                    if self.depth() == 0 {
+                        self.scalar = true;
+                    }
+                }
+                b'A'..=b'Z' | b'+' | b'.' if self.depth() > 0 => {}
+                _ => return self.lexical_error(src, i),
+            }
+            i += 1;
         }
+        self.pos = i;
+        self.check_size(src)
     }
 }
 
@@ -319,7 +340,9 @@ impl Decoder for JsonFramer {
         }
         if self.scalar && !src.is_empty() {
             let end = src.len();
-            return Ok(Some(self.emit(src, end)));
+            if let Step::Frame(f) = self.emit(src, end) {
+                return Ok(Some(f));
+            }
         }
         // A partial message at EOF is discarded, as QEMU does.
         src.clear();
@@ -457,7 +480,7 @@ mod tests {
         };
         let out = frames(limits, &[b"[[[1]]] [[[[1]]]]{\"a\":1}"]);
         assert_eq!(out[0], msg("[[[1]]]"));
-        assert_eq!(out[1], err("JSON nesting depth limit exceeded"));
+        assert_eq!(out[1], Frame::Limit("JSON nesting depth limit exceeded".into()));
         assert_eq!(out.last(), Some(&msg("{\"a\":1}")));
     }
 
@@ -470,13 +493,18 @@ mod tests {
         let mut f = JsonFramer::new(limits);
         let mut buf = BytesMut::new();
         buf.extend_from_slice(b"{\"a\":\"");
+        buf.extend_from_slice(&[b'x'; 100]);
+        // Reported as soon as it is too large, not when (if ever) it ends.
+        assert_eq!(
+            f.decode(&mut buf).unwrap(),
+            Some(Frame::Limit("JSON token size limit exceeded".into()))
+        );
         for _ in 0..100 {
             buf.extend_from_slice(&[b'x'; 100]);
             assert_eq!(f.decode(&mut buf).unwrap(), None);
             assert!(buf.len() <= 200, "buffer grew to {}", buf.len());
         }
         buf.extend_from_slice(b"\"}{\"b\":1}");
-        assert_eq!(f.decode(&mut buf).unwrap(), Some(err("JSON token size limit exceeded")));
         assert_eq!(f.decode(&mut buf).unwrap(), Some(msg("{\"b\":1}")));
     }
 

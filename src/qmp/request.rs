@@ -158,7 +158,7 @@ fn capabilities_args(m: &Members<'_>) -> Result<Caps, Reject> {
 /// greeting offered `offered`. Updates `session` on successful negotiation.
 pub fn decide(frame: Frame, session: &mut Session, offered: Caps) -> Decision {
     let bytes = match frame {
-        Frame::Error(desc) => return Decision::Local(error_line(None, "GenericError", &desc)),
+        Frame::Error(desc) | Frame::Limit(desc) => return Decision::Local(error_line(None, "GenericError", &desc)),
         Frame::Message(bytes) => bytes,
     };
     let members = match members_checked(&bytes) {

@@ -99,7 +99,7 @@ async fn next_message(reader: &mut UpstreamReader) -> Result<bytes::Bytes, Conne
     match reader.next().await {
         None => Err(ConnectError::Closed),
         Some(Err(e)) => Err(e.into()),
-        Some(Ok(Frame::Error(e))) => Err(ConnectError::Unexpected(e)),
+        Some(Ok(Frame::Error(e) | Frame::Limit(e))) => Err(ConnectError::Unexpected(e)),
         Some(Ok(Frame::Message(m))) => Ok(m),
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod backoff;
 mod connect;
+pub mod mailbox;
 mod session;
 
 use crate::error::FailKind;
@@ -54,7 +55,7 @@ pub struct Status {
 pub enum ToSession {
     Attach {
         client: u64,
-        mailbox: mpsc::Sender<ToClient>,
+        mailbox: mailbox::MailboxSender,
     },
     Detach {
         client: u64,

@@ -3,6 +3,7 @@
 
 use super::backoff::Backoff;
 use super::connect::{connect, Connection};
+use super::mailbox::{MailboxSender, SendError};
 use super::{Runstate, SessionHandle, Status, ToClient, ToSession};
 use crate::config::{UpstreamOptions, VmConfig};
 use crate::error::FailKind;
@@ -14,8 +15,8 @@ use futures_util::StreamExt;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -41,7 +42,7 @@ struct Session {
     vm: VmConfig,
     opts: UpstreamOptions,
     rx: mpsc::Receiver<ToSession>,
-    clients: HashMap<u64, mpsc::Sender<ToClient>>,
+    clients: HashMap<u64, MailboxSender>,
     router: Router,
     status: watch::Sender<Status>,
     backoff: Backoff,
@@ -145,6 +146,12 @@ impl Session {
         });
         self.set_state(Runstate::Running);
         let mut wbuf = BytesMut::with_capacity(4096);
+        let timeout = self.opts.command_timeout;
+        // Checks for timed-out commands a few times per timeout period.
+        let mut tick = tokio::time::interval(
+            (timeout.unwrap_or(Duration::from_secs(1)) / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)),
+        );
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let exit = loop {
             self.pump(&mut wbuf);
             // All branches are cancel-safe: FramedRead::next, mpsc::recv and a
@@ -170,6 +177,7 @@ impl Session {
                     Some(msg) => self.on_client(msg),
                     None => break Exit::Shutdown,
                 },
+                _ = tick.tick(), if timeout.is_some() => self.expire(timeout.unwrap_or_default()),
             }
         };
         self.set_state(Runstate::Disconnecting);
@@ -210,14 +218,17 @@ impl Session {
                 self.clients.remove(&client);
                 self.router.forget_client(client);
             }
-            ToSession::Execute { client, seq, tail } => self.router.submit(Route { client, seq }, tail),
+            ToSession::Execute { client, seq, tail } => {
+                self.router
+                    .submit(Route { client, seq }, tail, std::time::Instant::now())
+            }
         }
     }
 
     fn on_upstream(&mut self, frame: Frame) -> Result<(), Exit> {
         let bytes = match frame {
             Frame::Message(b) => b,
-            Frame::Error(e) => return Err(Exit::Desync(e)),
+            Frame::Error(e) | Frame::Limit(e) => return Err(Exit::Desync(e)),
         };
         match classify(&bytes) {
             Ok(Incoming::Event) => {
@@ -246,8 +257,8 @@ impl Session {
     fn broadcast(&mut self, line: Bytes) {
         let mut gone = Vec::new();
         for (&client, mailbox) in &self.clients {
-            if let Err(e) = mailbox.try_send(ToClient::Event(line.clone())) {
-                gone.push((client, matches!(e, TrySendError::Full(_))));
+            if let Err(e) = mailbox.send(ToClient::Event(line.clone())) {
+                gone.push((client, e == SendError::Full));
             }
         }
         for (client, full) in gone {
@@ -259,8 +270,8 @@ impl Session {
         let Some(mailbox) = self.clients.get(&client) else {
             return;
         };
-        if let Err(e) = mailbox.try_send(msg) {
-            self.drop_client(client, matches!(e, TrySendError::Full(_)));
+        if let Err(e) = mailbox.send(msg) {
+            self.drop_client(client, e == SendError::Full);
         }
     }
 
@@ -268,10 +279,39 @@ impl Session {
     /// written what it already has.
     fn drop_client(&mut self, client: u64, full: bool) {
         if full {
-            warn!(client, "client is not reading its replies and events; disconnecting it");
+            warn!(
+                client,
+                "client is not reading: its queue of replies and events is full; disconnecting it"
+            );
         }
         self.clients.remove(&client);
         self.router.forget_client(client);
+    }
+
+    /// Answers commands QEMU has not answered within `timeout`.
+    fn expire(&mut self, timeout: Duration) {
+        let late = self.router.expire(std::time::Instant::now(), timeout);
+        if !late.in_flight.is_empty() {
+            warn!(
+                count = late.in_flight.len(),
+                ?timeout,
+                "QEMU did not answer in time; failing the commands"
+            );
+        }
+        for r in late.in_flight {
+            let kind = FailKind::TimedOut {
+                sent: true,
+                after: timeout,
+            };
+            self.deliver(r.client, ToClient::Failed { seq: r.seq, kind });
+        }
+        for r in late.queued {
+            let kind = FailKind::TimedOut {
+                sent: false,
+                after: timeout,
+            };
+            self.deliver(r.client, ToClient::Failed { seq: r.seq, kind });
+        }
     }
 
     fn fail_outstanding(&mut self) {
@@ -301,7 +341,7 @@ impl Session {
 /// answered with an error at once. Returns when every handle is gone.
 async fn serve_down(
     rx: &mut mpsc::Receiver<ToSession>,
-    clients: &mut HashMap<u64, mpsc::Sender<ToClient>>,
+    clients: &mut HashMap<u64, MailboxSender>,
     router: &mut Router,
     state: Runstate,
 ) {
@@ -320,7 +360,7 @@ async fn serve_down(
                     kind: FailKind::Down(state),
                 };
                 if let Some(mailbox) = clients.get(&client) {
-                    if mailbox.try_send(failed).is_err() {
+                    if mailbox.send(failed).is_err() {
                         clients.remove(&client);
                     }
                 }

@@ -33,6 +33,19 @@ pub fn qemu_binary() -> String {
     bin
 }
 
+/// Makes the child get SIGKILL when the test process dies, even by abort
+/// (a failed test must not leave QEMUs behind holding CI's output pipe).
+pub fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+}
+
 /// A real QEMU (`-M none`) serving QMP on a unix socket.
 pub struct Qemu {
     child: Child,
@@ -63,9 +76,11 @@ impl Qemu {
 
     async fn start_args(socket: &Path, monitor: &[String]) -> Qemu {
         let _ = std::fs::remove_file(socket);
-        let child = Command::new(qemu_binary())
-            .args(["-M", "none", "-nodefaults", "-display", "none"])
-            .args(monitor)
+        let mut cmd = Command::new(qemu_binary());
+        cmd.args(["-M", "none", "-nodefaults", "-display", "none"])
+            .args(monitor);
+        die_with_parent(&mut cmd);
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()

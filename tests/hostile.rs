@@ -1,0 +1,180 @@
+//! One misbehaving party costs the others nothing: slow and frozen clients,
+//! oversized and hostile input, too many clients, an upstream that stops
+//! answering.
+
+mod common;
+
+use common::fake::FakeServer;
+use common::{Client, Daemon, Qemu};
+use serde_json::json;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_client_is_cut_off_and_nobody_else_notices() {
+    let dir = tempfile::tempdir().unwrap();
+    let (up, sock) = (dir.path().join("q.sock"), dir.path().join("vm.sock"));
+    let _qemu = Qemu::start(&up).await;
+    let daemon = Daemon::start_with(&[("vm", &up, &sock)], |c| c.client.max_queue_bytes = 64 << 10).await;
+    // Negotiates, then never reads again.
+    let mut frozen = Client::ready(&sock).await;
+    let mut busy = Client::ready(&sock).await;
+    // Each round makes QEMU emit STOP and RESUME to every client. The frozen
+    // client's socket buffer, then qmpmux's buffers for it, fill up.
+    for round in 0..4000 {
+        let stop = busy.cmd(&format!(r#"{{"execute":"stop","id":{round}}}"#)).await;
+        assert_eq!(stop["id"], round, "{stop}");
+        let cont = busy.cmd(r#"{"execute":"cont","id":"c"}"#).await;
+        assert_eq!(cont["id"], "c");
+    }
+    // The frozen client was disconnected (after what was queued for it):
+    // reading now drains its buffer and reaches EOF.
+    let mut lines = 0;
+    while frozen.try_line().await.is_some() {
+        lines += 1;
+    }
+    assert!(
+        lines < 8000,
+        "frozen client got everything ({lines} lines): it was not cut off"
+    );
+    // The busy one still works and still gets events.
+    busy.send(r#"{"execute":"stop"}"#).await;
+    busy.event("STOP").await;
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_too_deep_input_cut_off_only_the_sender() {
+    let dir = tempfile::tempdir().unwrap();
+    let (up, sock) = (dir.path().join("q.sock"), dir.path().join("vm.sock"));
+    let _qemu = Qemu::start(&up).await;
+    let daemon = Daemon::start_with(&[("vm", &up, &sock)], |c| {
+        c.client.max_message_bytes = 4096;
+        c.client.max_depth = 64;
+    })
+    .await;
+    let mut bystander = Client::ready(&sock).await;
+
+    let mut big = Client::ready(&sock).await;
+    // A request already in the pipe is still answered, in order.
+    big.send(r#"{"execute":"query-status","id":"before"}"#).await;
+    big.send(&format!(
+        r#"{{"execute":"query-status","arguments":{{"x":"{}"}}}}"#,
+        "a".repeat(10_000)
+    ))
+    .await;
+    assert_eq!(big.reply().await["id"], "before");
+    assert_eq!(
+        big.recv().await,
+        json!({"error": {"class": "GenericError", "desc": "JSON token size limit exceeded"}})
+    );
+    big.expect_eof().await;
+
+    let mut deep = Client::ready(&sock).await;
+    deep.send(&"[".repeat(100)).await;
+    assert_eq!(deep.recv().await["error"]["desc"], "JSON nesting depth limit exceeded");
+    deep.expect_eof().await;
+
+    // A message that never ends is cut off too, without being buffered.
+    let mut endless = Client::ready(&sock).await;
+    endless.send("{\"execute\": \"").await;
+    endless.send_bytes(&[b'x'; 8192]).await;
+    assert_eq!(endless.recv().await["error"]["desc"], "JSON token size limit exceeded");
+    endless.expect_eof().await;
+
+    assert_eq!(bystander.cmd(r#"{"execute":"query-status","id":1}"#).await["id"], 1);
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_garbage_gets_errors_not_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let (up, sock) = (dir.path().join("q.sock"), dir.path().join("vm.sock"));
+    let _qemu = Qemu::start(&up).await;
+    let daemon = Daemon::start(&[("vm", &up, &sock)]).await;
+    let mut c = Client::ready(&sock).await;
+    let garbage: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    c.send_bytes(&garbage).await;
+    // Whatever the errors were, QEMU's \xff resynchronisation brings the
+    // stream back; a well-formed request afterwards is answered.
+    c.send_bytes(b"\xff").await;
+    c.send(r#"{"execute":"query-status","id":"after"}"#).await;
+    loop {
+        let v = c.reply().await;
+        if v.get("id").is_some() {
+            assert_eq!(v["id"], "after", "{v}");
+            break;
+        }
+        assert_eq!(v["error"]["class"], "GenericError", "{v}");
+    }
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_limit_refuses_extra_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let (up, sock) = (dir.path().join("q.sock"), dir.path().join("vm.sock"));
+    let _qemu = Qemu::start(&up).await;
+    let daemon = Daemon::start_with(&[("vm", &up, &sock)], |c| c.client.max_clients = 2).await;
+    let a = Client::ready(&sock).await;
+    let _b = Client::ready(&sock).await;
+    let mut c = Client::connect(&sock).await;
+    c.expect_eof().await;
+    drop(a);
+    common::eventually("a slot to free up", async || {
+        let mut d = Client::connect(&sock).await;
+        d.try_line().await.is_some()
+    })
+    .await;
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_timeout_answers_and_discards_the_late_reply() {
+    let dir = tempfile::tempdir().unwrap();
+    let (up, sock) = (dir.path().join("fake.sock"), dir.path().join("vm.sock"));
+    let fake = FakeServer::bind(&up);
+    let daemon = Daemon::start_with(&[("vm", &up, &sock)], |c| {
+        c.upstream.command_timeout = Some(Duration::from_millis(300));
+    })
+    .await;
+    let mut conn = fake.accept_ready().await;
+    let mut c = Client::ready(&sock).await;
+    c.send(r#"{"execute":"slow","id":"s"}"#).await;
+    let slow = conn.read().await.unwrap();
+    let r = c.reply().await;
+    assert_eq!(r["id"], "s");
+    assert_eq!(r["error"]["class"], "GenericError");
+    assert!(
+        r["error"]["desc"].as_str().unwrap().contains("did not answer within"),
+        "{r}"
+    );
+    // QEMU answers after all: that reply must not reach anyone.
+    conn.reply(&slow, json!("late")).await;
+    c.send(r#"{"execute":"fast","id":"f"}"#).await;
+    let fast = conn.read().await.unwrap();
+    conn.reply(&fast, json!("on time")).await;
+    assert_eq!(c.reply().await, json!({"return": "on time", "id": "f"}));
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_leaving_mid_command_does_not_disturb_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let (up, sock) = (dir.path().join("fake.sock"), dir.path().join("vm.sock"));
+    let fake = FakeServer::bind(&up);
+    let daemon = Daemon::start(&[("vm", &up, &sock)]).await;
+    let mut conn = fake.accept_ready().await;
+    let mut leaver = Client::ready(&sock).await;
+    let mut stayer = Client::ready(&sock).await;
+    leaver.send(r#"{"execute":"a","id":1}"#).await;
+    let a = conn.read().await.unwrap();
+    drop(leaver);
+    stayer.send(r#"{"execute":"b","id":1}"#).await;
+    let b = conn.read().await.unwrap();
+    // Replies for the departed client are dropped; the same id of another
+    // client is not confused with it.
+    conn.reply(&a, json!("for leaver")).await;
+    conn.reply(&b, json!("for stayer")).await;
+    assert_eq!(stayer.reply().await, json!({"return": "for stayer", "id": 1}));
+    daemon.stop().await;
+}
