@@ -11,16 +11,18 @@ use crate::qmp::framing::Frame;
 use crate::qmp::incoming::{classify, Incoming};
 use crate::router::{Route, Router};
 use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::FutureExt;
 use futures_util::StreamExt;
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, error, info, warn, Instrument};
 
 /// QEMU queues at most 8 in-band commands per monitor (with OOB on; without
 /// it, the rest wait in the socket, which is just as fine).
@@ -91,9 +93,15 @@ impl Session {
                 Ok(conn) => {
                     self.failures = 0;
                     self.backoff.reset();
-                    let exit = self.running(conn).await;
-                    if let Exit::Shutdown = exit {
-                        return;
+                    // A bug while serving must not take the VM's monitor away
+                    // for good: log it, fail what was outstanding, reconnect.
+                    match AssertUnwindSafe(self.running(conn)).catch_unwind().await {
+                        Ok(Exit::Shutdown) => return,
+                        Ok(_) => {}
+                        Err(_) => {
+                            error!("upstream session failed (a bug in qmpmux); reconnecting");
+                            self.fail_outstanding();
+                        }
                     }
                 }
                 Err(e) => {
