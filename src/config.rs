@@ -32,7 +32,13 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     log_level: Option<String>,
+    log_format: Option<LogFormat>,
+    log_file: Option<PathBuf>,
+    log_rotation: Option<LogRotation>,
     socket_dir: Option<PathBuf>,
+    socket_mode: Option<String>,
+    socket_owner: Option<String>,
+    socket_group: Option<String>,
     #[serde(default)]
     upstream: RawUpstream,
     #[serde(default)]
@@ -77,9 +83,51 @@ struct RawVm {
 pub struct Config {
     /// `RUST_LOG`-style filter; `RUST_LOG` itself wins when set.
     pub log_level: String,
+    pub log_format: LogFormat,
+    /// Also log to this file (rotated per `log_rotation`); stdout always.
+    pub log_file: Option<PathBuf>,
+    pub log_rotation: LogRotation,
+    /// Mode and owner of every listen socket.
+    pub socket: SocketPerms,
     pub upstream: UpstreamOptions,
     pub client: ClientOptions,
     pub vms: Vec<VmConfig>,
+}
+
+/// Mode and ownership for listen sockets (owner/group resolved to ids).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketPerms {
+    pub mode: u32,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+impl Default for SocketPerms {
+    fn default() -> Self {
+        SocketPerms {
+            mode: 0o660,
+            uid: None,
+            gid: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogRotation {
+    Minutely,
+    Hourly,
+    #[default]
+    Daily,
+    Never,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -243,12 +291,62 @@ impl RawConfig {
         }
         let log_level = self.log_level.unwrap_or_else(|| "info".into());
         tracing_subscriber::EnvFilter::try_new(&log_level).map_err(|e| invalid("log_level", e.to_string()))?;
+        if let Some(f) = &self.log_file {
+            if f.file_name().is_none() {
+                return Err(invalid("log_file", "must name a file"));
+            }
+        }
+        let socket = SocketPerms {
+            mode: match &self.socket_mode {
+                None => SocketPerms::default().mode,
+                Some(m) => u32::from_str_radix(m.trim_start_matches("0o"), 8)
+                    .ok()
+                    .filter(|m| *m <= 0o777)
+                    .ok_or_else(|| invalid("socket_mode", format!("{m:?}: use an octal mode such as \"0660\"")))?,
+            },
+            uid: self
+                .socket_owner
+                .as_deref()
+                .map(resolve_user)
+                .transpose()
+                .map_err(|r| invalid("socket_owner", r))?,
+            gid: self
+                .socket_group
+                .as_deref()
+                .map(resolve_group)
+                .transpose()
+                .map_err(|r| invalid("socket_group", r))?,
+        };
         Ok(Config {
             log_level,
+            socket,
+            log_format: self.log_format.unwrap_or_default(),
+            log_file: self.log_file,
+            log_rotation: self.log_rotation.unwrap_or_default(),
             upstream,
             client,
             vms,
         })
+    }
+}
+
+fn resolve_user(name: &str) -> Result<u32, String> {
+    if let Ok(id) = name.parse() {
+        return Ok(id);
+    }
+    match nix::unistd::User::from_name(name) {
+        Ok(Some(u)) => Ok(u.uid.as_raw()),
+        _ => Err(format!("no user {name:?}")),
+    }
+}
+
+fn resolve_group(name: &str) -> Result<u32, String> {
+    if let Ok(id) = name.parse() {
+        return Ok(id);
+    }
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        _ => Err(format!("no group {name:?}")),
     }
 }
 

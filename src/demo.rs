@@ -41,6 +41,10 @@ pub fn start(listen: Option<PathBuf>) -> Result<Demo, DemoError> {
     let listen = listen.unwrap_or_else(|| dir.join("demo.sock"));
     let config = Config {
         log_level: "info".into(),
+        log_format: Default::default(),
+        log_file: None,
+        socket: Default::default(),
+        log_rotation: Default::default(),
         upstream: UpstreamOptions::default(),
         client: ClientOptions::default(),
         vms: vec![VmConfig {

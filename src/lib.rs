@@ -20,4 +20,4 @@ pub mod router;
 pub mod supervisor;
 pub mod upstream;
 
-pub use supervisor::{run, Listeners, RunError};
+pub use supervisor::{run, run_with_reload, Listeners, Reload, ReloadSummary, RunError};

@@ -1,16 +1,23 @@
-//! The `qmpmux` binary: arguments, logging, signals; the rest is the library.
+//! The `qmpmux` binary: arguments, logging, signals, systemd notification;
+//! the rest is the library.
 
 use clap::Parser;
 use futures_util::StreamExt;
-use qmpmux::config::Config;
-use qmpmux::{demo, run, Listeners};
+use qmpmux::config::{Config, LogFormat, LogRotation};
+use qmpmux::{demo, run_with_reload, Listeners, Reload};
+use sd_notify::NotifyState;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
-use tracing_subscriber::EnvFilter;
+use tracing_appender::non_blocking::WorkerGuard;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 /// Multiplex QEMU's QMP monitor: many clients, one upstream session per VM.
 #[derive(Debug, Parser)]
@@ -30,15 +37,57 @@ struct Args {
     demo_listen: Option<PathBuf>,
 }
 
-fn init_logging(level: &str) -> tracing_appender::non_blocking::WorkerGuard {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stdout().is_terminal())
-        .with_writer(writer)
-        .init();
-    guard
+/// Sets up logging to stdout (plain when not a terminal, as journald wants
+/// it) and optionally to a rotated file. The guards flush on drop.
+fn init_logging(config: &Config) -> Vec<WorkerGuard> {
+    let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log_level));
+    let mut guards = Vec::new();
+    let (stdout, g) = tracing_appender::non_blocking(std::io::stdout());
+    guards.push(g);
+    let ansi = std::io::stdout().is_terminal();
+    let mut layers: Vec<Box<dyn Layer<_> + Send + Sync>> = Vec::new();
+    layers.push(match config.log_format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_ansi(ansi)
+            .with_writer(stdout)
+            .with_filter(filter())
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(stdout)
+            .with_filter(filter())
+            .boxed(),
+    });
+    if let Some(path) = &config.log_file {
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(".".as_ref());
+        let name = path.file_name().unwrap_or_default();
+        let rotation = match config.log_rotation {
+            LogRotation::Minutely => tracing_appender::rolling::Rotation::MINUTELY,
+            LogRotation::Hourly => tracing_appender::rolling::Rotation::HOURLY,
+            LogRotation::Daily => tracing_appender::rolling::Rotation::DAILY,
+            LogRotation::Never => tracing_appender::rolling::Rotation::NEVER,
+        };
+        let appender = tracing_appender::rolling::RollingFileAppender::new(rotation, dir, name);
+        let (file, g) = tracing_appender::non_blocking(appender);
+        guards.push(g);
+        layers.push(match config.log_format {
+            LogFormat::Text => tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(file)
+                .with_filter(filter())
+                .boxed(),
+            LogFormat::Json => tracing_subscriber::fmt::layer()
+                .json()
+                .with_writer(file)
+                .with_filter(filter())
+                .boxed(),
+        });
+    }
+    tracing_subscriber::registry().with(layers).init();
+    guards
 }
 
 fn main() -> ExitCode {
@@ -77,13 +126,15 @@ async fn async_main(args: Args) -> ExitCode {
         }
     };
     if args.check_config {
-        println!("{}: OK, {} VM(s)", args.config.display(), config.vms.len());
-        for vm in &config.vms {
-            println!("  {}: {} -> {}", vm.name, vm.upstream.display(), vm.listen.display());
-        }
+        print_summary(&args, &config);
         return ExitCode::SUCCESS;
     }
-    let _log_guard = init_logging(&config.log_level);
+    let _log_guards = init_logging(&config);
+    // Each client is a file descriptor: allow as many as the hard limit.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => info!(max_fds = n, "file descriptor limit"),
+        Err(e) => warn!(error = %e, "cannot raise the file descriptor limit"),
+    }
     let listeners = match Listeners::bind(&config).await {
         Ok(l) => l,
         Err(e) => {
@@ -94,6 +145,7 @@ async fn async_main(args: Args) -> ExitCode {
     if let Some(vm) = config.vms.first().filter(|_| demo_vm.is_some()) {
         info!("demo VM ready: try `socat - UNIX-CONNECT:{}`", vm.listen.display());
     }
+    notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
     let shutdown = CancellationToken::new();
     let signals = match signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP]) {
         Ok(s) => s,
@@ -102,12 +154,19 @@ async fn async_main(args: Args) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let signal_task = tokio::spawn(handle_signals(signals, shutdown.clone()));
-    let result = run(config, listeners, shutdown).await;
+    let (reload_tx, reload_rx) = mpsc::channel(1);
+    let config_path = (!args.demo).then(|| args.config.clone());
+    let signal_task = tokio::spawn(handle_signals(signals, shutdown.clone(), reload_tx, config_path));
+    let watchdog_task = tokio::spawn(watchdog());
+    let result = run_with_reload(config, listeners, shutdown, reload_rx).await;
     signal_task.abort();
+    watchdog_task.abort();
     drop(demo_vm);
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => {
+            info!("stopped");
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             error!("{}", qmpmux::error::chain(&e));
             ExitCode::FAILURE
@@ -115,14 +174,76 @@ async fn async_main(args: Args) -> ExitCode {
     }
 }
 
-async fn handle_signals(mut signals: signal_hook_tokio::Signals, shutdown: CancellationToken) {
+fn print_summary(args: &Args, config: &Config) {
+    println!("{}: OK, {} VM(s)", args.config.display(), config.vms.len());
+    for vm in &config.vms {
+        println!("  {}: {} -> {}", vm.name, vm.upstream.display(), vm.listen.display());
+    }
+}
+
+/// Tells systemd (when run under `Type=notify`) how things stand.
+fn notify(state: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(false, state) {
+        warn!(error = %e, "cannot notify systemd");
+    }
+}
+
+/// Pings systemd's watchdog at half its interval, when one is configured.
+async fn watchdog() {
+    let mut usec = 0;
+    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+        return;
+    }
+    let mut tick = tokio::time::interval(Duration::from_micros(usec / 2));
+    loop {
+        tick.tick().await;
+        notify(&[NotifyState::Watchdog]);
+    }
+}
+
+async fn handle_signals(
+    mut signals: signal_hook_tokio::Signals,
+    shutdown: CancellationToken,
+    reloads: mpsc::Sender<Reload>,
+    config_path: Option<PathBuf>,
+) {
     while let Some(sig) = signals.next().await {
-        match sig {
-            SIGHUP => warn!("SIGHUP: live reload is not implemented yet; restart qmpmux to apply config changes"),
-            _ => {
-                info!(signal = sig, "stopping");
-                shutdown.cancel();
-            }
+        if sig != SIGHUP {
+            info!(signal = sig, "stopping");
+            notify(&[NotifyState::Stopping]);
+            shutdown.cancel();
+            continue;
         }
+        let Some(path) = &config_path else {
+            warn!("SIGHUP: nothing to reload in demo mode");
+            continue;
+        };
+        let mut states = vec![NotifyState::Reloading];
+        if let Ok(now) = NotifyState::monotonic_usec_now() {
+            states.push(now);
+        }
+        notify(&states);
+        reload(path, &reloads).await;
+        notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
+    }
+}
+
+async fn reload(path: &std::path::Path, reloads: &mpsc::Sender<Reload>) {
+    info!(path = %path.display(), "SIGHUP: reloading configuration");
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            error!(error = %qmpmux::error::chain(&e), "new configuration rejected; keeping the running one");
+            return;
+        }
+    };
+    let (done, answer) = oneshot::channel();
+    if reloads.send(Reload { config, done }).await.is_err() {
+        return;
+    }
+    match answer.await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => error!(error = %qmpmux::error::chain(&e), "reload failed; running VMs unchanged"),
+        Err(_) => {}
     }
 }

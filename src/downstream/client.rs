@@ -39,7 +39,10 @@ pub struct ClientContext {
     pub vm: Arc<str>,
     pub session: SessionHandle,
     pub opts: ClientOptions,
-    pub shutdown: CancellationToken,
+    /// Graceful stop: read no more requests, answer those in flight, close.
+    pub stop: CancellationToken,
+    /// Immediate stop (the grace period is over).
+    pub hard: CancellationToken,
 }
 
 enum Slot {
@@ -59,8 +62,8 @@ struct Client {
     slots: VecDeque<Slot>,
     next_seq: u64,
     outbuf: BytesMut,
-    /// A limit was exceeded: answer what was asked, then disconnect.
-    closing: bool,
+    /// Answer what was asked, then disconnect, for this reason.
+    closing: Option<End>,
 }
 
 /// Why the client's connection ended.
@@ -107,7 +110,7 @@ pub async fn run(stream: UnixStream, id: u64, ctx: ClientContext) {
 
 async fn serve(stream: UnixStream, id: u64, ctx: ClientContext) -> End {
     let Some(greeting) = wait_for_greeting(&ctx).await else {
-        return if ctx.shutdown.is_cancelled() {
+        return if ctx.stop.is_cancelled() {
             End::Shutdown
         } else {
             End::NoGreeting
@@ -140,22 +143,23 @@ async fn serve(stream: UnixStream, id: u64, ctx: ClientContext) -> End {
         slots: VecDeque::new(),
         next_seq: 0,
         outbuf: BytesMut::from(&greeting[..]),
-        closing: false,
+        closing: None,
     };
-    let shutdown = client.ctx.shutdown.clone();
+    let (stop, hard) = (client.ctx.stop.clone(), client.ctx.hard.clone());
     let outbuf_high = OUTBUF_HIGH.min(client.ctx.opts.max_queue_bytes / 2);
     let mut eof = false;
     loop {
-        if (eof || client.closing) && client.slots.is_empty() && client.outbuf.is_empty() {
-            return if client.closing { End::Limit } else { End::ClientClosed };
+        if (eof || client.closing.is_some()) && client.slots.is_empty() && client.outbuf.is_empty() {
+            return client.closing.unwrap_or(End::ClientClosed);
         }
         let can_read = !eof
-            && !client.closing
+            && client.closing.is_none()
             && client.slots.len() < client.ctx.opts.max_in_flight
             && client.outbuf.len() < outbuf_high;
         // Cancel-safe branches only: FramedRead::next, mpsc::recv, one write.
         tokio::select! {
-            () = shutdown.cancelled() => return End::Shutdown,
+            () = hard.cancelled() => return End::Shutdown,
+            () = stop.cancelled(), if client.closing.is_none() => client.closing = Some(End::Shutdown),
             frame = reader.next(), if can_read => match frame {
                 Some(Ok(frame)) => client.on_frame(frame).await,
                 Some(Err(e)) => return End::Io(e),
@@ -182,14 +186,16 @@ async fn wait_for_greeting(ctx: &ClientContext) -> Option<Bytes> {
     let wait = status.wait_for(|s| s.greeting.is_some());
     let found = tokio::select! {
         r = tokio::time::timeout(ctx.opts.greeting_wait, wait) => r.ok()?.ok()?.greeting.clone(),
-        () = ctx.shutdown.cancelled() => None,
+        () = ctx.stop.cancelled() => None,
     };
     found.map(|g| g.line(false))
 }
 
 impl Client {
     async fn on_frame(&mut self, frame: Frame) {
-        self.closing |= matches!(frame, Frame::Limit(_));
+        if matches!(frame, Frame::Limit(_)) {
+            self.closing = Some(End::Limit);
+        }
         match decide(frame, &mut self.qmp, self.offered) {
             Decision::Local(line) => self.slots.push_back(Slot::Ready(line)),
             Decision::Forward(fwd) => {

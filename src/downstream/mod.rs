@@ -2,6 +2,7 @@
 
 pub mod client;
 
+use crate::config::SocketPerms;
 use client::ClientContext;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -31,11 +32,21 @@ pub enum BindError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot set mode or owner of {path}")]
+    Perms {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
-/// Binds a unix listening socket at `path`, creating parent directories
-/// and replacing a stale socket file that nothing listens on.
-pub async fn bind(path: &Path) -> Result<UnixListener, BindError> {
+/// Binds a unix listening socket at `path` with the given permissions,
+/// creating parent directories and replacing a stale socket file that
+/// nothing listens on.
+///
+/// The socket is bound under a temporary name, given its mode and owner,
+/// then renamed into place: it is never reachable with looser permissions.
+pub async fn bind(path: &Path, perms: &SocketPerms) -> Result<UnixListener, BindError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|source| BindError::Dir {
             path: dir.to_owned(),
@@ -58,23 +69,44 @@ pub async fn bind(path: &Path) -> Result<UnixListener, BindError> {
             }
         }
     }
-    UnixListener::bind(path).map_err(|source| BindError::Bind {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp).map_err(|source| BindError::Bind {
         path: path.to_owned(),
         source,
-    })
+    })?;
+    let placed = set_perms(&tmp, perms).and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(source) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(BindError::Perms {
+            path: path.to_owned(),
+            source,
+        });
+    }
+    Ok(listener)
+}
+
+fn set_perms(path: &Path, perms: &SocketPerms) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(perms.mode))?;
+    if perms.uid.is_some() || perms.gid.is_some() {
+        std::os::unix::fs::chown(path, perms.uid, perms.gid)?;
+    }
+    Ok(())
 }
 
 /// Client ids are unique across the whole daemon, for logs.
 static NEXT_CLIENT: AtomicU64 = AtomicU64::new(1);
 
-/// Accepts clients until shutdown; each gets its own task.
-pub async fn accept_loop(listener: UnixListener, ctx: ClientContext, tracker: TaskTracker) {
-    // One permit per connected client: `max_clients` at most.
-    let slots = Arc::new(Semaphore::new(ctx.opts.max_clients));
+/// Accepts clients until `ctx.stop`; each gets its own task on `tracker`
+/// and holds one of the `slots` permits while connected.
+pub async fn accept_loop(listener: UnixListener, ctx: ClientContext, tracker: TaskTracker, slots: Arc<Semaphore>) {
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            () = ctx.shutdown.cancelled() => return,
+            () = ctx.stop.cancelled() => return,
         };
         match accepted {
             Ok((stream, _)) => {

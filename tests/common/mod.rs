@@ -125,6 +125,7 @@ impl Drop for Qemu {
 /// qmpmux running in-process on its own runtime tasks.
 pub struct Daemon {
     pub shutdown: CancellationToken,
+    reload_tx: tokio::sync::mpsc::Sender<qmpmux::Reload>,
     task: Option<JoinHandle<Result<(), qmpmux::RunError>>>,
     pub config: Config,
 }
@@ -138,6 +139,10 @@ impl Daemon {
     pub async fn start_with(vms: &[(&str, &Path, &Path)], tweak: impl FnOnce(&mut Config)) -> Daemon {
         let mut config = Config {
             log_level: "info".into(),
+            log_format: Default::default(),
+            log_file: None,
+            socket: Default::default(),
+            log_rotation: Default::default(),
             upstream: UpstreamOptions::default(),
             client: ClientOptions::default(),
             vms: vms
@@ -156,12 +161,29 @@ impl Daemon {
             .try_init();
         let listeners = qmpmux::Listeners::bind(&config).await.expect("bind listeners");
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(qmpmux::run(config.clone(), listeners, shutdown.clone()));
+        let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
+        let task = tokio::spawn(qmpmux::run_with_reload(
+            config.clone(),
+            listeners,
+            shutdown.clone(),
+            reload_rx,
+        ));
         Daemon {
             shutdown,
+            reload_tx,
             task: Some(task),
             config,
         }
+    }
+
+    /// Applies a new configuration, as SIGHUP does.
+    pub async fn reload(&self, config: Config) -> Result<qmpmux::ReloadSummary, qmpmux::RunError> {
+        let (done, answer) = tokio::sync::oneshot::channel();
+        self.reload_tx
+            .send(qmpmux::Reload { config, done })
+            .await
+            .expect("daemon running");
+        answer.await.expect("reload answered")
     }
 
     pub async fn stop(mut self) {

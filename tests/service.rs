@@ -1,0 +1,218 @@
+//! Running as a service: live reload, clean stop, socket permissions, and
+//! the binary's own signal handling and CLI.
+
+mod common;
+
+use common::fake::FakeServer;
+use common::{die_with_parent, Client, Daemon, Qemu};
+use qmpmux::config::VmConfig;
+use serde_json::json;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn vm(name: &str, up: &Path, listen: &Path) -> VmConfig {
+    VmConfig {
+        name: name.into(),
+        upstream: up.to_owned(),
+        listen: listen.to_owned(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_adds_removes_and_restarts_only_what_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let (_qa, _qb, _qc) = (
+        Qemu::start(&p("a.q")).await,
+        Qemu::start(&p("b.q")).await,
+        Qemu::start(&p("c.q")).await,
+    );
+    let daemon = Daemon::start(&[("a", &p("a.q"), &p("a.sock")), ("b", &p("b.q"), &p("b.sock"))]).await;
+    let mut a = Client::ready(&p("a.sock")).await;
+    let mut b = Client::ready(&p("b.sock")).await;
+
+    // b removed, c added, a untouched.
+    let mut config = daemon.config.clone();
+    config.vms = vec![vm("a", &p("a.q"), &p("a.sock")), vm("c", &p("c.q"), &p("c.sock"))];
+    let summary = daemon.reload(config.clone()).await.unwrap();
+    assert_eq!(summary.added, vec!["c"]);
+    assert_eq!(summary.removed, vec!["b"]);
+    assert_eq!(summary.unchanged, vec!["a"]);
+    b.expect_eof().await;
+    assert!(!p("b.sock").exists(), "removed VM's socket left behind");
+    // The same connection to a was not disturbed at all.
+    assert_eq!(a.cmd(r#"{"execute":"query-status","id":1}"#).await["id"], 1);
+    Client::ready(&p("c.sock")).await;
+
+    // a re-pointed to another QEMU (b's): a restarts, its clients reconnect.
+    config.vms[0] = vm("a", &p("b.q"), &p("a.sock"));
+    let summary = daemon.reload(config.clone()).await.unwrap();
+    assert_eq!(summary.restarted, vec!["a"]);
+    a.expect_eof().await;
+    let mut a2 = Client::ready(&p("a.sock")).await;
+    assert_eq!(a2.cmd(r#"{"execute":"query-status","id":2}"#).await["id"], 2);
+
+    // A listen path that cannot be used is refused and nothing changes.
+    let blocker = p("blocker");
+    std::fs::write(&blocker, "not a socket").unwrap();
+    let mut bad = config.clone();
+    bad.vms.push(vm("d", &p("c.q"), &blocker));
+    assert!(daemon.reload(bad).await.is_err());
+    assert_eq!(a2.cmd(r#"{"execute":"query-status","id":3}"#).await["id"], 3);
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clean_stop_answers_commands_in_flight_then_closes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (up, sock) = (dir.path().join("fake.sock"), dir.path().join("vm.sock"));
+    let fake = FakeServer::bind(&up);
+    let daemon = Daemon::start(&[("vm", &up, &sock)]).await;
+    let mut conn = fake.accept_ready().await;
+    let mut c = Client::ready(&sock).await;
+    c.send(r#"{"execute":"slow","id":"in-flight"}"#).await;
+    let req = conn.read().await.unwrap();
+    daemon.shutdown.cancel();
+    // No new clients once stopping.
+    common::eventually("the listen socket to go away", async || {
+        tokio::net::UnixStream::connect(&sock).await.is_err()
+    })
+    .await;
+    // The command in flight still gets its reply, then the connection ends.
+    conn.reply(&req, json!("done")).await;
+    assert_eq!(c.reply().await, json!({"return": "done", "id": "in-flight"}));
+    c.expect_eof().await;
+    daemon.stop().await;
+    assert!(!sock.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockets_get_the_configured_mode_and_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let (up, sock) = (dir.path().join("q.sock"), dir.path().join("deep/er/vm.sock"));
+    let gid = nix::unistd::getgid().as_raw();
+    let daemon = Daemon::start_with(&[("vm", &up, &sock)], |c| {
+        c.socket.mode = 0o600;
+        c.socket.gid = Some(gid);
+    })
+    .await;
+    let meta = std::fs::metadata(&sock).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), gid);
+    daemon.stop().await;
+    // Default: 0660.
+    let daemon = Daemon::start(&[("vm", &up, &sock)]).await;
+    assert_eq!(std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777, 0o660);
+    daemon.stop().await;
+}
+
+fn signal(pid: i32, sig: i32) {
+    // SAFETY: kill(2) on our own child process.
+    assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+}
+
+fn qmpmux() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_qmpmux"));
+    die_with_parent(&mut cmd);
+    cmd
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_reloads_on_sighup_keeps_running_on_bad_config_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let _qemu = Qemu::start(&p("q.sock")).await;
+    let config = p("qmpmux.toml");
+    let write = |vms: &[&str]| {
+        let mut text = String::new();
+        for n in vms {
+            text.push_str(&format!(
+                "[[vm]]\nname = \"{n}\"\nupstream = \"{}\"\nlisten = \"{}\"\n",
+                p("q.sock").display(),
+                p(&format!("{n}.sock")).display()
+            ));
+        }
+        std::fs::write(&config, text).unwrap();
+    };
+    write(&["one"]);
+    let mut child = qmpmux()
+        .arg("--config")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    common::eventually("qmpmux to serve", async || {
+        tokio::net::UnixStream::connect(p("one.sock")).await.is_ok()
+    })
+    .await;
+    let mut one = Client::ready(&p("one.sock")).await;
+
+    write(&["one", "two"]);
+    signal(pid, libc::SIGHUP);
+    common::eventually("the added VM to serve", async || {
+        tokio::net::UnixStream::connect(p("two.sock")).await.is_ok()
+    })
+    .await;
+
+    std::fs::write(&config, "this is = not [valid toml").unwrap();
+    signal(pid, libc::SIGHUP);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(child.try_wait().unwrap().is_none(), "a bad config must not stop qmpmux");
+    assert_eq!(one.cmd(r#"{"execute":"query-status","id":1}"#).await["id"], 1);
+
+    signal(pid, libc::SIGTERM);
+    one.expect_eof().await;
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        !p("one.sock").exists() && !p("two.sock").exists(),
+        "socket files left behind"
+    );
+}
+
+#[test]
+fn check_config_reports_ok_or_names_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        "[[vm]]\nname = \"web01\"\nupstream = \"/q.sock\"\nlisten = \"/l.sock\"\n",
+    )
+    .unwrap();
+    let out = qmpmux()
+        .arg("--check-config")
+        .arg("--config")
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("web01: /q.sock -> /l.sock"));
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[vm]]\nname = \"web01\"\nupstream = \"/q.sock\"\nlisten = \"/l.sock\"\nlsten = 1\n",
+    )
+    .unwrap();
+    let out = qmpmux()
+        .arg("--check-config")
+        .arg("--config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.toml") && err.contains("line 5") && err.contains("lsten"),
+        "{err}"
+    );
+
+    let out = qmpmux().arg("--version").output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("qmpmux "));
+}
