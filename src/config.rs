@@ -75,6 +75,8 @@ struct RawClient {
 struct RawVm {
     name: String,
     upstream: PathBuf,
+    #[serde(default)]
+    upstream_mode: UpstreamMode,
     listen: Option<PathBuf>,
 }
 
@@ -92,6 +94,18 @@ pub struct Config {
     pub upstream: UpstreamOptions,
     pub client: ClientOptions,
     pub vms: Vec<VmConfig>,
+}
+
+/// How qmpmux reaches a VM's QEMU monitor.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamMode {
+    /// Connect to QEMU's socket (`-qmp unix:PATH,server=on,wait=off`).
+    #[default]
+    Connect,
+    /// Listen at `upstream`; QEMU dials in
+    /// (`-chardev socket,id=m,path=PATH,reconnect=1 -mon chardev=m,mode=control`).
+    Accept,
 }
 
 /// Mode and ownership for listen sockets (owner/group resolved to ids).
@@ -169,6 +183,7 @@ pub struct ClientOptions {
 pub struct VmConfig {
     pub name: String,
     pub upstream: PathBuf,
+    pub upstream_mode: UpstreamMode,
     pub listen: PathBuf,
 }
 
@@ -283,9 +298,13 @@ impl RawConfig {
                     format!("{} is used by another VM", listen.display()),
                 ));
             }
+            if vm.upstream_mode == UpstreamMode::Accept && !listens.insert(vm.upstream.clone()) {
+                return Err(invalid(at("upstream"), "is also used as a listen path"));
+            }
             vms.push(VmConfig {
                 name: vm.name,
                 upstream: vm.upstream,
+                upstream_mode: vm.upstream_mode,
                 listen,
             });
         }

@@ -50,6 +50,7 @@ pub fn start(listen: Option<PathBuf>) -> Result<Demo, DemoError> {
         vms: vec![VmConfig {
             name: "demo".into(),
             upstream,
+            upstream_mode: Default::default(),
             listen,
         }],
     };

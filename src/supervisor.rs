@@ -2,7 +2,7 @@
 //! live reload (start, stop or restart only the VMs whose configuration
 //! changed) and clean stop.
 
-use crate::config::{Config, SocketPerms, VmConfig};
+use crate::config::{Config, SocketPerms, UpstreamMode, VmConfig};
 use crate::downstream::client::ClientContext;
 use crate::downstream::{accept_loop, bind, BindError};
 use crate::upstream::{self, SessionHandle};
@@ -31,9 +31,16 @@ pub enum RunError {
     },
 }
 
+/// A VM's bound sockets: for clients, and in accept mode for QEMU.
+#[derive(Debug)]
+struct VmSockets {
+    clients: UnixListener,
+    upstream: Option<UnixListener>,
+}
+
 /// Bound listening sockets, by VM name.
 #[derive(Debug, Default)]
-pub struct Listeners(HashMap<String, UnixListener>);
+pub struct Listeners(HashMap<String, VmSockets>);
 
 impl Listeners {
     /// Binds every VM's `listen` path.
@@ -46,11 +53,17 @@ impl Listeners {
     }
 }
 
-async fn bind_vm(vm: &VmConfig, perms: &SocketPerms) -> Result<UnixListener, RunError> {
-    bind(&vm.listen, perms).await.map_err(|source| RunError::Bind {
+async fn bind_vm(vm: &VmConfig, perms: &SocketPerms) -> Result<VmSockets, RunError> {
+    let err = |source| RunError::Bind {
         vm: vm.name.clone(),
         source,
-    })
+    };
+    let clients = bind(&vm.listen, perms).await.map_err(err)?;
+    let upstream = match vm.upstream_mode {
+        UpstreamMode::Connect => None,
+        UpstreamMode::Accept => Some(bind(&vm.upstream, perms).await.map_err(err)?),
+    };
+    Ok(VmSockets { clients, upstream })
 }
 
 /// What a reload did.
@@ -136,10 +149,12 @@ pub async fn run_with_reload(
 }
 
 impl Supervisor {
-    fn start_vm(&mut self, vm: VmConfig, listener: UnixListener) {
+    fn start_vm(&mut self, vm: VmConfig, sockets: VmSockets) {
         let (stop, hard) = (CancellationToken::new(), CancellationToken::new());
         let (tasks, clients) = (TaskTracker::new(), TaskTracker::new());
-        let session = upstream::spawn(vm.clone(), self.config.upstream.clone(), hard.clone(), &tasks);
+        let upstream_opts = self.config.upstream.clone();
+        let session = upstream::spawn(vm.clone(), upstream_opts, sockets.upstream, hard.clone(), &tasks);
+        let listener = sockets.clients;
         let max_clients = self.config.client.max_clients;
         let slots = Arc::new(Semaphore::new(max_clients));
         let ctx = ClientContext {
@@ -180,7 +195,7 @@ impl Supervisor {
                 Some(running) if running.config == *vm => summary.unchanged.push(vm.name.clone()),
                 Some(running) => {
                     summary.restarted.push(vm.name.clone());
-                    if running.config.listen == vm.listen {
+                    if running.config.listen == vm.listen || running.config.upstream_mode == UpstreamMode::Accept {
                         // Same path: it must be free before binding again.
                         to_stop.push(vm.name.clone());
                         to_start.push((vm.clone(), None));
@@ -241,6 +256,9 @@ async fn stop_vm(vm: Vm) {
     vm.clients.wait().await;
     vm.tasks.wait().await;
     let _ = std::fs::remove_file(&vm.config.listen);
+    if vm.config.upstream_mode == UpstreamMode::Accept {
+        let _ = std::fs::remove_file(&vm.config.upstream);
+    }
     info!(vm = %vm.config.name, "VM stopped");
 }
 

@@ -16,6 +16,7 @@ fn vm(name: &str, up: &Path, listen: &Path) -> VmConfig {
     VmConfig {
         name: name.into(),
         upstream: up.to_owned(),
+        upstream_mode: Default::default(),
         listen: listen.to_owned(),
     }
 }
@@ -215,4 +216,28 @@ fn check_config_reports_ok_or_names_the_field() {
 
     let out = qmpmux().arg("--version").output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("qmpmux "));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accept_mode_qemu_dials_in_and_comes_back_after_a_qmpmux_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (up, sock) = (dir.path().join("dial.sock"), dir.path().join("vm.sock"));
+    let accept = |c: &mut qmpmux::config::Config| c.vms[0].upstream_mode = qmpmux::config::UpstreamMode::Accept;
+    let daemon = Daemon::start_with(&[("vm", &up, &sock)], accept).await;
+    let _qemu = Qemu::start_dialing(&up).await;
+    let mut c = Client::ready(&sock).await;
+    assert!(c.cmd(r#"{"execute":"query-status","id":1}"#).await["return"].is_object());
+
+    // qmpmux restarts; QEMU dials the new one by itself.
+    daemon.stop().await;
+    c.expect_eof().await;
+    let daemon = Daemon::start_with(&[("vm", &up, &sock)], accept).await;
+    let mut c = Client::ready(&sock).await;
+    common::eventually("QEMU to dial in again", async || {
+        c.cmd(r#"{"execute":"query-status","id":2}"#).await["return"].is_object()
+    })
+    .await;
+    c.send(r#"{"execute":"stop"}"#).await;
+    c.event("STOP").await;
+    daemon.stop().await;
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::UnixStream;
+use tokio::net::{UnixListener, UnixStream};
 use tokio_util::codec::{Decoder, FramedRead};
 
 /// The id qmpmux uses for its own `qmp_capabilities`.
@@ -24,6 +24,8 @@ pub enum ConnectError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot accept QEMU's connection")]
+    Accept(#[source] std::io::Error),
     #[error("timed out after {0:?} connecting")]
     ConnectTimeout(Duration),
     #[error("no greeting and negotiation within {0:?}")]
@@ -78,6 +80,17 @@ fn upstream_limits() -> Limits {
         max_message: 256 << 20,
         max_depth: 4096,
     }
+}
+
+/// Accept mode: waits for QEMU to dial in (`-chardev socket,...,reconnect=N`),
+/// then greeting and negotiation as usual.
+pub async fn accept(listener: &UnixListener, opts: &UpstreamOptions) -> Result<Connection, ConnectError> {
+    let (stream, _) = listener.accept().await.map_err(ConnectError::Accept)?;
+    let (read, writer) = stream.into_split();
+    let reader = FramedRead::new(read, UpstreamCodec(JsonFramer::new(upstream_limits())));
+    tokio::time::timeout(opts.greeting_timeout, negotiate(reader, writer))
+        .await
+        .map_err(|_| ConnectError::GreetingTimeout(opts.greeting_timeout))?
 }
 
 pub async fn connect(path: &Path, opts: &UpstreamOptions) -> Result<Connection, ConnectError> {

@@ -2,7 +2,7 @@
 //! reconnecting with backoff for as long as qmpmux runs.
 
 use super::backoff::Backoff;
-use super::connect::{connect, Connection};
+use super::connect::{accept, connect, Connection};
 use super::mailbox::{MailboxSender, SendError};
 use super::{Runstate, SessionHandle, Status, ToClient, ToSession};
 use crate::config::{UpstreamOptions, VmConfig};
@@ -19,6 +19,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
+use tokio::net::UnixListener;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -51,10 +52,18 @@ struct Session {
     shutdown: CancellationToken,
     /// Consecutive failed connection attempts (quietens logs while QEMU is down).
     failures: u32,
+    /// Accept mode: QEMU dials in here instead of qmpmux connecting.
+    listener: Option<Arc<UnixListener>>,
 }
 
 /// Starts the session task of one VM.
-pub fn spawn(vm: VmConfig, opts: UpstreamOptions, shutdown: CancellationToken, tracker: &TaskTracker) -> SessionHandle {
+pub fn spawn(
+    vm: VmConfig,
+    opts: UpstreamOptions,
+    listener: Option<UnixListener>,
+    shutdown: CancellationToken,
+    tracker: &TaskTracker,
+) -> SessionHandle {
     let (tx, rx) = mpsc::channel(INBOX);
     let (status, status_rx) = watch::channel(Status {
         runstate: Runstate::Idle,
@@ -73,6 +82,7 @@ pub fn spawn(vm: VmConfig, opts: UpstreamOptions, shutdown: CancellationToken, t
         status,
         shutdown,
         failures: 0,
+        listener: listener.map(Arc::new),
     };
     tracker.spawn(session.run().instrument(span));
     SessionHandle { tx, status: status_rx }
@@ -82,8 +92,13 @@ impl Session {
     async fn run(mut self) {
         loop {
             self.set_state(Runstate::Connecting);
-            let (path, opts) = (self.vm.upstream.clone(), self.opts.clone());
-            let attempt = async move { connect(&path, &opts).await };
+            let (path, opts, listener) = (self.vm.upstream.clone(), self.opts.clone(), self.listener.clone());
+            let attempt = async move {
+                match &listener {
+                    Some(l) => accept(l, &opts).await,
+                    None => connect(&path, &opts).await,
+                }
+            };
             let result = tokio::select! {
                 r = attempt => r,
                 () = serve_down(&mut self.rx, &mut self.clients, &mut self.router, Runstate::Connecting) => return,
@@ -97,6 +112,8 @@ impl Session {
                     // for good: log it, fail what was outstanding, reconnect.
                     match AssertUnwindSafe(self.running(conn)).catch_unwind().await {
                         Ok(Exit::Shutdown) => return,
+                        // QEMU dials back in by itself: wait for it at once.
+                        Ok(_) if self.listener.is_some() => continue,
                         Ok(_) => {}
                         Err(_) => {
                             error!("upstream session failed (a bug in qmpmux); reconnecting");

@@ -74,8 +74,27 @@ impl Qemu {
         Qemu::start_args(socket, &args).await
     }
 
+    /// QEMU as the client: it dials `socket` (qmpmux in accept mode) and
+    /// dials again a second after losing it.
+    pub async fn start_dialing(socket: &Path) -> Qemu {
+        let chardev = format!("socket,id=mon0,path={},reconnect=1", socket.display());
+        let args = [
+            "-chardev".into(),
+            chardev,
+            "-mon".into(),
+            "chardev=mon0,mode=control".into(),
+        ];
+        Qemu::spawn(socket, &args)
+    }
+
     async fn start_args(socket: &Path, monitor: &[String]) -> Qemu {
         let _ = std::fs::remove_file(socket);
+        let q = Qemu::spawn(socket, monitor);
+        q.wait_listening().await;
+        q
+    }
+
+    fn spawn(socket: &Path, monitor: &[String]) -> Qemu {
         let mut cmd = Command::new(qemu_binary());
         cmd.args(["-M", "none", "-nodefaults", "-display", "none"])
             .args(monitor);
@@ -85,12 +104,10 @@ impl Qemu {
             .stdout(Stdio::null())
             .spawn()
             .expect("spawn qemu");
-        let q = Qemu {
+        Qemu {
             child,
             socket: socket.to_owned(),
-        };
-        q.wait_listening().await;
-        q
+        }
     }
 
     /// Waits for the socket to accept (without taking QEMU's one client slot
@@ -150,6 +167,7 @@ impl Daemon {
                 .map(|(name, up, listen)| VmConfig {
                     name: name.to_string(),
                     upstream: up.to_path_buf(),
+                    upstream_mode: Default::default(),
                     listen: listen.to_path_buf(),
                 })
                 .collect(),
