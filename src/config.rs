@@ -9,6 +9,9 @@ use std::time::Duration;
 /// Longest path a unix socket address can hold (`sun_path` less the NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
+/// Where qmpmux's own sockets go by default.
+pub const DEFAULT_DIR: &str = "/run/qmpmux";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}")]
@@ -36,6 +39,8 @@ struct RawConfig {
     log_file: Option<PathBuf>,
     log_rotation: Option<LogRotation>,
     socket_dir: Option<PathBuf>,
+    control_socket: Option<PathBuf>,
+    metrics_listen: Option<std::net::SocketAddr>,
     socket_mode: Option<String>,
     socket_owner: Option<String>,
     socket_group: Option<String>,
@@ -91,6 +96,10 @@ pub struct Config {
     pub log_rotation: LogRotation,
     /// Mode and owner of every listen socket.
     pub socket: SocketPerms,
+    /// Where `qmpmux status` reaches the daemon.
+    pub control_socket: Option<PathBuf>,
+    /// Prometheus endpoint (`GET /metrics`); off when `None`.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     pub upstream: UpstreamOptions,
     pub client: ClientOptions,
     pub vms: Vec<VmConfig>,
@@ -336,9 +345,24 @@ impl RawConfig {
                 .transpose()
                 .map_err(|r| invalid("socket_group", r))?,
         };
+        let control_socket = match self.control_socket {
+            Some(p) if p.as_os_str().is_empty() => None,
+            Some(p) => Some(p),
+            None => Some(
+                self.socket_dir
+                    .as_deref()
+                    .unwrap_or(Path::new(DEFAULT_DIR))
+                    .join("qmpmux.ctl"),
+            ),
+        };
+        if let Some(p) = &control_socket {
+            check_socket_path(p).map_err(|r| invalid("control_socket", r))?;
+        }
         Ok(Config {
             log_level,
             socket,
+            control_socket,
+            metrics_listen: self.metrics_listen,
             log_format: self.log_format.unwrap_or_default(),
             log_file: self.log_file,
             log_rotation: self.log_rotation.unwrap_or_default(),

@@ -44,6 +44,8 @@ pub fn start(listen: Option<PathBuf>) -> Result<Demo, DemoError> {
         log_format: Default::default(),
         log_file: None,
         socket: Default::default(),
+        control_socket: Some(dir.join("qmpmux.ctl")),
+        metrics_listen: None,
         log_rotation: Default::default(),
         upstream: UpstreamOptions::default(),
         client: ClientOptions::default(),

@@ -12,9 +12,11 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod downstream;
 pub mod error;
+pub mod metrics;
 pub mod qmp;
 pub mod router;
 pub mod supervisor;

@@ -35,6 +35,23 @@ struct Args {
     /// With --demo: where to listen (default: a fresh temporary directory).
     #[arg(long, requires = "demo")]
     demo_listen: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Cmd {
+    /// Show the running daemon's VMs: runstate, clients, commands in flight,
+    /// reconnects, last error.
+    Status {
+        /// The daemon's control socket (default: `control_socket` from
+        /// --config, else /run/qmpmux/qmpmux.ctl).
+        #[arg(long)]
+        control: Option<PathBuf>,
+        /// Print the raw JSON report.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Sets up logging to stdout (plain when not a terminal, as journald wants
@@ -102,7 +119,30 @@ fn main() -> ExitCode {
     runtime.block_on(async_main(args))
 }
 
+async fn status(args: &Args, control: Option<PathBuf>, json: bool) -> ExitCode {
+    let path = control
+        .or_else(|| Config::load(&args.config).ok().and_then(|c| c.control_socket))
+        .unwrap_or_else(|| PathBuf::from(qmpmux::config::DEFAULT_DIR).join("qmpmux.ctl"));
+    match qmpmux::control::query_status(&path).await {
+        Ok(report) if json => {
+            println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Ok(report) => {
+            print!("{}", qmpmux::control::render(&report));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("qmpmux: {}", qmpmux::error::chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
 async fn async_main(args: Args) -> ExitCode {
+    if let Some(Cmd::Status { control, json }) = &args.command {
+        return status(&args, control.clone(), *json).await;
+    }
     let mut demo_vm = None;
     let config = if args.demo {
         match demo::start(args.demo_listen.clone()) {

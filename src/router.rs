@@ -81,13 +81,14 @@ impl Router {
         Some((n, q.tail))
     }
 
-    /// The reply with upstream number `n` arrived: who gets it. `None` for
-    /// a reply nobody waits for any more (timed out, or unknown).
-    pub fn complete(&mut self, n: u64) -> Option<Route> {
+    /// The reply with upstream number `n` arrived: who gets it, and when
+    /// the request was submitted. `None` for a reply nobody waits for any
+    /// more (timed out, or unknown).
+    pub fn complete(&mut self, n: u64) -> Option<(Route, Instant)> {
         if self.expired.remove(&n) {
             return None;
         }
-        self.in_flight.remove(&n).map(|(r, _)| r)
+        self.in_flight.remove(&n)
     }
 
     /// Gives up on requests submitted longer than `timeout` ago.
@@ -174,9 +175,9 @@ mod tests {
         assert!(rt.next_to_send().is_none());
         assert_eq!(rt.in_flight(), 1);
         // Its late reply is swallowed, and frees the slot.
-        assert_eq!(rt.complete(n), None);
+        assert_eq!(rt.complete(n).map(|(r, _)| r), None);
         let (n2, _) = rt.next_to_send().unwrap();
-        assert_eq!(rt.complete(n2), Some(r(2, 0)));
+        assert_eq!(rt.complete(n2).map(|(r, _)| r), Some(r(2, 0)));
     }
 
     #[test]
@@ -190,8 +191,8 @@ mod tests {
         assert_eq!(&t1[..], b"t0");
         assert!(rt.next_to_send().is_none());
         assert_ne!(n1, n2);
-        assert_eq!(rt.complete(n1), Some(r(1, 0)));
-        assert_eq!(rt.complete(n1), None, "a reply is routed once");
+        assert_eq!(rt.complete(n1).map(|(r, _)| r), Some(r(1, 0)));
+        assert_eq!(rt.complete(n1).map(|(r, _)| r), None, "a reply is routed once");
         let (_, t3) = rt.next_to_send().unwrap();
         assert_eq!(&t3[..], b"t2");
         assert_eq!((rt.in_flight(), rt.queued()), (2, 1));
@@ -205,7 +206,7 @@ mod tests {
             rt.submit(r(s % 3, s), Bytes::new(), now());
             let (n, _) = rt.next_to_send().unwrap();
             assert!(seen.insert(n));
-            assert_eq!(rt.complete(n), Some(r(s % 3, s)));
+            assert_eq!(rt.complete(n).map(|(r, _)| r), Some(r(s % 3, s)));
         }
     }
 
@@ -231,9 +232,9 @@ mod tests {
         rt.submit(r(2, 0), Bytes::new(), now());
         let (n, _) = rt.next_to_send().unwrap();
         rt.forget_client(1);
-        assert_eq!(rt.complete(n), Some(r(1, 0)));
+        assert_eq!(rt.complete(n).map(|(r, _)| r), Some(r(1, 0)));
         let (n2, _) = rt.next_to_send().unwrap();
-        assert_eq!(rt.complete(n2), Some(r(2, 0)));
+        assert_eq!(rt.complete(n2).map(|(r, _)| r), Some(r(2, 0)));
         assert!(rt.next_to_send().is_none());
     }
 }

@@ -3,13 +3,15 @@
 //! changed) and clean stop.
 
 use crate::config::{Config, SocketPerms, UpstreamMode, VmConfig};
+use crate::control::{serve_control, serve_metrics, StatusReport, VmStatus};
 use crate::downstream::client::ClientContext;
 use crate::downstream::{accept_loop, bind, BindError};
+use crate::metrics::{Metrics, SharedMetrics, VmMetrics};
 use crate::upstream::{self, SessionHandle};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::UnixListener;
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -23,6 +25,12 @@ pub const STOP_GRACE: Duration = Duration::from_secs(5);
 pub enum RunError {
     #[error("VM '{0}': no listener was bound for it")]
     MissingListener(String),
+    #[error("cannot listen for metrics on {addr}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("VM '{vm}'")]
     Bind {
         vm: String,
@@ -38,16 +46,39 @@ struct VmSockets {
     upstream: Option<UnixListener>,
 }
 
-/// Bound listening sockets, by VM name.
+/// Everything the daemon listens on, bound before it runs.
 #[derive(Debug, Default)]
-pub struct Listeners(HashMap<String, VmSockets>);
+pub struct Listeners {
+    vms: HashMap<String, VmSockets>,
+    control: Option<UnixListener>,
+    metrics: Option<TcpListener>,
+}
 
 impl Listeners {
-    /// Binds every VM's `listen` path.
+    /// The metrics endpoint's address, once bound (e.g. for port 0).
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Binds every VM's `listen` path, the control socket and the metrics
+    /// endpoint.
     pub async fn bind(config: &Config) -> Result<Listeners, RunError> {
         let mut out = Listeners::default();
         for vm in &config.vms {
-            out.0.insert(vm.name.clone(), bind_vm(vm, &config.socket).await?);
+            out.vms.insert(vm.name.clone(), bind_vm(vm, &config.socket).await?);
+        }
+        if let Some(path) = &config.control_socket {
+            // Status reporting is not worth refusing to serve VMs over.
+            match bind(path, &config.socket).await {
+                Ok(l) => out.control = Some(l),
+                Err(e) => warn!(error = %crate::error::chain(&e), "no control socket: `qmpmux status` will not work"),
+            }
+        }
+        if let Some(addr) = config.metrics_listen {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|source| RunError::Metrics { addr, source })?;
+            out.metrics = Some(l);
         }
         Ok(out)
     }
@@ -85,8 +116,7 @@ pub struct Reload {
 struct Vm {
     config: VmConfig,
     session: SessionHandle,
-    slots: Arc<Semaphore>,
-    max_clients: usize,
+    metrics: VmMetrics,
     /// Graceful stop of the listener and clients.
     stop: CancellationToken,
     /// Immediate stop of everything, session included.
@@ -95,17 +125,10 @@ struct Vm {
     tasks: TaskTracker,
 }
 
-/// A snapshot of one VM for status reports.
-#[derive(Debug, Clone)]
-pub struct VmView {
-    pub config: VmConfig,
-    pub session: SessionHandle,
-    pub clients: usize,
-}
-
 struct Supervisor {
     config: Config,
     vms: HashMap<String, Vm>,
+    metrics: SharedMetrics,
 }
 
 /// Runs the daemon until `shutdown` is cancelled, then stops cleanly and
@@ -125,13 +148,22 @@ pub async fn run_with_reload(
     let mut sup = Supervisor {
         config: config.clone(),
         vms: HashMap::new(),
+        metrics: Arc::new(Metrics::new()),
     };
     for vm in &config.vms {
         let listener = listeners
-            .0
+            .vms
             .remove(&vm.name)
             .ok_or_else(|| RunError::MissingListener(vm.name.clone()))?;
         sup.start_vm(vm.clone(), listener);
+    }
+    let services = TaskTracker::new();
+    let (query_tx, mut queries) = mpsc::channel(16);
+    if let Some(l) = listeners.control.take() {
+        services.spawn(serve_control(l, query_tx, shutdown.clone()));
+    }
+    if let Some(l) = listeners.metrics.take() {
+        services.spawn(serve_metrics(l, sup.metrics.clone(), shutdown.clone()));
     }
     loop {
         tokio::select! {
@@ -140,9 +172,17 @@ pub async fn run_with_reload(
                 let result = sup.reload(reload.config).await;
                 let _ = reload.done.send(result);
             }
+            Some(query) = queries.recv() => {
+                let _ = query.send(sup.report());
+            }
         }
     }
     info!("shutting down");
+    services.close();
+    services.wait().await;
+    if let Some(path) = &config.control_socket {
+        let _ = std::fs::remove_file(path);
+    }
     let all: Vec<Vm> = sup.vms.drain().map(|(_, vm)| vm).collect();
     futures_util::future::join_all(all.into_iter().map(stop_vm)).await;
     Ok(())
@@ -153,7 +193,15 @@ impl Supervisor {
         let (stop, hard) = (CancellationToken::new(), CancellationToken::new());
         let (tasks, clients) = (TaskTracker::new(), TaskTracker::new());
         let upstream_opts = self.config.upstream.clone();
-        let session = upstream::spawn(vm.clone(), upstream_opts, sockets.upstream, hard.clone(), &tasks);
+        let metrics = self.metrics.vm(&vm.name);
+        let session = upstream::spawn(
+            vm.clone(),
+            upstream_opts,
+            sockets.upstream,
+            metrics.clone(),
+            hard.clone(),
+            &tasks,
+        );
         let listener = sockets.clients;
         let max_clients = self.config.client.max_clients;
         let slots = Arc::new(Semaphore::new(max_clients));
@@ -163,6 +211,7 @@ impl Supervisor {
             opts: self.config.client.clone(),
             stop: stop.clone(),
             hard: hard.clone(),
+            metrics: metrics.clone(),
         };
         info!(vm = %vm.name, listen = %vm.listen.display(), upstream = %vm.upstream.display(), "serving VM");
         tasks.spawn(accept_loop(listener, ctx, clients.clone(), slots.clone()));
@@ -171,8 +220,7 @@ impl Supervisor {
             Vm {
                 config: vm,
                 session,
-                slots,
-                max_clients,
+                metrics,
                 stop,
                 hard,
                 clients,
@@ -218,6 +266,9 @@ impl Supervisor {
         }
         let stopping: Vec<Vm> = to_stop.iter().filter_map(|n| self.vms.remove(n)).collect();
         futures_util::future::join_all(stopping.into_iter().map(stop_vm)).await;
+        for name in &summary.removed {
+            self.metrics.remove_vm(name);
+        }
         self.config = new;
         for (vm, listener) in to_start {
             let listener = match listener {
@@ -262,13 +313,33 @@ async fn stop_vm(vm: Vm) {
     info!(vm = %vm.config.name, "VM stopped");
 }
 
+impl Supervisor {
+    fn report(&self) -> StatusReport {
+        let mut vms: Vec<VmStatus> = self.vms.values().map(Vm::status).collect();
+        vms.sort_by(|a, b| a.name.cmp(&b.name));
+        StatusReport { vms }
+    }
+}
+
 impl Vm {
-    #[allow(dead_code)]
-    fn view(&self) -> VmView {
-        VmView {
-            config: self.config.clone(),
-            session: self.session.clone(),
-            clients: self.max_clients - self.slots.available_permits(),
+    fn status(&self) -> VmStatus {
+        let s = self.session.status.borrow();
+        let m = &self.metrics;
+        VmStatus {
+            name: self.config.name.clone(),
+            upstream: self.config.upstream.display().to_string(),
+            upstream_mode: format!("{:?}", self.config.upstream_mode).to_lowercase(),
+            listen: self.config.listen.display().to_string(),
+            runstate: s.runstate.to_string(),
+            qemu_version: s.greeting.as_ref().map(|g| g.version.clone()),
+            clients: m.clients.get(),
+            in_flight: m.in_flight.get(),
+            queued: m.queued.get(),
+            connections: m.connections.get(),
+            commands: m.commands.get(),
+            errors: m.errors.get(),
+            events: m.events.get(),
+            last_error: s.last_error.clone(),
         }
     }
 }

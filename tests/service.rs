@@ -241,3 +241,75 @@ async fn accept_mode_qemu_dials_in_and_comes_back_after_a_qmpmux_restart() {
     c.event("STOP").await;
     daemon.stop().await;
 }
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_metrics_report_what_happened() {
+    let dir = tempfile::tempdir().unwrap();
+    let (up, sock, ctl) = (
+        dir.path().join("q.sock"),
+        dir.path().join("vm.sock"),
+        dir.path().join("ctl"),
+    );
+    let _qemu = Qemu::start(&up).await;
+    let daemon = Daemon::start_with(&[("web01", &up, &sock)], |c| {
+        c.control_socket = Some(ctl.clone());
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let mut c = Client::ready(&sock).await;
+    for i in 0..5 {
+        assert_eq!(
+            c.cmd(&format!(r#"{{"execute":"query-status","id":{i}}}"#)).await["id"],
+            i
+        );
+    }
+    assert!(c.cmd(r#"{"execute":"no-such-command"}"#).await["error"].is_object());
+    c.send(r#"{"execute":"stop"}"#).await;
+    c.event("STOP").await;
+
+    let report = qmpmux::control::query_status(&ctl).await.unwrap();
+    let vm = &report.vms[0];
+    assert_eq!((vm.name.as_str(), vm.runstate.as_str()), ("web01", "running"));
+    assert_eq!((vm.clients, vm.in_flight, vm.connections), (1, 0, 1));
+    assert_eq!((vm.commands, vm.errors, vm.events), (7, 1, 1));
+    assert!(vm.qemu_version.as_deref().unwrap().contains("\"qemu\""));
+
+    // The CLI prints the same, as a table.
+    let out = qmpmux().args(["status", "--control"]).arg(&ctl).output().unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}");
+    assert!(
+        table.lines().nth(1).unwrap().split_whitespace().collect::<Vec<_>>()[..3] == ["web01", "running", "1"],
+        "{table}"
+    );
+
+    let body = http_get(daemon.metrics_addr.unwrap(), "/metrics").await;
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    for want in [
+        "qmpmux_commands_total{vm=\"web01\"} 7",
+        "qmpmux_errors_total{vm=\"web01\"} 1",
+        "qmpmux_events_total{vm=\"web01\"} 1",
+        "qmpmux_clients{vm=\"web01\"} 1",
+        "qmpmux_upstream_connections_total{vm=\"web01\"} 1",
+        "qmpmux_runstate{vm=\"web01\",state=\"running\"} 1",
+        "qmpmux_runstate{vm=\"web01\",state=\"idle\"} 0",
+        "qmpmux_command_latency_seconds_count{vm=\"web01\"} 7",
+        "qmpmux_queue_depth{vm=\"web01\"} 0",
+    ] {
+        assert!(body.contains(want), "missing {want:?} in\n{body}");
+    }
+    drop(c);
+    daemon.stop().await;
+    assert!(!ctl.exists(), "control socket left behind");
+}

@@ -43,6 +43,7 @@ pub struct ClientContext {
     pub stop: CancellationToken,
     /// Immediate stop (the grace period is over).
     pub hard: CancellationToken,
+    pub metrics: crate::metrics::VmMetrics,
 }
 
 enum Slot {

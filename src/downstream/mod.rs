@@ -121,9 +121,12 @@ pub async fn accept_loop(listener: UnixListener, ctx: ClientContext, tracker: Ta
                 let id = NEXT_CLIENT.fetch_add(1, Ordering::Relaxed);
                 let span = tracing::info_span!("client", id);
                 let client = client::run(stream, id, ctx.clone());
+                let gauge = ctx.metrics.clients.clone();
+                gauge.inc();
                 tracker.spawn(
                     async move {
                         client.await;
+                        gauge.dec();
                         drop(permit);
                     }
                     .instrument(span),

@@ -7,6 +7,7 @@ use super::mailbox::{MailboxSender, SendError};
 use super::{Runstate, SessionHandle, Status, ToClient, ToSession};
 use crate::config::{UpstreamOptions, VmConfig};
 use crate::error::FailKind;
+use crate::metrics::VmMetrics;
 use crate::qmp::framing::Frame;
 use crate::qmp::incoming::{classify, Incoming};
 use crate::router::{Route, Router};
@@ -54,6 +55,7 @@ struct Session {
     failures: u32,
     /// Accept mode: QEMU dials in here instead of qmpmux connecting.
     listener: Option<Arc<UnixListener>>,
+    metrics: VmMetrics,
 }
 
 /// Starts the session task of one VM.
@@ -61,6 +63,7 @@ pub fn spawn(
     vm: VmConfig,
     opts: UpstreamOptions,
     listener: Option<UnixListener>,
+    metrics: VmMetrics,
     shutdown: CancellationToken,
     tracker: &TaskTracker,
 ) -> SessionHandle {
@@ -83,6 +86,7 @@ pub fn spawn(
         shutdown,
         failures: 0,
         listener: listener.map(Arc::new),
+        metrics,
     };
     tracker.spawn(session.run().instrument(span));
     SessionHandle { tx, status: status_rx }
@@ -155,6 +159,7 @@ impl Session {
             info!(%from, %to, "runstate");
         }
         self.status.send_modify(|s| s.runstate = to);
+        self.metrics.set_runstate(to);
     }
 
     async fn running(&mut self, conn: Connection) -> Exit {
@@ -164,6 +169,7 @@ impl Session {
             greeting,
         } = conn;
         info!(version = %greeting.version, oob = greeting.oob, "connected to QEMU monitor");
+        self.metrics.connections.inc();
         self.status.send_modify(|s| {
             s.greeting = Some(Arc::new(greeting));
             s.connections += 1;
@@ -232,6 +238,8 @@ impl Session {
             let _ = write!(wbuf, "{n}");
             wbuf.put_slice(&tail);
         }
+        self.metrics.in_flight.set(self.router.in_flight() as i64);
+        self.metrics.queued.set(self.router.queued() as i64);
     }
 
     fn on_client(&mut self, msg: ToSession) {
@@ -244,6 +252,7 @@ impl Session {
                 self.router.forget_client(client);
             }
             ToSession::Execute { client, seq, tail } => {
+                self.metrics.commands.inc();
                 self.router
                     .submit(Route { client, seq }, tail, std::time::Instant::now())
             }
@@ -260,10 +269,15 @@ impl Session {
                 let mut line = BytesMut::with_capacity(bytes.len() + 2);
                 line.put_slice(&bytes);
                 line.put_slice(b"\r\n");
+                self.metrics.events.inc();
                 self.broadcast(line.freeze());
             }
             Ok(Incoming::Reply(reply)) => match self.router.complete(reply.n) {
-                Some(route) => {
+                Some((route, since)) => {
+                    self.metrics.observe_latency(since.elapsed().as_secs_f64());
+                    if reply.is_error() {
+                        self.metrics.errors.inc();
+                    }
                     let line = reply.client_line();
                     self.deliver(route.client, ToClient::Reply { seq: route.seq, line });
                 }
@@ -292,6 +306,9 @@ impl Session {
     }
 
     fn deliver(&mut self, client: u64, msg: ToClient) {
+        if matches!(msg, ToClient::Failed { .. }) {
+            self.metrics.errors.inc();
+        }
         let Some(mailbox) = self.clients.get(&client) else {
             return;
         };

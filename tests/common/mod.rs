@@ -142,6 +142,7 @@ impl Drop for Qemu {
 /// qmpmux running in-process on its own runtime tasks.
 pub struct Daemon {
     pub shutdown: CancellationToken,
+    pub metrics_addr: Option<std::net::SocketAddr>,
     reload_tx: tokio::sync::mpsc::Sender<qmpmux::Reload>,
     task: Option<JoinHandle<Result<(), qmpmux::RunError>>>,
     pub config: Config,
@@ -159,6 +160,8 @@ impl Daemon {
             log_format: Default::default(),
             log_file: None,
             socket: Default::default(),
+            control_socket: None,
+            metrics_listen: None,
             log_rotation: Default::default(),
             upstream: UpstreamOptions::default(),
             client: ClientOptions::default(),
@@ -178,6 +181,7 @@ impl Daemon {
             .with_test_writer()
             .try_init();
         let listeners = qmpmux::Listeners::bind(&config).await.expect("bind listeners");
+        let metrics_addr = listeners.metrics_addr();
         let shutdown = CancellationToken::new();
         let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
         let task = tokio::spawn(qmpmux::run_with_reload(
@@ -188,6 +192,7 @@ impl Daemon {
         ));
         Daemon {
             shutdown,
+            metrics_addr,
             reload_tx,
             task: Some(task),
             config,
