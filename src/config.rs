@@ -1,6 +1,7 @@
 //! The TOML configuration: parsed as [`RawConfig`], validated into [`Config`]
 //! (no `Option`s left where a value is needed at run time).
 
+use crate::policy::{Glob, Policy};
 use serde::Deserialize;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -83,6 +84,24 @@ struct RawVm {
     #[serde(default)]
     upstream_mode: UpstreamMode,
     listen: Option<PathBuf>,
+    #[serde(default, rename = "listener")]
+    listeners: Vec<RawListener>,
+}
+
+/// An extra listen socket with its own policy.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    name: Option<String>,
+    path: PathBuf,
+    #[serde(default)]
+    allow: Vec<String>,
+    #[serde(default)]
+    deny: Vec<String>,
+    #[serde(default)]
+    uids: Vec<u32>,
+    #[serde(default)]
+    gids: Vec<u32>,
 }
 
 /// Validated configuration.
@@ -193,7 +212,28 @@ pub struct VmConfig {
     pub name: String,
     pub upstream: PathBuf,
     pub upstream_mode: UpstreamMode,
+    /// The main, full-control socket.
     pub listen: PathBuf,
+    /// Further sockets, each with its own policy.
+    pub listeners: Vec<ListenerConfig>,
+}
+
+/// A listen socket with a command policy and optional peer restrictions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub path: PathBuf,
+    pub policy: Policy,
+    /// When either list is non-empty, only peers whose uid is in `uids` or
+    /// whose gid is in `gids` are served.
+    pub uids: Vec<u32>,
+    pub gids: Vec<u32>,
+}
+
+impl ListenerConfig {
+    pub fn admits(&self, uid: u32, gid: u32) -> bool {
+        (self.uids.is_empty() && self.gids.is_empty()) || self.uids.contains(&uid) || self.gids.contains(&gid)
+    }
 }
 
 impl Default for UpstreamOptions {
@@ -310,11 +350,37 @@ impl RawConfig {
             if vm.upstream_mode == UpstreamMode::Accept && !listens.insert(vm.upstream.clone()) {
                 return Err(invalid(at("upstream"), "is also used as a listen path"));
             }
+            let mut listeners = Vec::new();
+            for (j, l) in vm.listeners.into_iter().enumerate() {
+                let at = |f: &str| format!("vm[{i}].listener[{j}].{f}");
+                check_socket_path(&l.path).map_err(|r| invalid(at("path"), r))?;
+                if !listens.insert(l.path.clone()) || l.path == vm.upstream {
+                    return Err(invalid(at("path"), format!("{} is used elsewhere", l.path.display())));
+                }
+                let stem = l.path.file_stem().map(|s| s.to_string_lossy().into_owned());
+                let name = l.name.or(stem).unwrap_or_else(|| format!("listener{j}"));
+                for p in l.allow.iter().chain(&l.deny) {
+                    if p.is_empty() {
+                        return Err(invalid(at("allow"), "patterns must not be empty"));
+                    }
+                }
+                listeners.push(ListenerConfig {
+                    name,
+                    path: l.path,
+                    policy: Policy {
+                        allow: l.allow.into_iter().map(Glob::new).collect(),
+                        deny: l.deny.into_iter().map(Glob::new).collect(),
+                    },
+                    uids: l.uids,
+                    gids: l.gids,
+                });
+            }
             vms.push(VmConfig {
                 name: vm.name,
                 upstream: vm.upstream,
                 upstream_mode: vm.upstream_mode,
                 listen,
+                listeners,
             });
         }
         let log_level = self.log_level.unwrap_or_else(|| "info".into());

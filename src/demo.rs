@@ -53,6 +53,7 @@ pub fn start(listen: Option<PathBuf>) -> Result<Demo, DemoError> {
             name: "demo".into(),
             upstream,
             upstream_mode: Default::default(),
+            listeners: Vec::new(),
             listen,
         }],
     };

@@ -17,6 +17,7 @@ pub mod demo;
 pub mod downstream;
 pub mod error;
 pub mod metrics;
+pub mod policy;
 pub mod qmp;
 pub mod router;
 pub mod supervisor;

@@ -2,11 +2,12 @@
 //! live reload (start, stop or restart only the VMs whose configuration
 //! changed) and clean stop.
 
-use crate::config::{Config, SocketPerms, UpstreamMode, VmConfig};
+use crate::config::{Config, ListenerConfig, SocketPerms, UpstreamMode, VmConfig};
 use crate::control::{serve_control, serve_metrics, StatusReport, VmStatus};
 use crate::downstream::client::ClientContext;
 use crate::downstream::{accept_loop, bind, BindError};
 use crate::metrics::{Metrics, SharedMetrics, VmMetrics};
+use crate::policy::Policy;
 use crate::upstream::{self, SessionHandle};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -43,6 +44,8 @@ pub enum RunError {
 #[derive(Debug)]
 struct VmSockets {
     clients: UnixListener,
+    /// One per `[[vm.listener]]`, in order.
+    extra: Vec<UnixListener>,
     upstream: Option<UnixListener>,
 }
 
@@ -90,11 +93,19 @@ async fn bind_vm(vm: &VmConfig, perms: &SocketPerms) -> Result<VmSockets, RunErr
         source,
     };
     let clients = bind(&vm.listen, perms).await.map_err(err)?;
+    let mut extra = Vec::new();
+    for l in &vm.listeners {
+        extra.push(bind(&l.path, perms).await.map_err(err)?);
+    }
     let upstream = match vm.upstream_mode {
         UpstreamMode::Connect => None,
         UpstreamMode::Accept => Some(bind(&vm.upstream, perms).await.map_err(err)?),
     };
-    Ok(VmSockets { clients, upstream })
+    Ok(VmSockets {
+        clients,
+        extra,
+        upstream,
+    })
 }
 
 /// What a reload did.
@@ -212,8 +223,23 @@ impl Supervisor {
             stop: stop.clone(),
             hard: hard.clone(),
             metrics: metrics.clone(),
+            listener: Arc::new(ListenerConfig {
+                name: "main".into(),
+                path: vm.listen.clone(),
+                policy: Policy::default(),
+                uids: Vec::new(),
+                gids: Vec::new(),
+            }),
         };
         info!(vm = %vm.name, listen = %vm.listen.display(), upstream = %vm.upstream.display(), "serving VM");
+        for (l, sock) in vm.listeners.iter().zip(sockets.extra) {
+            info!(vm = %vm.name, listener = %l.name, path = %l.path.display(), policy = %l.policy.describe(), "extra listener");
+            let ctx = ClientContext {
+                listener: Arc::new(l.clone()),
+                ..ctx.clone()
+            };
+            tasks.spawn(accept_loop(sock, ctx, clients.clone(), slots.clone()));
+        }
         tasks.spawn(accept_loop(listener, ctx, clients.clone(), slots.clone()));
         self.vms.insert(
             vm.name.clone(),
@@ -243,7 +269,7 @@ impl Supervisor {
                 Some(running) if running.config == *vm => summary.unchanged.push(vm.name.clone()),
                 Some(running) => {
                     summary.restarted.push(vm.name.clone());
-                    if running.config.listen == vm.listen || running.config.upstream_mode == UpstreamMode::Accept {
+                    if shares_a_path(&running.config, vm) {
                         // Same path: it must be free before binding again.
                         to_stop.push(vm.name.clone());
                         to_start.push((vm.clone(), None));
@@ -294,6 +320,23 @@ impl Supervisor {
     }
 }
 
+/// The socket paths a VM binds.
+fn bound_paths(vm: &VmConfig) -> Vec<&std::path::Path> {
+    let mut paths = vec![vm.listen.as_path()];
+    paths.extend(vm.listeners.iter().map(|l| l.path.as_path()));
+    if vm.upstream_mode == UpstreamMode::Accept {
+        paths.push(vm.upstream.as_path());
+    }
+    paths
+}
+
+/// Whether the new configuration of a VM binds a path the old one holds (it
+/// must then stop before the new one binds).
+fn shares_a_path(old: &VmConfig, new: &VmConfig) -> bool {
+    let old = bound_paths(old);
+    bound_paths(new).iter().any(|p| old.contains(p))
+}
+
 /// Stops one VM: no new clients (socket removed at once), replies to what is
 /// in flight for up to [`STOP_GRACE`], then everything.
 async fn stop_vm(vm: Vm) {
@@ -306,9 +349,8 @@ async fn stop_vm(vm: Vm) {
     vm.tasks.close();
     vm.clients.wait().await;
     vm.tasks.wait().await;
-    let _ = std::fs::remove_file(&vm.config.listen);
-    if vm.config.upstream_mode == UpstreamMode::Accept {
-        let _ = std::fs::remove_file(&vm.config.upstream);
+    for path in bound_paths(&vm.config) {
+        let _ = std::fs::remove_file(path);
     }
     info!(vm = %vm.config.name, "VM stopped");
 }

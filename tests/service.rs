@@ -17,6 +17,7 @@ fn vm(name: &str, up: &Path, listen: &Path) -> VmConfig {
         name: name.into(),
         upstream: up.to_owned(),
         upstream_mode: Default::default(),
+        listeners: Vec::new(),
         listen: listen.to_owned(),
     }
 }

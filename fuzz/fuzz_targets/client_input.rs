@@ -6,6 +6,7 @@
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use qmpmux::qmp::framing::{JsonFramer, Limits};
+use qmpmux::policy::{Glob, Policy};
 use qmpmux::qmp::request::{decide, Caps, Decision, Session};
 use tokio_util::codec::Decoder;
 
@@ -16,14 +17,22 @@ fuzz_target!(|data: &[u8]| {
     let chunk = usize::from(chunk).max(1);
     let mut framer = JsonFramer::new(Limits { max_message: MAX, max_depth: 64 });
     let mut session = Session::default();
+    // A restricted policy, so that refusals are exercised too.
+    let policy = Policy {
+        allow: vec![Glob::new("query-*"), Glob::new("transaction")],
+        deny: vec![Glob::new("quit")],
+    };
     let mut buf = BytesMut::new();
     for piece in data.chunks(chunk) {
         buf.extend_from_slice(piece);
         while let Some(frame) = framer.decode(&mut buf).expect("decode never fails") {
-            match decide(frame, &mut session, Caps::default()) {
+            match decide(frame, &mut session, Caps::default(), &policy) {
                 Decision::Local(line) => {
                     assert!(line.ends_with(b"\r\n"));
                     serde_json::from_slice::<serde_json::Value>(&line).expect("local replies are JSON");
+                }
+                Decision::Denied { line, .. } => {
+                    serde_json::from_slice::<serde_json::Value>(&line).expect("refusals are JSON");
                 }
                 Decision::Forward(fwd) => {
                     let mut msg = b"{\"id\": [1".to_vec();

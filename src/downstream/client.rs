@@ -7,7 +7,7 @@
 //! FIFO only from the front, so every client sees its replies in request
 //! order whatever answered them. Events go out as they come.
 
-use crate::config::ClientOptions;
+use crate::config::{ClientOptions, ListenerConfig};
 use crate::error::FailKind;
 use crate::qmp::framing::{Frame, JsonFramer, Limits};
 use crate::qmp::json::qemu_style;
@@ -20,6 +20,7 @@ use serde_json::value::RawValue;
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::time::Instant;
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 use tokio_util::codec::FramedRead;
@@ -44,6 +45,8 @@ pub struct ClientContext {
     /// Immediate stop (the grace period is over).
     pub hard: CancellationToken,
     pub metrics: crate::metrics::VmMetrics,
+    /// The socket this client came in on, and its policy.
+    pub listener: Arc<ListenerConfig>,
 }
 
 enum Slot {
@@ -51,12 +54,23 @@ enum Slot {
     Waiting {
         seq: u64,
         id: Option<Box<RawValue>>,
+        /// Command name and start, for the audit log.
+        audit: Option<(String, Instant)>,
     },
     Ready(Bytes),
 }
 
+/// Who is on the other end, from SO_PEERCRED.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    pub pid: i32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
 struct Client {
     id: u64,
+    peer: Peer,
     ctx: ClientContext,
     qmp: Session,
     offered: Caps,
@@ -82,13 +96,9 @@ enum End {
     Panic,
 }
 
-pub async fn run(stream: UnixStream, id: u64, ctx: ClientContext) {
-    let (pid, uid) = match stream.peer_cred() {
-        Ok(c) => (c.pid().unwrap_or(0), c.uid()),
-        Err(_) => (0, u32::MAX),
-    };
-    info!(client = id, pid, uid, "client connected");
-    let end = AssertUnwindSafe(serve(stream, id, ctx.clone()))
+pub async fn run(stream: UnixStream, id: u64, peer: Peer, ctx: ClientContext) {
+    info!(client = id, listener = %ctx.listener.name, pid = peer.pid, uid = peer.uid, gid = peer.gid, "client connected");
+    let end = AssertUnwindSafe(serve(stream, id, peer, ctx.clone()))
         .catch_unwind()
         .await
         .unwrap_or(End::Panic);
@@ -109,7 +119,7 @@ pub async fn run(stream: UnixStream, id: u64, ctx: ClientContext) {
     }
 }
 
-async fn serve(stream: UnixStream, id: u64, ctx: ClientContext) -> End {
+async fn serve(stream: UnixStream, id: u64, peer: Peer, ctx: ClientContext) -> End {
     let Some(greeting) = wait_for_greeting(&ctx).await else {
         return if ctx.stop.is_cancelled() {
             End::Shutdown
@@ -138,6 +148,7 @@ async fn serve(stream: UnixStream, id: u64, ctx: ClientContext) -> End {
     }
     let mut client = Client {
         id,
+        peer,
         offered: Caps::default(),
         ctx,
         qmp: Session::default(),
@@ -197,13 +208,19 @@ impl Client {
         if matches!(frame, Frame::Limit(_)) {
             self.closing = Some(End::Limit);
         }
-        match decide(frame, &mut self.qmp, self.offered) {
+        match decide(frame, &mut self.qmp, self.offered, &self.ctx.listener.policy) {
             Decision::Local(line) => self.slots.push_back(Slot::Ready(line)),
+            Decision::Denied { line, command } => {
+                self.audit(&command, "denied by policy", Instant::now());
+                self.slots.push_back(Slot::Ready(line));
+            }
             Decision::Forward(fwd) => {
                 let seq = self.next_seq;
                 self.next_seq += 1;
                 debug!(client = self.id, command = %fwd.command, "forward");
-                self.slots.push_back(Slot::Waiting { seq, id: fwd.id });
+                // Queries change nothing: the audit log is for the rest.
+                let audit = (!fwd.command.starts_with("query-")).then(|| (fwd.command, Instant::now()));
+                self.slots.push_back(Slot::Waiting { seq, id: fwd.id, audit });
                 let msg = ToSession::Execute {
                     client: self.id,
                     seq,
@@ -211,7 +228,7 @@ impl Client {
                 };
                 if self.ctx.session.tx.send(msg).await.is_err() {
                     let vm = self.ctx.vm.clone();
-                    self.fill(seq, |id| failure_line(&vm, id, FailKind::NotSent));
+                    self.fill(seq, "qmpmux error", |id| failure_line(&vm, id, FailKind::NotSent));
                 }
             }
         }
@@ -220,10 +237,10 @@ impl Client {
 
     fn on_session(&mut self, msg: ToClient) {
         match msg {
-            ToClient::Reply { seq, line } => self.fill(seq, |_| line),
+            ToClient::Reply { seq, line, error } => self.fill(seq, if error { "error" } else { "ok" }, |_| line),
             ToClient::Failed { seq, kind } => {
                 let vm = self.ctx.vm.clone();
-                self.fill(seq, |id| failure_line(&vm, id, kind))
+                self.fill(seq, "qmpmux error", |id| failure_line(&vm, id, kind))
             }
             ToClient::Event(line) => {
                 if self.qmp.negotiated {
@@ -236,18 +253,39 @@ impl Client {
 
     /// Fills the waiting slot `seq` with the line `make` builds from the
     /// request's id.
-    fn fill(&mut self, seq: u64, make: impl FnOnce(Option<&RawValue>) -> Bytes) {
-        let slot = self
+    fn fill(&mut self, seq: u64, outcome: &str, make: impl FnOnce(Option<&RawValue>) -> Bytes) {
+        let Some(slot) = self
             .slots
             .iter_mut()
-            .find(|s| matches!(s, Slot::Waiting { seq: s2, .. } if *s2 == seq));
-        if let Some(slot) = slot {
-            let line = match slot {
-                Slot::Waiting { id, .. } => make(id.as_deref()),
-                Slot::Ready(_) => return,
-            };
-            *slot = Slot::Ready(line);
+            .find(|s| matches!(s, Slot::Waiting { seq: s2, .. } if *s2 == seq))
+        else {
+            return;
+        };
+        let Slot::Waiting { id, audit, .. } = std::mem::replace(slot, Slot::Ready(Bytes::new())) else {
+            return;
+        };
+        *slot = Slot::Ready(make(id.as_deref()));
+        if let Some((command, start)) = audit {
+            self.audit(&command, outcome, start);
         }
+    }
+
+    /// One line on the `qmpmux::audit` target: who did what, with what
+    /// outcome, how long it took.
+    fn audit(&self, command: &str, outcome: &str, start: Instant) {
+        info!(
+            target: "qmpmux::audit",
+            vm = %self.ctx.vm,
+            listener = %self.ctx.listener.name,
+            client = self.id,
+            pid = self.peer.pid,
+            uid = self.peer.uid,
+            gid = self.peer.gid,
+            command,
+            outcome,
+            duration_ms = start.elapsed().as_secs_f64() * 1000.0,
+            "command"
+        );
     }
 
     /// Moves answered requests at the front of the FIFO to the output.

@@ -3,7 +3,7 @@
 pub mod client;
 
 use crate::config::SocketPerms;
-use client::ClientContext;
+use client::{ClientContext, Peer};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -118,9 +118,25 @@ pub async fn accept_loop(listener: UnixListener, ctx: ClientContext, tracker: Ta
                     drop(stream);
                     continue;
                 };
+                let peer = match stream.peer_cred() {
+                    Ok(c) => Peer {
+                        pid: c.pid().unwrap_or(0),
+                        uid: c.uid(),
+                        gid: c.gid(),
+                    },
+                    Err(e) => {
+                        warn!(error = %e, "cannot identify a client (SO_PEERCRED); refusing it");
+                        continue;
+                    }
+                };
+                if !ctx.listener.admits(peer.uid, peer.gid) {
+                    warn!(listener = %ctx.listener.name, pid = peer.pid, uid = peer.uid, gid = peer.gid,
+                        "client refused: its uid/gid is not allowed on this listener");
+                    continue;
+                }
                 let id = NEXT_CLIENT.fetch_add(1, Ordering::Relaxed);
                 let span = tracing::info_span!("client", id);
-                let client = client::run(stream, id, ctx.clone());
+                let client = client::run(stream, id, peer, ctx.clone());
                 let gauge = ctx.metrics.clients.clone();
                 gauge.inc();
                 tracker.spawn(

@@ -7,6 +7,7 @@
 
 use super::framing::Frame;
 use super::json::{members_checked, qdict_order, qemu_style, write_str, Members};
+use crate::policy::Policy;
 use bytes::Bytes;
 use serde_json::value::RawValue;
 
@@ -30,6 +31,8 @@ pub enum Decision {
     Local(Bytes),
     /// Forward upstream; the reply comes back by upstream id.
     Forward(Forward),
+    /// Refused by the listener's policy: answer with this line.
+    Denied { line: Bytes, command: String },
 }
 
 /// A request to forward. The upstream message is `{"id": [N` + `tail`, where
@@ -156,7 +159,7 @@ fn capabilities_args(m: &Members<'_>) -> Result<Caps, Reject> {
 
 /// Decides what one frame means for a client in state `session`, whose
 /// greeting offered `offered`. Updates `session` on successful negotiation.
-pub fn decide(frame: Frame, session: &mut Session, offered: Caps) -> Decision {
+pub fn decide(frame: Frame, session: &mut Session, offered: Caps, policy: &Policy) -> Decision {
     let bytes = match frame {
         Frame::Error(desc) | Frame::Limit(desc) => return Decision::Local(error_line(None, "GenericError", &desc)),
         Frame::Message(bytes) => bytes,
@@ -196,6 +199,17 @@ pub fn decide(frame: Frame, session: &mut Session, offered: Caps) -> Decision {
             "Expecting capabilities negotiation with 'qmp_capabilities'",
         ));
     }
+    if let Err(name) = policy.check(&command, members.get("arguments")) {
+        let desc = format!(
+            "qmpmux: command '{name}' is not allowed on this socket (policy: {})",
+            policy.describe()
+        );
+        let id = id.map(qemu_style);
+        return Decision::Denied {
+            line: error_line(id.as_deref(), "GenericError", &desc),
+            command,
+        };
+    }
     Decision::Forward(Forward {
         tail: forward_tail(&members),
         id: id.map(|v| v.to_owned()),
@@ -227,9 +241,15 @@ mod tests {
     use super::*;
 
     fn run(s: &mut Session, offered: Caps, input: &str) -> String {
-        match decide(Frame::Message(Bytes::copy_from_slice(input.as_bytes())), s, offered) {
+        match decide(
+            Frame::Message(Bytes::copy_from_slice(input.as_bytes())),
+            s,
+            offered,
+            &Policy::default(),
+        ) {
             Decision::Local(b) => String::from_utf8(b.to_vec()).unwrap(),
             Decision::Forward(f) => format!("FORWARD {{\"id\": [N{}", String::from_utf8(f.tail.to_vec()).unwrap()),
+            Decision::Denied { line, .. } => format!("DENIED {}", String::from_utf8(line.to_vec()).unwrap()),
         }
     }
 
@@ -308,6 +328,7 @@ mod tests {
             Frame::Error("JSON parse error, stray '@'".into()),
             &mut s,
             Caps::default(),
+            &Policy::default(),
         );
         match out {
             Decision::Local(b) => assert_eq!(

@@ -71,9 +71,11 @@ pub enum ToSession {
 /// From the session to one client, in upstream order.
 #[derive(Debug)]
 pub enum ToClient {
+    /// QEMU's reply (`error`: it is an error reply).
     Reply {
         seq: u64,
         line: Bytes,
+        error: bool,
     },
     Failed {
         seq: u64,

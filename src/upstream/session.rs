@@ -278,8 +278,15 @@ impl Session {
                     if reply.is_error() {
                         self.metrics.errors.inc();
                     }
-                    let line = reply.client_line();
-                    self.deliver(route.client, ToClient::Reply { seq: route.seq, line });
+                    let (line, error) = (reply.client_line(), reply.is_error());
+                    self.deliver(
+                        route.client,
+                        ToClient::Reply {
+                            seq: route.seq,
+                            line,
+                            error,
+                        },
+                    );
                 }
                 None => warn!(n = reply.n, "reply to no pending request; dropped"),
             },

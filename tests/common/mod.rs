@@ -171,6 +171,7 @@ impl Daemon {
                     name: name.to_string(),
                     upstream: up.to_path_buf(),
                     upstream_mode: Default::default(),
+                    listeners: Vec::new(),
                     listen: listen.to_path_buf(),
                 })
                 .collect(),
