@@ -583,6 +583,9 @@ async fn nesting_limit_id_at_the_limit() {
     assert_mismatches("nesting_limit_id_at_the_limit", mismatches);
 }
 
+// Not covered: QEMU's 64 MiB per-message limit. QEMU 7.2 lexes so slowly
+// that a 64 MiB message did not finish within 30 minutes.
+
 /// QEMU allows 2 Mi tokens per message; an id just under that limit is
 /// accepted by QEMU. Ignored by default: QEMU itself needs about 14 s to
 /// lex a message that size. Run with `--ignored`.
