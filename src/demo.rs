@@ -27,7 +27,9 @@ impl Drop for Demo {
     }
 }
 
-pub fn start(listen: Option<PathBuf>) -> Result<Demo, DemoError> {
+/// Starts QEMU and returns once its monitor socket exists (so qmpmux's
+/// first connection attempt finds it).
+pub async fn start(listen: Option<PathBuf>) -> Result<Demo, DemoError> {
     let dir = std::env::temp_dir().join(format!("qmpmux-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| DemoError::Dir(dir.clone(), e))?;
     let upstream = dir.join("qemu-qmp.sock");
@@ -38,6 +40,12 @@ pub fn start(listen: Option<PathBuf>) -> Result<Demo, DemoError> {
         .kill_on_drop(true)
         .spawn()
         .map_err(DemoError::Qemu)?;
+    for _ in 0..500 {
+        if upstream.exists() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     let listen = listen.unwrap_or_else(|| dir.join("demo.sock"));
     let config = Config {
         log_level: "info".into(),

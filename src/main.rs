@@ -24,10 +24,10 @@ use tracing_subscriber::{EnvFilter, Layer};
 #[command(version, about)]
 struct Args {
     /// Configuration file.
-    #[arg(short, long, default_value = "/etc/qmpmux/qmpmux.toml")]
+    #[arg(short, long, global = true, default_value = "/etc/qmpmux/qmpmux.toml")]
     config: PathBuf,
     /// Validate the configuration, print a summary and exit.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "demo")]
     check_config: bool,
     /// Ignore --config: start a demo QEMU (`-M none`) and serve it.
     #[arg(long)]
@@ -56,7 +56,7 @@ enum Cmd {
 
 /// Sets up logging to stdout (plain when not a terminal, as journald wants
 /// it) and optionally to a rotated file. The guards flush on drop.
-fn init_logging(config: &Config) -> Vec<WorkerGuard> {
+fn init_logging(config: &Config) -> Result<Vec<WorkerGuard>, String> {
     let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log_level));
     let mut guards = Vec::new();
     let (stdout, g) = tracing_appender::non_blocking(std::io::stdout());
@@ -87,7 +87,11 @@ fn init_logging(config: &Config) -> Vec<WorkerGuard> {
             LogRotation::Daily => tracing_appender::rolling::Rotation::DAILY,
             LogRotation::Never => tracing_appender::rolling::Rotation::NEVER,
         };
-        let appender = tracing_appender::rolling::RollingFileAppender::new(rotation, dir, name);
+        let appender = tracing_appender::rolling::RollingFileAppender::builder()
+            .rotation(rotation)
+            .filename_prefix(name.to_string_lossy())
+            .build(dir)
+            .map_err(|e| format!("cannot open log file {}: {e}", path.display()))?;
         let (file, g) = tracing_appender::non_blocking(appender);
         guards.push(g);
         layers.push(match config.log_format {
@@ -104,7 +108,7 @@ fn init_logging(config: &Config) -> Vec<WorkerGuard> {
         });
     }
     tracing_subscriber::registry().with(layers).init();
-    guards
+    Ok(guards)
 }
 
 fn main() -> ExitCode {
@@ -124,12 +128,14 @@ async fn status(args: &Args, control: Option<PathBuf>, json: bool) -> ExitCode {
         .or_else(|| Config::load(&args.config).ok().and_then(|c| c.control_socket))
         .unwrap_or_else(|| PathBuf::from(qmpmux::config::DEFAULT_DIR).join("qmpmux.ctl"));
     match qmpmux::control::query_status(&path).await {
-        Ok(report) if json => {
-            println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
-            ExitCode::SUCCESS
-        }
         Ok(report) => {
-            print!("{}", qmpmux::control::render(&report));
+            let text = if json {
+                serde_json::to_string_pretty(&report).unwrap_or_default() + "\n"
+            } else {
+                qmpmux::control::render(&report)
+            };
+            // A closed pipe (`| head`) is not an error worth a panic.
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -145,7 +151,7 @@ async fn async_main(args: Args) -> ExitCode {
     }
     let mut demo_vm = None;
     let config = if args.demo {
-        match demo::start(args.demo_listen.clone()) {
+        match demo::start(args.demo_listen.clone()).await {
             Ok(d) => {
                 let c = d.config.clone();
                 demo_vm = Some(d);
@@ -169,7 +175,13 @@ async fn async_main(args: Args) -> ExitCode {
         print_summary(&args, &config);
         return ExitCode::SUCCESS;
     }
-    let _log_guards = init_logging(&config);
+    let _log_guards = match init_logging(&config) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("qmpmux: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     // Each client is a file descriptor: allow as many as the hard limit.
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(n) => info!(max_fds = n, "file descriptor limit"),
@@ -273,7 +285,8 @@ async fn reload(path: &std::path::Path, reloads: &mpsc::Sender<Reload>) {
     let config = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
-            error!(error = %qmpmux::error::chain(&e), "new configuration rejected; keeping the running one");
+            let error = qmpmux::error::chain(&e).replace('\n', " ");
+            error!(%error, "new configuration rejected; keeping the running one");
             return;
         }
     };

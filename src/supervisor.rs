@@ -274,12 +274,12 @@ impl Supervisor {
                         to_stop.push(vm.name.clone());
                         to_start.push((vm.clone(), None));
                     } else {
-                        to_start.push((vm.clone(), Some(bind_vm(vm, &new.socket).await?)));
+                        to_start.push((vm.clone(), Some(bind_or_undo(vm, &new.socket, &to_start).await?)));
                         to_stop.push(vm.name.clone());
                     }
                 }
                 None => {
-                    to_start.push((vm.clone(), Some(bind_vm(vm, &new.socket).await?)));
+                    to_start.push((vm.clone(), Some(bind_or_undo(vm, &new.socket, &to_start).await?)));
                     summary.added.push(vm.name.clone());
                 }
             }
@@ -320,6 +320,24 @@ impl Supervisor {
     }
 }
 
+/// Binds a VM's sockets during a reload; on failure, removes the socket
+/// files this reload already created, so nothing is left behind.
+async fn bind_or_undo(
+    vm: &VmConfig,
+    perms: &SocketPerms,
+    done: &[(VmConfig, Option<VmSockets>)],
+) -> Result<VmSockets, RunError> {
+    let result = bind_vm(vm, perms).await;
+    if result.is_err() {
+        for (v, _) in done.iter().filter(|(_, s)| s.is_some()) {
+            for path in bound_paths(v) {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+    result
+}
+
 /// The socket paths a VM binds.
 fn bound_paths(vm: &VmConfig) -> Vec<&std::path::Path> {
     let mut paths = vec![vm.listen.as_path()];
@@ -337,10 +355,13 @@ fn shares_a_path(old: &VmConfig, new: &VmConfig) -> bool {
     bound_paths(new).iter().any(|p| old.contains(p))
 }
 
-/// Stops one VM: no new clients (socket removed at once), replies to what is
-/// in flight for up to [`STOP_GRACE`], then everything.
+/// Stops one VM: no new clients (its sockets are removed at once), replies
+/// to what is in flight for up to [`STOP_GRACE`], then everything.
 async fn stop_vm(vm: Vm) {
     vm.stop.cancel();
+    for path in bound_paths(&vm.config) {
+        let _ = std::fs::remove_file(path);
+    }
     vm.clients.close();
     if tokio::time::timeout(STOP_GRACE, vm.clients.wait()).await.is_err() {
         warn!(vm = %vm.config.name, "clients still waiting for replies after {STOP_GRACE:?}; closing them");
@@ -349,9 +370,6 @@ async fn stop_vm(vm: Vm) {
     vm.tasks.close();
     vm.clients.wait().await;
     vm.tasks.wait().await;
-    for path in bound_paths(&vm.config) {
-        let _ = std::fs::remove_file(path);
-    }
     info!(vm = %vm.config.name, "VM stopped");
 }
 

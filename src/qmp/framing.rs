@@ -117,6 +117,10 @@ impl JsonFramer {
             // Already reported when it grew too large.
             return Step::Again;
         }
+        if raw.len() > self.limits.max_message {
+            // Arrived whole in one read, so never caught while growing.
+            return Step::Frame(Frame::Limit("JSON token size limit exceeded".into()));
+        }
         Step::Frame(if requote {
             Frame::Message(requote_single_quotes(&raw).into())
         } else {
@@ -506,6 +510,19 @@ mod tests {
         }
         buf.extend_from_slice(b"\"}{\"b\":1}");
         assert_eq!(f.decode(&mut buf).unwrap(), Some(msg("{\"b\":1}")));
+    }
+
+    #[test]
+    fn size_limit_applies_to_a_message_that_arrives_whole() {
+        let limits = Limits {
+            max_message: 16,
+            max_depth: 10,
+        };
+        let out = frames(limits, &[b"{\"a\":\"0123456789012345678\"}{\"b\":1}"]);
+        assert_eq!(
+            out,
+            vec![Frame::Limit("JSON token size limit exceeded".into()), msg("{\"b\":1}")]
+        );
     }
 
     #[test]
