@@ -237,7 +237,10 @@ impl Client {
 
     fn on_session(&mut self, msg: ToClient) {
         match msg {
-            ToClient::Reply { seq, line, error } => self.fill(seq, if error { "error" } else { "ok" }, |_| line),
+            ToClient::Reply { seq, reply, error } => {
+                let outcome = if error { "error" } else { "ok" };
+                self.fill(seq, outcome, |id| reply.line(id.map(qemu_style).as_deref()))
+            }
             ToClient::Failed { seq, kind } => {
                 let vm = self.ctx.vm.clone();
                 self.fill(seq, "qmpmux error", |id| failure_line(&vm, id, kind))

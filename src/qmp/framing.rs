@@ -74,6 +74,15 @@ pub struct JsonFramer {
     recovering: bool,
     /// Too-large message being discarded up to its end.
     discarding: bool,
+    /// The previous byte outside strings, and whether it began a token.
+    prev: u8,
+    prev_began: bool,
+    /// The current number token is a lone `0` (or `-0`) so far.
+    zero_number: bool,
+    /// Saw `0e` inside this container (`{` or `[`); see [`Self::step`].
+    zero_exponent: Option<u8>,
+    /// Open containers, innermost last.
+    containers: Vec<u8>,
 }
 
 impl JsonFramer {
@@ -90,6 +99,11 @@ impl JsonFramer {
             needs_requote: false,
             recovering: false,
             discarding: false,
+            prev: b' ',
+            prev_began: false,
+            zero_number: false,
+            zero_exponent: None,
+            containers: Vec::new(),
         }
     }
 
@@ -101,6 +115,11 @@ impl JsonFramer {
         self.escape = false;
         self.scalar = false;
         self.needs_requote = false;
+        self.prev = b' ';
+        self.prev_began = false;
+        self.zero_number = false;
+        self.zero_exponent = None;
+        self.containers.clear();
     }
 
     fn depth(&self) -> i64 {
@@ -110,12 +129,19 @@ impl JsonFramer {
     /// Takes the message that ends at `end` (exclusive) out of `src`.
     fn emit(&mut self, src: &mut BytesMut, end: usize) -> Step {
         let requote = self.needs_requote;
+        let zero_exponent = self.zero_exponent;
         let discarding = std::mem::replace(&mut self.discarding, false);
         let raw = src.split_to(end);
         self.reset();
         if discarding {
             // Already reported when it grew too large.
             return Step::Again;
+        }
+        if let Some(container) = zero_exponent {
+            let within = if container == b'{' { "dict" } else { "list" };
+            return Step::Frame(Frame::Error(format!(
+                "JSON parse error, expected separator in {within}"
+            )));
         }
         if raw.len() > self.limits.max_message {
             // Arrived whole in one read, so never caught while growing.
@@ -219,6 +245,7 @@ impl JsonFramer {
                     self.escape = true;
                 } else if (b == b'"' && self.string == Str::Double) || (b == b'\'' && self.string == Str::Single) {
                     self.string = Str::None;
+                    self.prev = b'"';
                     if self.depth() == 0 {
                         return self.emit(src, i + 1);
                     }
@@ -236,6 +263,21 @@ impl JsonFramer {
                 // The bare token ends before this byte, which is looked at again.
                 return self.emit(src, i);
             }
+            // QEMU's lexer ends a number at a leading `0` when `e` or `E`
+            // follows: `0e0` is JSON but not QEMU's JSON. Reject it as QEMU
+            // would, rather than forward what QEMU answers with an error
+            // qmpmux could not attribute to any request.
+            let began = !is_token_byte(self.prev);
+            if self.zero_number && matches!(b, b'e' | b'E') {
+                if b == b'E' {
+                    return self.lexical_error(src, i);
+                }
+                let innermost = self.containers.last().copied().unwrap_or(b'{');
+                self.zero_exponent.get_or_insert(innermost);
+            }
+            self.zero_number = b == b'0' && (began || (self.prev == b'-' && self.prev_began));
+            self.prev_began = began;
+            self.prev = b;
             match b {
                 b' ' | b'\t' | b'\r' | b'\n' => {}
                 b'{' | b'[' => {
@@ -244,6 +286,7 @@ impl JsonFramer {
                     } else {
                         self.brackets += 1
                     }
+                    self.containers.push(b);
                     if self.depth() > i64::from(self.limits.max_depth) {
                         return self.too_deep(src, i);
                     }
@@ -254,6 +297,7 @@ impl JsonFramer {
                     } else {
                         self.brackets -= 1
                     }
+                    self.containers.pop();
                     if self.braces < 0 || self.brackets < 0 {
                         return self.structural_error(src, i);
                     }
@@ -283,6 +327,10 @@ impl JsonFramer {
         self.pos = i;
         self.check_size(src)
     }
+}
+
+fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'+' | b'-')
 }
 
 fn is_ws(b: u8) -> bool {
@@ -522,6 +570,30 @@ mod tests {
         assert_eq!(
             out,
             vec![Frame::Limit("JSON token size limit exceeded".into()), msg("{\"b\":1}")]
+        );
+    }
+
+    #[test]
+    fn zero_with_exponent_is_refused_as_qemu_does() {
+        let out = frames(
+            Limits::default(),
+            &[b"{\"id\":0e0}{\"a\":[-0e1]}{\"b\":10e1,\"c\":0.5e1,\"d\":\"0e0\"}"],
+        );
+        assert_eq!(
+            out,
+            vec![
+                err("JSON parse error, expected separator in dict"),
+                err("JSON parse error, expected separator in list"),
+                msg("{\"b\":10e1,\"c\":0.5e1,\"d\":\"0e0\"}"),
+            ]
+        );
+        let out = frames(Limits::default(), &[b"{\"id\":0E1}"]);
+        assert_eq!(
+            out,
+            vec![
+                err("JSON parse error, stray 'E'"),
+                err("JSON parse error, expecting value")
+            ]
         );
     }
 

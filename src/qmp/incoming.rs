@@ -1,17 +1,16 @@
 //! Messages from QEMU: greeting, replies to correlate, events to broadcast.
 
 use super::json::{members, write_str, Members, ParseError};
-use bytes::Bytes;
-use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use bytes::{Bytes, BytesMut};
 use serde_json::value::RawValue;
-use std::fmt;
+use std::ops::Range;
 
 /// One message read from the upstream QMP socket.
 #[derive(Debug)]
 pub enum Incoming<'a> {
     Greeting(Greeting),
     /// A reply carrying one of our correlation ids.
-    Reply(Reply<'a>),
+    Reply(Reply),
     /// An async event; forwarded byte for byte.
     Event,
     /// A reply without an id, or with one we did not send.
@@ -38,50 +37,122 @@ impl Greeting {
     }
 }
 
+/// A reply to one of qmpmux's requests.
 #[derive(Debug)]
-pub struct Reply<'a> {
+pub struct Reply {
+    /// Our correlation number.
     pub n: u64,
-    pub client_id: Option<&'a RawValue>,
-    members: Members<'a>,
+    /// Whether QEMU answered with an error (for counting and the audit log).
+    pub error: bool,
+    pub bytes: ReplyBytes,
 }
 
-impl Reply<'_> {
-    /// The reply as the client must see it: our correlation wrapper replaced
-    /// by the client's own id (as QEMU re-serialised it), or no id at all.
-    pub fn client_line(&self) -> Bytes {
-        let size: usize = self.members.0.iter().map(|(k, v)| k.len() + v.get().len() + 6).sum();
-        let mut out = String::with_capacity(size + 4);
-        out.push('{');
-        let mut first = true;
-        for (k, v) in &self.members.0 {
-            let v = if k == "id" {
-                match self.client_id {
-                    Some(id) => id,
-                    None => continue,
-                }
-            } else {
-                v
-            };
-            if !first {
-                out.push_str(", ");
-            }
-            first = false;
+/// QEMU's reply bytes, and where our id sits in them, so that the client
+/// task can put the client's own id there (or remove it) with two copies
+/// and no parsing.
+#[derive(Debug, Clone)]
+pub struct ReplyBytes {
+    msg: Bytes,
+    /// The id's value.
+    id_value: Range<usize>,
+    /// The whole `"id": N` member with one adjoining separator.
+    id_member: Range<usize>,
+}
+
+impl ReplyBytes {
+    /// The line for a client whose request had id `id` (already in QEMU's
+    /// serialisation), or none.
+    pub fn line(&self, id: Option<&str>) -> Bytes {
+        let (cut, insert) = match id {
+            Some(id) => (&self.id_value, id.as_bytes()),
+            None => (&self.id_member, &b""[..]),
+        };
+        let mut out = BytesMut::with_capacity(self.msg.len() + insert.len() + 2);
+        out.extend_from_slice(&self.msg[..cut.start]);
+        out.extend_from_slice(insert);
+        out.extend_from_slice(&self.msg[cut.end..]);
+        out.extend_from_slice(b"\r\n");
+        out.freeze()
+    }
+
+    pub fn len(&self) -> usize {
+        self.msg.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.msg.is_empty()
+    }
+
+    /// `msg` with the id value at `value`; `None` if the id member is not
+    /// written the way QEMU writes it.
+    fn locate(msg: Bytes, value: Range<usize>) -> Option<ReplyBytes> {
+        let id_member = member_span(&msg, value.clone())?;
+        Some(ReplyBytes {
+            msg,
+            id_value: value,
+            id_member,
+        })
+    }
+
+    /// Rebuilds the reply as `{"id": N, ...}` when it could not be located.
+    fn canonical(n: u64, m: &Members<'_>) -> ReplyBytes {
+        let mut out = format!("{{\"id\": {n}");
+        for (k, v) in m.0.iter().filter(|(k, _)| k != "id") {
+            out.push_str(", ");
             write_str(&mut out, k);
             out.push_str(": ");
             out.push_str(v.get());
         }
-        out.push_str("}\r\n");
-        Bytes::from(out)
+        out.push('}');
+        let digits = n.to_string().len();
+        ReplyBytes {
+            id_value: 7..7 + digits,
+            id_member: 1..7 + digits + if m.0.len() > 1 { 2 } else { 0 },
+            msg: Bytes::from(out),
+        }
     }
+}
 
-    /// Whether QEMU answered with an error (for counting and logs).
-    pub fn is_error(&self) -> bool {
-        self.members.get("error").is_some()
+/// The span of the `"id": V` member around the value at `value`, together
+/// with the separator that must go with it.
+fn member_span(msg: &[u8], value: Range<usize>) -> Option<Range<usize>> {
+    let ws = |b: u8| matches!(b, b' ' | b'\t' | b'\r' | b'\n');
+    let mut i = value.start;
+    while i > 0 && ws(msg[i - 1]) {
+        i -= 1;
+    }
+    i = i.checked_sub(1).filter(|&j| msg[j] == b':')?;
+    while i > 0 && ws(msg[i - 1]) {
+        i -= 1;
+    }
+    let key_start = i.checked_sub(4).filter(|&j| &msg[j..i] == b"\"id\"")?;
+    let mut before = key_start;
+    while before > 0 && ws(msg[before - 1]) {
+        before -= 1;
+    }
+    match msg.get(before.checked_sub(1)?)? {
+        b',' => Some(before - 1..value.end),
+        b'{' => {
+            let mut end = value.end;
+            while end < msg.len() && ws(msg[end]) {
+                end += 1;
+            }
+            if msg.get(end) == Some(&b',') {
+                end += 1;
+                while end < msg.len() && ws(msg[end]) {
+                    end += 1;
+                }
+                Some(key_start..end)
+            } else {
+                Some(key_start..value.end)
+            }
+        }
+        _ => None,
     }
 }
 
 /// Classifies one framed upstream message.
-pub fn classify(bytes: &[u8]) -> Result<Incoming<'_>, ParseError> {
+pub fn classify(bytes: &Bytes) -> Result<Incoming<'_>, ParseError> {
     let m = members(bytes)?;
     if let Some(qmp) = m.get("QMP") {
         return Ok(Incoming::Greeting(parse_greeting(qmp)?));
@@ -92,14 +163,19 @@ pub fn classify(bytes: &[u8]) -> Result<Incoming<'_>, ParseError> {
     let Some(id) = m.get("id") else {
         return Ok(Incoming::Stray(None));
     };
-    match parse_corr_id(id) {
-        Some((n, client_id)) => Ok(Incoming::Reply(Reply {
-            n,
-            client_id,
-            members: m,
-        })),
-        None => Ok(Incoming::Stray(Some(id))),
-    }
+    let Ok(n) = id.get().parse::<u64>() else {
+        return Ok(Incoming::Stray(Some(id)));
+    };
+    // The id's position, from where its text lies within `bytes`.
+    let start = id.get().as_ptr() as usize - bytes.as_ptr() as usize;
+    let value = start..start + id.get().len();
+    let error = m.get("error").is_some();
+    let located = ReplyBytes::locate(bytes.clone(), value).unwrap_or_else(|| ReplyBytes::canonical(n, &m));
+    Ok(Incoming::Reply(Reply {
+        n,
+        error,
+        bytes: located,
+    }))
 }
 
 fn parse_greeting(qmp: &RawValue) -> Result<Greeting, ParseError> {
@@ -117,72 +193,64 @@ fn parse_greeting(qmp: &RawValue) -> Result<Greeting, ParseError> {
     })
 }
 
-/// Our correlation ids are `[N]` or `[N, client id]`.
-fn parse_corr_id(id: &RawValue) -> Option<(u64, Option<&RawValue>)> {
-    struct V;
-    impl<'de> Visitor<'de> for V {
-        type Value = Option<(u64, Option<&'de RawValue>)>;
-        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            f.write_str("a correlation id")
-        }
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-            let Some(n) = seq.next_element::<u64>()? else {
-                return Ok(None);
-            };
-            let client: Option<&'de RawValue> = seq.next_element()?;
-            if seq.next_element::<de::IgnoredAny>()?.is_some() {
-                return Ok(None);
-            }
-            Ok(Some((n, client)))
-        }
-    }
-    let mut de = serde_json::Deserializer::from_str(id.get());
-    de.deserialize_seq(V).ok().flatten()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn line(input: &str) -> String {
-        match classify(input.as_bytes()).unwrap() {
-            Incoming::Reply(r) => String::from_utf8(r.client_line().to_vec()).unwrap(),
+    fn reply(input: &str) -> ReplyBytes {
+        match classify(&Bytes::copy_from_slice(input.as_bytes())).unwrap() {
+            Incoming::Reply(r) => r.bytes,
             other => panic!("{other:?}"),
         }
     }
 
+    fn line(input: &str, id: Option<&str>) -> String {
+        String::from_utf8(reply(input).line(id).to_vec()).unwrap()
+    }
+
     #[test]
-    fn reply_gets_the_client_id_back_in_qemus_position() {
+    fn reply_gets_the_client_id_in_qemus_position() {
         assert_eq!(
-            line(r#"{"return": {}, "id": [7, "__qmp#00001"]}"#),
+            line(r#"{"return": {}, "id": 7}"#, Some("\"__qmp#00001\"")),
             "{\"return\": {}, \"id\": \"__qmp#00001\"}\r\n"
         );
         assert_eq!(
-            line(r#"{"id": [8, {"a": [1, null]}], "error": {"class": "GenericError", "desc": "x"}}"#),
+            line(
+                r#"{"id": 8, "error": {"class": "GenericError", "desc": "x"}}"#,
+                Some("{\"a\": [1, null]}")
+            ),
             "{\"id\": {\"a\": [1, null]}, \"error\": {\"class\": \"GenericError\", \"desc\": \"x\"}}\r\n"
-        );
-        assert_eq!(
-            line(r#"{"id": [9, null], "return": 1}"#),
-            "{\"id\": null, \"return\": 1}\r\n"
         );
     }
 
     #[test]
     fn id_less_request_gets_an_id_less_reply() {
         assert_eq!(
-            line(r#"{"return": {"status": "running"}, "id": [7]}"#),
+            line(r#"{"return": {"status": "running"}, "id": 7}"#, None),
             "{\"return\": {\"status\": \"running\"}}\r\n"
         );
         assert_eq!(
-            line(r#"{"id": [7], "error": {"class": "C", "desc": "d"}}"#),
+            line(r#"{"id": 7, "error": {"class": "C", "desc": "d"}}"#, None),
             "{\"error\": {\"class\": \"C\", \"desc\": \"d\"}}\r\n"
         );
+        assert_eq!(line(r#"{"id": 7}"#, None), "{}\r\n");
+    }
+
+    #[test]
+    fn unusual_layouts_fall_back_to_a_rebuilt_reply() {
+        // An escaped key: not how QEMU writes it, but still handled.
+        assert_eq!(
+            line(r#"{"\u0069d": 3, "return": 1}"#, Some("\"x\"")),
+            "{\"id\": \"x\", \"return\": 1}\r\n"
+        );
+        assert_eq!(line(r#"{"\u0069d": 3, "return": 1}"#, None), "{\"return\": 1}\r\n");
+        assert_eq!(line(r#"{"return":1,"id":3}"#, None), "{\"return\":1}\r\n");
     }
 
     #[test]
     fn classifies_greeting_events_and_strays() {
         let g = r#"{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": "x"}, "capabilities": ["oob"]}}"#;
-        match classify(g.as_bytes()).unwrap() {
+        match classify(&Bytes::from(g)).unwrap() {
             Incoming::Greeting(gr) => {
                 assert!(gr.oob);
                 assert_eq!(
@@ -192,19 +260,15 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(
-            classify(br#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP"}"#).unwrap(),
-            Incoming::Event
-        ));
-        assert!(matches!(classify(br#"{"return": {}}"#).unwrap(), Incoming::Stray(None)));
-        assert!(matches!(
-            classify(br#"{"return": {}, "id": "x"}"#).unwrap(),
-            Incoming::Stray(Some(_))
-        ));
-        assert!(matches!(
-            classify(br#"{"return": {}, "id": [1, 2, 3]}"#).unwrap(),
-            Incoming::Stray(Some(_))
-        ));
-        assert!(classify(b"[1]").is_err());
+        let c = |s: &'static str| classify(&Bytes::from(s)).map(|i| format!("{i:?}"));
+        assert!(
+            c(r#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP"}"#)
+                .unwrap()
+                .starts_with("Event")
+        );
+        assert!(c(r#"{"return": {}}"#).unwrap().starts_with("Stray(None)"));
+        assert!(c(r#"{"return": {}, "id": "x"}"#).unwrap().starts_with("Stray(Some"));
+        assert!(c(r#"{"return": {}, "id": [1]}"#).unwrap().starts_with("Stray(Some"));
+        assert!(c("[1]").is_err());
     }
 }

@@ -211,6 +211,36 @@ pub fn qdict_order<K: AsRef<str>>(keys: &[K]) -> Vec<usize> {
     idx
 }
 
+/// glib's `g_str_hash` (djb2 over signed chars).
+fn g_str_hash(key: &str) -> u32 {
+    key.bytes().fold(5381u32, |h, b| {
+        (h << 5).wrapping_add(h).wrapping_add(i32::from(b as i8) as u32)
+    })
+}
+
+/// The order in which a glib `GHashTable` of 8 buckets (what QEMU's QAPI
+/// input visitor uses to track unvisited members) iterates over `keys`
+/// inserted in that order. `None` when so many keys would have grown the
+/// table that this model no longer holds.
+pub fn ghash_order<K: AsRef<str>>(keys: &[K]) -> Option<Vec<usize>> {
+    const SIZE: usize = 8;
+    const MOD: u32 = 7;
+    if keys.len() > 5 {
+        return None;
+    }
+    let mut slots: [Option<usize>; SIZE] = [None; SIZE];
+    for (i, k) in keys.iter().enumerate() {
+        let mut index = (g_str_hash(k.as_ref()).wrapping_mul(11) % MOD) as usize;
+        let mut step = 0;
+        while slots[index].is_some() {
+            step += 1;
+            index = (index + step) & (SIZE - 1);
+        }
+        slots[index] = Some(i);
+    }
+    Some(slots.iter().flatten().copied().collect())
+}
+
 /// Writes `s` as a QEMU-style JSON string.
 pub fn write_str(out: &mut String, s: &str) {
     use std::fmt::Write;

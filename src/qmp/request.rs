@@ -6,7 +6,7 @@
 //! everything qmpmux answers itself reads exactly as QEMU would answer it.
 
 use super::framing::Frame;
-use super::json::{members_checked, qdict_order, qemu_style, write_str, Members};
+use super::json::{ghash_order, members_checked, qdict_order, qemu_style, write_str, Members};
 use crate::policy::Policy;
 use bytes::Bytes;
 use serde_json::value::RawValue;
@@ -35,14 +35,15 @@ pub enum Decision {
     Denied { line: Bytes, command: String },
 }
 
-/// A request to forward. The upstream message is `{"id": [N` + `tail`, where
-/// N is the upstream session's correlation number and the client's own id
-/// (if any) rides along as the second element, so QEMU itself re-serialises
-/// it and the reply can hand back exactly what QEMU would have.
+/// A request to forward. The upstream message is `{"id": N` + `tail`, where
+/// N is the upstream session's correlation number. The client's own id
+/// stays with the client task, which puts it into the reply in QEMU's
+/// serialisation ([`qemu_style`]); it never goes upstream, so it cannot push
+/// a request over QEMU's nesting or token limits.
 #[derive(Debug)]
 pub struct Forward {
     pub tail: Bytes,
-    /// The client's id, for errors qmpmux must generate for this request.
+    /// The client's id, to put into the reply.
     pub id: Option<Box<RawValue>>,
     pub command: String,
 }
@@ -151,8 +152,15 @@ fn capabilities_args(m: &Members<'_>) -> Result<Caps, Reject> {
             }
         }
     }
-    if let Some(extra) = args.keys().find(|k| *k != "enable") {
-        return Err(generic(format!("Parameter '{extra}' is unexpected")));
+    // QEMU names the first unexpected one in the order of the glib hash
+    // table its input visitor fills from the arguments' QDict.
+    if let Ok(raw) = super::json::members(m.get("arguments").map(|a| a.get().as_bytes()).unwrap_or(b"{}")) {
+        let keys: Vec<&str> = raw.0.iter().map(|(k, _)| k.as_ref()).collect();
+        let inserted: Vec<&str> = qdict_order(&keys).into_iter().map(|i| keys[i]).collect();
+        let order = ghash_order(&inserted).unwrap_or_else(|| (0..inserted.len()).collect());
+        if let Some(i) = order.into_iter().find(|&i| inserted[i] != "enable") {
+            return Err(generic(format!("Parameter '{}' is unexpected", inserted[i])));
+        }
     }
     Ok(caps)
 }
@@ -217,15 +225,10 @@ pub fn decide(frame: Frame, session: &mut Session, offered: Caps, policy: &Polic
     })
 }
 
-/// Everything after `{"id": [N` of the upstream message.
+/// Everything after `{"id": N` of the upstream message.
 fn forward_tail(m: &Members<'_>) -> Bytes {
     let size: usize = m.0.iter().map(|(k, v)| k.len() + v.get().len() + 8).sum();
     let mut out = String::with_capacity(size + 8);
-    if let Some(id) = m.get("id") {
-        out.push_str(", ");
-        out.push_str(id.get());
-    }
-    out.push(']');
     for (k, v) in m.0.iter().filter(|(k, _)| k != "id") {
         out.push_str(", ");
         write_str(&mut out, k);
@@ -248,7 +251,7 @@ mod tests {
             &Policy::default(),
         ) {
             Decision::Local(b) => String::from_utf8(b.to_vec()).unwrap(),
-            Decision::Forward(f) => format!("FORWARD {{\"id\": [N{}", String::from_utf8(f.tail.to_vec()).unwrap()),
+            Decision::Forward(f) => format!("FORWARD {{\"id\": N{}", String::from_utf8(f.tail.to_vec()).unwrap()),
             Decision::Denied { line, .. } => format!("DENIED {}", String::from_utf8(line.to_vec()).unwrap()),
         }
     }
@@ -310,11 +313,11 @@ mod tests {
         let no = Caps::default();
         assert_eq!(
             run(&mut s, no, r#"{"execute":"query-status","id":{"a": [1, "x"]}}"#),
-            r#"FORWARD {"id": [N, {"a": [1, "x"]}], "execute": "query-status"}"#
+            r#"FORWARD {"id": N, "execute": "query-status"}"#
         );
         assert_eq!(
             run(&mut s, no, r#"{"arguments":{"a":1},"execute":"x"}"#),
-            r#"FORWARD {"id": [N], "arguments": {"a":1}, "execute": "x"}"#
+            r#"FORWARD {"id": N, "arguments": {"a":1}, "execute": "x"}"#
         );
         // Not negotiated for OOB: exec-oob is an unknown member, as in QEMU.
         assert!(run(&mut s, no, r#"{"exec-oob":"x","id":3}"#).contains("QMP input member 'exec-oob' is unexpected"));

@@ -54,7 +54,8 @@ pub fn mailbox(limit: usize) -> (MailboxSender, MailboxReceiver) {
 fn cost(msg: &ToClient) -> usize {
     PER_MESSAGE
         + match msg {
-            ToClient::Reply { line, .. } | ToClient::Event(line) => line.len(),
+            ToClient::Reply { reply, .. } => reply.len(),
+            ToClient::Event(line) => line.len(),
             ToClient::Failed { .. } => 0,
         }
 }

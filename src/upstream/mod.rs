@@ -10,7 +10,7 @@ pub mod mailbox;
 mod session;
 
 use crate::error::FailKind;
-use crate::qmp::incoming::Greeting;
+use crate::qmp::incoming::{Greeting, ReplyBytes};
 use bytes::Bytes;
 use std::fmt;
 use std::sync::Arc;
@@ -74,7 +74,7 @@ pub enum ToClient {
     /// QEMU's reply (`error`: it is an error reply).
     Reply {
         seq: u64,
-        line: Bytes,
+        reply: ReplyBytes,
         error: bool,
     },
     Failed {

@@ -234,7 +234,7 @@ impl Session {
     /// Moves requests the window has room for into the write buffer.
     fn pump(&mut self, wbuf: &mut BytesMut) {
         while let Some((n, tail)) = self.router.next_to_send() {
-            wbuf.put_slice(b"{\"id\": [");
+            wbuf.put_slice(b"{\"id\": ");
             let _ = write!(wbuf, "{n}");
             wbuf.put_slice(&tail);
         }
@@ -275,18 +275,15 @@ impl Session {
             Ok(Incoming::Reply(reply)) => match self.router.complete(reply.n) {
                 Some((route, since)) => {
                     self.metrics.observe_latency(since.elapsed().as_secs_f64());
-                    if reply.is_error() {
+                    if reply.error {
                         self.metrics.errors.inc();
                     }
-                    let (line, error) = (reply.client_line(), reply.is_error());
-                    self.deliver(
-                        route.client,
-                        ToClient::Reply {
-                            seq: route.seq,
-                            line,
-                            error,
-                        },
-                    );
+                    let msg = ToClient::Reply {
+                        seq: route.seq,
+                        reply: reply.bytes,
+                        error: reply.error,
+                    };
+                    self.deliver(route.client, msg);
                 }
                 None => warn!(n = reply.n, "reply to no pending request; dropped"),
             },
