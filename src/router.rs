@@ -42,6 +42,11 @@ pub struct Router {
     /// discarded, and the request still counts against the window (it
     /// still occupies QEMU's queue).
     expired: HashSet<u64>,
+    /// Out-of-band requests waiting to be written (a few at most).
+    oob_queue: VecDeque<Queued>,
+    /// Upstream numbers of OOB requests in flight or expired: outside the
+    /// in-band window.
+    oob: HashSet<u64>,
 }
 
 impl Router {
@@ -52,6 +57,8 @@ impl Router {
             queue: VecDeque::new(),
             in_flight: HashMap::new(),
             expired: HashSet::new(),
+            oob_queue: VecDeque::new(),
+            oob: HashSet::new(),
         }
     }
 
@@ -68,16 +75,34 @@ impl Router {
         });
     }
 
-    /// The next request to write upstream, if the window has room: its
-    /// upstream number and the bytes after `{"id": [N`.
+    /// An out-of-band request (`exec-oob`): QEMU runs it at once, even with
+    /// its in-band queue full, so it skips the queue and the window.
+    pub fn submit_oob(&mut self, route: Route, tail: Bytes, now: Instant) {
+        self.oob_queue.push_back(Queued {
+            route,
+            tail,
+            since: now,
+        });
+    }
+
+    /// The next request to write upstream, if the window has room (OOB ones
+    /// always have): its upstream number and the bytes after `{"id": N`.
     pub fn next_to_send(&mut self) -> Option<(u64, Bytes)> {
-        if self.in_flight.len() + self.expired.len() >= self.window {
+        let oob = !self.oob_queue.is_empty();
+        if !oob && self.in_flight.len() + self.expired.len() - self.oob.len() >= self.window {
             return None;
         }
-        let q = self.queue.pop_front()?;
+        let q = if oob {
+            self.oob_queue.pop_front()
+        } else {
+            self.queue.pop_front()
+        }?;
         let n = self.next_n;
         self.next_n += 1;
         self.in_flight.insert(n, (q.route, q.since));
+        if oob {
+            self.oob.insert(n);
+        }
         Some((n, q.tail))
     }
 
@@ -85,6 +110,7 @@ impl Router {
     /// the request was submitted. `None` for a reply nobody waits for any
     /// more (timed out, or unknown).
     pub fn complete(&mut self, n: u64) -> Option<(Route, Instant)> {
+        self.oob.remove(&n);
         if self.expired.remove(&n) {
             return None;
         }
@@ -124,16 +150,23 @@ impl Router {
     /// those replies are then discarded.
     pub fn forget_client(&mut self, client: u64) {
         self.queue.retain(|q| q.route.client != client);
+        self.oob_queue.retain(|q| q.route.client != client);
     }
 
     /// The connection ended: everything outstanding, in sending order.
     pub fn abandon(&mut self) -> Abandoned {
         self.expired.clear();
+        self.oob.clear();
         let mut sent: Vec<(u64, Route)> = self.in_flight.drain().map(|(n, (r, _))| (n, r)).collect();
         sent.sort_unstable_by_key(|(n, _)| *n);
         Abandoned {
             in_flight: sent.into_iter().map(|(_, r)| r).collect(),
-            queued: self.queue.drain(..).map(|q| q.route).collect(),
+            queued: self
+                .oob_queue
+                .drain(..)
+                .chain(self.queue.drain(..))
+                .map(|q| q.route)
+                .collect(),
         }
     }
 
@@ -196,6 +229,23 @@ mod tests {
         let (_, t3) = rt.next_to_send().unwrap();
         assert_eq!(&t3[..], b"t2");
         assert_eq!((rt.in_flight(), rt.queued()), (2, 1));
+    }
+
+    #[test]
+    fn oob_requests_skip_the_queue_and_the_window() {
+        let mut rt = Router::new(1);
+        rt.submit(r(1, 0), Bytes::from("in0"), now());
+        rt.submit(r(1, 1), Bytes::from("in1"), now());
+        let (n0, _) = rt.next_to_send().unwrap();
+        assert!(rt.next_to_send().is_none(), "window full");
+        rt.submit_oob(r(2, 0), Bytes::from("oob"), now());
+        let (n_oob, t) = rt.next_to_send().unwrap();
+        assert_eq!(&t[..], b"oob");
+        // Its reply may overtake; it never counted against the window.
+        assert_eq!(rt.complete(n_oob).map(|(r, _)| r), Some(r(2, 0)));
+        assert!(rt.next_to_send().is_none());
+        assert_eq!(rt.complete(n0).map(|(r, _)| r), Some(r(1, 0)));
+        assert_eq!(&rt.next_to_send().unwrap().1[..], b"in1");
     }
 
     #[test]

@@ -45,8 +45,9 @@ async fn greeting_is_qemus_own_version() {
     let daemon = Daemon::start(&[("vm", &up, &sock)]).await;
     let (_c, g) = Client::open(&sock).await;
     assert_eq!(g["QMP"]["version"], direct["QMP"]["version"]);
-    // qmpmux does not offer OOB to clients (yet), so it must not claim it.
-    assert_eq!(g["QMP"]["capabilities"], json!([]));
+    // OOB is offered exactly when QEMU offers it (qmpmux forwards it).
+    assert_eq!(g["QMP"]["capabilities"], direct["QMP"]["capabilities"]);
+    assert_eq!(g["QMP"]["capabilities"], json!(["oob"]));
     daemon.stop().await;
 }
 

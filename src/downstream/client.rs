@@ -10,6 +10,7 @@
 use crate::config::{ClientOptions, ListenerConfig};
 use crate::error::FailKind;
 use crate::qmp::framing::{Frame, JsonFramer, Limits};
+use crate::qmp::incoming::Greeting;
 use crate::qmp::json::qemu_style;
 use crate::qmp::request::{decide, error_line, Caps, Decision, Session};
 use crate::upstream::mailbox::mailbox;
@@ -56,6 +57,9 @@ enum Slot {
         id: Option<Box<RawValue>>,
         /// Command name and start, for the audit log.
         audit: Option<(String, Instant)>,
+        /// `exec-oob`: its reply goes out as soon as it comes, ahead of
+        /// earlier in-band replies (as QEMU's would).
+        oob: bool,
     },
     Ready(Bytes),
 }
@@ -149,12 +153,14 @@ async fn serve(stream: UnixStream, id: u64, peer: Peer, ctx: ClientContext) -> E
     let mut client = Client {
         id,
         peer,
-        offered: Caps::default(),
+        // OOB is offered when QEMU offers it: qmpmux forwards exec-oob at
+        // once and lets its reply overtake.
+        offered: Caps { oob: greeting.oob },
         ctx,
         qmp: Session::default(),
         slots: VecDeque::new(),
         next_seq: 0,
-        outbuf: BytesMut::from(&greeting[..]),
+        outbuf: BytesMut::from(&greeting.line(true)[..]),
         closing: None,
     };
     let (stop, hard) = (client.ctx.stop.clone(), client.ctx.hard.clone());
@@ -192,15 +198,15 @@ async fn serve(stream: UnixStream, id: u64, peer: Peer, ctx: ClientContext) -> E
     }
 }
 
-/// The greeting line to send, waiting (bounded) for QEMU to be seen once.
-async fn wait_for_greeting(ctx: &ClientContext) -> Option<Bytes> {
+/// QEMU's latest greeting, waiting (bounded) for QEMU to be seen once.
+async fn wait_for_greeting(ctx: &ClientContext) -> Option<Arc<Greeting>> {
     let mut status = ctx.session.status.clone();
     let wait = status.wait_for(|s| s.greeting.is_some());
     let found = tokio::select! {
         r = tokio::time::timeout(ctx.opts.greeting_wait, wait) => r.ok()?.ok()?.greeting.clone(),
         () = ctx.stop.cancelled() => None,
     };
-    found.map(|g| g.line(false))
+    found
 }
 
 impl Client {
@@ -220,11 +226,17 @@ impl Client {
                 debug!(client = self.id, command = %fwd.command, "forward");
                 // Queries change nothing: the audit log is for the rest.
                 let audit = (!fwd.command.starts_with("query-")).then(|| (fwd.command, Instant::now()));
-                self.slots.push_back(Slot::Waiting { seq, id: fwd.id, audit });
+                self.slots.push_back(Slot::Waiting {
+                    seq,
+                    id: fwd.id,
+                    audit,
+                    oob: fwd.oob,
+                });
                 let msg = ToSession::Execute {
                     client: self.id,
                     seq,
                     tail: fwd.tail,
+                    oob: fwd.oob,
                 };
                 if self.ctx.session.tx.send(msg).await.is_err() {
                     let vm = self.ctx.vm.clone();
@@ -257,17 +269,24 @@ impl Client {
     /// Fills the waiting slot `seq` with the line `make` builds from the
     /// request's id.
     fn fill(&mut self, seq: u64, outcome: &str, make: impl FnOnce(Option<&RawValue>) -> Bytes) {
-        let Some(slot) = self
+        let Some(at) = self
             .slots
-            .iter_mut()
-            .find(|s| matches!(s, Slot::Waiting { seq: s2, .. } if *s2 == seq))
+            .iter()
+            .position(|s| matches!(s, Slot::Waiting { seq: s2, .. } if *s2 == seq))
         else {
             return;
         };
-        let Slot::Waiting { id, audit, .. } = std::mem::replace(slot, Slot::Ready(Bytes::new())) else {
+        let Slot::Waiting { id, audit, oob, .. } = std::mem::replace(&mut self.slots[at], Slot::Ready(Bytes::new()))
+        else {
             return;
         };
-        *slot = Slot::Ready(make(id.as_deref()));
+        let line = make(id.as_deref());
+        if oob {
+            self.slots.remove(at);
+            self.outbuf.extend_from_slice(&line);
+        } else {
+            self.slots[at] = Slot::Ready(line);
+        }
         if let Some((command, start)) = audit {
             self.audit(&command, outcome, start);
         }

@@ -46,6 +46,8 @@ pub struct Forward {
     /// The client's id, to put into the reply.
     pub id: Option<Box<RawValue>>,
     pub command: String,
+    /// `exec-oob`: may overtake in-band requests, and its reply too.
+    pub oob: bool,
 }
 
 /// One QMP error class and text, as it goes on the wire.
@@ -181,10 +183,13 @@ pub fn decide(frame: Frame, session: &mut Session, offered: Caps, policy: &Polic
         let id = id.map(qemu_style);
         Decision::Local(error_line(id.as_deref(), r.class, &r.desc))
     };
-    let (command, _oob) = match check_obj(&members, session.negotiated && session.enabled.oob) {
+    let (command, oob) = match check_obj(&members, session.negotiated && session.enabled.oob) {
         Ok(c) => c,
         Err(r) => return reject(r),
     };
+    if command == "qmp_capabilities" && oob {
+        return reject(generic("The command qmp_capabilities does not support OOB"));
+    }
     if command == "qmp_capabilities" {
         let caps = match capabilities_args(&members) {
             Ok(c) => c,
@@ -222,6 +227,7 @@ pub fn decide(frame: Frame, session: &mut Session, offered: Caps, policy: &Polic
         tail: forward_tail(&members),
         id: id.map(|v| v.to_owned()),
         command,
+        oob,
     })
 }
 

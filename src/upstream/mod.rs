@@ -60,11 +60,13 @@ pub enum ToSession {
     Detach {
         client: u64,
     },
-    /// Forward `{"id": [N` + `tail` and route the reply to (client, seq).
+    /// Forward `{"id": N` + `tail` and route the reply to (client, seq).
     Execute {
         client: u64,
         seq: u64,
         tail: Bytes,
+        /// `exec-oob`: sent at once, outside the in-band window.
+        oob: bool,
     },
 }
 

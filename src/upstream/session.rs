@@ -251,10 +251,14 @@ impl Session {
                 self.clients.remove(&client);
                 self.router.forget_client(client);
             }
-            ToSession::Execute { client, seq, tail } => {
+            ToSession::Execute { client, seq, tail, oob } => {
                 self.metrics.commands.inc();
-                self.router
-                    .submit(Route { client, seq }, tail, std::time::Instant::now())
+                let (route, now) = (Route { client, seq }, std::time::Instant::now());
+                if oob {
+                    self.router.submit_oob(route, tail, now)
+                } else {
+                    self.router.submit(route, tail, now)
+                }
             }
         }
     }

@@ -1,0 +1,103 @@
+//! Out-of-band execution end to end: offered when QEMU offers it, `exec-oob`
+//! sent at once past a full in-band window, its reply overtaking in-band
+//! ones, and policy applying to it as to `execute`.
+
+mod common;
+
+use common::fake::FakeServer;
+use common::{Client, Daemon, Qemu};
+use serde_json::json;
+use std::path::Path;
+
+async fn oob_client(sock: &Path) -> Client {
+    let (mut c, g) = Client::open(sock).await;
+    assert_eq!(g["QMP"]["capabilities"], json!(["oob"]));
+    c.send(r#"{"execute":"qmp_capabilities","arguments":{"enable":["oob"]}}"#)
+        .await;
+    assert_eq!(c.recv().await, json!({"return": {}}));
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oob_skips_a_full_window_and_its_reply_overtakes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (up, sock) = (dir.path().join("fake.sock"), dir.path().join("vm.sock"));
+    let fake = FakeServer::bind(&up);
+    let daemon = Daemon::start(&[("vm", &up, &sock)]).await;
+    let mut conn = fake.accept_ready().await;
+    let mut c = oob_client(&sock).await;
+    // Nine in-band commands: QEMU's queue takes eight, the ninth waits in
+    // qmpmux. Then an OOB command, which must not wait behind them.
+    let mut batch = String::new();
+    for i in 0..9 {
+        batch.push_str(&format!(r#"{{"execute":"slow","id":{i}}}"#));
+    }
+    c.send(&batch).await;
+    let mut held = Vec::new();
+    for i in 0..8 {
+        let req = conn.read().await.unwrap();
+        assert_eq!(req["execute"], "slow", "{req}");
+        assert_ne!(req["id"], json!(i), "qmpmux's own ids go upstream, not the client's");
+        held.push(req);
+    }
+    c.send(r#"{"exec-oob":"yank","id":"urgent"}"#).await;
+    let oob = conn.read().await.unwrap();
+    assert_eq!(
+        oob["exec-oob"], "yank",
+        "the OOB command must pass the full window: {oob}"
+    );
+    conn.reply(&oob, json!({})).await;
+    // Its reply comes first, ahead of the eight older in-band ones.
+    assert_eq!(c.reply().await, json!({"return": {}, "id": "urgent"}));
+    for (i, req) in held.iter().enumerate() {
+        conn.reply(req, json!(i)).await;
+    }
+    let ninth = conn.read().await.unwrap();
+    conn.reply(&ninth, json!(8)).await;
+    for i in 0..9 {
+        assert_eq!(c.reply().await, json!({"return": i, "id": i}));
+    }
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oob_against_real_qemu_and_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let _qemu = Qemu::start(&p("q.sock")).await;
+    let daemon = Daemon::start_with(&[("vm", &p("q.sock"), &p("rw.sock"))], |c| {
+        c.vms[0].listeners = vec![qmpmux::config::ListenerConfig {
+            name: "ro".into(),
+            path: p("ro.sock"),
+            policy: qmpmux::policy::Policy {
+                allow: vec![qmpmux::policy::Glob::new("query-*")],
+                deny: Vec::new(),
+            },
+            uids: Vec::new(),
+            gids: Vec::new(),
+        }];
+    })
+    .await;
+    let mut rw = oob_client(&p("rw.sock")).await;
+    // QEMU's own answers to exec-oob come back with the client's id.
+    assert_eq!(
+        rw.cmd(r#"{"exec-oob":"query-status","id":1}"#).await,
+        json!({"id": 1, "error": {"class": "GenericError", "desc": "The command query-status does not support OOB"}})
+    );
+    let r = rw.cmd(r#"{"exec-oob":"migrate-pause","id":2}"#).await;
+    assert_eq!(r["id"], 2);
+    assert!(r["error"]["desc"].as_str().unwrap().contains("migrate-pause"), "{r}");
+    // In-band still works on the same connection.
+    assert!(rw.cmd(r#"{"execute":"query-status","id":3}"#).await["return"].is_object());
+    // Policy covers exec-oob as it covers execute.
+    let mut ro = oob_client(&p("ro.sock")).await;
+    let r = ro.cmd(r#"{"exec-oob":"migrate-pause","id":"x"}"#).await;
+    assert!(
+        r["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("'migrate-pause' is not allowed"),
+        "{r}"
+    );
+    daemon.stop().await;
+}
