@@ -136,7 +136,9 @@ async fn serve(stream: UnixStream, id: u64, peer: Peer, ctx: ClientContext) -> E
         max_message: ctx.opts.max_message_bytes,
         max_depth: ctx.opts.max_depth,
     };
-    let mut reader = FramedRead::new(read, JsonFramer::new(limits));
+    // Small to start with: most clients are idle most of the time; the
+    // buffer grows for the rare large request.
+    let mut reader = FramedRead::with_capacity(read, JsonFramer::new(limits), 256);
     let (mailbox_tx, mut mailbox) = mailbox(ctx.opts.max_queue_bytes);
     if ctx
         .session
@@ -164,6 +166,9 @@ async fn serve(stream: UnixStream, id: u64, peer: Peer, ctx: ClientContext) -> E
         closing: None,
     };
     let (stop, hard) = (client.ctx.stop.clone(), client.ctx.hard.clone());
+    // Created once, not on every pass of the loop.
+    let (stopped, killed) = (stop.cancelled(), hard.cancelled());
+    tokio::pin!(stopped, killed);
     let outbuf_high = OUTBUF_HIGH.min(client.ctx.opts.max_queue_bytes / 2);
     let mut eof = false;
     loop {
@@ -176,8 +181,8 @@ async fn serve(stream: UnixStream, id: u64, peer: Peer, ctx: ClientContext) -> E
             && client.outbuf.len() < outbuf_high;
         // Cancel-safe branches only: FramedRead::next, mpsc::recv, one write.
         tokio::select! {
-            () = hard.cancelled() => return End::Shutdown,
-            () = stop.cancelled(), if client.closing.is_none() => client.closing = Some(End::Shutdown),
+            () = &mut killed => return End::Shutdown,
+            () = &mut stopped, if client.closing.is_none() => client.closing = Some(End::Shutdown),
             frame = reader.next(), if can_read => match frame {
                 Some(Ok(frame)) => client.on_frame(frame).await,
                 Some(Err(e)) => return End::Io(e),

@@ -183,13 +183,16 @@ impl Session {
             (timeout.unwrap_or(Duration::from_secs(1)) / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)),
         );
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let shutdown = self.shutdown.clone();
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
         let exit = loop {
             self.pump(&mut wbuf);
             // All branches are cancel-safe: FramedRead::next, mpsc::recv and a
             // single write_buf either complete or leave their state untouched.
             tokio::select! {
                 biased;
-                () = self.shutdown.cancelled() => break Exit::Shutdown,
+                () = &mut cancelled => break Exit::Shutdown,
                 frame = reader.next() => match frame {
                     None => break Exit::Eof,
                     Some(Err(e)) => break Exit::Io(e),
