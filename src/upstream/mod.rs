@@ -76,7 +76,8 @@ pub enum ToClient {
     /// QEMU's reply (`error`: it is an error reply).
     Reply {
         seq: u64,
-        reply: ReplyBytes,
+        /// Boxed: keeps `ToClient`, and so every client's idle mailbox, small.
+        reply: Box<ReplyBytes>,
         error: bool,
     },
     Failed {
@@ -92,4 +93,13 @@ pub enum ToClient {
 pub struct SessionHandle {
     pub tx: mpsc::Sender<ToSession>,
     pub status: watch::Receiver<Status>,
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every idle client's mailbox preallocates a block of these.
+    #[test]
+    fn messages_to_clients_stay_small() {
+        assert!(std::mem::size_of::<super::ToClient>() <= 40, "{}", std::mem::size_of::<super::ToClient>());
+    }
 }

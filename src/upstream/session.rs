@@ -287,7 +287,7 @@ impl Session {
                     }
                     let msg = ToClient::Reply {
                         seq: route.seq,
-                        reply: reply.bytes,
+                        reply: Box::new(reply.bytes),
                         error: reply.error,
                     };
                     self.deliver(route.client, msg);
