@@ -59,6 +59,7 @@ struct RawUpstream {
     connect_timeout_ms: Option<u64>,
     greeting_timeout_ms: Option<u64>,
     command_timeout_ms: Option<u64>,
+    proxy_events: Option<bool>,
     backoff_initial_ms: Option<u64>,
     backoff_max_ms: Option<u64>,
     backoff_multiplier: Option<f64>,
@@ -179,6 +180,10 @@ pub struct UpstreamOptions {
     /// A command QEMU has not answered after this long gets an error; its
     /// late reply is discarded. `None`: wait forever, as QEMU's own clients do.
     pub command_timeout: Option<Duration>,
+    /// Tell clients when the upstream connection is lost and restored, with
+    /// `__org.qmpmux_UPSTREAM_LOST` / `__org.qmpmux_UPSTREAM_RESTORED`
+    /// events. Off by default: stock clients need not know these names.
+    pub proxy_events: bool,
     pub backoff: BackoffOptions,
 }
 
@@ -242,6 +247,7 @@ impl Default for UpstreamOptions {
             connect_timeout: Duration::from_secs(5),
             greeting_timeout: Duration::from_secs(5),
             command_timeout: None,
+            proxy_events: false,
             backoff: BackoffOptions {
                 initial: Duration::from_millis(50),
                 max: Duration::from_millis(1000),
@@ -507,6 +513,7 @@ impl RawUpstream {
                 d.greeting_timeout,
                 "upstream.greeting_timeout_ms",
             )?,
+            proxy_events: self.proxy_events.unwrap_or(d.proxy_events),
             command_timeout: match self.command_timeout_ms {
                 None => None,
                 Some(v) => Some(ms(Some(v), Duration::ZERO, "upstream.command_timeout_ms")?),

@@ -14,7 +14,7 @@ use crate::qmp::incoming::Greeting;
 use crate::qmp::json::qemu_style;
 use crate::qmp::request::{decide, error_line, Caps, Decision, Session};
 use crate::upstream::mailbox::mailbox;
-use crate::upstream::{SessionHandle, ToClient, ToSession};
+use crate::upstream::{SessionHandle, ToClient, ToSession, EXTENSION_PREFIX};
 use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt, StreamExt};
 use serde_json::value::RawValue;
@@ -225,6 +225,10 @@ impl Client {
                 self.audit(&command, "denied by policy", Instant::now());
                 self.slots.push_back(Slot::Ready(line));
             }
+            Decision::Forward(fwd) if fwd.command.strip_prefix(EXTENSION_PREFIX) == Some("query-proxy") => {
+                let line = self.query_proxy(fwd.id.as_deref());
+                self.slots.push_back(Slot::Ready(line));
+            }
             Decision::Forward(fwd) => {
                 let seq = self.next_seq;
                 self.next_seq += 1;
@@ -295,6 +299,35 @@ impl Client {
         if let Some((command, start)) = audit {
             self.audit(&command, outcome, start);
         }
+    }
+
+    /// `__org.qmpmux_query-proxy`: qmpmux's view of this VM and this
+    /// client, answered without QEMU.
+    fn query_proxy(&self, id: Option<&RawValue>) -> Bytes {
+        let (runstate, connections) = {
+            let s = self.ctx.session.status.borrow();
+            (s.runstate, s.connections)
+        };
+        let m = &self.ctx.metrics;
+        let ret = serde_json::json!({
+            "vm": &*self.ctx.vm,
+            "runstate": runstate.to_string(),
+            "upstream-connections": connections,
+            "clients": m.clients.get(),
+            "in-flight": m.in_flight.get(),
+            "queued": m.queued.get(),
+            "listener": self.ctx.listener.name,
+            "policy": self.ctx.listener.policy.describe(),
+            "client": self.id,
+        });
+        let ret = RawValue::from_string(ret.to_string())
+            .map(|r| qemu_style(&r))
+            .unwrap_or_default();
+        let line = match id.map(qemu_style) {
+            Some(id) => format!("{{\"return\": {ret}, \"id\": {id}}}\r\n"),
+            None => format!("{{\"return\": {ret}}}\r\n"),
+        };
+        Bytes::from(line)
     }
 
     /// One line on the `qmpmux::audit` target: who did what, with what

@@ -16,7 +16,7 @@ use std::fmt;
 use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 
-pub use session::spawn;
+pub use session::{spawn, EXTENSION_PREFIX};
 
 /// The upstream connection's state, as in QEMU's `AsyncProtocol`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -100,6 +100,10 @@ mod tests {
     /// Every idle client's mailbox preallocates a block of these.
     #[test]
     fn messages_to_clients_stay_small() {
-        assert!(std::mem::size_of::<super::ToClient>() <= 40, "{}", std::mem::size_of::<super::ToClient>());
+        assert!(
+            std::mem::size_of::<super::ToClient>() <= 40,
+            "{}",
+            std::mem::size_of::<super::ToClient>()
+        );
     }
 }

@@ -176,6 +176,11 @@ impl Session {
             s.last_error = None;
         });
         self.set_state(Runstate::Running);
+        if self.opts.proxy_events {
+            let reconnect = self.status.borrow().connections > 1;
+            let data = format!("{{\"vm\": {}, \"reconnect\": {reconnect}}}", json_str(&self.vm.name));
+            self.broadcast(proxy_event("UPSTREAM_RESTORED", &data));
+        }
         let mut wbuf = BytesMut::with_capacity(4096);
         let timeout = self.opts.command_timeout;
         // Checks for timed-out commands a few times per timeout period.
@@ -227,6 +232,15 @@ impl Session {
             Exit::Io(e) => Some(e.to_string()),
             Exit::Desync(m) => Some(format!("unexpected message from QEMU: {m}")),
         };
+        if self.opts.proxy_events && !matches!(exit, Exit::Shutdown) {
+            let reason = error.as_deref().unwrap_or("");
+            let data = format!(
+                "{{\"vm\": {}, \"reason\": {}}}",
+                json_str(&self.vm.name),
+                json_str(reason)
+            );
+            self.broadcast(proxy_event("UPSTREAM_LOST", &data));
+        }
         self.status.send_modify(|s| s.last_error = error);
         drop(writer);
         drop(reader);
@@ -420,6 +434,28 @@ async fn serve_down(
             }
         }
     }
+}
+
+/// The vendor prefix of qmpmux's own QMP extensions (QMP spec:
+/// "Downstream extension of QMP", `__RFQDN_`).
+pub const EXTENSION_PREFIX: &str = "__org.qmpmux_";
+
+fn json_str(s: &str) -> String {
+    let mut out = String::new();
+    crate::qmp::json::write_str(&mut out, s);
+    out
+}
+
+/// An event of qmpmux's own, in QEMU's event format.
+fn proxy_event(name: &str, data: &str) -> Bytes {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    Bytes::from(format!(
+        "{{\"timestamp\": {{\"seconds\": {}, \"microseconds\": {}}}, \"event\": \"{EXTENSION_PREFIX}{name}\", \"data\": {data}}}\r\n",
+        now.as_secs(),
+        now.subsec_micros()
+    ))
 }
 
 fn lossy(b: &[u8]) -> String {
