@@ -94,7 +94,16 @@ struct RawVm {
 #[serde(deny_unknown_fields)]
 struct RawListener {
     name: Option<String>,
-    path: PathBuf,
+    path: Option<PathBuf>,
+    /// TCP address instead of `path`.
+    tcp: Option<std::net::SocketAddr>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
+    #[serde(default)]
+    allow_plain_tcp: bool,
+    #[serde(default)]
+    subjects: Vec<String>,
     #[serde(default)]
     allow: Vec<String>,
     #[serde(default)]
@@ -227,12 +236,33 @@ pub struct VmConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListenerConfig {
     pub name: String,
+    /// Unix socket path; empty for a TCP listener.
     pub path: PathBuf,
+    pub tcp: Option<TcpConfig>,
+    /// TLS clients whose certificate subject matches one of these are
+    /// served (all verified clients when empty).
+    pub subjects: Vec<Glob>,
     pub policy: Policy,
     /// When either list is non-empty, only peers whose uid is in `uids` or
     /// whose gid is in `gids` are served.
     pub uids: Vec<u32>,
     pub gids: Vec<u32>,
+}
+
+/// A TCP listener: mutual TLS, or plain on loopback by explicit opt-in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpConfig {
+    pub addr: std::net::SocketAddr,
+    pub tls: Option<TlsFiles>,
+}
+
+/// PEM files for a mutual-TLS listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Client certificates must chain to this CA.
+    pub client_ca: PathBuf,
 }
 
 impl ListenerConfig {
@@ -359,11 +389,37 @@ impl RawConfig {
             let mut listeners = Vec::new();
             for (j, l) in vm.listeners.into_iter().enumerate() {
                 let at = |f: &str| format!("vm[{i}].listener[{j}].{f}");
-                check_socket_path(&l.path).map_err(|r| invalid(at("path"), r))?;
-                if !listens.insert(l.path.clone()) || l.path == vm.upstream {
-                    return Err(invalid(at("path"), format!("{} is used elsewhere", l.path.display())));
-                }
-                let stem = l.path.file_stem().map(|s| s.to_string_lossy().into_owned());
+                let (path, tcp) = match (l.path, l.tcp) {
+                    (Some(path), None) => {
+                        check_socket_path(&path).map_err(|r| invalid(at("path"), r))?;
+                        if !listens.insert(path.clone()) || path == vm.upstream {
+                            return Err(invalid(at("path"), format!("{} is used elsewhere", path.display())));
+                        }
+                        (path, None)
+                    }
+                    (None, Some(addr)) => {
+                        let tls = match (l.tls_cert, l.tls_key, l.tls_client_ca) {
+                            (Some(cert), Some(key), Some(client_ca)) => Some(TlsFiles { cert, key, client_ca }),
+                            (None, None, None) if l.allow_plain_tcp && addr.ip().is_loopback() => None,
+                            (None, None, None) => {
+                                return Err(invalid(
+                                    at("tcp"),
+                                    "needs tls_cert, tls_key and tls_client_ca (mutual TLS); plain TCP only \
+                                     on a loopback address with allow_plain_tcp = true",
+                                ))
+                            }
+                            _ => {
+                                return Err(invalid(
+                                    at("tls_cert"),
+                                    "tls_cert, tls_key and tls_client_ca go together",
+                                ))
+                            }
+                        };
+                        (PathBuf::new(), Some(TcpConfig { addr, tls }))
+                    }
+                    _ => return Err(invalid(at("path"), "set exactly one of `path` and `tcp`")),
+                };
+                let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned());
                 let name = l.name.or(stem).unwrap_or_else(|| format!("listener{j}"));
                 for p in l.allow.iter().chain(&l.deny) {
                     if p.is_empty() {
@@ -372,7 +428,9 @@ impl RawConfig {
                 }
                 listeners.push(ListenerConfig {
                     name,
-                    path: l.path,
+                    path,
+                    tcp,
+                    subjects: l.subjects.into_iter().map(Glob::new).collect(),
                     policy: Policy {
                         allow: l.allow.into_iter().map(Glob::new).collect(),
                         deny: l.deny.into_iter().map(Glob::new).collect(),

@@ -5,7 +5,7 @@
 use crate::config::{Config, ListenerConfig, SocketPerms, UpstreamMode, VmConfig};
 use crate::control::{serve_control, serve_metrics, StatusReport, VmStatus};
 use crate::downstream::client::ClientContext;
-use crate::downstream::{accept_loop, bind, BindError};
+use crate::downstream::{accept_loop, accept_tcp_loop, bind, tls, BindError};
 use crate::metrics::{Metrics, SharedMetrics, VmMetrics};
 use crate::policy::Policy;
 use crate::upstream::{self, SessionHandle};
@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
@@ -32,6 +33,20 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
+    #[error("VM '{vm}', listener '{listener}': TLS")]
+    Tls {
+        vm: String,
+        listener: String,
+        #[source]
+        source: crate::downstream::tls::TlsError,
+    },
+    #[error("VM '{vm}': cannot listen on {addr}")]
+    Tcp {
+        vm: String,
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("VM '{vm}'")]
     Bind {
         vm: String,
@@ -45,8 +60,23 @@ pub enum RunError {
 struct VmSockets {
     clients: UnixListener,
     /// One per `[[vm.listener]]`, in order.
-    extra: Vec<UnixListener>,
+    extra: Vec<Bound>,
     upstream: Option<UnixListener>,
+}
+
+/// An extra listener, bound.
+enum Bound {
+    Unix(UnixListener),
+    Tcp(TcpListener, Option<TlsAcceptor>),
+}
+
+impl std::fmt::Debug for Bound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Bound::Unix(l) => write!(f, "Unix({l:?})"),
+            Bound::Tcp(l, tls) => write!(f, "Tcp({l:?}, tls: {})", tls.is_some()),
+        }
+    }
 }
 
 /// Everything the daemon listens on, bound before it runs.
@@ -95,7 +125,25 @@ async fn bind_vm(vm: &VmConfig, perms: &SocketPerms) -> Result<VmSockets, RunErr
     let clients = bind(&vm.listen, perms).await.map_err(err)?;
     let mut extra = Vec::new();
     for l in &vm.listeners {
-        extra.push(bind(&l.path, perms).await.map_err(err)?);
+        extra.push(match &l.tcp {
+            None => Bound::Unix(bind(&l.path, perms).await.map_err(err)?),
+            Some(tcp) => {
+                let acceptor = match &tcp.tls {
+                    Some(files) => Some(tls::acceptor(files).map_err(|source| RunError::Tls {
+                        vm: vm.name.clone(),
+                        listener: l.name.clone(),
+                        source,
+                    })?),
+                    None => None,
+                };
+                let listener = TcpListener::bind(tcp.addr).await.map_err(|source| RunError::Tcp {
+                    vm: vm.name.clone(),
+                    addr: tcp.addr,
+                    source,
+                })?;
+                Bound::Tcp(listener, acceptor)
+            }
+        });
     }
     let upstream = match vm.upstream_mode {
         UpstreamMode::Connect => None,
@@ -226,19 +274,31 @@ impl Supervisor {
             listener: Arc::new(ListenerConfig {
                 name: "main".into(),
                 path: vm.listen.clone(),
+                tcp: None,
+                subjects: Vec::new(),
                 policy: Policy::default(),
                 uids: Vec::new(),
                 gids: Vec::new(),
             }),
         };
         info!(vm = %vm.name, listen = %vm.listen.display(), upstream = %vm.upstream.display(), "serving VM");
-        for (l, sock) in vm.listeners.iter().zip(sockets.extra) {
-            info!(vm = %vm.name, listener = %l.name, path = %l.path.display(), policy = %l.policy.describe(), "extra listener");
+        for (l, bound) in vm.listeners.iter().zip(sockets.extra) {
             let ctx = ClientContext {
                 listener: Arc::new(l.clone()),
                 ..ctx.clone()
             };
-            tasks.spawn(accept_loop(sock, ctx, clients.clone(), slots.clone()));
+            let policy = l.policy.describe();
+            match bound {
+                Bound::Unix(sock) => {
+                    info!(vm = %vm.name, listener = %l.name, path = %l.path.display(), %policy, "extra listener");
+                    tasks.spawn(accept_loop(sock, ctx, clients.clone(), slots.clone()));
+                }
+                Bound::Tcp(sock, tls) => {
+                    let addr = sock.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                    info!(vm = %vm.name, listener = %l.name, %addr, tls = tls.is_some(), %policy, "extra listener");
+                    tasks.spawn(accept_tcp_loop(sock, tls, ctx, clients.clone(), slots.clone()));
+                }
+            }
         }
         tasks.spawn(accept_loop(listener, ctx, clients.clone(), slots.clone()));
         self.vms.insert(
@@ -341,7 +401,12 @@ async fn bind_or_undo(
 /// The socket paths a VM binds.
 fn bound_paths(vm: &VmConfig) -> Vec<&std::path::Path> {
     let mut paths = vec![vm.listen.as_path()];
-    paths.extend(vm.listeners.iter().map(|l| l.path.as_path()));
+    paths.extend(
+        vm.listeners
+            .iter()
+            .filter(|l| l.tcp.is_none())
+            .map(|l| l.path.as_path()),
+    );
     if vm.upstream_mode == UpstreamMode::Accept {
         paths.push(vm.upstream.as_path());
     }

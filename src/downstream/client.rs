@@ -22,8 +22,7 @@ use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::io::AsyncWriteExt;
-use tokio::net::UnixStream;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -64,12 +63,15 @@ enum Slot {
     Ready(Bytes),
 }
 
-/// Who is on the other end, from SO_PEERCRED.
-#[derive(Debug, Clone, Copy)]
+/// Who is on the other end: SO_PEERCRED for unix sockets; for TCP the
+/// address, and the client certificate's subject with TLS (pid 0 and
+/// uid/gid `u32::MAX` there).
+#[derive(Debug, Clone, Default)]
 pub struct Peer {
     pub pid: i32,
     pub uid: u32,
     pub gid: u32,
+    pub remote: Option<Arc<str>>,
 }
 
 struct Client {
@@ -100,9 +102,14 @@ enum End {
     Panic,
 }
 
-pub async fn run(stream: UnixStream, id: u64, peer: Peer, ctx: ClientContext) {
-    info!(client = id, listener = %ctx.listener.name, pid = peer.pid, uid = peer.uid, gid = peer.gid, "client connected");
-    let end = AssertUnwindSafe(serve(stream, id, peer, ctx.clone()))
+pub async fn run<R, W>(read: R, write: W, id: u64, peer: Peer, ctx: ClientContext)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let remote = peer.remote.as_deref().unwrap_or("-");
+    info!(client = id, listener = %ctx.listener.name, pid = peer.pid, uid = peer.uid, gid = peer.gid, remote, "client connected");
+    let end = AssertUnwindSafe(serve(read, write, id, peer, ctx.clone()))
         .catch_unwind()
         .await
         .unwrap_or(End::Panic);
@@ -123,7 +130,11 @@ pub async fn run(stream: UnixStream, id: u64, peer: Peer, ctx: ClientContext) {
     }
 }
 
-async fn serve(stream: UnixStream, id: u64, peer: Peer, ctx: ClientContext) -> End {
+async fn serve<R, W>(read: R, mut write: W, id: u64, peer: Peer, ctx: ClientContext) -> End
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let Some(greeting) = wait_for_greeting(&ctx).await else {
         return if ctx.stop.is_cancelled() {
             End::Shutdown
@@ -131,7 +142,6 @@ async fn serve(stream: UnixStream, id: u64, peer: Peer, ctx: ClientContext) -> E
             End::NoGreeting
         };
     };
-    let (read, mut write) = stream.into_split();
     let limits = Limits {
         max_message: ctx.opts.max_message_bytes,
         max_depth: ctx.opts.max_depth,
@@ -341,6 +351,7 @@ impl Client {
             pid = self.peer.pid,
             uid = self.peer.uid,
             gid = self.peer.gid,
+            remote = self.peer.remote.as_deref().unwrap_or("-"),
             command,
             outcome,
             duration_ms = start.elapsed().as_secs_f64() * 1000.0,

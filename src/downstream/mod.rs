@@ -1,16 +1,19 @@
 //! The client side: listening sockets and one task per connected client.
 
 pub mod client;
+pub mod tls;
 
 use crate::config::SocketPerms;
 use client::{ClientContext, Peer};
 use std::io;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn, Instrument};
 
@@ -123,6 +126,7 @@ pub async fn accept_loop(listener: UnixListener, ctx: ClientContext, tracker: Ta
                         pid: c.pid().unwrap_or(0),
                         uid: c.uid(),
                         gid: c.gid(),
+                        remote: None,
                     },
                     Err(e) => {
                         warn!(error = %e, "cannot identify a client (SO_PEERCRED); refusing it");
@@ -136,7 +140,8 @@ pub async fn accept_loop(listener: UnixListener, ctx: ClientContext, tracker: Ta
                 }
                 let id = NEXT_CLIENT.fetch_add(1, Ordering::Relaxed);
                 let span = tracing::info_span!("client", id);
-                let client = client::run(stream, id, peer, ctx.clone());
+                let (read, write) = stream.into_split();
+                let client = client::run(read, write, id, peer, ctx.clone());
                 let gauge = ctx.metrics.clients.clone();
                 gauge.inc();
                 tracker.spawn(
@@ -157,6 +162,84 @@ pub async fn accept_loop(listener: UnixListener, ctx: ClientContext, tracker: Ta
             Err(e) => warn!(error = %e, "accept failed"),
         }
     }
+}
+
+/// How long a TLS client gets to complete its handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts TCP clients (mutual TLS unless `tls` is `None`, which config
+/// validation allows only on loopback) until `ctx.stop`.
+pub async fn accept_tcp_loop(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    ctx: ClientContext,
+    tracker: TaskTracker,
+    slots: Arc<Semaphore>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = ctx.stop.cancelled() => return,
+        };
+        let (stream, addr) = match accepted {
+            Ok(a) => a,
+            Err(e) if is_resource_exhaustion(&e) => {
+                error!(error = %e, "cannot accept client; pausing accepts for 100 ms");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            warn!(
+                max = ctx.opts.max_clients,
+                "VM has its maximum number of clients; refusing a new one"
+            );
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let (ctx, tls) = (ctx.clone(), tls.clone());
+        let id = NEXT_CLIENT.fetch_add(1, Ordering::Relaxed);
+        let span = tracing::info_span!("client", id);
+        tracker.spawn(
+            async move {
+                let gauge = ctx.metrics.clients.clone();
+                gauge.inc();
+                serve_tcp(stream, addr, tls, id, ctx).await;
+                gauge.dec();
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn serve_tcp(stream: TcpStream, addr: SocketAddr, tls: Option<TlsAcceptor>, id: u64, ctx: ClientContext) {
+    let mut peer = Peer {
+        pid: 0,
+        uid: u32::MAX,
+        gid: u32::MAX,
+        remote: Some(format!("tcp:{addr}").into()),
+    };
+    let Some(tls) = tls else {
+        let (read, write) = stream.into_split();
+        return client::run(read, write, id, peer, ctx).await;
+    };
+    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return warn!(%addr, error = %e, "TLS handshake failed"),
+        Err(_) => return warn!(%addr, "TLS handshake timed out"),
+    };
+    let subject = tls::peer_subject(stream.get_ref().1).unwrap_or_default();
+    if !ctx.listener.subjects.is_empty() && !ctx.listener.subjects.iter().any(|g| g.matches(&subject)) {
+        return warn!(%addr, %subject, listener = %ctx.listener.name, "client refused: certificate subject not allowed");
+    }
+    peer.remote = Some(format!("tls:{subject}@{addr}").into());
+    let (read, write) = tokio::io::split(stream);
+    client::run(read, write, id, peer, ctx).await
 }
 
 fn is_resource_exhaustion(e: &io::Error) -> bool {
