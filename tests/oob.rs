@@ -69,6 +69,8 @@ async fn oob_against_real_qemu_and_policy() {
         c.vms[0].listeners = vec![qmpmux::config::ListenerConfig {
             name: "ro".into(),
             path: p("ro.sock"),
+            tcp: None,
+            subjects: Vec::new(),
             policy: qmpmux::policy::Policy {
                 allow: vec![qmpmux::policy::Glob::new("query-*")],
                 deny: Vec::new(),

@@ -14,6 +14,8 @@ fn listener(name: &str, path: &Path, allow: &[&str], deny: &[&str]) -> ListenerC
     ListenerConfig {
         name: name.into(),
         path: path.to_owned(),
+        tcp: None,
+        subjects: Vec::new(),
         policy: Policy {
             allow: allow.iter().map(|s| Glob::new(*s)).collect(),
             deny: deny.iter().map(|s| Glob::new(*s)).collect(),
