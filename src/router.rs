@@ -7,6 +7,7 @@
 
 use bytes::Bytes;
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
 /// Which client, and which of its requests.
@@ -21,6 +22,8 @@ struct Queued {
     route: Route,
     tail: Bytes,
     since: Instant,
+    /// A passed fd to send with the request.
+    fd: Option<OwnedFd>,
 }
 
 /// Requests given up on (connection ended, or timed out).
@@ -47,6 +50,8 @@ pub struct Router {
     /// Upstream numbers of OOB requests in flight or expired: outside the
     /// in-band window.
     oob: HashSet<u64>,
+    /// The one fd-carrying request QEMU has not answered yet.
+    fd_in_flight: Option<u64>,
 }
 
 impl Router {
@@ -59,6 +64,7 @@ impl Router {
             expired: HashSet::new(),
             oob_queue: VecDeque::new(),
             oob: HashSet::new(),
+            fd_in_flight: None,
         }
     }
 
@@ -68,10 +74,18 @@ impl Router {
     }
 
     pub fn submit(&mut self, route: Route, tail: Bytes, now: Instant) {
+        self.submit_fd(route, tail, None, now)
+    }
+
+    /// A request carrying a passed fd. QEMU mixes fds up when two such
+    /// requests are queued at once, so only one is in flight at a time, and
+    /// requests behind it wait their turn.
+    pub fn submit_fd(&mut self, route: Route, tail: Bytes, fd: Option<OwnedFd>, now: Instant) {
         self.queue.push_back(Queued {
             route,
             tail,
             since: now,
+            fd,
         });
     }
 
@@ -82,14 +96,23 @@ impl Router {
             route,
             tail,
             since: now,
+            fd: None,
         });
     }
 
     /// The next request to write upstream, if the window has room (OOB ones
     /// always have): its upstream number and the bytes after `{"id": N`.
     pub fn next_to_send(&mut self) -> Option<(u64, Bytes)> {
+        self.next_with_fd().map(|(n, tail, _)| (n, tail))
+    }
+
+    /// [`Router::next_to_send`], with the fd to send along, if any.
+    pub fn next_with_fd(&mut self) -> Option<(u64, Bytes, Option<OwnedFd>)> {
         let oob = !self.oob_queue.is_empty();
         if !oob && self.in_flight.len() + self.expired.len() - self.oob.len() >= self.window {
+            return None;
+        }
+        if !oob && self.fd_in_flight.is_some() && self.queue.front().is_some_and(|q| q.fd.is_some()) {
             return None;
         }
         let q = if oob {
@@ -103,7 +126,10 @@ impl Router {
         if oob {
             self.oob.insert(n);
         }
-        Some((n, q.tail))
+        if q.fd.is_some() {
+            self.fd_in_flight = Some(n);
+        }
+        Some((n, q.tail, q.fd))
     }
 
     /// The reply with upstream number `n` arrived: who gets it, and when
@@ -111,6 +137,9 @@ impl Router {
     /// more (timed out, or unknown).
     pub fn complete(&mut self, n: u64) -> Option<(Route, Instant)> {
         self.oob.remove(&n);
+        if self.fd_in_flight == Some(n) {
+            self.fd_in_flight = None;
+        }
         if self.expired.remove(&n) {
             return None;
         }
@@ -157,6 +186,7 @@ impl Router {
     pub fn abandon(&mut self) -> Abandoned {
         self.expired.clear();
         self.oob.clear();
+        self.fd_in_flight = None;
         let mut sent: Vec<(u64, Route)> = self.in_flight.drain().map(|(n, (r, _))| (n, r)).collect();
         sent.sort_unstable_by_key(|(n, _)| *n);
         Abandoned {
@@ -246,6 +276,23 @@ mod tests {
         assert!(rt.next_to_send().is_none());
         assert_eq!(rt.complete(n0).map(|(r, _)| r), Some(r(1, 0)));
         assert_eq!(&rt.next_to_send().unwrap().1[..], b"in1");
+    }
+
+    #[test]
+    fn one_fd_carrying_request_in_flight_at_a_time() {
+        let fd = || Some(OwnedFd::from(std::fs::File::open("/dev/null").unwrap()));
+        let mut rt = Router::new(8);
+        rt.submit_fd(r(1, 0), Bytes::from("a"), fd(), now());
+        rt.submit_fd(r(2, 0), Bytes::from("b"), fd(), now());
+        rt.submit(r(3, 0), Bytes::from("c"), now());
+        let (n, _, f) = rt.next_with_fd().unwrap();
+        assert!(f.is_some());
+        // The second fd request waits for the first's reply, and (FIFO)
+        // so does what is queued behind it.
+        assert!(rt.next_with_fd().is_none());
+        rt.complete(n);
+        let (_, t, f) = rt.next_with_fd().unwrap();
+        assert_eq!((&t[..], f.is_some()), (&b"b"[..], true));
     }
 
     #[test]

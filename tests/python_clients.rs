@@ -307,3 +307,27 @@ async fn qmp_shell_alongside_an_async_client() {
     assert_eq!(r, json!({"events": ["STOP", "RESUME"], "status": "running"}));
     s.daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fds_passed_by_stock_clients_reach_qemu_and_names_are_cleaned_up() {
+    let s = setup().await;
+    let out = s.run_script("fd_passing.py").await;
+    let r = result_of("fd_passing.py", &out);
+    assert_eq!(r["getfd"], json!({}), "{r}");
+    assert!(r["add_fd"]["fdset-id"].is_u64() && r["add_fd"]["fd"].is_u64(), "{r}");
+    let sets = r["fdsets_seen_by_b"].as_array().unwrap();
+    assert!(
+        sets.iter()
+            .any(|s| s["fds"].as_array().unwrap().iter().any(|f| f["opaque"] == "from-a")),
+        "{r}"
+    );
+    assert!(
+        r["getfd_without_fd"]
+            .as_str()
+            .unwrap()
+            .contains("No file descriptor supplied"),
+        "{r}"
+    );
+    assert!(r["closefd_after_a_left"].as_str().unwrap().contains("not found"), "{r}");
+    s.daemon.stop().await;
+}

@@ -7,6 +7,7 @@
 //! FIFO only from the front, so every client sees its replies in request
 //! order whatever answered them. Events go out as they come.
 
+use super::fds::{takes_fd, PassedFds};
 use crate::config::{ClientOptions, ListenerConfig};
 use crate::error::FailKind;
 use crate::qmp::framing::{Frame, JsonFramer, Limits};
@@ -59,6 +60,8 @@ enum Slot {
         /// `exec-oob`: its reply goes out as soon as it comes, ahead of
         /// earlier in-band replies (as QEMU's would).
         oob: bool,
+        /// `getfd` (true) or `closefd` (false) of this name.
+        fdname: Option<(bool, String)>,
     },
     Ready(Bytes),
 }
@@ -85,6 +88,8 @@ struct Client {
     outbuf: BytesMut,
     /// Answer what was asked, then disconnect, for this reason.
     closing: Option<End>,
+    /// `getfd` names this client created and has not closed.
+    fd_names: Vec<String>,
 }
 
 /// Why the client's connection ended.
@@ -104,7 +109,7 @@ enum End {
 
 pub async fn run<R, W>(read: R, write: W, id: u64, peer: Peer, ctx: ClientContext)
 where
-    R: AsyncRead + Unpin + Send + 'static,
+    R: AsyncRead + Unpin + Send + PassedFds + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let remote = peer.remote.as_deref().unwrap_or("-");
@@ -132,7 +137,7 @@ where
 
 async fn serve<R, W>(read: R, mut write: W, id: u64, peer: Peer, ctx: ClientContext) -> End
 where
-    R: AsyncRead + Unpin,
+    R: AsyncRead + Unpin + PassedFds,
     W: AsyncWrite + Unpin,
 {
     let Some(greeting) = wait_for_greeting(&ctx).await else {
@@ -174,6 +179,7 @@ where
         next_seq: 0,
         outbuf: BytesMut::from(&greeting.line(true)[..]),
         closing: None,
+        fd_names: Vec::new(),
     };
     let (stop, hard) = (client.ctx.stop.clone(), client.ctx.hard.clone());
     // Created once, not on every pass of the loop.
@@ -181,36 +187,46 @@ where
     tokio::pin!(stopped, killed);
     let outbuf_high = OUTBUF_HIGH.min(client.ctx.opts.max_queue_bytes / 2);
     let mut eof = false;
-    loop {
-        if (eof || client.closing.is_some()) && client.slots.is_empty() && client.outbuf.is_empty() {
-            return client.closing.unwrap_or(End::ClientClosed);
-        }
-        let can_read = !eof
-            && client.closing.is_none()
-            && client.slots.len() < client.ctx.opts.max_in_flight
-            && client.outbuf.len() < outbuf_high;
-        // Cancel-safe branches only: FramedRead::next, mpsc::recv, one write.
-        tokio::select! {
-            () = &mut killed => return End::Shutdown,
-            () = &mut stopped, if client.closing.is_none() => client.closing = Some(End::Shutdown),
-            frame = reader.next(), if can_read => match frame {
-                Some(Ok(frame)) => client.on_frame(frame).await,
-                Some(Err(e)) => return End::Io(e),
-                // The client closed its sending side: answer what it asked.
-                None => eof = true,
-            },
-            msg = mailbox.recv(), if client.outbuf.len() < outbuf_high => match msg {
-                Some(msg) => client.on_session(msg),
-                None => return End::Dropped,
-            },
-            r = write.write_buf(&mut client.outbuf), if !client.outbuf.is_empty() => match r {
-                Ok(0) => return End::ClientClosed,
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return End::ClientClosed,
-                Err(e) => return End::Io(e),
-            },
+    let end = async {
+        loop {
+            if (eof || client.closing.is_some()) && client.slots.is_empty() && client.outbuf.is_empty() {
+                return client.closing.take().unwrap_or(End::ClientClosed);
+            }
+            let can_read = !eof
+                && client.closing.is_none()
+                && client.slots.len() < client.ctx.opts.max_in_flight
+                && client.outbuf.len() < outbuf_high;
+            // Cancel-safe branches only: FramedRead::next, mpsc::recv, one write.
+            tokio::select! {
+                () = &mut killed => return End::Shutdown,
+                () = &mut stopped, if client.closing.is_none() => client.closing = Some(End::Shutdown),
+                frame = reader.next(), if can_read => match frame {
+                    Some(Ok(frame)) => client.on_frame(frame, reader.get_mut()).await,
+                    Some(Err(e)) => return End::Io(e),
+                    // The client closed its sending side: answer what it asked.
+                    None => eof = true,
+                },
+                msg = mailbox.recv(), if client.outbuf.len() < outbuf_high => match msg {
+                    Some(msg) => client.on_session(msg),
+                    None => return End::Dropped,
+                },
+                r = write.write_buf(&mut client.outbuf), if !client.outbuf.is_empty() => match r {
+                    Ok(0) => return End::ClientClosed,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return End::ClientClosed,
+                    Err(e) => return End::Io(e),
+                },
+            }
         }
     }
+    .await;
+    // `getfd` names live in QEMU's monitor, shared by all clients: close
+    // this client's, as QEMU closes a connection's unclaimed fds.
+    if !client.fd_names.is_empty() {
+        let names = std::mem::take(&mut client.fd_names);
+        let _ = client.ctx.session.tx.try_send(ToSession::CloseFds { names });
+    }
+    end
 }
 
 /// QEMU's latest greeting, waiting (bounded) for QEMU to be seen once.
@@ -225,7 +241,7 @@ async fn wait_for_greeting(ctx: &ClientContext) -> Option<Arc<Greeting>> {
 }
 
 impl Client {
-    async fn on_frame(&mut self, frame: Frame) {
+    async fn on_frame(&mut self, frame: Frame, passed: &mut impl PassedFds) {
         if matches!(frame, Frame::Limit(_)) {
             self.closing = Some(End::Limit);
         }
@@ -243,6 +259,8 @@ impl Client {
                 let seq = self.next_seq;
                 self.next_seq += 1;
                 debug!(client = self.id, command = %fwd.command, "forward");
+                let fd = if takes_fd(&fwd.command) { passed.take_fd() } else { None };
+                let fdname = fwd.fdname.map(|n| (fwd.command == "getfd", n));
                 // Queries change nothing: the audit log is for the rest.
                 let audit = (!fwd.command.starts_with("query-")).then(|| (fwd.command, Instant::now()));
                 self.slots.push_back(Slot::Waiting {
@@ -250,12 +268,14 @@ impl Client {
                     id: fwd.id,
                     audit,
                     oob: fwd.oob,
+                    fdname,
                 });
                 let msg = ToSession::Execute {
                     client: self.id,
                     seq,
                     tail: fwd.tail,
                     oob: fwd.oob,
+                    fd,
                 };
                 if self.ctx.session.tx.send(msg).await.is_err() {
                     let vm = self.ctx.vm.clone();
@@ -295,10 +315,17 @@ impl Client {
         else {
             return;
         };
-        let Slot::Waiting { id, audit, oob, .. } = std::mem::replace(&mut self.slots[at], Slot::Ready(Bytes::new()))
+        let Slot::Waiting {
+            id, audit, oob, fdname, ..
+        } = std::mem::replace(&mut self.slots[at], Slot::Ready(Bytes::new()))
         else {
             return;
         };
+        match fdname {
+            Some((true, name)) if outcome == "ok" => self.fd_names.push(name),
+            Some((false, name)) if outcome == "ok" => self.fd_names.retain(|n| *n != name),
+            _ => {}
+        }
         let line = make(id.as_deref());
         if oob {
             self.slots.remove(at);

@@ -1,6 +1,7 @@
 //! The client side: listening sockets and one task per connected client.
 
 pub mod client;
+pub mod fds;
 pub mod tls;
 
 use crate::config::SocketPerms;
@@ -141,7 +142,7 @@ pub async fn accept_loop(listener: UnixListener, ctx: ClientContext, tracker: Ta
                 let id = NEXT_CLIENT.fetch_add(1, Ordering::Relaxed);
                 let span = tracing::info_span!("client", id);
                 let (read, write) = stream.into_split();
-                let client = client::run(read, write, id, peer, ctx.clone());
+                let client = client::run(fds::FdReader::new(read), write, id, peer, ctx.clone());
                 let gauge = ctx.metrics.clients.clone();
                 gauge.inc();
                 tracker.spawn(

@@ -48,6 +48,9 @@ pub struct Forward {
     pub command: String,
     /// `exec-oob`: may overtake in-band requests, and its reply too.
     pub oob: bool,
+    /// For `getfd` and `closefd`: the fd name (monitor-wide in QEMU, so
+    /// qmpmux tracks which client holds which).
+    pub fdname: Option<String>,
 }
 
 /// One QMP error class and text, as it goes on the wire.
@@ -223,12 +226,25 @@ pub fn decide(frame: Frame, session: &mut Session, offered: Caps, policy: &Polic
             command,
         };
     }
+    let fdname = match command.as_str() {
+        "getfd" | "closefd" => fdname(members.get("arguments")),
+        _ => None,
+    };
     Decision::Forward(Forward {
         tail: forward_tail(&members),
         id: id.map(|v| v.to_owned()),
         command,
         oob,
+        fdname,
     })
+}
+
+fn fdname(arguments: Option<&RawValue>) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Args {
+        fdname: String,
+    }
+    serde_json::from_str::<Args>(arguments?.get()).ok().map(|a| a.fdname)
 }
 
 /// Everything after `{"id": N` of the upstream message.

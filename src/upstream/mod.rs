@@ -67,6 +67,12 @@ pub enum ToSession {
         tail: Bytes,
         /// `exec-oob`: sent at once, outside the in-band window.
         oob: bool,
+        /// A passed file descriptor, sent with the command (SCM_RIGHTS).
+        fd: Option<std::os::fd::OwnedFd>,
+    },
+    /// A client left holding these `getfd` names: close them in QEMU.
+    CloseFds {
+        names: Vec<String>,
     },
 }
 

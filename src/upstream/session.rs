@@ -16,10 +16,11 @@ use futures_util::FutureExt;
 use futures_util::StreamExt;
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::os::fd::OwnedFd;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
+use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -165,7 +166,7 @@ impl Session {
     async fn running(&mut self, conn: Connection) -> Exit {
         let Connection {
             mut reader,
-            mut writer,
+            writer,
             greeting,
         } = conn;
         info!(version = %greeting.version, oob = greeting.oob, "connected to QEMU monitor");
@@ -182,6 +183,8 @@ impl Session {
             self.broadcast(proxy_event("UPSTREAM_RESTORED", &data));
         }
         let mut wbuf = BytesMut::with_capacity(4096);
+        // A passed fd, and where in `wbuf` the request it goes with starts.
+        let mut pending_fd: Option<(OwnedFd, usize)> = None;
         let timeout = self.opts.command_timeout;
         // Checks for timed-out commands a few times per timeout period.
         let mut tick = tokio::time::interval(
@@ -192,7 +195,7 @@ impl Session {
         let cancelled = shutdown.cancelled();
         tokio::pin!(cancelled);
         let exit = loop {
-            self.pump(&mut wbuf);
+            self.pump(&mut wbuf, &mut pending_fd);
             // All branches are cancel-safe: FramedRead::next, mpsc::recv and a
             // single write_buf either complete or leave their state untouched.
             tokio::select! {
@@ -207,7 +210,7 @@ impl Session {
                         }
                     }
                 },
-                r = writer.write_buf(&mut wbuf), if !wbuf.is_empty() => {
+                r = write_some(&writer, &mut wbuf, &mut pending_fd), if !wbuf.is_empty() => {
                     if let Err(e) = r {
                         break Exit::Io(e);
                     }
@@ -249,8 +252,11 @@ impl Session {
     }
 
     /// Moves requests the window has room for into the write buffer.
-    fn pump(&mut self, wbuf: &mut BytesMut) {
-        while let Some((n, tail)) = self.router.next_to_send() {
+    fn pump(&mut self, wbuf: &mut BytesMut, pending_fd: &mut Option<(OwnedFd, usize)>) {
+        while let Some((n, tail, fd)) = self.router.next_with_fd() {
+            if let Some(fd) = fd {
+                *pending_fd = Some((fd, wbuf.len()));
+            }
             wbuf.put_slice(b"{\"id\": ");
             let _ = write!(wbuf, "{n}");
             wbuf.put_slice(&tail);
@@ -268,13 +274,30 @@ impl Session {
                 self.clients.remove(&client);
                 self.router.forget_client(client);
             }
-            ToSession::Execute { client, seq, tail, oob } => {
+            ToSession::Execute {
+                client,
+                seq,
+                tail,
+                oob,
+                fd,
+            } => {
                 self.metrics.commands.inc();
                 let (route, now) = (Route { client, seq }, std::time::Instant::now());
                 if oob {
                     self.router.submit_oob(route, tail, now)
                 } else {
-                    self.router.submit(route, tail, now)
+                    self.router.submit_fd(route, tail, fd, now)
+                }
+            }
+            ToSession::CloseFds { names } => {
+                // Replies go to client 0, which does not exist: dropped.
+                let route = Route { client: 0, seq: 0 };
+                for name in names {
+                    let tail = format!(
+                        ", \"execute\": \"closefd\", \"arguments\": {{\"fdname\": {}}}}}",
+                        json_str(&name)
+                    );
+                    self.router.submit(route, Bytes::from(tail), std::time::Instant::now());
                 }
             }
         }
@@ -421,6 +444,7 @@ async fn serve_down(
                 clients.remove(&client);
                 router.forget_client(client);
             }
+            ToSession::CloseFds { .. } => {}
             ToSession::Execute { client, seq, .. } => {
                 let failed = ToClient::Failed {
                     seq,
@@ -432,6 +456,48 @@ async fn serve_down(
                     }
                 }
             }
+        }
+    }
+}
+
+/// Writes some of `wbuf` to QEMU. The request a passed fd goes with starts
+/// a `sendmsg` of its own, carrying the fd (QEMU takes fds that arrive no
+/// later than the request's closing brace). Cancel-safe: waiting for
+/// writability is, and the write itself is synchronous.
+async fn write_some(
+    writer: &OwnedWriteHalf,
+    wbuf: &mut BytesMut,
+    pending_fd: &mut Option<(OwnedFd, usize)>,
+) -> std::io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let stream: &tokio::net::UnixStream = writer.as_ref();
+    loop {
+        writer.writable().await?;
+        let result = stream.try_io(tokio::io::Interest::WRITABLE, || {
+            let (upto, fd) = match pending_fd.as_ref() {
+                Some((fd, 0)) => (wbuf.len(), Some(fd.as_raw_fd())),
+                Some((_, at)) => (*at, None),
+                None => (wbuf.len(), None),
+            };
+            let iov = [std::io::IoSlice::new(&wbuf[..upto])];
+            let fds = fd.map(|f| [f]);
+            let cmsg: Vec<ControlMessage<'_>> = fds.iter().map(|f| ControlMessage::ScmRights(f)).collect();
+            sendmsg::<()>(stream.as_raw_fd(), &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None)
+                .map_err(|e| std::io::Error::from_raw_os_error(e as i32))
+        });
+        match result {
+            Ok(n) => {
+                let _ = wbuf.split_to(n);
+                *pending_fd = match pending_fd.take() {
+                    Some((_, 0)) => None,
+                    Some((fd, at)) => Some((fd, at - n.min(at))),
+                    None => None,
+                };
+                return Ok(());
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
         }
     }
 }
