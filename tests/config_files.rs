@@ -1,0 +1,229 @@
+//! The shipped example configurations: every `*.toml` under `config/` loads;
+//! `full.toml` really sets every option (each differs from what
+//! `minimal.toml` gets by default, so each was read); and every key that
+//! `qmpmux.toml`, the commented reference, mentions is set in `full.toml`.
+
+use qmpmux::config::{Config, LogFormat, LogRotation, UpstreamMode};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+fn config_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("config")
+}
+
+fn toml_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            toml_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "toml") {
+            out.push(path);
+        }
+    }
+}
+
+fn load(name: &str) -> Config {
+    Config::load(&config_dir().join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+#[test]
+fn every_shipped_config_loads() {
+    let mut files = Vec::new();
+    toml_files(&config_dir(), &mut files);
+    files.sort();
+    assert!(files.len() >= 3, "expected at least 3 config files, found {files:?}");
+    for path in &files {
+        if let Err(e) = Config::load(path) {
+            panic!("{}: {e}", path.display());
+        }
+    }
+    for name in ["qmpmux.toml", "full.toml", "minimal.toml"] {
+        assert!(files.contains(&config_dir().join(name)), "config/{name} is missing");
+    }
+}
+
+#[test]
+fn minimal_is_one_vm_and_nothing_else() {
+    let text = std::fs::read_to_string(config_dir().join("minimal.toml")).unwrap();
+    let c = Config::from_toml(&text, Path::new("minimal.toml")).unwrap();
+    assert_eq!(c.vms.len(), 1);
+    assert!(c.vms[0].listeners.is_empty());
+    let keys = keys_of(&text);
+    assert_eq!(
+        keys,
+        ["listen", "name", "upstream", "vm"].map(String::from).into(),
+        "minimal.toml should set only one VM's name, upstream and listen"
+    );
+}
+
+#[test]
+fn full_sets_every_option_to_something_read() {
+    let text = std::fs::read_to_string(config_dir().join("minimal.toml")).unwrap();
+    let d = Config::from_toml(&text, Path::new("minimal.toml")).unwrap();
+    let f = load("full.toml");
+
+    // Top level.
+    assert_ne!(f.log_level, d.log_level);
+    assert_eq!(f.log_level, "info,qmpmux::upstream=debug");
+    assert_eq!((d.log_format, f.log_format), (LogFormat::Text, LogFormat::Json));
+    assert_eq!(d.log_file, None);
+    assert_eq!(f.log_file.as_deref(), Some(Path::new("/var/log/qmpmux/qmpmux.log")));
+    assert_eq!(
+        (d.log_rotation, f.log_rotation),
+        (LogRotation::Daily, LogRotation::Hourly)
+    );
+    assert_ne!(f.control_socket, d.control_socket);
+    assert_eq!(f.control_socket.as_deref(), Some(Path::new("/run/qmpmux/control.sock")));
+    assert_eq!(d.metrics_listen, None);
+    assert_eq!(f.metrics_listen, Some("127.0.0.1:9187".parse().unwrap()));
+    assert_eq!((d.socket.mode, f.socket.mode), (0o660, 0o600));
+    assert_eq!((d.socket.uid, f.socket.uid), (None, Some(0)), "socket_owner = \"root\"");
+    assert_eq!((d.socket.gid, f.socket.gid), (None, Some(0)), "socket_group = \"0\"");
+
+    // [upstream]: every field differs.
+    let (du, fu) = (&d.upstream, &f.upstream);
+    assert_ne!(fu.connect_timeout, du.connect_timeout);
+    assert_ne!(fu.greeting_timeout, du.greeting_timeout);
+    assert_eq!(
+        (du.command_timeout, fu.command_timeout),
+        (None, Some(Duration::from_secs(30)))
+    );
+    assert_eq!((du.proxy_events, fu.proxy_events), (false, true));
+    assert_ne!(fu.backoff.initial, du.backoff.initial);
+    assert_ne!(fu.backoff.max, du.backoff.max);
+    assert_ne!(fu.backoff.multiplier, du.backoff.multiplier);
+    assert_ne!(fu.backoff.jitter, du.backoff.jitter);
+
+    // [client]: every field differs.
+    let (dc, fc) = (&d.client, &f.client);
+    assert_ne!(fc.greeting_wait, dc.greeting_wait);
+    assert_ne!(fc.max_message_bytes, dc.max_message_bytes);
+    assert_ne!(fc.max_depth, dc.max_depth);
+    assert_ne!(fc.max_in_flight, dc.max_in_flight);
+    assert_ne!(fc.max_queue_bytes, dc.max_queue_bytes);
+    assert_ne!(fc.max_clients, dc.max_clients);
+
+    // [[vm]] and [[vm.listener]].
+    assert_eq!(f.vms.len(), 2);
+    let web = &f.vms[0];
+    assert_eq!(web.name, "web01");
+    assert_eq!(web.upstream_mode, UpstreamMode::Connect);
+    assert_eq!(web.listen, Path::new("/run/qmpmux/web01.sock"));
+    assert_eq!(web.listeners.len(), 4);
+    let ro = &web.listeners[0];
+    assert_eq!(
+        (ro.name.as_str(), ro.path.as_path()),
+        ("monitoring", Path::new("/run/qmpmux/web01-ro.sock"))
+    );
+    let allow: Vec<&str> = ro.policy.allow.iter().map(|g| g.as_str()).collect();
+    assert_eq!(allow, ["query-*"]);
+    assert!(ro.policy.deny.is_empty() && ro.uids.is_empty() && ro.gids.is_empty());
+    assert!(ro.policy.check("query-status", None).is_ok());
+    assert!(ro.policy.check("quit", None).is_err());
+    let ops = &web.listeners[1];
+    assert_eq!(ops.name, "ops");
+    let deny: Vec<&str> = ops.policy.deny.iter().map(|g| g.as_str()).collect();
+    assert_eq!(deny, ["system_reset"]);
+    assert_eq!((ops.uids.as_slice(), ops.gids.as_slice()), (&[0][..], &[0][..]));
+    assert!(ops.policy.check("system_powerdown", None).is_ok());
+    assert!(ops.policy.check("system_reset", None).is_err());
+    assert!(ops.admits(0, 12345) && ops.admits(12345, 0) && !ops.admits(12345, 12345));
+
+    let tls = &web.listeners[2];
+    assert_eq!(tls.name, "orchestrator");
+    let tcp = tls.tcp.as_ref().expect("a TCP listener");
+    assert_eq!(tcp.addr, "192.0.2.10:4444".parse().unwrap());
+    let files = tcp.tls.as_ref().expect("mutual TLS");
+    assert_eq!(files.cert, Path::new("/etc/qmpmux/tls/server.pem"));
+    assert_eq!(files.key, Path::new("/etc/qmpmux/tls/server.key"));
+    assert_eq!(files.client_ca, Path::new("/etc/qmpmux/tls/clients-ca.pem"));
+    let subjects: Vec<&str> = tls.subjects.iter().map(|g| g.as_str()).collect();
+    assert_eq!(subjects, ["*CN=orchestrator*"]);
+    let plain = &web.listeners[3];
+    let tcp = plain.tcp.as_ref().expect("a TCP listener");
+    assert_eq!((tcp.addr, tcp.tls.is_none()), ("127.0.0.1:4445".parse().unwrap(), true));
+
+    let db = &f.vms[1];
+    assert_eq!(db.name, "db01");
+    assert_eq!(db.upstream_mode, UpstreamMode::Accept);
+    assert_eq!(db.upstream, Path::new("/run/qmpmux/qemu/db01.sock"));
+    // No `listen`: derived from socket_dir, which shows socket_dir was read.
+    assert_eq!(db.listen, Path::new("/run/qmpmux/db01.sock"));
+}
+
+/// Key names on lines of the form `key = ...` or `# key = ...`
+/// (`^#? *([a-z_]+) *=`).
+fn mentioned_keys(text: &str) -> BTreeSet<String> {
+    let mut keys = BTreeSet::new();
+    for line in text.lines() {
+        let rest = line.strip_prefix('#').unwrap_or(line).trim_start_matches(' ');
+        let end = rest
+            .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+            .unwrap_or(rest.len());
+        if end > 0 && rest[end..].trim_start_matches(' ').starts_with('=') {
+            keys.insert(rest[..end].to_string());
+        }
+    }
+    keys
+}
+
+/// Every key set anywhere in a TOML document, tables and arrays of tables
+/// included.
+fn keys_of(text: &str) -> BTreeSet<String> {
+    fn walk(v: &toml::Value, out: &mut BTreeSet<String>) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    out.insert(k.clone());
+                    walk(v, out);
+                }
+            }
+            toml::Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    let doc: toml::Value = toml::from_str(text).unwrap();
+    let mut out = BTreeSet::new();
+    walk(&doc, &mut out);
+    out
+}
+
+#[test]
+fn full_sets_every_key_the_reference_mentions() {
+    let reference = std::fs::read_to_string(config_dir().join("qmpmux.toml")).unwrap();
+    let full = std::fs::read_to_string(config_dir().join("full.toml")).unwrap();
+    let mentioned = mentioned_keys(&reference);
+    // The scan itself must find the commented-out ones too.
+    for k in [
+        "log_level",
+        "command_timeout_ms",
+        "socket_owner",
+        "log_file",
+        "max_clients",
+    ] {
+        assert!(mentioned.contains(k), "scan of qmpmux.toml missed {k}: {mentioned:?}");
+    }
+    let set = keys_of(&full);
+    let missing: Vec<&String> = mentioned.iter().filter(|k| !set.contains(*k)).collect();
+    assert!(
+        missing.is_empty(),
+        "keys in qmpmux.toml but not set in full.toml: {missing:?}"
+    );
+    // And the reference mentions every key full.toml sets (table names aside).
+    let tables = ["upstream", "client", "vm", "listener"];
+    let unmentioned: Vec<&String> = set
+        .iter()
+        .filter(|k| !mentioned.contains(*k) && !tables.contains(&k.as_str()))
+        .collect();
+    assert!(
+        unmentioned.is_empty(),
+        "keys in full.toml not mentioned in qmpmux.toml: {unmentioned:?}"
+    );
+}
+
+#[test]
+fn key_scan_reads_plain_and_commented_lines() {
+    let keys = mentioned_keys("a_b = 1\n# c = 2\n#d=3\n  # e = 4\n# F = 5\n# g h = 6\n# i == 7\n[t]\n");
+    assert_eq!(keys, ["a_b", "c", "d", "i"].map(String::from).into());
+}
