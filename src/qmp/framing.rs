@@ -66,23 +66,24 @@ pub struct JsonFramer {
     escape: bool,
     /// Offset of the opening quote of the current string (for error text).
     string_start: usize,
-    /// Inside a bare top-level token (number or keyword).
-    scalar: bool,
     /// The message uses single quotes or `\'`: normalise before parsing.
     needs_requote: bool,
     /// Skipping input after a lexical error, as QEMU's lexer does.
     recovering: bool,
     /// Too-large message being discarded up to its end.
     discarding: bool,
-    /// The previous byte outside strings, and whether it began a token.
-    prev: u8,
-    prev_began: bool,
-    /// The current number token is a lone `0` (or `-0`) so far.
-    zero_number: bool,
-    /// Saw `0e` inside this container (`{` or `[`); see [`Self::step`].
-    zero_exponent: Option<u8>,
-    /// Open containers, innermost last.
-    containers: Vec<u8>,
+    /// The number or keyword being lexed, and where it began.
+    tok: Tok,
+    tok_start: usize,
+    /// The current string has a `\u` escape (checked when it ends).
+    string_has_u: bool,
+    /// The message holds QEMU's two-byte NUL (0xC0 0x80) in a string.
+    overlong_nul: bool,
+    /// The first error QEMU's parser would report for this message, found
+    /// while framing (where serde_json's judgement differs from QEMU's).
+    problem: Option<(usize, String)>,
+    /// Open containers, innermost last, with what each expects next.
+    containers: Vec<(u8, Phase)>,
 }
 
 impl JsonFramer {
@@ -95,14 +96,14 @@ impl JsonFramer {
             string: Str::None,
             escape: false,
             string_start: 0,
-            scalar: false,
             needs_requote: false,
             recovering: false,
             discarding: false,
-            prev: b' ',
-            prev_began: false,
-            zero_number: false,
-            zero_exponent: None,
+            tok: Tok::None,
+            tok_start: 0,
+            string_has_u: false,
+            overlong_nul: false,
+            problem: None,
             containers: Vec::new(),
         }
     }
@@ -113,12 +114,12 @@ impl JsonFramer {
         self.brackets = 0;
         self.string = Str::None;
         self.escape = false;
-        self.scalar = false;
         self.needs_requote = false;
-        self.prev = b' ';
-        self.prev_began = false;
-        self.zero_number = false;
-        self.zero_exponent = None;
+        self.tok = Tok::None;
+        self.tok_start = 0;
+        self.string_has_u = false;
+        self.overlong_nul = false;
+        self.problem = None;
         self.containers.clear();
     }
 
@@ -129,7 +130,8 @@ impl JsonFramer {
     /// Takes the message that ends at `end` (exclusive) out of `src`.
     fn emit(&mut self, src: &mut BytesMut, end: usize) -> Step {
         let requote = self.needs_requote;
-        let zero_exponent = self.zero_exponent;
+        let problem = self.problem.take();
+        let overlong_nul = self.overlong_nul;
         let discarding = std::mem::replace(&mut self.discarding, false);
         let raw = src.split_to(end);
         self.reset();
@@ -137,16 +139,19 @@ impl JsonFramer {
             // Already reported when it grew too large.
             return Step::Again;
         }
-        if let Some(container) = zero_exponent {
-            let within = if container == b'{' { "dict" } else { "list" };
-            return Step::Frame(Frame::Error(format!(
-                "JSON parse error, expected separator in {within}"
-            )));
+        if let Some((at, problem)) = problem {
+            // Unless a standard parser fails earlier: then that error is
+            // the first QEMU's parser meets too, and request handling
+            // reports it.
+            if crate::qmp::json::syntax_error_offset(&raw).is_none_or(|off| off >= at) {
+                return Step::Frame(Frame::Error(format!("JSON parse error, {problem}")));
+            }
         }
         if raw.len() > self.limits.max_message {
             // Arrived whole in one read, so never caught while growing.
             return Step::Frame(Frame::Limit("JSON token size limit exceeded".into()));
         }
+        let raw = if overlong_nul { replace_overlong_nul(&raw) } else { raw };
         Step::Frame(if requote {
             Frame::Message(requote_single_quotes(&raw).into())
         } else {
@@ -154,20 +159,65 @@ impl JsonFramer {
         })
     }
 
-    /// A lexical error at `at`: QEMU reports the token text so far, then
-    /// skips to a resynchronisation point.
-    fn lexical_error(&mut self, src: &mut BytesMut, at: usize) -> Step {
-        let from = if self.string != Str::None {
-            self.string_start
-        } else {
-            at
-        };
-        let token = String::from_utf8_lossy(&src[from..=at]).into_owned();
+    /// A lexical error at `at` in the token that began at `from`: QEMU
+    /// reports the token text so far, then skips to a resynchronisation
+    /// point.
+    fn lexical_error_from(&mut self, src: &mut BytesMut, from: usize, at: usize) -> Step {
+        let token = String::from_utf8_lossy(&src[from.min(at)..=at]).into_owned();
         let _ = src.split_to(at + 1);
         self.reset();
         self.discarding = false;
         self.recovering = true;
         Step::Frame(Frame::Error(format!("JSON parse error, stray '{token}'")))
+    }
+
+    /// A number or keyword ended before `end`.
+    fn end_token(&mut self, src: &BytesMut, end: usize) {
+        if self.tok == Tok::Keyword && self.problem.is_none() {
+            let word = &src[self.tok_start..end];
+            if !matches!(word, b"true" | b"false" | b"null") {
+                let text = format!("invalid keyword '{}'", String::from_utf8_lossy(word));
+                self.problem = Some((self.tok_start, text));
+            }
+        }
+        self.tok = Tok::None;
+    }
+
+    /// A value (or key) begins at `at`: where QEMU's parser wants a `:` or
+    /// a `,` instead, note its complaint.
+    fn value_start(&mut self, at: usize, string: bool) {
+        let Some((container, phase)) = self.containers.last_mut() else {
+            return;
+        };
+        let in_list = *container == b'[';
+        let complaint = match *phase {
+            Phase::Key if string => {
+                *phase = Phase::Colon;
+                None
+            }
+            Phase::Key | Phase::Value => {
+                *phase = Phase::Comma;
+                None
+            }
+            Phase::Colon => Some("missing : in object pair"),
+            Phase::Comma if in_list => Some("expected separator in list"),
+            Phase::Comma => Some("expected separator in dict"),
+        };
+        if let Some(text) = complaint {
+            self.problem.get_or_insert((at, text.to_string()));
+        }
+    }
+
+    fn separator(&mut self, b: u8) {
+        if let Some((c, phase)) = self.containers.last_mut() {
+            *phase = match (b, *c, *phase) {
+                (b':', b'{', Phase::Colon) => Phase::Value,
+                (b',', b'{', Phase::Comma) => Phase::Key,
+                (b',', b'[', Phase::Comma) => Phase::Value,
+                // Misplaced: the standard parser reports it.
+                (_, _, p) => p,
+            };
+        }
     }
 
     fn too_deep(&mut self, src: &mut BytesMut, at: usize) -> Step {
@@ -206,6 +256,7 @@ impl JsonFramer {
         if self.discarding && self.pos > 0 {
             let _ = src.split_to(self.pos);
             self.string_start = 0;
+            self.tok_start = 0;
             self.pos = 0;
         }
         step
@@ -241,52 +292,60 @@ impl JsonFramer {
                     if b == b'\'' {
                         self.needs_requote = true;
                     }
+                    self.string_has_u |= b == b'u';
                 } else if b == b'\\' {
                     self.escape = true;
                 } else if (b == b'"' && self.string == Str::Double) || (b == b'\'' && self.string == Str::Single) {
                     self.string = Str::None;
-                    self.prev = b'"';
+                    if self.string_has_u && self.problem.is_none() {
+                        let at = self.string_start;
+                        self.problem = check_u_escapes(&src[at..=i]).map(|p| (at, p));
+                    }
                     if self.depth() == 0 {
                         return self.emit(src, i + 1);
                     }
                 } else if !(0x20..0xFE).contains(&b) {
-                    return self.lexical_error(src, i);
+                    let from = self.string_start;
+                    return self.lexical_error_from(src, from, i);
+                } else if b == 0x80 && i > 0 && src[i - 1] == 0xC0 {
+                    // QEMU's "modified UTF-8" NUL: accepted, as U+0000.
+                    self.overlong_nul = true;
                 }
                 i += 1;
                 continue;
             }
-            if self.scalar {
-                if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'+' | b'.') {
-                    i += 1;
-                    continue;
+            if self.tok != Tok::None {
+                match self.tok.next(b) {
+                    Next::Stay(t) => {
+                        self.tok = t;
+                        i += 1;
+                        continue;
+                    }
+                    Next::End => {
+                        self.end_token(src, i);
+                        if self.depth() == 0 {
+                            // A bare top-level token is a message of its own.
+                            return self.emit(src, i);
+                        }
+                        // This byte starts afresh.
+                    }
+                    Next::Error => {
+                        let from = self.tok_start;
+                        return self.lexical_error_from(src, from, i);
+                    }
                 }
-                // The bare token ends before this byte, which is looked at again.
-                return self.emit(src, i);
             }
-            // QEMU's lexer ends a number at a leading `0` when `e` or `E`
-            // follows: `0e0` is JSON but not QEMU's JSON. Reject it as QEMU
-            // would, rather than forward what QEMU answers with an error
-            // qmpmux could not attribute to any request.
-            let began = !is_token_byte(self.prev);
-            if self.zero_number && matches!(b, b'e' | b'E') {
-                if b == b'E' {
-                    return self.lexical_error(src, i);
-                }
-                let innermost = self.containers.last().copied().unwrap_or(b'{');
-                self.zero_exponent.get_or_insert(innermost);
-            }
-            self.zero_number = b == b'0' && (began || (self.prev == b'-' && self.prev_began));
-            self.prev_began = began;
-            self.prev = b;
             match b {
                 b' ' | b'\t' | b'\r' | b'\n' => {}
                 b'{' | b'[' => {
+                    self.value_start(i, false);
                     if b == b'{' {
                         self.braces += 1
                     } else {
                         self.brackets += 1
                     }
-                    self.containers.push(b);
+                    self.containers
+                        .push((b, if b == b'{' { Phase::Key } else { Phase::Value }));
                     if self.depth() > i64::from(self.limits.max_depth) {
                         return self.too_deep(src, i);
                     }
@@ -306,21 +365,22 @@ impl JsonFramer {
                     }
                 }
                 b'"' | b'\'' => {
+                    self.value_start(i, true);
                     self.string = if b == b'"' { Str::Double } else { Str::Single };
                     self.needs_requote |= b == b'\'';
                     self.string_start = i;
+                    self.string_has_u = false;
                 }
                 b':' | b',' if self.depth() == 0 => {
                     return self.structural_error(src, i);
                 }
-                b':' | b',' => {}
-                b'a'..=b'z' | b'0'..=b'9' | b'-' => {
-                    if self.depth() == 0 {
-                        self.scalar = true;
-                    }
+                b':' | b',' => self.separator(b),
+                b'0' | b'1'..=b'9' | b'-' | b'a'..=b'z' => {
+                    self.value_start(i, false);
+                    self.tok = Tok::start(b);
+                    self.tok_start = i;
                 }
-                b'A'..=b'Z' | b'+' | b'.' if self.depth() > 0 => {}
-                _ => return self.lexical_error(src, i),
+                _ => return self.lexical_error_from(src, i, i),
             }
             i += 1;
         }
@@ -329,8 +389,133 @@ impl JsonFramer {
     }
 }
 
-fn is_token_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'+' | b'-')
+/// What a container expects next, as QEMU's parser sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Key,
+    Colon,
+    Value,
+    Comma,
+}
+
+/// QEMU's lexer states for numbers and keywords (`qobject/json-lexer.c`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tok {
+    None,
+    Zero,
+    Sign,
+    Digits,
+    Mantissa,
+    MantissaDigits,
+    ExpE,
+    ExpSign,
+    ExpDigits,
+    Keyword,
+}
+
+enum Next {
+    Stay(Tok),
+    /// The token is complete; the byte is looked at again from the start.
+    End,
+    Error,
+}
+
+impl Tok {
+    fn start(b: u8) -> Tok {
+        match b {
+            b'0' => Tok::Zero,
+            b'1'..=b'9' => Tok::Digits,
+            b'-' => Tok::Sign,
+            _ => Tok::Keyword,
+        }
+    }
+
+    fn next(self, b: u8) -> Next {
+        use Tok::*;
+        let digit = b.is_ascii_digit();
+        // A complete token ends at any other ASCII byte; a byte >= 0x80
+        // right after one is an error, as in QEMU.
+        let end = if b < 0x80 { Next::End } else { Next::Error };
+        match self {
+            Zero if digit => Next::Error,
+            Zero if b == b'.' => Next::Stay(Mantissa),
+            // No exponent after a lone zero: QEMU ends the number there, so
+            // `0e0` is `0` then the keyword `e0` (JSON would say 0.0).
+            Zero => end,
+            Sign if b == b'0' => Next::Stay(Zero),
+            Sign if digit => Next::Stay(Digits),
+            Digits if digit => Next::Stay(Digits),
+            Digits | MantissaDigits if matches!(b, b'e' | b'E') => Next::Stay(ExpE),
+            Digits if b == b'.' => Next::Stay(Mantissa),
+            Digits => end,
+            Mantissa if digit => Next::Stay(MantissaDigits),
+            MantissaDigits if digit => Next::Stay(MantissaDigits),
+            MantissaDigits => end,
+            ExpE if matches!(b, b'+' | b'-') => Next::Stay(ExpSign),
+            ExpE | ExpSign | ExpDigits if digit => Next::Stay(ExpDigits),
+            ExpDigits => end,
+            Keyword if b.is_ascii_lowercase() => Next::Stay(Keyword),
+            Keyword => end,
+            _ => Next::Error,
+        }
+    }
+}
+
+/// QEMU's check of `\u` escapes in one string token (quotes included):
+/// the first invalid one, as its parser words it.
+fn check_u_escapes(tok: &[u8]) -> Option<String> {
+    let hex4 = |at: usize| -> Option<u32> {
+        let s = tok.get(at..at + 4)?;
+        std::str::from_utf8(s)
+            .ok()
+            .filter(|s| s.bytes().all(|b| b.is_ascii_hexdigit()))?;
+        u32::from_str_radix(std::str::from_utf8(s).ok()?, 16).ok()
+    };
+    let mut i = 1;
+    while i + 1 < tok.len() {
+        if tok[i] != b'\\' {
+            i += 1;
+            continue;
+        }
+        if tok[i + 1] != b'u' {
+            i += 2;
+            continue;
+        }
+        let beg = i;
+        let mut end = i + 6;
+        let mut cp = hex4(i + 2).map(i64::from).unwrap_or(-1);
+        if (0xD800..=0xDBFF).contains(&cp) && tok.get(end) == Some(&b'\\') && tok.get(end + 1) == Some(&b'u') {
+            match hex4(end + 2) {
+                Some(t) if (0xDC00..=0xDFFF).contains(&t) => end += 6,
+                _ => cp = -1,
+            }
+        } else if (0xD800..=0xDFFF).contains(&cp) {
+            cp = -1;
+        }
+        if cp < 0 {
+            let text = String::from_utf8_lossy(&tok[beg..end.min(tok.len())]);
+            return Some(format!("{text} is not a valid Unicode character"));
+        }
+        i = end;
+    }
+    None
+}
+
+/// QEMU accepts 0xC0 0x80 in strings as U+0000; standard JSON parsers do
+/// not. Rewritten as `\u0000`, which means the same.
+fn replace_overlong_nul(raw: &[u8]) -> BytesMut {
+    let mut out = BytesMut::with_capacity(raw.len() + 8);
+    let mut i = 0;
+    while i < raw.len() {
+        if raw[i] == 0xC0 && raw.get(i + 1) == Some(&0x80) {
+            out.extend_from_slice(b"\\u0000");
+            i += 2;
+        } else {
+            out.extend_from_slice(&raw[i..=i]);
+            i += 1;
+        }
+    }
+    out
 }
 
 fn is_ws(b: u8) -> bool {
@@ -390,7 +575,7 @@ impl Decoder for JsonFramer {
         if let Some(frame) = self.scan(src) {
             return Ok(Some(frame));
         }
-        if self.scalar && !src.is_empty() {
+        if self.tok != Tok::None && self.depth() == 0 && !src.is_empty() {
             let end = src.len();
             if let Step::Frame(f) = self.emit(src, end) {
                 return Ok(Some(f));
@@ -594,6 +779,62 @@ mod tests {
                 err("JSON parse error, stray 'E'"),
                 err("JSON parse error, expecting value")
             ]
+        );
+    }
+
+    #[test]
+    fn numbers_and_keywords_lex_like_qemu() {
+        let f = |s: &str| frames(Limits::default(), &[s.as_bytes()]);
+        // One lexical error with the token so far, recovery, then `}`.
+        assert_eq!(
+            f("{\"id\":01}"),
+            vec![
+                err("JSON parse error, stray '01'"),
+                err("JSON parse error, expecting value")
+            ]
+        );
+        assert_eq!(
+            f("{\"id\":+1}"),
+            vec![
+                err("JSON parse error, stray '+'"),
+                err("JSON parse error, expecting value")
+            ]
+        );
+        // The error token swallows the `}`: one error only.
+        assert_eq!(f("{\"id\":1.}"), vec![err("JSON parse error, stray '1.}'")]);
+        assert_eq!(f("{\"id\":-}"), vec![err("JSON parse error, stray '-}'")]);
+        // Parser-level: reported when the message ends.
+        assert_eq!(f("{\"id\":tru}"), vec![err("JSON parse error, invalid keyword 'tru'")]);
+        assert_eq!(
+            f("{\"a\" \"b\"}"),
+            vec![err("JSON parse error, missing : in object pair")]
+        );
+        assert_eq!(
+            f("{\"a\":[1 2]}"),
+            vec![err("JSON parse error, expected separator in list")]
+        );
+        assert_eq!(
+            f("{\"a\":1.5e3,\"b\":[-0.25,true,null]}"),
+            vec![msg("{\"a\":1.5e3,\"b\":[-0.25,true,null]}")]
+        );
+    }
+
+    #[test]
+    fn unicode_escapes_checked_like_qemu() {
+        let f = |s: &str| frames(Limits::default(), &[s.as_bytes()]);
+        assert_eq!(
+            f(r#"{"id":"\u12"}"#),
+            vec![err(r#"JSON parse error, \u12" is not a valid Unicode character"#)]
+        );
+        assert_eq!(
+            f(r#"{"id":"\ud800"}"#),
+            vec![err(r#"JSON parse error, \ud800 is not a valid Unicode character"#)]
+        );
+        assert_eq!(f(r#"{"id":"\ud83d\ude00"}"#), vec![msg(r#"{"id":"\ud83d\ude00"}"#)]);
+        // QEMU's two-byte NUL becomes a standard escape.
+        assert_eq!(
+            frames(Limits::default(), &[b"{\"id\":\"\xc0\x80\"}"]),
+            vec![msg("{\"id\":\"\\u0000\"}")]
         );
     }
 

@@ -7,7 +7,7 @@
 //! `", "` separators, non-ASCII escaped as `\uXXXX`, floats as `%.17g`, and
 //! object members in the order of QEMU's `QDict` hash table.
 
-use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, Deserialize, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 use std::borrow::Cow;
 use std::fmt;
@@ -61,6 +61,24 @@ pub fn members_checked(bytes: &[u8]) -> Result<Members<'_>, ParseError> {
 }
 
 const DUPLICATE_KEY: &str = "duplicate key";
+
+/// Where a standard JSON parser first fails on `bytes` (a byte offset), if
+/// it does; duplicate keys are not its concern here.
+pub fn syntax_error_offset(bytes: &[u8]) -> Option<usize> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    de.disable_recursion_limit();
+    let err = match serde::de::IgnoredAny::deserialize(&mut de).and_then(|_| de.end()) {
+        Ok(()) => return None,
+        Err(e) => e,
+    };
+    // Lines and columns are 1-based; the column counts bytes.
+    let line_start: usize = bytes
+        .split(|&b| b == b'\n')
+        .take(err.line().saturating_sub(1))
+        .map(|l| l.len() + 1)
+        .sum();
+    Some(line_start + err.column().saturating_sub(1))
+}
 
 fn syntax_error(e: serde_json::Error) -> ParseError {
     let text = e.to_string();
