@@ -421,10 +421,19 @@ impl RawConfig {
                 };
                 let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned());
                 let name = l.name.or(stem).unwrap_or_else(|| format!("listener{j}"));
-                for p in l.allow.iter().chain(&l.deny) {
-                    if p.is_empty() {
-                        return Err(invalid(at("allow"), "patterns must not be empty"));
+                for (field, list) in [("allow", &l.allow), ("deny", &l.deny)] {
+                    if list.iter().any(|p| p.is_empty()) {
+                        return Err(invalid(at(field), "patterns must not be empty"));
                     }
+                }
+                if tcp.is_some() && !(l.uids.is_empty() && l.gids.is_empty()) {
+                    return Err(invalid(
+                        at("uids"),
+                        "uids/gids apply to unix sockets; use `subjects` for TLS",
+                    ));
+                }
+                if tcp.as_ref().is_none_or(|t| t.tls.is_none()) && !l.subjects.is_empty() {
+                    return Err(invalid(at("subjects"), "subjects apply to TLS listeners only"));
                 }
                 listeners.push(ListenerConfig {
                     name,

@@ -413,11 +413,17 @@ fn bound_paths(vm: &VmConfig) -> Vec<&std::path::Path> {
     paths
 }
 
-/// Whether the new configuration of a VM binds a path the old one holds (it
-/// must then stop before the new one binds).
+/// Whether the new configuration of a VM binds a path or TCP address the
+/// old one holds (it must then stop before the new one binds).
 fn shares_a_path(old: &VmConfig, new: &VmConfig) -> bool {
-    let old = bound_paths(old);
-    bound_paths(new).iter().any(|p| old.contains(p))
+    let tcp = |vm: &VmConfig| {
+        vm.listeners
+            .iter()
+            .filter_map(|l| l.tcp.as_ref().map(|t| t.addr))
+            .collect::<Vec<_>>()
+    };
+    let (old_paths, old_tcp) = (bound_paths(old), tcp(old));
+    bound_paths(new).iter().any(|p| old_paths.contains(p)) || tcp(new).iter().any(|a| old_tcp.contains(a))
 }
 
 /// Stops one VM: no new clients (its sockets are removed at once), replies

@@ -199,5 +199,14 @@ async fn plain_tcp_only_on_loopback_by_opt_in() {
         .to_string();
     assert!(e.contains("go together"), "{e}");
     assert!(load("tcp = \"127.0.0.1:4444\"\nallow_plain_tcp = true\n").is_ok());
+    // Peer filters that could not apply are refused, not ignored.
+    let e = load("tcp = \"127.0.0.1:4444\"\nallow_plain_tcp = true\nuids = [0]\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("listener[0].uids"), "{e}");
+    let e = load("path = \"/ro.sock\"\nsubjects = [\"CN=x\"]\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("listener[0].subjects"), "{e}");
     assert!(load("tcp = \"[::]:4444\"\ntls_cert = \"/c\"\ntls_key = \"/k\"\ntls_client_ca = \"/ca\"\n").is_ok());
 }

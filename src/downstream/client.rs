@@ -155,16 +155,15 @@ where
     // buffer grows for the rare large request.
     let mut reader = FramedRead::with_capacity(read, JsonFramer::new(limits), 256);
     let (mailbox_tx, mut mailbox) = mailbox(ctx.opts.max_queue_bytes);
-    if ctx
-        .session
-        .tx
-        .send(ToSession::Attach {
-            client: id,
-            mailbox: mailbox_tx,
-        })
-        .await
-        .is_err()
-    {
+    // The session must know this client before the client can negotiate:
+    // every event after that reaches it.
+    let (attached, ack) = tokio::sync::oneshot::channel();
+    let attach = ToSession::Attach {
+        client: id,
+        mailbox: mailbox_tx,
+        attached,
+    };
+    if ctx.session.tx.send(attach).await.is_err() || ack.await.is_err() {
         return End::Shutdown;
     }
     let mut client = Client {
@@ -220,6 +219,16 @@ where
         }
     }
     .await;
+    // Commands still unanswered were sent all the same: audit them too.
+    for slot in std::mem::take(&mut client.slots) {
+        if let Slot::Waiting {
+            audit: Some((command, start)),
+            ..
+        } = slot
+        {
+            client.audit(&command, "no reply: connection ended first", start);
+        }
+    }
     // `getfd` names live in QEMU's monitor, shared by all clients: close
     // this client's, as QEMU closes a connection's unclaimed fds.
     if !client.fd_names.is_empty() {

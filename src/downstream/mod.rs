@@ -115,10 +115,8 @@ pub async fn accept_loop(listener: UnixListener, ctx: ClientContext, tracker: Ta
         match accepted {
             Ok((stream, _)) => {
                 let Ok(permit) = slots.clone().try_acquire_owned() else {
-                    warn!(
-                        max = ctx.opts.max_clients,
-                        "VM has its maximum number of clients; refusing a new one"
-                    );
+                    warn!(target: "qmpmux::audit", vm = %ctx.vm, listener = %ctx.listener.name, max = ctx.opts.max_clients,
+                "client refused: the VM has its maximum number of clients");
                     drop(stream);
                     continue;
                 };
@@ -135,8 +133,8 @@ pub async fn accept_loop(listener: UnixListener, ctx: ClientContext, tracker: Ta
                     }
                 };
                 if !ctx.listener.admits(peer.uid, peer.gid) {
-                    warn!(listener = %ctx.listener.name, pid = peer.pid, uid = peer.uid, gid = peer.gid,
-                        "client refused: its uid/gid is not allowed on this listener");
+                    warn!(target: "qmpmux::audit", vm = %ctx.vm, listener = %ctx.listener.name, pid = peer.pid,
+                        uid = peer.uid, gid = peer.gid, "client refused: its uid/gid is not allowed on this listener");
                     continue;
                 }
                 let id = NEXT_CLIENT.fetch_add(1, Ordering::Relaxed);
@@ -195,10 +193,8 @@ pub async fn accept_tcp_loop(
             }
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
-            warn!(
-                max = ctx.opts.max_clients,
-                "VM has its maximum number of clients; refusing a new one"
-            );
+            warn!(target: "qmpmux::audit", vm = %ctx.vm, listener = %ctx.listener.name, max = ctx.opts.max_clients,
+                "client refused: the VM has its maximum number of clients");
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -236,7 +232,8 @@ async fn serve_tcp(stream: TcpStream, addr: SocketAddr, tls: Option<TlsAcceptor>
     };
     let subject = tls::peer_subject(stream.get_ref().1).unwrap_or_default();
     if !ctx.listener.subjects.is_empty() && !ctx.listener.subjects.iter().any(|g| g.matches(&subject)) {
-        return warn!(%addr, %subject, listener = %ctx.listener.name, "client refused: certificate subject not allowed");
+        return warn!(target: "qmpmux::audit", vm = %ctx.vm, %addr, %subject, listener = %ctx.listener.name,
+            "client refused: certificate subject not allowed");
     }
     peer.remote = Some(format!("tls:{subject}@{addr}").into());
     let (read, write) = tokio::io::split(stream);

@@ -53,9 +53,11 @@ pub struct Status {
 /// From a client task to the session.
 #[derive(Debug)]
 pub enum ToSession {
+    /// A new client; `attached` is answered once it is registered.
     Attach {
         client: u64,
         mailbox: mailbox::MailboxSender,
+        attached: tokio::sync::oneshot::Sender<()>,
     },
     Detach {
         client: u64,

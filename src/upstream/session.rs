@@ -75,7 +75,7 @@ pub fn spawn(
         connections: 0,
         last_error: None,
     });
-    let span = tracing::info_span!("vm", name = %vm.name);
+    let span = tracing::info_span!("vm", vm = %vm.name);
     let session = Session {
         backoff: Backoff::new(opts.backoff),
         vm,
@@ -267,8 +267,13 @@ impl Session {
 
     fn on_client(&mut self, msg: ToSession) {
         match msg {
-            ToSession::Attach { client, mailbox } => {
+            ToSession::Attach {
+                client,
+                mailbox,
+                attached,
+            } => {
                 self.clients.insert(client, mailbox);
+                let _ = attached.send(());
             }
             ToSession::Detach { client } => {
                 self.clients.remove(&client);
@@ -437,8 +442,13 @@ async fn serve_down(
 ) {
     while let Some(msg) = rx.recv().await {
         match msg {
-            ToSession::Attach { client, mailbox } => {
+            ToSession::Attach {
+                client,
+                mailbox,
+                attached,
+            } => {
                 clients.insert(client, mailbox);
+                let _ = attached.send(());
             }
             ToSession::Detach { client } => {
                 clients.remove(&client);
