@@ -159,10 +159,7 @@ async fn command_timeout_answers_and_discards_the_late_reply() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_leaving_mid_command_does_not_disturb_others() {
-    let dir = tempfile::tempdir().unwrap();
-    let (up, sock) = (dir.path().join("fake.sock"), dir.path().join("vm.sock"));
-    let fake = FakeServer::bind(&up);
-    let daemon = Daemon::start(&[("vm", &up, &sock)]).await;
+    let (_dir, fake, daemon, sock) = common::fake::vm().await;
     let mut conn = fake.accept_ready().await;
     let mut leaver = Client::ready(&sock).await;
     let mut stayer = Client::ready(&sock).await;

@@ -4,7 +4,6 @@
 
 mod common;
 
-use common::fake::FakeServer;
 use common::{Client, Daemon, Qemu};
 use serde_json::json;
 use std::path::Path;
@@ -20,10 +19,7 @@ async fn oob_client(sock: &Path) -> Client {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oob_skips_a_full_window_and_its_reply_overtakes() {
-    let dir = tempfile::tempdir().unwrap();
-    let (up, sock) = (dir.path().join("fake.sock"), dir.path().join("vm.sock"));
-    let fake = FakeServer::bind(&up);
-    let daemon = Daemon::start(&[("vm", &up, &sock)]).await;
+    let (_dir, fake, daemon, sock) = common::fake::vm().await;
     let mut conn = fake.accept_ready().await;
     let mut c = oob_client(&sock).await;
     // Nine in-band commands: QEMU's queue takes eight, the ninth waits in

@@ -5,8 +5,8 @@
 
 mod common;
 
-use common::fake::{FakeConn, FakeServer};
-use common::{Client, Daemon};
+use common::fake::FakeConn;
+use common::Client;
 use proptest::prelude::*;
 use serde_json::{json, Value};
 use std::collections::VecDeque;
@@ -86,10 +86,7 @@ impl Upstream {
 }
 
 async fn run_schedule(ops: Vec<Op>) {
-    let dir = tempfile::tempdir().unwrap();
-    let (up, sock) = (dir.path().join("fake.sock"), dir.path().join("vm.sock"));
-    let fake = FakeServer::bind(&up);
-    let daemon = Daemon::start(&[("vm", &up, &sock)]).await;
+    let (_dir, fake, daemon, sock) = common::fake::vm().await;
     let conn = fake.accept_ready().await;
     let mut clients = Vec::new();
     for _ in 0..CLIENTS {

@@ -3,7 +3,6 @@
 
 mod common;
 
-use common::fake::FakeServer;
 use common::{die_with_parent, Client, Daemon, Qemu};
 use qmpmux::config::VmConfig;
 use serde_json::json;
@@ -68,10 +67,7 @@ async fn reload_adds_removes_and_restarts_only_what_changed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clean_stop_answers_commands_in_flight_then_closes() {
-    let dir = tempfile::tempdir().unwrap();
-    let (up, sock) = (dir.path().join("fake.sock"), dir.path().join("vm.sock"));
-    let fake = FakeServer::bind(&up);
-    let daemon = Daemon::start(&[("vm", &up, &sock)]).await;
+    let (_dir, fake, daemon, sock) = common::fake::vm().await;
     let mut conn = fake.accept_ready().await;
     let mut c = Client::ready(&sock).await;
     c.send(r#"{"execute":"slow","id":"in-flight"}"#).await;

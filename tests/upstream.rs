@@ -94,10 +94,7 @@ async fn client_is_disconnected_when_qemu_was_never_reachable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn command_in_flight_when_qemu_dies_gets_outcome_unknown() {
-    let dir = tempfile::tempdir().unwrap();
-    let (up, sock) = (dir.path().join("fake.sock"), dir.path().join("vm.sock"));
-    let fake = FakeServer::bind(&up);
-    let daemon = Daemon::start(&[("vm", &up, &sock)]).await;
+    let (_dir, fake, daemon, sock) = common::fake::vm().await;
     let mut conn = fake.accept_ready().await;
     let mut c = Client::ready(&sock).await;
     let mut other = Client::ready(&sock).await;
@@ -129,10 +126,7 @@ async fn command_in_flight_when_qemu_dies_gets_outcome_unknown() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_clients_see_the_new_greeting_after_an_upgrade() {
-    let dir = tempfile::tempdir().unwrap();
-    let (up, sock) = (dir.path().join("fake.sock"), dir.path().join("vm.sock"));
-    let fake = FakeServer::bind(&up);
-    let daemon = Daemon::start(&[("vm", &up, &sock)]).await;
+    let (_dir, fake, daemon, sock) = common::fake::vm().await;
     let conn = fake.accept_ready().await;
     let (_old, g) = Client::open(&sock).await;
     assert_eq!(g["QMP"]["version"]["qemu"]["major"], 99);
@@ -156,10 +150,7 @@ async fn new_clients_see_the_new_greeting_after_an_upgrade() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn id_less_error_from_upstream_means_lost_sync_and_reconnect() {
-    let dir = tempfile::tempdir().unwrap();
-    let (up, sock) = (dir.path().join("fake.sock"), dir.path().join("vm.sock"));
-    let fake = FakeServer::bind(&up);
-    let daemon = Daemon::start(&[("vm", &up, &sock)]).await;
+    let (_dir, fake, daemon, sock) = common::fake::vm().await;
     let mut conn = fake.accept_ready().await;
     let mut c = Client::ready(&sock).await;
     c.send(r#"{"execute":"query-status","id":1}"#).await;

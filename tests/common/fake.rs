@@ -101,3 +101,14 @@ impl FakeConn {
         .await;
     }
 }
+
+/// A fake QEMU behind a running qmpmux VM named `vm`: the temporary
+/// directory (keep it alive), the fake server, the daemon, and the VM's
+/// socket.
+pub async fn vm() -> (tempfile::TempDir, FakeServer, super::Daemon, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let (up, sock) = (dir.path().join("fake.sock"), dir.path().join("vm.sock"));
+    let fake = FakeServer::bind(&up);
+    let daemon = super::Daemon::start(&[("vm", &up, &sock)]).await;
+    (dir, fake, daemon, sock)
+}
