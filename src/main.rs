@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
-use tracing_appender::non_blocking::WorkerGuard;
+use tracing_appender::non_blocking::{NonBlocking, WorkerGuard};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -54,27 +54,24 @@ enum Cmd {
     },
 }
 
+type BoxedLayer = Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync>;
+
+/// One log output: text (colours only on a terminal) or JSON.
+fn log_layer(config: &Config, writer: NonBlocking, ansi: bool) -> BoxedLayer {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log_level));
+    let layer = tracing_subscriber::fmt::layer().with_writer(writer);
+    match config.log_format {
+        LogFormat::Text => layer.with_ansi(ansi).with_filter(filter).boxed(),
+        LogFormat::Json => layer.json().with_filter(filter).boxed(),
+    }
+}
+
 /// Sets up logging to stdout (plain when not a terminal, as journald wants
 /// it) and optionally to a rotated file. The guards flush on drop.
 fn init_logging(config: &Config) -> Result<Vec<WorkerGuard>, String> {
-    let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log_level));
-    let mut guards = Vec::new();
-    let (stdout, g) = tracing_appender::non_blocking(std::io::stdout());
-    guards.push(g);
-    let ansi = std::io::stdout().is_terminal();
-    let mut layers: Vec<Box<dyn Layer<_> + Send + Sync>> = Vec::new();
-    layers.push(match config.log_format {
-        LogFormat::Text => tracing_subscriber::fmt::layer()
-            .with_ansi(ansi)
-            .with_writer(stdout)
-            .with_filter(filter())
-            .boxed(),
-        LogFormat::Json => tracing_subscriber::fmt::layer()
-            .json()
-            .with_writer(stdout)
-            .with_filter(filter())
-            .boxed(),
-    });
+    let (stdout, stdout_guard) = tracing_appender::non_blocking(std::io::stdout());
+    let mut guards = vec![stdout_guard];
+    let mut layers = vec![log_layer(config, stdout, std::io::stdout().is_terminal())];
     if let Some(path) = &config.log_file {
         let dir = path
             .parent()
@@ -92,20 +89,9 @@ fn init_logging(config: &Config) -> Result<Vec<WorkerGuard>, String> {
             .filename_prefix(name.to_string_lossy())
             .build(dir)
             .map_err(|e| format!("cannot open log file {}: {e}", path.display()))?;
-        let (file, g) = tracing_appender::non_blocking(appender);
-        guards.push(g);
-        layers.push(match config.log_format {
-            LogFormat::Text => tracing_subscriber::fmt::layer()
-                .with_ansi(false)
-                .with_writer(file)
-                .with_filter(filter())
-                .boxed(),
-            LogFormat::Json => tracing_subscriber::fmt::layer()
-                .json()
-                .with_writer(file)
-                .with_filter(filter())
-                .boxed(),
-        });
+        let (file, file_guard) = tracing_appender::non_blocking(appender);
+        guards.push(file_guard);
+        layers.push(log_layer(config, file, false));
     }
     tracing_subscriber::registry().with(layers).init();
     Ok(guards)

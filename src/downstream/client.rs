@@ -350,15 +350,12 @@ impl Client {
     /// `__org.qmpmux_query-proxy`: qmpmux's view of this VM and this
     /// client, answered without QEMU.
     fn query_proxy(&self, id: Option<&RawValue>) -> Bytes {
-        let (runstate, connections) = {
-            let s = self.ctx.session.status.borrow();
-            (s.runstate, s.connections)
-        };
+        let runstate = self.ctx.session.status.borrow().runstate;
         let m = &self.ctx.metrics;
         let ret = serde_json::json!({
             "vm": &*self.ctx.vm,
             "runstate": runstate.to_string(),
-            "upstream-connections": connections,
+            "upstream-connections": m.connections.get(),
             "clients": m.clients.get(),
             "in-flight": m.in_flight.get(),
             "queued": m.queued.get(),

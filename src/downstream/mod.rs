@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn, Instrument};
@@ -108,59 +108,83 @@ static NEXT_CLIENT: AtomicU64 = AtomicU64::new(1);
 /// and holds one of the `slots` permits while connected.
 pub async fn accept_loop(listener: UnixListener, ctx: ClientContext, tracker: TaskTracker, slots: Arc<Semaphore>) {
     loop {
-        let accepted = tokio::select! {
+        let (stream, _) = match tokio::select! {
             a = listener.accept() => a,
             () = ctx.stop.cancelled() => return,
+        } {
+            Ok(a) => a,
+            Err(e) => {
+                after_accept_error(e).await;
+                continue;
+            }
         };
-        match accepted {
-            Ok((stream, _)) => {
-                let Ok(permit) = slots.clone().try_acquire_owned() else {
-                    warn!(target: "qmpmux::audit", vm = %ctx.vm, listener = %ctx.listener.name, max = ctx.opts.max_clients,
-                "client refused: the VM has its maximum number of clients");
-                    drop(stream);
-                    continue;
-                };
-                let peer = match stream.peer_cred() {
-                    Ok(c) => Peer {
-                        pid: c.pid().unwrap_or(0),
-                        uid: c.uid(),
-                        gid: c.gid(),
-                        remote: None,
-                    },
-                    Err(e) => {
-                        warn!(error = %e, "cannot identify a client (SO_PEERCRED); refusing it");
-                        continue;
-                    }
-                };
-                if !ctx.listener.admits(peer.uid, peer.gid) {
-                    warn!(target: "qmpmux::audit", vm = %ctx.vm, listener = %ctx.listener.name, pid = peer.pid,
-                        uid = peer.uid, gid = peer.gid, "client refused: its uid/gid is not allowed on this listener");
-                    continue;
-                }
-                let id = NEXT_CLIENT.fetch_add(1, Ordering::Relaxed);
-                let span = tracing::info_span!("client", id);
-                let (read, write) = stream.into_split();
-                let client = client::run(fds::FdReader::new(read), write, id, peer, ctx.clone());
-                let gauge = ctx.metrics.clients.clone();
-                gauge.inc();
-                tracker.spawn(
-                    async move {
-                        client.await;
-                        gauge.dec();
-                        drop(permit);
-                    }
-                    .instrument(span),
-                );
+        let Some(permit) = take_slot(&slots, &ctx) else {
+            continue;
+        };
+        let peer = match stream.peer_cred() {
+            Ok(c) => Peer {
+                pid: c.pid().unwrap_or(0),
+                uid: c.uid(),
+                gid: c.gid(),
+                remote: None,
+            },
+            Err(e) => {
+                warn!(error = %e, "cannot identify a client (SO_PEERCRED); refusing it");
+                continue;
             }
-            Err(e) if is_resource_exhaustion(&e) => {
-                // EMFILE/ENFILE/ENOBUFS: the pending connection stays queued,
-                // so retrying at once would spin; wait for fds to free up.
-                error!(error = %e, "cannot accept client; pausing accepts for 100 ms");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => warn!(error = %e, "accept failed"),
+        };
+        if !ctx.listener.admits(peer.uid, peer.gid) {
+            warn!(target: "qmpmux::audit", vm = %ctx.vm, listener = %ctx.listener.name, pid = peer.pid,
+                uid = peer.uid, gid = peer.gid, "client refused: its uid/gid is not allowed on this listener");
+            continue;
         }
+        let (read, write) = stream.into_split();
+        spawn_client(&tracker, &ctx, permit, |id, ctx| {
+            client::run(fds::FdReader::new(read), write, id, peer, ctx)
+        });
     }
+}
+
+/// A failed `accept`. EMFILE/ENFILE/ENOBUFS leave the connection queued,
+/// so retrying at once would spin: wait for fds to free up.
+async fn after_accept_error(e: io::Error) {
+    if is_resource_exhaustion(&e) {
+        error!(error = %e, "cannot accept client; pausing accepts for 100 ms");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    } else {
+        warn!(error = %e, "accept failed");
+    }
+}
+
+/// One of the VM's client slots, or `None` (logged) when all are taken.
+fn take_slot(slots: &Arc<Semaphore>, ctx: &ClientContext) -> Option<OwnedSemaphorePermit> {
+    let permit = slots.clone().try_acquire_owned().ok();
+    if permit.is_none() {
+        warn!(target: "qmpmux::audit", vm = %ctx.vm, listener = %ctx.listener.name, max = ctx.opts.max_clients,
+            "client refused: the VM has its maximum number of clients");
+    }
+    permit
+}
+
+/// Runs a client's task, counted in the clients gauge and holding its slot
+/// until it ends.
+fn spawn_client<F, Fut>(tracker: &TaskTracker, ctx: &ClientContext, permit: OwnedSemaphorePermit, serve: F)
+where
+    F: FnOnce(u64, ClientContext) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let id = NEXT_CLIENT.fetch_add(1, Ordering::Relaxed);
+    let gauge = ctx.metrics.clients.clone();
+    gauge.inc();
+    let client = serve(id, ctx.clone());
+    tracker.spawn(
+        async move {
+            client.await;
+            gauge.dec();
+            drop(permit);
+        }
+        .instrument(tracing::info_span!("client", id)),
+    );
 }
 
 /// How long a TLS client gets to complete its handshake.
@@ -176,41 +200,22 @@ pub async fn accept_tcp_loop(
     slots: Arc<Semaphore>,
 ) {
     loop {
-        let accepted = tokio::select! {
+        let (stream, addr) = match tokio::select! {
             a = listener.accept() => a,
             () = ctx.stop.cancelled() => return,
-        };
-        let (stream, addr) = match accepted {
+        } {
             Ok(a) => a,
-            Err(e) if is_resource_exhaustion(&e) => {
-                error!(error = %e, "cannot accept client; pausing accepts for 100 ms");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
             Err(e) => {
-                warn!(error = %e, "accept failed");
+                after_accept_error(e).await;
                 continue;
             }
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            warn!(target: "qmpmux::audit", vm = %ctx.vm, listener = %ctx.listener.name, max = ctx.opts.max_clients,
-                "client refused: the VM has its maximum number of clients");
+        let Some(permit) = take_slot(&slots, &ctx) else {
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let (ctx, tls) = (ctx.clone(), tls.clone());
-        let id = NEXT_CLIENT.fetch_add(1, Ordering::Relaxed);
-        let span = tracing::info_span!("client", id);
-        tracker.spawn(
-            async move {
-                let gauge = ctx.metrics.clients.clone();
-                gauge.inc();
-                serve_tcp(stream, addr, tls, id, ctx).await;
-                gauge.dec();
-                drop(permit);
-            }
-            .instrument(span),
-        );
+        let tls = tls.clone();
+        spawn_client(&tracker, &ctx, permit, |id, ctx| serve_tcp(stream, addr, tls, id, ctx));
     }
 }
 

@@ -45,8 +45,6 @@ pub struct Status {
     /// The latest greeting QEMU sent; kept while disconnected so clients can
     /// still connect and negotiate while QEMU restarts.
     pub greeting: Option<Arc<Greeting>>,
-    /// Successful connections so far.
-    pub connections: u64,
     pub last_error: Option<String>,
 }
 

@@ -72,7 +72,6 @@ pub fn spawn(
     let (status, status_rx) = watch::channel(Status {
         runstate: Runstate::Idle,
         greeting: None,
-        connections: 0,
         last_error: None,
     });
     let span = tracing::info_span!("vm", vm = %vm.name);
@@ -173,12 +172,11 @@ impl Session {
         self.metrics.connections.inc();
         self.status.send_modify(|s| {
             s.greeting = Some(Arc::new(greeting));
-            s.connections += 1;
             s.last_error = None;
         });
         self.set_state(Runstate::Running);
         if self.opts.proxy_events {
-            let reconnect = self.status.borrow().connections > 1;
+            let reconnect = self.metrics.connections.get() > 1;
             let data = format!("{{\"vm\": {}, \"reconnect\": {reconnect}}}", json_str(&self.vm.name));
             self.broadcast(proxy_event("UPSTREAM_RESTORED", &data));
         }
@@ -266,19 +264,11 @@ impl Session {
     }
 
     fn on_client(&mut self, msg: ToSession) {
+        let Some(msg) = membership(&mut self.clients, &mut self.router, msg) else {
+            return;
+        };
         match msg {
-            ToSession::Attach {
-                client,
-                mailbox,
-                attached,
-            } => {
-                self.clients.insert(client, mailbox);
-                let _ = attached.send(());
-            }
-            ToSession::Detach { client } => {
-                self.clients.remove(&client);
-                self.router.forget_client(client);
-            }
+            ToSession::Attach { .. } | ToSession::Detach { .. } => {}
             ToSession::Execute {
                 client,
                 seq,
@@ -432,6 +422,28 @@ impl Session {
     }
 }
 
+/// Clients joining and leaving, handled the same whatever the runstate;
+/// any other message is handed back.
+fn membership(clients: &mut HashMap<u64, MailboxSender>, router: &mut Router, msg: ToSession) -> Option<ToSession> {
+    match msg {
+        ToSession::Attach {
+            client,
+            mailbox,
+            attached,
+        } => {
+            clients.insert(client, mailbox);
+            let _ = attached.send(());
+            None
+        }
+        ToSession::Detach { client } => {
+            clients.remove(&client);
+            router.forget_client(client);
+            None
+        }
+        other => Some(other),
+    }
+}
+
 /// Serves clients while there is no upstream connection: every command is
 /// answered with an error at once. Returns when every handle is gone.
 async fn serve_down(
@@ -441,20 +453,11 @@ async fn serve_down(
     state: Runstate,
 ) {
     while let Some(msg) = rx.recv().await {
+        let Some(msg) = membership(clients, router, msg) else {
+            continue;
+        };
         match msg {
-            ToSession::Attach {
-                client,
-                mailbox,
-                attached,
-            } => {
-                clients.insert(client, mailbox);
-                let _ = attached.send(());
-            }
-            ToSession::Detach { client } => {
-                clients.remove(&client);
-                router.forget_client(client);
-            }
-            ToSession::CloseFds { .. } => {}
+            ToSession::Attach { .. } | ToSession::Detach { .. } | ToSession::CloseFds { .. } => {}
             ToSession::Execute { client, seq, .. } => {
                 let failed = ToClient::Failed {
                     seq,
