@@ -115,7 +115,11 @@ impl Qemu {
     async fn wait_listening(&self) {
         let deadline = tokio::time::Instant::now() + STEP;
         loop {
-            if UnixStream::connect(&self.socket).await.is_ok() {
+            if let Ok(probe) = UnixStream::connect(&self.socket).await {
+                // Read the whole greeting before closing: closing with it
+                // unread resets the connection, and QEMU, which serves one
+                // client at a time, can then fail the next one.
+                let _ = tokio::time::timeout(STEP, read_greeting(probe)).await;
                 return;
             }
             assert!(tokio::time::Instant::now() < deadline, "QEMU did not start listening");
@@ -136,6 +140,23 @@ impl Qemu {
 impl Drop for Qemu {
     fn drop(&mut self) {
         self.kill9();
+    }
+}
+
+/// Reads a (possibly pretty-printed) greeting to its end.
+async fn read_greeting(mut stream: UnixStream) {
+    use tokio::io::AsyncReadExt;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = stream.read(&mut buf).await {
+        if n == 0 {
+            return;
+        }
+        seen.extend_from_slice(&buf[..n]);
+        let depth: i64 = seen.iter().map(|b| i64::from(*b == b'{') - i64::from(*b == b'}')).sum();
+        if depth == 0 && seen.ends_with(b"\r\n") {
+            return;
+        }
     }
 }
 
