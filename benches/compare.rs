@@ -58,6 +58,8 @@ fn now_ns() -> u64 {
 
 struct Plan {
     quick: bool,
+    /// `--only 1,3`: run just these sections (for profiling one path).
+    only: Option<Vec<u32>>,
     lat_rounds: usize,
     lat_per_round: usize,
     lat_warmup: usize,
@@ -76,6 +78,7 @@ impl Plan {
         if quick {
             Plan {
                 quick,
+                only: None,
                 lat_rounds: 4,
                 lat_per_round: 150,
                 lat_warmup: 100,
@@ -90,6 +93,7 @@ impl Plan {
         } else {
             Plan {
                 quick,
+                only: None,
                 lat_rounds: 10,
                 lat_per_round: 300,
                 lat_warmup: 200,
@@ -102,6 +106,12 @@ impl Plan {
                 reconnects: 5,
             }
         }
+    }
+}
+
+impl Plan {
+    fn wants(&self, section: u32) -> bool {
+        self.only.as_ref().is_none_or(|o| o.contains(&section))
     }
 }
 
@@ -1224,7 +1234,13 @@ fn ratio(a: f64, b: f64) -> f64 {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    let plan = Plan::new(quick);
+    let mut plan = Plan::new(quick);
+    let args: Vec<String> = std::env::args().collect();
+    plan.only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect());
     let started = Instant::now();
     epoch();
     let nofile = raise_nofile();
@@ -1285,7 +1301,9 @@ fn main() {
     });
 
     // 1.
-    results["sequential"] = bench_sequential(&plan, &qa, &mux_qemu);
+    if plan.wants(1) {
+        results["sequential"] = bench_sequential(&plan, &qa, &mux_qemu);
+    }
 
     // 2.
     let scen = |label: &str, path: &Path, caps, clients, via_mux, upstream_pid| Scenario {
@@ -1297,93 +1315,102 @@ fn main() {
         upstream_pid,
     };
     let (pa, pb, me) = (qemu_a.pid(), qemu_b.pid(), std::process::id());
-    let rows2 = rt.block_on(tput_group(
-        &plan,
-        &[
-            scen("direct QEMU", &qa, CAPS_OOB, 1, false, pa),
-            scen("via qmpmux", &mux_qemu, CAPS, 1, true, pb),
-            scen("via qmpmux", &mux_qemu, CAPS, 16, true, pb),
-            scen("via qmpmux", &mux_qemu, CAPS, 64, true, pb),
-        ],
-        daemon.pid(),
-    ));
-    let base = rows2[0].median.rate;
-    out!(
+    let mut base = 0.0;
+    if plan.wants(2) {
+        let rows2 = rt.block_on(tput_group(
+            &plan,
+            &[
+                scen("direct QEMU", &qa, CAPS_OOB, 1, false, pa),
+                scen("via qmpmux", &mux_qemu, CAPS, 1, true, pb),
+                scen("via qmpmux", &mux_qemu, CAPS, 16, true, pb),
+                scen("via qmpmux", &mux_qemu, CAPS, 64, true, pb),
+            ],
+            daemon.pid(),
+        ));
+        base = rows2[0].median.rate;
+        out!(
         "\n2. Pipelined query-status throughput, {DEPTH} in flight per client ({} rep(s) x {:.1} s per row, interleaved; median [min - max])",
         plan.tput_reps,
         plan.tput_window.as_secs_f64()
     );
-    print_tput(&rows2, base, "vs direct", "QEMU CPU");
-    results["throughput_qemu"] = json!({
-        "direct_baseline_cmds_per_s": base,
-        "rows": rows2.iter().map(|r| tput_json(r, base)).collect::<Vec<_>>(),
-    });
+        print_tput(&rows2, base, "vs direct", "QEMU CPU");
+        results["throughput_qemu"] = json!({
+            "direct_baseline_cmds_per_s": base,
+            "rows": rows2.iter().map(|r| tput_json(r, base)).collect::<Vec<_>>(),
+        });
+    }
 
     // 3.
-    let rows3 = rt.block_on(tput_group(
-        &plan,
-        &[
-            scen("fake upstream", &mux_fake, CAPS, 1, true, me),
-            scen("fake upstream", &mux_fake, CAPS, 16, true, me),
-            scen("fake upstream", &mux_fake, CAPS, 64, true, me),
-        ],
-        daemon.pid(),
-    ));
-    out!("\n3. qmpmux ceiling: instant-reply fake upstream (in the bench process), one upstream session (window 8)");
-    print_tput(&rows3, base, "vs QEMU", "bench CPU");
-    results["throughput_fake"] = json!({
-        "note": "ratio is vs the direct-QEMU baseline of section 2; upstream CPU is this bench process (fake + clients)",
-        "rows": rows3.iter().map(|r| tput_json(r, base)).collect::<Vec<_>>(),
-    });
+    if plan.wants(3) {
+        let rows3 = rt.block_on(tput_group(
+            &plan,
+            &[
+                scen("fake upstream", &mux_fake, CAPS, 1, true, me),
+                scen("fake upstream", &mux_fake, CAPS, 16, true, me),
+                scen("fake upstream", &mux_fake, CAPS, 64, true, me),
+            ],
+            daemon.pid(),
+        ));
+        out!(
+            "\n3. qmpmux ceiling: instant-reply fake upstream (in the bench process), one upstream session (window 8)"
+        );
+        print_tput(&rows3, base, "vs QEMU", "bench CPU");
+        results["throughput_fake"] = json!({
+            "note": "ratio is vs the direct-QEMU baseline of section 2; upstream CPU is this bench process (fake + clients)",
+            "rows": rows3.iter().map(|r| tput_json(r, base)).collect::<Vec<_>>(),
+        });
+    }
 
     // 4.
-    let fan: Vec<FanRow> = plan
-        .fanout
-        .iter()
-        .map(|&(n, ev)| rt.block_on(fanout_once(&plan, &mux_fake, &fire, n, ev)))
-        .collect();
-    out!("\n4. Event fan-out latency: fake upstream -> qmpmux -> N clients (stamped before the upstream write, read by each client)");
-    out!(
-        "   {:>8}{:>8}{:>11}{:>10}{:>10}{:>10}{:>17}{:>14}",
-        "clients",
-        "events",
-        "delivered",
-        "p50 us",
-        "p99 us",
-        "max us",
-        "last-client p50",
-        "p50 vs 1 cl."
-    );
-    let fan_base = fan.first().map(|f| f.p50).unwrap_or(0) as f64;
-    for f in &fan {
+    if plan.wants(4) {
+        let fan: Vec<FanRow> = plan
+            .fanout
+            .iter()
+            .map(|&(n, ev)| rt.block_on(fanout_once(&plan, &mux_fake, &fire, n, ev)))
+            .collect();
+        out!("\n4. Event fan-out latency: fake upstream -> qmpmux -> N clients (stamped before the upstream write, read by each client)");
         out!(
-            "   {:>8}{:>8}{:>11}{:>10.1}{:>10.1}{:>10.1}{:>17.1}{:>13.1}x",
-            f.clients,
-            f.events,
-            f.delivered,
-            us(f.p50),
-            us(f.p99),
-            us(f.max),
-            us(f.last_p50),
-            ratio(f.p50 as f64, fan_base)
+            "   {:>8}{:>8}{:>11}{:>10}{:>10}{:>10}{:>17}{:>14}",
+            "clients",
+            "events",
+            "delivered",
+            "p50 us",
+            "p99 us",
+            "max us",
+            "last-client p50",
+            "p50 vs 1 cl."
         );
+        let fan_base = fan.first().map(|f| f.p50).unwrap_or(0) as f64;
+        for f in &fan {
+            out!(
+                "   {:>8}{:>8}{:>11}{:>10.1}{:>10.1}{:>10.1}{:>17.1}{:>13.1}x",
+                f.clients,
+                f.events,
+                f.delivered,
+                us(f.p50),
+                us(f.p99),
+                us(f.max),
+                us(f.last_p50),
+                ratio(f.p50 as f64, fan_base)
+            );
+        }
+        results["fanout"] = json!(fan
+            .iter()
+            .map(|f| json!({
+                "clients": f.clients, "events": f.events, "delivered": f.delivered,
+                "p50_us": us(f.p50), "p99_us": us(f.p99), "max_us": us(f.max),
+                "last_client_p50_us": us(f.last_p50),
+                "p50_ratio_vs_1_client": ratio(f.p50 as f64, fan_base),
+            }))
+            .collect::<Vec<_>>());
     }
-    results["fanout"] = json!(fan
-        .iter()
-        .map(|f| json!({
-            "clients": f.clients, "events": f.events, "delivered": f.delivered,
-            "p50_us": us(f.p50), "p99_us": us(f.p99), "max_us": us(f.max),
-            "last_client_p50_us": us(f.last_p50),
-            "p50_ratio_vs_1_client": ratio(f.p50 as f64, fan_base),
-        }))
-        .collect::<Vec<_>>());
 
     // 6. (measured before 5, on the daemon of 1-4; printed last)
     progress("reconnect after QEMU restart");
     let mut rc_client = SyncClient::open(&mux_qemu, CAPS).expect("reconnect client");
     let mut mux_runs = Vec::new();
     let mut direct_runs = Vec::new();
-    for _ in 0..plan.reconnects {
+    for _ in 0..if plan.wants(6) { plan.reconnects } else { 0 } {
         mux_runs.push(reconnect_mux(&mut qemu_b, &p("qemu-b.log"), &mut rc_client));
         direct_runs.push(reconnect_direct(&mut qemu_a, &p("qemu-a.log")));
         std::thread::sleep(Duration::from_millis(100));
@@ -1394,35 +1421,36 @@ fn main() {
     drop(qemu_b);
 
     // 5.
-    let mem_clients = plan.mem_clients.min(nofile.saturating_sub(200) as usize);
-    progress(&format!("memory with {mem_clients} idle clients"));
-    let (qc, mux_mem) = (p("qemu-c.sock"), p("mux-mem.sock"));
-    let qemu_c = Qemu::start(&qc, &p("qemu-c.log"));
-    // Started with a soft fd limit of 1024 (systemd's default): qmpmux must
-    // raise its own limit to serve 10,000 clients.
-    let mem_daemon = Daemon::start(
-        &p("qmpmux-mem.toml"),
-        &daemon_config(&[("mem", &qc, &mux_mem)], 20_000),
-        &p("qmpmux-mem.log"),
-        &[&mux_mem],
-        Some(1024),
-    );
-    let daemon_nofile = nofile_of(mem_daemon.pid());
-    let mem = rt.block_on(memory_clients(&mux_mem, mem_daemon.pid(), mem_clients));
-    let qemu_rss = rss_kib(qemu_c.pid());
-    let mem_log = std::fs::read_to_string(&mem_daemon.log).unwrap_or_default();
-    drop(mem_daemon);
-    drop(qemu_c);
+    if plan.wants(5) {
+        let mem_clients = plan.mem_clients.min(nofile.saturating_sub(200) as usize);
+        progress(&format!("memory with {mem_clients} idle clients"));
+        let (qc, mux_mem) = (p("qemu-c.sock"), p("mux-mem.sock"));
+        let qemu_c = Qemu::start(&qc, &p("qemu-c.log"));
+        // Started with a soft fd limit of 1024 (systemd's default): qmpmux must
+        // raise its own limit to serve 10,000 clients.
+        let mem_daemon = Daemon::start(
+            &p("qmpmux-mem.toml"),
+            &daemon_config(&[("mem", &qc, &mux_mem)], 20_000),
+            &p("qmpmux-mem.log"),
+            &[&mux_mem],
+            Some(1024),
+        );
+        let daemon_nofile = nofile_of(mem_daemon.pid());
+        let mem = rt.block_on(memory_clients(&mux_mem, mem_daemon.pid(), mem_clients));
+        let qemu_rss = rss_kib(qemu_c.pid());
+        let mem_log = std::fs::read_to_string(&mem_daemon.log).unwrap_or_default();
+        drop(mem_daemon);
+        drop(qemu_c);
 
-    let grown = mem.rss_after.saturating_sub(mem.rss_before);
-    let per_client = grown as f64 / mem.clients.max(1) as f64;
-    out!("\n5. Memory per idle negotiated client (fresh qmpmux on a real QEMU, [client] max_clients = 20000)");
-    out!(
-        "   qmpmux started with RLIMIT_NOFILE soft 1024, runs with {} (its own raise); daemon fds with clients: {}",
-        daemon_nofile.map_or("?".into(), |v| v.to_string()),
-        mem.fds_after
-    );
-    out!(
+        let grown = mem.rss_after.saturating_sub(mem.rss_before);
+        let per_client = grown as f64 / mem.clients.max(1) as f64;
+        out!("\n5. Memory per idle negotiated client (fresh qmpmux on a real QEMU, [client] max_clients = 20000)");
+        out!(
+            "   qmpmux started with RLIMIT_NOFILE soft 1024, runs with {} (its own raise); daemon fds with clients: {}",
+            daemon_nofile.map_or("?".into(), |v| v.to_string()),
+            mem.fds_after
+        );
+        out!(
         "   {} of {} clients connected and negotiated in {:.2} s ({} clients/s); a command on one still answered: {}",
         mem.clients,
         mem.wanted,
@@ -1430,91 +1458,94 @@ fn main() {
         thousands(mem.clients as f64 / mem.connect_secs.max(1e-9)),
         if mem.still_works { "yes" } else { "NO" }
     );
-    if let Some(e) = &mem.failure {
-        out!("   !! connecting stopped at the first failure: {e}");
-    }
-    out!(
+        if let Some(e) = &mem.failure {
+            out!("   !! connecting stopped at the first failure: {e}");
+        }
+        out!(
         "   qmpmux VmRSS: {} KiB before, {} KiB with the clients, {} KiB after they all closed, {} KiB with a second wave",
         thousands(mem.rss_before as f64),
         thousands(mem.rss_after as f64),
         thousands(mem.rss_closed as f64),
         thousands(mem.rss_second as f64)
     );
-    out!(
-        "   => {:.2} KiB per idle client; all {} together: {:.2}x the RSS of the QEMU they share ({} KiB)",
-        per_client,
-        mem.clients,
-        ratio(grown as f64, qemu_rss as f64),
-        thousands(qemu_rss as f64)
-    );
-    let accept_errors = mem_log.lines().filter(|l| l.contains("cannot accept client")).count();
-    if accept_errors > 0 {
-        out!("   !! qmpmux logged {accept_errors} 'cannot accept client' errors (fd limit?)");
+        out!(
+            "   => {:.2} KiB per idle client; all {} together: {:.2}x the RSS of the QEMU they share ({} KiB)",
+            per_client,
+            mem.clients,
+            ratio(grown as f64, qemu_rss as f64),
+            thousands(qemu_rss as f64)
+        );
+        let accept_errors = mem_log.lines().filter(|l| l.contains("cannot accept client")).count();
+        if accept_errors > 0 {
+            out!("   !! qmpmux logged {accept_errors} 'cannot accept client' errors (fd limit?)");
+        }
+        results["memory"] = json!({
+            "clients_wanted": mem.wanted, "clients": mem.clients, "failure": mem.failure,
+            "connect_secs": mem.connect_secs,
+            "rss_before_kib": mem.rss_before, "rss_after_kib": mem.rss_after, "rss_closed_kib": mem.rss_closed, "rss_second_wave_kib": mem.rss_second,
+            "kib_per_client": per_client, "daemon_fds": mem.fds_after, "daemon_nofile_soft": daemon_nofile,
+            "qemu_rss_kib": qemu_rss, "command_answered": mem.still_works, "accept_errors_logged": accept_errors,
+        });
     }
-    results["memory"] = json!({
-        "clients_wanted": mem.wanted, "clients": mem.clients, "failure": mem.failure,
-        "connect_secs": mem.connect_secs,
-        "rss_before_kib": mem.rss_before, "rss_after_kib": mem.rss_after, "rss_closed_kib": mem.rss_closed, "rss_second_wave_kib": mem.rss_second,
-        "kib_per_client": per_client, "daemon_fds": mem.fds_after, "daemon_nofile_soft": daemon_nofile,
-        "qemu_rss_kib": qemu_rss, "command_answered": mem.still_works, "accept_errors_logged": accept_errors,
-    });
 
     // 6.
-    out!("\n6. Reconnect: QEMU killed (SIGKILL) and restarted; t0 = its socket file appears (stat), t1 = first successful query-status");
-    out!("   via qmpmux: an already-connected client retries every 0.5 ms (qmpmux backoff 50 ms initial, x2, max 1 s, +-10%)");
-    out!("   direct: a new client tries to connect every 0.5 ms from t0 (the best a client of QEMU itself can do)");
-    out!(
-        "   {:>4}{:>17}{:>17}{:>22}{:>17}{:>12}",
-        "run",
-        "kill->error ms",
-        "spawn->socket ms",
-        "t1-t0 via qmpmux ms",
-        "t1-t0 direct ms",
-        "ratio"
-    );
-    for (i, (m, d)) in mux_runs.iter().zip(&direct_runs).enumerate() {
+    if plan.wants(6) {
+        out!("\n6. Reconnect: QEMU killed (SIGKILL) and restarted; t0 = its socket file appears (stat), t1 = first successful query-status");
+        out!("   via qmpmux: an already-connected client retries every 0.5 ms (qmpmux backoff 50 ms initial, x2, max 1 s, +-10%)");
+        out!("   direct: a new client tries to connect every 0.5 ms from t0 (the best a client of QEMU itself can do)");
         out!(
-            "   {:>4}{:>17.1}{:>17.1}{:>22.1}{:>17.1}{:>11.1}x",
-            i + 1,
-            m.detect_ms,
-            m.socket_ms,
-            m.recover_ms,
-            d.recover_ms,
-            ratio(m.recover_ms, d.recover_ms)
+            "   {:>4}{:>17}{:>17}{:>22}{:>17}{:>12}",
+            "run",
+            "kill->error ms",
+            "spawn->socket ms",
+            "t1-t0 via qmpmux ms",
+            "t1-t0 direct ms",
+            "ratio"
         );
-    }
-    let med = |runs: &[Reconnect], f: fn(&Reconnect) -> f64| median_f(&runs.iter().map(f).collect::<Vec<_>>());
-    let (md, ms, mr, dr) = (
-        med(&mux_runs, |r| r.detect_ms),
-        med(&mux_runs, |r| r.socket_ms),
-        med(&mux_runs, |r| r.recover_ms),
-        med(&direct_runs, |r| r.recover_ms),
-    );
-    out!(
-        "   {:>4}{:>17.1}{:>17.1}{:>22.1}{:>17.1}{:>11.1}x   (qmpmux adds {:+.1} ms at the median)",
-        "med",
-        md,
-        ms,
-        mr,
-        dr,
-        ratio(mr, dr),
-        mr - dr
-    );
-    let runs_json = |runs: &[Reconnect]| {
-        runs.iter()
-            .map(|r| {
-                json!({
-                    "kill_to_error_ms": r.detect_ms, "spawn_to_socket_ms": r.socket_ms,
-                    "socket_to_success_ms": r.recover_ms, "attempts": r.attempts,
+        for (i, (m, d)) in mux_runs.iter().zip(&direct_runs).enumerate() {
+            out!(
+                "   {:>4}{:>17.1}{:>17.1}{:>22.1}{:>17.1}{:>11.1}x",
+                i + 1,
+                m.detect_ms,
+                m.socket_ms,
+                m.recover_ms,
+                d.recover_ms,
+                ratio(m.recover_ms, d.recover_ms)
+            );
+        }
+        let med = |runs: &[Reconnect], f: fn(&Reconnect) -> f64| median_f(&runs.iter().map(f).collect::<Vec<_>>());
+        let (md, ms, mr, dr) = (
+            med(&mux_runs, |r| r.detect_ms),
+            med(&mux_runs, |r| r.socket_ms),
+            med(&mux_runs, |r| r.recover_ms),
+            med(&direct_runs, |r| r.recover_ms),
+        );
+        out!(
+            "   {:>4}{:>17.1}{:>17.1}{:>22.1}{:>17.1}{:>11.1}x   (qmpmux adds {:+.1} ms at the median)",
+            "med",
+            md,
+            ms,
+            mr,
+            dr,
+            ratio(mr, dr),
+            mr - dr
+        );
+        let runs_json = |runs: &[Reconnect]| {
+            runs.iter()
+                .map(|r| {
+                    json!({
+                        "kill_to_error_ms": r.detect_ms, "spawn_to_socket_ms": r.socket_ms,
+                        "socket_to_success_ms": r.recover_ms, "attempts": r.attempts,
+                    })
                 })
-            })
-            .collect::<Vec<_>>()
-    };
-    results["reconnect"] = json!({
-        "via_qmpmux": runs_json(&mux_runs), "direct": runs_json(&direct_runs),
-        "median_socket_to_success_ms": mr, "median_direct_socket_to_success_ms": dr,
-        "ratio": ratio(mr, dr), "median_kill_to_error_ms": md, "median_spawn_to_socket_ms": ms,
-    });
+                .collect::<Vec<_>>()
+        };
+        results["reconnect"] = json!({
+            "via_qmpmux": runs_json(&mux_runs), "direct": runs_json(&direct_runs),
+            "median_socket_to_success_ms": mr, "median_direct_socket_to_success_ms": dr,
+            "ratio": ratio(mr, dr), "median_kill_to_error_ms": md, "median_spawn_to_socket_ms": ms,
+        });
+    }
 
     let total = started.elapsed().as_secs_f64();
     results["meta"]["wall_secs"] = json!(total);

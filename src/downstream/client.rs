@@ -206,7 +206,14 @@ where
                     None => eof = true,
                 },
                 msg = mailbox.recv(), if client.outbuf.len() < outbuf_high => match msg {
-                    Some(msg) => client.on_session(msg),
+                    Some(msg) => {
+                        client.on_session(msg);
+                        // Take what else is waiting, to write it all at once.
+                        while client.outbuf.len() < outbuf_high {
+                            let Some(msg) = mailbox.try_recv() else { break };
+                            client.on_session(msg);
+                        }
+                    }
                     None => return End::Dropped,
                 },
                 r = write.write_buf(&mut client.outbuf), if !client.outbuf.is_empty() => match r {

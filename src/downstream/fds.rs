@@ -39,8 +39,11 @@ impl FdReader {
     }
 }
 
-/// One `recvmsg`: bytes into `buf`, passed fds onto `fds`.
-fn recv_into(half: &OwnedReadHalf, fds: &mut VecDeque<OwnedFd>, buf: &mut [u8]) -> io::Result<usize> {
+/// One `recvmsg`: bytes into `buf`, passed fds onto `fds`. Also says
+/// whether the socket is known to be drained: a unix stream `recvmsg`
+/// fills the whole buffer unless the queue ran dry or it stopped after a
+/// message that carried fds, so a short read without fds means empty.
+fn recv_into(half: &OwnedReadHalf, fds: &mut VecDeque<OwnedFd>, buf: &mut [u8]) -> io::Result<(usize, bool)> {
     let stream: &tokio::net::UnixStream = half.as_ref();
     let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 8]);
     let mut iov = [IoSliceMut::new(buf)];
@@ -58,6 +61,7 @@ fn recv_into(half: &OwnedReadHalf, fds: &mut VecDeque<OwnedFd>, buf: &mut [u8]) 
             received.extend(raw);
         }
     }
+    let drained = n > 0 && n < buf.len() && received.is_empty();
     for raw in received {
         // SAFETY: the kernel has just installed `raw` in this process's fd
         // table for us (SCM_RIGHTS); nothing else owns or closes it.
@@ -67,7 +71,7 @@ fn recv_into(half: &OwnedReadHalf, fds: &mut VecDeque<OwnedFd>, buf: &mut [u8]) 
             fds.push_back(owned);
         }
     }
-    Ok(n)
+    Ok((n, drained))
 }
 
 impl AsyncRead for FdReader {
@@ -77,13 +81,25 @@ impl AsyncRead for FdReader {
             let stream: &tokio::net::UnixStream = half.as_ref();
             ready!(stream.poll_read_ready(cx))?;
             let unfilled = buf.initialize_unfilled();
-            match stream.try_io(Interest::READABLE, || recv_into(half, fds, unfilled)) {
-                Ok(n) => {
+            // A drained socket reports WouldBlock to `try_io`, which then
+            // clears the readiness (unless an event came in meanwhile), as
+            // tokio's own `poll_read` does after a short read: this saves
+            // the `recvmsg` that would only say EAGAIN.
+            let mut short = None;
+            let result = stream.try_io(Interest::READABLE, || match recv_into(half, fds, unfilled)? {
+                (n, true) => {
+                    short = Some(n);
+                    Err(io::ErrorKind::WouldBlock.into())
+                }
+                (n, false) => Ok(n),
+            });
+            match (result, short) {
+                (_, Some(n)) | (Ok(n), None) => {
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e)),
+                (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                (Err(e), None) => return Poll::Ready(Err(e)),
             }
         }
     }

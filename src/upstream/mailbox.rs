@@ -86,6 +86,13 @@ impl MailboxReceiver {
         self.queued.fetch_sub(cost(&msg), Ordering::AcqRel);
         Some(msg)
     }
+
+    /// The next message if one is waiting.
+    pub fn try_recv(&mut self) -> Option<ToClient> {
+        let msg = self.rx.try_recv().ok()?;
+        self.queued.fetch_sub(cost(&msg), Ordering::AcqRel);
+        Some(msg)
+    }
 }
 
 #[cfg(test)]

@@ -32,6 +32,9 @@ use tracing::{debug, error, info, warn, Instrument};
 const UPSTREAM_WINDOW: usize = 8;
 /// Capacity of the channel all of one VM's clients send into.
 const INBOX: usize = 1024;
+/// Messages taken from the inbox in one go before writing upstream, so
+/// that a burst of commands from many clients leaves in one write.
+const INBOX_BATCH: usize = 64;
 
 /// Why a running connection ended.
 #[derive(Debug)]
@@ -214,7 +217,13 @@ impl Session {
                     }
                 }
                 msg = self.rx.recv() => match msg {
-                    Some(msg) => self.on_client(msg),
+                    Some(msg) => {
+                        self.on_client(msg);
+                        for _ in 1..INBOX_BATCH {
+                            let Ok(msg) = self.rx.try_recv() else { break };
+                            self.on_client(msg);
+                        }
+                    }
                     None => break Exit::Shutdown,
                 },
                 _ = tick.tick(), if timeout.is_some() => self.expire(timeout.unwrap_or_default()),
