@@ -10,6 +10,9 @@ use std::time::Duration;
 /// Longest path a unix socket address can hold (`sun_path` less the NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
+/// Upper bound of `threads`.
+const MAX_THREADS: usize = 256;
+
 /// Where qmpmux's own sockets go by default.
 pub const DEFAULT_DIR: &str = "/run/qmpmux";
 
@@ -45,6 +48,7 @@ struct RawConfig {
     socket_mode: Option<String>,
     socket_owner: Option<String>,
     socket_group: Option<String>,
+    threads: Option<usize>,
     #[serde(default)]
     upstream: RawUpstream,
     #[serde(default)]
@@ -129,6 +133,9 @@ pub struct Config {
     pub control_socket: Option<PathBuf>,
     /// Prometheus endpoint (`GET /metrics`); off when `None`.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Threads serving VMs: each VM (its upstream session and all its
+    /// clients) runs on one of them. 0: one per CPU.
+    pub threads: usize,
     pub upstream: UpstreamOptions,
     pub client: ClientOptions,
     pub vms: Vec<VmConfig>,
@@ -497,7 +504,15 @@ impl RawConfig {
         if let Some(p) = &control_socket {
             check_socket_path(p).map_err(|r| invalid("control_socket", r))?;
         }
+        let threads = self.threads.unwrap_or(0);
+        if threads > MAX_THREADS {
+            return Err(invalid(
+                "threads",
+                format!("{threads}: at most {MAX_THREADS} (0: one per CPU)"),
+            ));
+        }
         Ok(Config {
+            threads,
             log_level,
             socket,
             control_socket,

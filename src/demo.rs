@@ -54,6 +54,7 @@ pub async fn start(listen: Option<PathBuf>) -> Result<Demo, DemoError> {
         socket: Default::default(),
         control_socket: Some(dir.join("qmpmux.ctl")),
         metrics_listen: None,
+        threads: 1,
         log_rotation: Default::default(),
         upstream: UpstreamOptions::default(),
         client: ClientOptions::default(),

@@ -7,6 +7,7 @@
 //! - [`router`]: correlation of forwarded requests with replies; pure.
 //! - [`upstream`]: the per-VM session task owning QEMU's socket.
 //! - [`downstream`]: listeners and per-client tasks.
+//! - [`shards`]: the threads VMs run on, one VM wholly on one thread.
 //! - [`supervisor`]: [`run`], tying it together until shutdown.
 //! - [`error`]: qmpmux's own failures and their QMP wire form.
 // The one exception is taking ownership of fds received with SCM_RIGHTS
@@ -22,6 +23,7 @@ pub mod metrics;
 pub mod policy;
 pub mod qmp;
 pub mod router;
+pub mod shards;
 pub mod supervisor;
 pub mod upstream;
 

@@ -8,6 +8,7 @@ use crate::downstream::client::ClientContext;
 use crate::downstream::{accept_loop, accept_tcp_loop, bind, tls, BindError};
 use crate::metrics::{Metrics, SharedMetrics, VmMetrics};
 use crate::policy::Policy;
+use crate::shards::{Lease, Shards};
 use crate::upstream::{self, SessionHandle};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -53,6 +54,14 @@ pub enum RunError {
         #[source]
         source: BindError,
     },
+    #[error("cannot start the threads that serve VMs")]
+    Threads(#[source] std::io::Error),
+    #[error("VM '{vm}': cannot move its sockets to the thread that serves it")]
+    Rehome {
+        vm: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A VM's bound sockets: for clients, and in accept mode for QEMU.
@@ -68,6 +77,27 @@ struct VmSockets {
 enum Bound {
     Unix(UnixListener),
     Tcp(TcpListener, Option<TlsAcceptor>),
+}
+
+impl VmSockets {
+    /// Registers the sockets with the current runtime (they were bound on
+    /// the supervisor's), so that their I/O is driven by the VM's shard.
+    fn rehome(self) -> std::io::Result<VmSockets> {
+        let unix = |l: UnixListener| l.into_std().and_then(UnixListener::from_std);
+        let extra = self
+            .extra
+            .into_iter()
+            .map(|b| match b {
+                Bound::Unix(l) => unix(l).map(Bound::Unix),
+                Bound::Tcp(l, tls) => l.into_std().and_then(TcpListener::from_std).map(|l| Bound::Tcp(l, tls)),
+            })
+            .collect::<std::io::Result<_>>()?;
+        Ok(VmSockets {
+            clients: unix(self.clients)?,
+            extra,
+            upstream: self.upstream.map(unix).transpose()?,
+        })
+    }
 }
 
 impl std::fmt::Debug for Bound {
@@ -182,12 +212,15 @@ struct Vm {
     hard: CancellationToken,
     clients: TaskTracker,
     tasks: TaskTracker,
+    /// The shard the VM's tasks run on.
+    _shard: Lease,
 }
 
 struct Supervisor {
     config: Config,
     vms: HashMap<String, Vm>,
     metrics: SharedMetrics,
+    shards: Shards,
 }
 
 /// Runs the daemon until `shutdown` is cancelled, then stops cleanly and
@@ -208,13 +241,14 @@ pub async fn run_with_reload(
         config: config.clone(),
         vms: HashMap::new(),
         metrics: Arc::new(Metrics::new()),
+        shards: Shards::start(config.threads).map_err(RunError::Threads)?,
     };
     for vm in &config.vms {
         let listener = listeners
             .vms
             .remove(&vm.name)
             .ok_or_else(|| RunError::MissingListener(vm.name.clone()))?;
-        sup.start_vm(vm.clone(), listener);
+        sup.start_vm(vm.clone(), listener)?;
     }
     let services = TaskTracker::new();
     let (query_tx, mut queries) = mpsc::channel(16);
@@ -248,7 +282,14 @@ pub async fn run_with_reload(
 }
 
 impl Supervisor {
-    fn start_vm(&mut self, vm: VmConfig, sockets: VmSockets) {
+    fn start_vm(&mut self, vm: VmConfig, sockets: VmSockets) -> Result<(), RunError> {
+        // Everything spawned from here on runs on the VM's shard.
+        let shard = self.shards.place();
+        let _on_shard = shard.handle.enter();
+        let sockets = sockets.rehome().map_err(|source| RunError::Rehome {
+            vm: vm.name.clone(),
+            source,
+        })?;
         let (stop, hard) = (CancellationToken::new(), CancellationToken::new());
         let (tasks, clients) = (TaskTracker::new(), TaskTracker::new());
         let upstream_opts = self.config.upstream.clone();
@@ -311,8 +352,10 @@ impl Supervisor {
                 hard,
                 clients,
                 tasks,
+                _shard: shard,
             },
         );
+        Ok(())
     }
 
     /// Applies a new configuration: VMs whose entry is unchanged keep
@@ -367,7 +410,9 @@ impl Supervisor {
                     }
                 },
             };
-            self.start_vm(vm, listener);
+            if let Err(e) = self.start_vm(vm, listener) {
+                error!(error = %crate::error::chain(&e), "cannot start VM after reload");
+            }
         }
         info!(
             added = ?summary.added,

@@ -80,6 +80,7 @@ fn full_sets_every_option_to_something_read() {
     assert_eq!((d.socket.mode, f.socket.mode), (0o660, 0o600));
     assert_eq!((d.socket.uid, f.socket.uid), (None, Some(0)), "socket_owner = \"root\"");
     assert_eq!((d.socket.gid, f.socket.gid), (None, Some(0)), "socket_group = \"0\"");
+    assert_eq!((d.threads, f.threads), (0, 3));
 
     // [upstream]: every field differs.
     let (du, fu) = (&d.upstream, &f.upstream);

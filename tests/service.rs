@@ -274,6 +274,9 @@ async fn status_and_metrics_report_what_happened() {
     assert!(c.cmd(r#"{"execute":"no-such-command"}"#).await["error"].is_object());
     c.send(r#"{"execute":"stop"}"#).await;
     c.event("STOP").await;
+    // QEMU sends the event before the reply: nothing is in flight once the
+    // reply is in.
+    assert_eq!(c.reply().await["return"], serde_json::json!({}));
 
     let report = qmpmux::control::query_status(&ctl).await.unwrap();
     let vm = &report.vms[0];

@@ -183,6 +183,7 @@ impl Daemon {
             socket: Default::default(),
             control_socket: None,
             metrics_listen: None,
+            threads: 0,
             log_rotation: Default::default(),
             upstream: UpstreamOptions::default(),
             client: ClientOptions::default(),
