@@ -298,6 +298,128 @@ impl Drop for Daemon {
     }
 }
 
+// ---------------------------------------------------------------------------
+// Floors: the least any proxy must do, as separate processes like qmpmux
+// (this binary run again in a child mode, on one single-threaded runtime).
+
+/// A floor process: `--child-relay LISTEN UPSTREAM` copies bytes both ways
+/// between each client and its own upstream connection (one task per
+/// client, tokio's `copy_bidirectional`); `--child-broadcast LISTEN
+/// UPSTREAM` reads lines from one upstream connection and writes each to
+/// every client (after a fake greeting and negotiation).
+struct Floor {
+    child: Child,
+}
+
+impl Floor {
+    fn start(mode: &str, listen: &Path, upstream: &Path) -> Floor {
+        let _ = std::fs::remove_file(listen);
+        let mut cmd = Command::new(std::env::current_exe().expect("own path"));
+        cmd.arg(mode)
+            .arg(listen)
+            .arg(upstream)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        guard_child(&mut cmd, None);
+        let f = Floor {
+            child: cmd.spawn().expect("spawn floor process"),
+        };
+        let deadline = Instant::now() + STEP;
+        while !listen.exists() {
+            assert!(Instant::now() < deadline, "{mode} did not listen");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        f
+    }
+}
+
+impl Drop for Floor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a child mode if asked to; returns whether it did.
+fn child_mode(args: &[String]) -> bool {
+    let Some(i) = args.iter().position(|a| a.starts_with("--child-")) else {
+        return false;
+    };
+    let (mode, listen, upstream) = (
+        args[i].clone(),
+        PathBuf::from(&args[i + 1]),
+        PathBuf::from(&args[i + 2]),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        let listener = UnixListener::bind(&listen).expect("bind");
+        match mode.as_str() {
+            "--child-relay" => {
+                while let Ok((mut client, _)) = listener.accept().await {
+                    let mut up = UnixStream::connect(&upstream).await.expect("relay upstream");
+                    tokio::spawn(async move {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
+                    });
+                }
+            }
+            "--child-broadcast" => broadcast(listener, &upstream).await,
+            other => panic!("unknown child mode {other}"),
+        }
+    });
+    true
+}
+
+async fn broadcast(listener: UnixListener, upstream: &Path) {
+    let up = loop {
+        match UnixStream::connect(upstream).await {
+            Ok(s) => break s,
+            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    };
+    let mut lines = BufReader::new(up).lines();
+    let _greeting = lines.next_line().await;
+    let (join_tx, mut joined) = mpsc::unbounded_channel::<OwnedWriteHalf>();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let join_tx = join_tx.clone();
+            tokio::spawn(async move {
+                let (rd, mut wr) = stream.into_split();
+                let mut rd = BufReader::new(rd);
+                let mut req = Vec::new();
+                if wr.write_all(FAKE_GREETING).await.is_err()
+                    || rd.read_until(b'}', &mut req).await.is_err()
+                    || wr.write_all(b"{\"return\": {}}\r\n").await.is_err()
+                {
+                    return;
+                }
+                let _ = join_tx.send(wr);
+                // Keep the read half until the client leaves.
+                let _ = rd.read_to_end(&mut req).await;
+            });
+        }
+    });
+    let mut clients: Vec<OwnedWriteHalf> = Vec::new();
+    loop {
+        tokio::select! {
+            Some(wr) = joined.recv() => clients.push(wr),
+            line = lines.next_line() => {
+                let Ok(Some(mut line)) = line else { return };
+                line.push_str("\r\n");
+                let mut kept = Vec::with_capacity(clients.len());
+                for mut wr in clients.drain(..) {
+                    if wr.write_all(line.as_bytes()).await.is_ok() {
+                        kept.push(wr);
+                    }
+                }
+                clients = kept;
+            }
+        }
+    }
+}
+
 fn daemon_config(vms: &[(&str, &Path, &Path)], max_clients: usize) -> String {
     let mut s = format!("log_level = \"warn\"\n[client]\nmax_clients = {max_clients}\n");
     for (name, up, listen) in vms {
@@ -690,21 +812,22 @@ fn lat_stats(mut v: Vec<u64>, errors: u64) -> LatStats {
     }
 }
 
-fn bench_sequential(plan: &Plan, direct: &Path, mux: &Path) -> Value {
+fn bench_sequential(plan: &Plan, direct: &Path, mux: &Path, relay: &Path) -> Value {
     progress("sequential round trips");
     let mut clients = [
         SyncClient::open(direct, CAPS_OOB).expect("direct client"),
         SyncClient::open(mux, CAPS).expect("qmpmux client"),
+        SyncClient::open(relay, CAPS_OOB).expect("relay client"),
     ];
-    let mut samples = [Vec::new(), Vec::new()];
-    let mut errors = [0u64; 2];
+    let mut samples = [Vec::new(), Vec::new(), Vec::new()];
+    let mut errors = [0u64; 3];
     for c in clients.iter_mut() {
         for _ in 0..plan.lat_warmup {
             c.cmd().expect("warm-up round trip");
         }
     }
     for round in 0..plan.lat_rounds {
-        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        let order = [[0, 1, 2], [1, 2, 0], [2, 0, 1]][round % 3];
         for which in order {
             let c = &mut clients[which];
             for _ in 0..plan.lat_per_round {
@@ -715,12 +838,13 @@ fn bench_sequential(plan: &Plan, direct: &Path, mux: &Path) -> Value {
             }
         }
     }
-    let [sd, sm] = samples;
+    let [sd, sm, sr] = samples;
     let d = lat_stats(sd, errors[0]);
     let m = lat_stats(sm, errors[1]);
+    let f = lat_stats(sr, errors[2]);
     let r = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
     out!(
-        "\n1. Sequential query-status round trips, one client, 1 in flight ({} rounds x {}, alternating which path goes first)",
+        "\n1. Sequential query-status round trips, one client, 1 in flight ({} rounds x {}, rotating which path goes first)",
         plan.lat_rounds,
         plan.lat_per_round
     );
@@ -732,7 +856,7 @@ fn bench_sequential(plan: &Plan, direct: &Path, mux: &Path) -> Value {
         "mean us",
         "errors"
     );
-    for (name, s) in [("direct QEMU", &d), ("via qmpmux", &m)] {
+    for (name, s) in [("direct QEMU", &d), ("via qmpmux", &m), ("floor: bare relay", &f)] {
         out!(
             "   {:<22}{:>10.1}{:>10.1}{:>10.1}{:>8}",
             name,
@@ -755,11 +879,29 @@ fn bench_sequential(plan: &Plan, direct: &Path, mux: &Path) -> Value {
         rmean,
         us(m.p50) - us(d.p50)
     );
+    out!(
+        "   {:<22}{:>9.2}x{:>9.2}x{:>9.2}x    (a bare byte relay adds {:+.1} us at p50: any proxy hop costs that here)",
+        "ratio relay/direct",
+        r(f.p50 as f64, d.p50 as f64),
+        r(f.p99 as f64, d.p99 as f64),
+        r(f.mean, d.mean),
+        us(f.p50) - us(d.p50)
+    );
+    out!(
+        "   {:<22}{:>9.2}x{:>9.2}x{:>9.2}x    (qmpmux's own share: {:+.1} us at p50)",
+        "ratio qmpmux/relay",
+        r(m.p50 as f64, f.p50 as f64),
+        r(m.p99 as f64, f.p99 as f64),
+        r(m.mean, f.mean),
+        us(m.p50) - us(f.p50)
+    );
     let j = |s: &LatStats| json!({"p50_us": us(s.p50), "p99_us": us(s.p99), "mean_us": s.mean / 1000.0, "errors": s.errors});
     json!({
         "rounds": plan.lat_rounds, "per_round": plan.lat_per_round,
-        "direct": j(&d), "qmpmux": j(&m),
+        "direct": j(&d), "qmpmux": j(&m), "bare_relay": j(&f),
         "ratio_p50": rp50, "ratio_p99": rp99, "ratio_mean": rmean,
+        "ratio_relay_p50": r(f.p50 as f64, d.p50 as f64),
+        "ratio_qmpmux_vs_relay_p50": r(m.p50 as f64, f.p50 as f64),
     })
 }
 
@@ -1233,6 +1375,9 @@ fn ratio(a: f64, b: f64) -> f64 {
 }
 
 fn main() {
+    if child_mode(&std::env::args().collect::<Vec<_>>()) {
+        return;
+    }
     let quick = std::env::args().any(|a| a == "--quick");
     let mut plan = Plan::new(quick);
     let args: Vec<String> = std::env::args().collect();
@@ -1302,7 +1447,10 @@ fn main() {
 
     // 1.
     if plan.wants(1) {
-        results["sequential"] = bench_sequential(&plan, &qa, &mux_qemu);
+        let (qr, relay) = (p("qemu-r.sock"), p("relay.sock"));
+        let _qemu_r = Qemu::start(&qr, &p("qemu-r.log"));
+        let _relay = Floor::start("--child-relay", &relay, &qr);
+        results["sequential"] = bench_sequential(&plan, &qa, &mux_qemu, &relay);
     }
 
     // 2.
@@ -1363,14 +1511,20 @@ fn main() {
 
     // 4.
     if plan.wants(4) {
-        let fan: Vec<FanRow> = plan
-            .fanout
-            .iter()
-            .map(|&(n, ev)| rt.block_on(fanout_once(&plan, &mux_fake, &fire, n, ev)))
-            .collect();
+        let (fake_b, bcast) = (p("fake-b.sock"), p("broadcast.sock"));
+        let fire_b = rt.block_on(async { fake_upstream(&fake_b) });
+        let _bcast = Floor::start("--child-broadcast", &bcast, &fake_b);
+        let mut fan: Vec<FanRow> = Vec::new();
+        let mut floor: Vec<FanRow> = Vec::new();
+        for &(n, ev) in &plan.fanout {
+            floor.push(rt.block_on(fanout_once(&plan, &bcast, &fire_b, n, ev)));
+            fan.push(rt.block_on(fanout_once(&plan, &mux_fake, &fire, n, ev)));
+        }
         out!("\n4. Event fan-out latency: fake upstream -> qmpmux -> N clients (stamped before the upstream write, read by each client)");
+        out!("   floor: a bare broadcaster process in qmpmux's place (one thread: read a line, write it to each client in turn)");
         out!(
-            "   {:>8}{:>8}{:>11}{:>10}{:>10}{:>10}{:>17}{:>14}",
+            "   {:<8}{:>8}{:>8}{:>11}{:>10}{:>10}{:>10}{:>17}{:>14}",
+            "path",
             "clients",
             "events",
             "delivered",
@@ -1381,26 +1535,42 @@ fn main() {
             "p50 vs 1 cl."
         );
         let fan_base = fan.first().map(|f| f.p50).unwrap_or(0) as f64;
-        for f in &fan {
+        let floor_base = floor.first().map(|f| f.p50).unwrap_or(0) as f64;
+        for (f, b) in fan.iter().zip(&floor) {
+            for (name, row, base) in [("floor", b, floor_base), ("qmpmux", f, fan_base)] {
+                out!(
+                    "   {:<8}{:>8}{:>8}{:>11}{:>10.1}{:>10.1}{:>10.1}{:>17.1}{:>13.1}x",
+                    name,
+                    row.clients,
+                    row.events,
+                    row.delivered,
+                    us(row.p50),
+                    us(row.p99),
+                    us(row.max),
+                    us(row.last_p50),
+                    ratio(row.p50 as f64, base)
+                );
+            }
             out!(
-                "   {:>8}{:>8}{:>11}{:>10.1}{:>10.1}{:>10.1}{:>17.1}{:>13.1}x",
-                f.clients,
-                f.events,
-                f.delivered,
-                us(f.p50),
-                us(f.p99),
-                us(f.max),
-                us(f.last_p50),
-                ratio(f.p50 as f64, fan_base)
+                "   {:<8}{:>8}   p50 {:.2}x, p99 {:.2}x, last-client p50 {:.2}x",
+                "ratio",
+                "",
+                ratio(f.p50 as f64, b.p50 as f64),
+                ratio(f.p99 as f64, b.p99 as f64),
+                ratio(f.last_p50 as f64, b.last_p50 as f64)
             );
         }
         results["fanout"] = json!(fan
             .iter()
-            .map(|f| json!({
+            .zip(&floor)
+            .map(|(f, b)| json!({
                 "clients": f.clients, "events": f.events, "delivered": f.delivered,
                 "p50_us": us(f.p50), "p99_us": us(f.p99), "max_us": us(f.max),
                 "last_client_p50_us": us(f.last_p50),
                 "p50_ratio_vs_1_client": ratio(f.p50 as f64, fan_base),
+                "floor": {"p50_us": us(b.p50), "p99_us": us(b.p99), "max_us": us(b.max), "last_client_p50_us": us(b.last_p50)},
+                "ratio_vs_floor_p50": ratio(f.p50 as f64, b.p50 as f64),
+                "ratio_vs_floor_p99": ratio(f.p99 as f64, b.p99 as f64),
             }))
             .collect::<Vec<_>>());
     }
