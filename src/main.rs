@@ -99,7 +99,9 @@ fn init_logging(config: &Config) -> Result<Vec<WorkerGuard>, String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let runtime = match tokio::runtime::Runtime::new() {
+    // The VMs run on threads of their own (see `qmpmux::shards`); this one
+    // only has signals, reloads, the control socket and metrics to serve.
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("qmpmux: cannot start the async runtime: {e}");

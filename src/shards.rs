@@ -41,23 +41,27 @@ impl Shards {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
-        let stop = CancellationToken::new();
-        let mut shards = Vec::with_capacity(n);
+        // Built in place, so that a failure part way still stops (on drop)
+        // the threads already started.
+        let mut all = Shards {
+            shards: Vec::with_capacity(n),
+            stop: CancellationToken::new(),
+        };
         for i in 0..n {
             let runtime = Builder::new_current_thread().enable_all().build()?;
             let handle = runtime.handle().clone();
-            let stopped = stop.clone();
+            let stopped = all.stop.clone();
             std::thread::Builder::new()
                 .name(format!("qmpmux-vm-{i}"))
                 // Drives the runtime's tasks until the daemon stops; the
                 // runtime, and what is left on it, goes with the thread.
                 .spawn(move || runtime.block_on(stopped.cancelled_owned()))?;
-            shards.push(Shard {
+            all.shards.push(Shard {
                 handle,
                 load: Arc::new(()),
             });
         }
-        Ok(Shards { shards, stop })
+        Ok(all)
     }
 
     /// A place for one more VM: the shard with the fewest VMs.
