@@ -107,20 +107,7 @@ static NEXT_CLIENT: AtomicU64 = AtomicU64::new(1);
 /// Accepts clients until `ctx.stop`; each gets its own task on `tracker`
 /// and holds one of the `slots` permits while connected.
 pub async fn accept_loop(listener: UnixListener, ctx: ClientContext, tracker: TaskTracker, slots: Arc<Semaphore>) {
-    loop {
-        let (stream, _) = match tokio::select! {
-            a = listener.accept() => a,
-            () = ctx.stop.cancelled() => return,
-        } {
-            Ok(a) => a,
-            Err(e) => {
-                after_accept_error(e).await;
-                continue;
-            }
-        };
-        let Some(permit) = take_slot(&slots, &ctx) else {
-            continue;
-        };
+    while let Some(((stream, _), permit)) = next_client(&ctx, &slots, || listener.accept()).await {
         let peer = match stream.peer_cred() {
             Ok(c) => Peer {
                 pid: c.pid().unwrap_or(0),
@@ -142,6 +129,33 @@ pub async fn accept_loop(listener: UnixListener, ctx: ClientContext, tracker: Ta
         spawn_client(&tracker, &ctx, permit, |id, ctx| {
             client::run(fds::FdReader::new(read), write, id, peer, ctx)
         });
+    }
+}
+
+/// The next accepted connection and a client slot for it; `None` once
+/// `ctx.stop` is cancelled. Failed accepts and connections beyond the
+/// VM's client limit are logged and skipped.
+async fn next_client<T, F>(
+    ctx: &ClientContext,
+    slots: &Arc<Semaphore>,
+    mut accept: impl FnMut() -> F,
+) -> Option<(T, OwnedSemaphorePermit)>
+where
+    F: std::future::Future<Output = io::Result<T>>,
+{
+    loop {
+        let accepted = tokio::select! {
+            a = accept() => a,
+            () = ctx.stop.cancelled() => return None,
+        };
+        match accepted {
+            Ok(a) => {
+                if let Some(permit) = take_slot(slots, ctx) {
+                    return Some((a, permit));
+                }
+            }
+            Err(e) => after_accept_error(e).await,
+        }
     }
 }
 
@@ -199,20 +213,7 @@ pub async fn accept_tcp_loop(
     tracker: TaskTracker,
     slots: Arc<Semaphore>,
 ) {
-    loop {
-        let (stream, addr) = match tokio::select! {
-            a = listener.accept() => a,
-            () = ctx.stop.cancelled() => return,
-        } {
-            Ok(a) => a,
-            Err(e) => {
-                after_accept_error(e).await;
-                continue;
-            }
-        };
-        let Some(permit) = take_slot(&slots, &ctx) else {
-            continue;
-        };
+    while let Some(((stream, addr), permit)) = next_client(&ctx, &slots, || listener.accept()).await {
         let _ = stream.set_nodelay(true);
         let tls = tls.clone();
         spawn_client(&tracker, &ctx, permit, |id, ctx| serve_tcp(stream, addr, tls, id, ctx));
