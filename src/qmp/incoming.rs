@@ -1,6 +1,6 @@
 //! Messages from QEMU: greeting, replies to correlate, events to broadcast.
 
-use super::json::{members, write_str, Members, ParseError};
+use super::json::{members, Members, ParseError};
 use bytes::{Bytes, BytesMut};
 use serde_json::value::RawValue;
 use std::ops::Range;
@@ -97,13 +97,7 @@ impl ReplyBytes {
     /// Rebuilds the reply as `{"id": N, ...}` when it could not be located.
     fn canonical(n: u64, m: &Members<'_>) -> ReplyBytes {
         let mut out = format!("{{\"id\": {n}");
-        for (k, v) in m.0.iter().filter(|(k, _)| k != "id") {
-            out.push_str(", ");
-            write_str(&mut out, k);
-            out.push_str(": ");
-            out.push_str(v.get());
-        }
-        out.push('}');
+        m.write_tail_without_id(&mut out);
         let digits = n.to_string().len();
         ReplyBytes {
             id_value: 7..7 + digits,

@@ -20,6 +20,18 @@ impl<'a> Members<'a> {
     pub fn get(&self, key: &str) -> Option<&'a RawValue> {
         self.0.iter().find(|(k, _)| k == key).map(|(_, v)| *v)
     }
+
+    /// Appends `, "key": value` for every member but `id`, then the
+    /// closing brace: what follows `{"id": N` in a message re-keyed by id.
+    pub fn write_tail_without_id(&self, out: &mut String) {
+        for (k, v) in self.0.iter().filter(|(k, _)| k != "id") {
+            out.push_str(", ");
+            write_str(out, k);
+            out.push_str(": ");
+            out.push_str(v.get());
+        }
+        out.push('}');
+    }
 }
 
 /// Why a message is not a usable object.

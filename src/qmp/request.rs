@@ -251,13 +251,7 @@ fn fdname(arguments: Option<&RawValue>) -> Option<String> {
 fn forward_tail(m: &Members<'_>) -> Bytes {
     let size: usize = m.0.iter().map(|(k, v)| k.len() + v.get().len() + 8).sum();
     let mut out = String::with_capacity(size + 8);
-    for (k, v) in m.0.iter().filter(|(k, _)| k != "id") {
-        out.push_str(", ");
-        write_str(&mut out, k);
-        out.push_str(": ");
-        out.push_str(v.get());
-    }
-    out.push('}');
+    m.write_tail_without_id(&mut out);
     Bytes::from(out)
 }
 
