@@ -6,6 +6,8 @@ pub mod tls;
 
 use crate::config::SocketPerms;
 use client::{ClientContext, Peer};
+use futures_util::FutureExt;
+use prometheus_client::metrics::gauge::Gauge;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -188,17 +190,32 @@ where
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let id = NEXT_CLIENT.fetch_add(1, Ordering::Relaxed);
-    let gauge = ctx.metrics.clients.clone();
-    gauge.inc();
-    let client = serve(id, ctx.clone());
-    tracker.spawn(
-        async move {
-            client.await;
-            gauge.dec();
-            drop(permit);
-        }
-        .instrument(tracing::info_span!("client", id)),
-    );
+    let counted = Counted::new(ctx.metrics.clients.clone(), permit);
+    // A combinator, not `async move { client.await; .. }`: an async block
+    // keeps room for the captured future beside the one it awaits, which
+    // doubled every client's task (5.6 KiB instead of 2.8).
+    let client = serve(id, ctx.clone()).map(move |()| drop(counted));
+    tracker.spawn(client.instrument(tracing::info_span!("client", id)));
+}
+
+/// A connected client as the gauge and the slot count it: both are given
+/// back when this is dropped, however the task ends (even cancelled).
+struct Counted {
+    gauge: Gauge,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Counted {
+    fn new(gauge: Gauge, slot: OwnedSemaphorePermit) -> Self {
+        gauge.inc();
+        Counted { gauge, _slot: slot }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
 }
 
 /// How long a TLS client gets to complete its handshake.
