@@ -2,17 +2,25 @@
 //! bytes rather than in messages (one QEMU reply can be megabytes, and a
 //! client that stops reading must not make qmpmux grow without bound).
 //!
-//! The byte count is the one piece of state the two ends share: the session
-//! adds what it sends, the client task subtracts what it takes out.
+//! One sender (the session), one receiver (the client task), both on the
+//! VM's thread. It is a queue behind an uncontended lock rather than a
+//! tokio channel because an idle client must stay small: tokio's unbounded
+//! channel allocates a 32-message block up front (1.8 KiB per client with
+//! its header), while this queue allocates nothing until a message comes.
 
 use super::ToClient;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use tokio::sync::mpsc;
+use futures_util::task::AtomicWaker;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
 
-/// Fixed cost counted per message besides its bytes (channel slot, Bytes
+/// Fixed cost counted per message besides its bytes (queue slot, Bytes
 /// header), so that a flood of tiny messages is bounded too.
 const PER_MESSAGE: usize = 64;
+
+/// An emptied queue keeps at most this many slots: a burst's memory goes
+/// back once the client has read it.
+const KEEP_SLOTS: usize = 16;
 
 /// Why a message could not be queued.
 #[derive(Debug, PartialEq, Eq)]
@@ -23,31 +31,54 @@ pub enum SendError {
     Closed,
 }
 
-/// The session's end.
+#[derive(Debug, Default)]
+struct State {
+    queue: VecDeque<ToClient>,
+    /// Bytes waiting, by `cost`.
+    queued: usize,
+    sender_gone: bool,
+    receiver_gone: bool,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    state: Mutex<State>,
+    /// The client task, when it waits for a message.
+    waker: AtomicWaker,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Nothing can panic while the lock is held; a poisoned lock would
+        // only mean a panic elsewhere on this thread, and the state is
+        // still consistent.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The session's end. Dropping it ends the client's stream of messages
+/// (after those already queued).
 #[derive(Debug)]
 pub struct MailboxSender {
-    tx: mpsc::UnboundedSender<ToClient>,
-    queued: Arc<AtomicUsize>,
+    shared: Arc<Shared>,
     limit: usize,
 }
 
-/// The client task's end.
+/// The client task's end. Dropping it discards what is queued and makes
+/// every later send fail with `Closed`.
 #[derive(Debug)]
 pub struct MailboxReceiver {
-    rx: mpsc::UnboundedReceiver<ToClient>,
-    queued: Arc<AtomicUsize>,
+    shared: Arc<Shared>,
 }
 
 pub fn mailbox(limit: usize) -> (MailboxSender, MailboxReceiver) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let queued = Arc::new(AtomicUsize::new(0));
+    let shared = Arc::new(Shared::default());
     (
         MailboxSender {
-            tx,
-            queued: queued.clone(),
+            shared: shared.clone(),
             limit,
         },
-        MailboxReceiver { rx, queued },
+        MailboxReceiver { shared },
     )
 }
 
@@ -65,33 +96,80 @@ impl MailboxSender {
         let c = cost(&msg);
         // Failures are small and must always get through: they are replies.
         let must = matches!(msg, ToClient::Failed { .. });
-        if !must && self.queued.load(Ordering::Acquire) + c > self.limit {
-            return Err(SendError::Full);
+        {
+            let mut state = self.shared.lock();
+            if state.receiver_gone {
+                return Err(SendError::Closed);
+            }
+            if !must && state.queued + c > self.limit {
+                return Err(SendError::Full);
+            }
+            state.queued += c;
+            state.queue.push_back(msg);
         }
-        self.queued.fetch_add(c, Ordering::AcqRel);
-        self.tx.send(msg).map_err(|_| SendError::Closed)
+        self.shared.waker.wake();
+        Ok(())
     }
+}
 
-    /// Bytes waiting for the client.
-    pub fn queued(&self) -> usize {
-        self.queued.load(Ordering::Acquire)
+impl Drop for MailboxSender {
+    fn drop(&mut self) {
+        self.shared.lock().sender_gone = true;
+        self.shared.waker.wake();
     }
 }
 
 impl MailboxReceiver {
-    /// The next message; `None` once the session dropped the sender.
-    /// Cancel-safe, like `mpsc::UnboundedReceiver::recv`.
+    /// The next message; `None` once the sender is gone and the queue is
+    /// empty. Cancel-safe: a message is taken only when it is returned.
     pub async fn recv(&mut self) -> Option<ToClient> {
-        let msg = self.rx.recv().await?;
-        self.queued.fetch_sub(cost(&msg), Ordering::AcqRel);
-        Some(msg)
+        std::future::poll_fn(|cx| {
+            if let Some(next) = self.take() {
+                return Poll::Ready(next);
+            }
+            self.shared.waker.register(cx.waker());
+            // A send between the first look and the registration would
+            // have found no waker: look again.
+            match self.take() {
+                Some(next) => Poll::Ready(next),
+                None => Poll::Pending,
+            }
+        })
+        .await
     }
 
     /// The next message if one is waiting.
     pub fn try_recv(&mut self) -> Option<ToClient> {
-        let msg = self.rx.try_recv().ok()?;
-        self.queued.fetch_sub(cost(&msg), Ordering::AcqRel);
-        Some(msg)
+        self.take().flatten()
+    }
+
+    /// `Some(Some(msg))`: a message; `Some(None)`: the sender is gone and
+    /// nothing is left; `None`: nothing yet.
+    fn take(&self) -> Option<Option<ToClient>> {
+        let mut state = self.shared.lock();
+        match state.queue.pop_front() {
+            Some(msg) => {
+                state.queued -= cost(&msg);
+                if state.queue.is_empty() && state.queue.capacity() > KEEP_SLOTS {
+                    state.queue.shrink_to(KEEP_SLOTS);
+                }
+                Some(Some(msg))
+            }
+            None if state.sender_gone => Some(None),
+            None => None,
+        }
+    }
+}
+
+impl Drop for MailboxReceiver {
+    fn drop(&mut self) {
+        let mut state = self.shared.lock();
+        state.receiver_gone = true;
+        let queue = std::mem::take(&mut state.queue);
+        state.queued = 0;
+        drop(state);
+        // Freed outside the lock: a queue can hold megabytes.
+        drop(queue);
     }
 }
 
@@ -99,31 +177,87 @@ impl MailboxReceiver {
 mod tests {
     use super::*;
     use bytes::Bytes;
+    use std::time::Duration;
+
+    fn failed(seq: u64) -> ToClient {
+        ToClient::Failed {
+            seq,
+            kind: crate::error::FailKind::Lost,
+        }
+    }
+
+    fn event(n: usize) -> ToClient {
+        ToClient::Event(Bytes::from(vec![b'x'; n]))
+    }
 
     #[tokio::test]
     async fn budget_is_in_bytes_and_freed_by_reading() {
         let (tx, mut rx) = mailbox(1000);
-        let big = || ToClient::Event(Bytes::from(vec![b'x'; 400]));
-        assert_eq!(tx.send(big()), Ok(()));
-        assert_eq!(tx.send(big()), Ok(()));
-        assert_eq!(tx.send(big()), Err(SendError::Full));
+        assert_eq!(tx.send(event(400)), Ok(()));
+        assert_eq!(tx.send(event(400)), Ok(()));
+        assert_eq!(tx.send(event(400)), Err(SendError::Full));
         // A failure notice is a reply: never refused for space.
-        assert_eq!(
-            tx.send(ToClient::Failed {
-                seq: 1,
-                kind: crate::error::FailKind::Lost
-            }),
-            Ok(())
-        );
+        assert_eq!(tx.send(failed(1)), Ok(()));
         rx.recv().await.unwrap();
-        assert_eq!(tx.send(big()), Ok(()));
+        assert_eq!(tx.send(event(400)), Ok(()));
         drop(rx);
-        assert_eq!(
-            tx.send(ToClient::Failed {
-                seq: 2,
-                kind: crate::error::FailKind::Lost
-            }),
-            Err(SendError::Closed)
-        );
+        assert_eq!(tx.send(failed(2)), Err(SendError::Closed));
+    }
+
+    #[tokio::test]
+    async fn messages_come_in_order_then_none_once_the_sender_is_gone() {
+        let (tx, mut rx) = mailbox(1 << 20);
+        for seq in 0..100 {
+            tx.send(failed(seq)).unwrap();
+        }
+        drop(tx);
+        for want in 0..100 {
+            match rx.recv().await {
+                Some(ToClient::Failed { seq, .. }) => assert_eq!(seq, want),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(rx.recv().await.is_none());
+        assert!(rx.try_recv().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_waiting_receiver_is_woken_by_a_send_and_by_the_sender_leaving() {
+        let (tx, mut rx) = mailbox(1 << 20);
+        let reader = tokio::spawn(async move {
+            let first = rx.recv().await.is_some();
+            let second = rx.recv().await.is_none();
+            (first, second)
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        tx.send(event(10)).unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(tx);
+        let done = tokio::time::timeout(Duration::from_secs(5), reader).await;
+        assert_eq!(done.expect("receiver never woke").unwrap(), (true, true));
+    }
+
+    #[tokio::test]
+    async fn recv_is_cancel_safe() {
+        let (tx, mut rx) = mailbox(1 << 20);
+        // A recv abandoned while waiting takes nothing.
+        assert!(tokio::time::timeout(Duration::from_millis(10), rx.recv())
+            .await
+            .is_err());
+        tx.send(failed(7)).unwrap();
+        assert!(matches!(rx.try_recv(), Some(ToClient::Failed { seq: 7, .. })));
+    }
+
+    #[test]
+    fn an_idle_mailbox_holds_no_queue_and_a_burst_is_given_back() {
+        let (tx, mut rx) = mailbox(1 << 30);
+        assert_eq!(rx.shared.lock().queue.capacity(), 0);
+        for _ in 0..1000 {
+            tx.send(event(1)).unwrap();
+        }
+        while rx.try_recv().is_some() {}
+        let state = rx.shared.lock();
+        assert!(state.queue.capacity() <= KEEP_SLOTS, "{}", state.queue.capacity());
+        assert_eq!(state.queued, 0);
     }
 }

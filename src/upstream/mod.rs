@@ -82,7 +82,7 @@ pub enum ToClient {
     /// QEMU's reply (`error`: it is an error reply).
     Reply {
         seq: u64,
-        /// Boxed: keeps `ToClient`, and so every client's idle mailbox, small.
+        /// Boxed: keeps `ToClient`, and so every queued message, small.
         reply: Box<ReplyBytes>,
         error: bool,
     },
@@ -103,7 +103,7 @@ pub struct SessionHandle {
 
 #[cfg(test)]
 mod tests {
-    /// Every idle client's mailbox preallocates a block of these.
+    /// A client that falls behind queues many of these.
     #[test]
     fn messages_to_clients_stay_small() {
         assert!(
