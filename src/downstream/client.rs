@@ -80,7 +80,7 @@ pub struct Peer {
 struct Client {
     id: u64,
     peer: Peer,
-    ctx: ClientContext,
+    ctx: Arc<ClientContext>,
     qmp: Session,
     offered: Caps,
     slots: VecDeque<Slot>,
@@ -107,7 +107,7 @@ enum End {
     Panic,
 }
 
-pub async fn run<R, W>(read: R, write: W, id: u64, peer: Peer, ctx: ClientContext)
+pub async fn run<R, W>(read: R, write: W, id: u64, peer: Peer, ctx: Arc<ClientContext>)
 where
     R: AsyncRead + Unpin + Send + PassedFds + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -135,7 +135,7 @@ where
     }
 }
 
-async fn serve<R, W>(read: R, mut write: W, id: u64, peer: Peer, ctx: ClientContext) -> End
+async fn serve<R, W>(read: R, mut write: W, id: u64, peer: Peer, ctx: Arc<ClientContext>) -> End
 where
     R: AsyncRead + Unpin + PassedFds,
     W: AsyncWrite + Unpin,

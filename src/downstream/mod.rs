@@ -109,6 +109,8 @@ static NEXT_CLIENT: AtomicU64 = AtomicU64::new(1);
 /// Accepts clients until `ctx.stop`; each gets its own task on `tracker`
 /// and holds one of the `slots` permits while connected.
 pub async fn accept_loop(listener: UnixListener, ctx: ClientContext, tracker: TaskTracker, slots: Arc<Semaphore>) {
+    // One context for all the listener's clients, not a copy in each.
+    let ctx = Arc::new(ctx);
     while let Some(((stream, _), permit)) = next_client(&ctx, &slots, || listener.accept()).await {
         let peer = match stream.peer_cred() {
             Ok(c) => Peer {
@@ -184,9 +186,9 @@ fn take_slot(slots: &Arc<Semaphore>, ctx: &ClientContext) -> Option<OwnedSemapho
 
 /// Runs a client's task, counted in the clients gauge and holding its slot
 /// until it ends.
-fn spawn_client<F, Fut>(tracker: &TaskTracker, ctx: &ClientContext, permit: OwnedSemaphorePermit, serve: F)
+fn spawn_client<F, Fut>(tracker: &TaskTracker, ctx: &Arc<ClientContext>, permit: OwnedSemaphorePermit, serve: F)
 where
-    F: FnOnce(u64, ClientContext) -> Fut,
+    F: FnOnce(u64, Arc<ClientContext>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let id = NEXT_CLIENT.fetch_add(1, Ordering::Relaxed);
@@ -230,6 +232,7 @@ pub async fn accept_tcp_loop(
     tracker: TaskTracker,
     slots: Arc<Semaphore>,
 ) {
+    let ctx = Arc::new(ctx);
     while let Some(((stream, addr), permit)) = next_client(&ctx, &slots, || listener.accept()).await {
         let _ = stream.set_nodelay(true);
         let tls = tls.clone();
@@ -237,7 +240,7 @@ pub async fn accept_tcp_loop(
     }
 }
 
-async fn serve_tcp(stream: TcpStream, addr: SocketAddr, tls: Option<TlsAcceptor>, id: u64, ctx: ClientContext) {
+async fn serve_tcp(stream: TcpStream, addr: SocketAddr, tls: Option<TlsAcceptor>, id: u64, ctx: Arc<ClientContext>) {
     let mut peer = Peer {
         pid: 0,
         uid: u32::MAX,
