@@ -48,7 +48,9 @@ impl Shards {
             stop: CancellationToken::new(),
         };
         for i in 0..n {
-            let runtime = Builder::new_current_thread().enable_all().build()?;
+            // Sockets and timers only: signals and child processes are the
+            // main runtime's, and their drivers would cost every turn.
+            let runtime = Builder::new_current_thread().enable_io().enable_time().build()?;
             let handle = runtime.handle().clone();
             let stopped = all.stop.clone();
             std::thread::Builder::new()
