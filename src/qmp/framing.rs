@@ -285,6 +285,13 @@ impl JsonFramer {
         }
         let mut i = self.pos;
         while i < src.len() {
+            if self.string != Str::None && !self.escape {
+                // Most of a message is plain string content: skip it at once.
+                i += plain_string_bytes(&src[i..], self.string);
+                if i == src.len() {
+                    break;
+                }
+            }
             let b = src[i];
             if self.string != Str::None {
                 if self.escape {
@@ -387,6 +394,17 @@ impl JsonFramer {
         self.pos = i;
         self.check_size(src)
     }
+}
+
+/// How many bytes at the start of `rest`, inside a string quoted as
+/// `string`, change nothing in the scanner's state: printable ASCII other
+/// than the backslash and the closing quote. The byte after them (if any)
+/// needs the byte-by-byte rules.
+fn plain_string_bytes(rest: &[u8], string: Str) -> usize {
+    let quote = if string == Str::Single { b'\'' } else { b'"' };
+    rest.iter()
+        .position(|&c| c == quote || c == b'\\' || !(0x20..0x80).contains(&c))
+        .unwrap_or(rest.len())
 }
 
 /// What a container expects next, as QEMU's parser sees it.
