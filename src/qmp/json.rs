@@ -65,11 +65,28 @@ pub fn members(bytes: &[u8]) -> Result<Members<'_>, ParseError> {
 /// Parses a client's message the way QEMU's parser judges it: duplicate keys
 /// anywhere are errors. Returns its top-level members.
 pub fn members_checked(bytes: &[u8]) -> Result<Members<'_>, ParseError> {
+    // The usual case in one pass: the top level, then each value walked for
+    // what skipping it as raw does not check (keys inside it, escapes,
+    // numbers). The first failing value is the first error in the text, as
+    // keys and structure are already known good.
+    if let Ok(m) = members(bytes) {
+        for (_, v) in &m.0 {
+            check_all(v.get().as_bytes())?;
+        }
+        return Ok(m);
+    }
+    // Broken somewhere: one walk of the whole text finds the first error,
+    // which need not be the one the raw pass stopped at.
+    check_all(bytes)?;
+    members(bytes)
+}
+
+/// Walks a whole value as QEMU's parser would judge it.
+fn check_all(bytes: &[u8]) -> Result<(), ParseError> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
     de.disable_recursion_limit();
     Checked.deserialize(&mut de).map_err(syntax_error)?;
-    de.end().map_err(syntax_error)?;
-    members(bytes)
+    de.end().map_err(syntax_error)
 }
 
 const DUPLICATE_KEY: &str = "duplicate key";
@@ -510,6 +527,35 @@ mod tests {
         assert_eq!(
             members_checked(bad_utf8).unwrap_err().desc(),
             "JSON parse error, invalid UTF-8 sequence in string"
+        );
+    }
+
+    /// The first error in the text is reported, whichever pass finds it.
+    #[test]
+    fn the_first_error_in_the_text_wins() {
+        let e = |s: &str| members_checked(s.as_bytes()).unwrap_err().desc();
+        // Found by the walk of one value, the structure being good.
+        assert_eq!(
+            e(r#"{"execute":"x","arguments":{"a":1,"a":2}}"#),
+            "JSON parse error, duplicate key"
+        );
+        // Before a structural error later in the text.
+        assert_eq!(
+            e(r#"{"arguments":{"a":1,"a":2},"execute" 1}"#),
+            "JSON parse error, duplicate key"
+        );
+        assert_eq!(
+            e(r#"{"arguments":{"a":1},"execute" 1}"#),
+            "JSON parse error, missing : in object pair"
+        );
+        // A duplicate inside a value before a bad escape in a later one.
+        assert_eq!(
+            e(r#"{"arguments":{"a":1,"a":2},"id":"\q"}"#),
+            "JSON parse error, duplicate key"
+        );
+        assert_eq!(
+            e(r#"{"id":"\q","arguments":{"a":1,"a":2}}"#),
+            "JSON parse error, invalid escape sequence in string"
         );
     }
 
