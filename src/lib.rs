@@ -9,6 +9,7 @@
 //! - [`downstream`]: listeners and per-client tasks.
 //! - [`shards`]: the threads VMs run on, one VM wholly on one thread.
 //! - [`supervisor`]: [`run`], tying it together until shutdown.
+//! - [`watchdog`]: systemd's watchdog, fed while the VM threads answer.
 //! - [`error`]: qmpmux's own failures and their QMP wire form.
 // The one exception is taking ownership of fds received with SCM_RIGHTS
 // (downstream::fds), which has no safe API.
@@ -26,5 +27,6 @@ pub mod router;
 pub mod shards;
 pub mod supervisor;
 pub mod upstream;
+pub mod watchdog;
 
 pub use supervisor::{run, run_with_reload, Listeners, Reload, ReloadSummary, RunError};

@@ -10,7 +10,6 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -197,10 +196,8 @@ async fn async_main(args: Args) -> ExitCode {
     let (reload_tx, reload_rx) = mpsc::channel(1);
     let config_path = (!args.demo).then(|| args.config.clone());
     let signal_task = tokio::spawn(handle_signals(signals, shutdown.clone(), reload_tx, config_path));
-    let watchdog_task = tokio::spawn(watchdog());
     let result = run_with_reload(config, listeners, shutdown, reload_rx).await;
     signal_task.abort();
-    watchdog_task.abort();
     drop(demo_vm);
     match result {
         Ok(()) => {
@@ -225,19 +222,6 @@ fn print_summary(args: &Args, config: &Config) {
 fn notify(state: &[NotifyState]) {
     if let Err(e) = sd_notify::notify(false, state) {
         warn!(error = %e, "cannot notify systemd");
-    }
-}
-
-/// Pings systemd's watchdog at half its interval, when one is configured.
-async fn watchdog() {
-    let mut usec = 0;
-    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
-        return;
-    }
-    let mut tick = tokio::time::interval(Duration::from_micros(usec / 2));
-    loop {
-        tick.tick().await;
-        notify(&[NotifyState::Watchdog]);
     }
 }
 

@@ -10,6 +10,7 @@
 //! shard with the fewest; a busy VM never slows another shard's VMs.
 
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::runtime::{Builder, Handle};
 use tokio_util::sync::CancellationToken;
 
@@ -83,6 +84,39 @@ impl Shards {
     pub fn loads(&self) -> Vec<usize> {
         self.shards.iter().map(|s| Arc::strong_count(&s.load) - 1).collect()
     }
+
+    /// A way to ask, from any thread, whether every shard still runs its
+    /// tasks.
+    pub fn liveness(&self) -> Liveness {
+        Liveness {
+            handles: self.shards.iter().map(|s| s.handle.clone()).collect(),
+        }
+    }
+}
+
+/// Probes the shard threads (for the systemd watchdog).
+#[derive(Debug, Clone)]
+pub struct Liveness {
+    handles: Vec<Handle>,
+}
+
+impl Liveness {
+    /// The shards (by index, as in the thread names `qmpmux-vm-N`) that did
+    /// not run a trivial task within `within`: something is blocking their
+    /// thread, and every VM on it is stuck.
+    pub async fn unresponsive(&self, within: Duration) -> Vec<usize> {
+        let probes = self.handles.iter().map(|h| {
+            let ran = h.spawn(async {});
+            async move { matches!(tokio::time::timeout(within, ran).await, Ok(Ok(()))) }
+        });
+        let answers = futures_util::future::join_all(probes).await;
+        answers
+            .iter()
+            .enumerate()
+            .filter(|(_, ok)| !**ok)
+            .map(|(i, _)| i)
+            .collect()
+    }
 }
 
 impl Drop for Shards {
@@ -113,6 +147,29 @@ mod tests {
         });
         let name = rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap();
         assert!(name.is_some_and(|n| n.starts_with("qmpmux-vm-")));
+    }
+
+    #[tokio::test]
+    async fn a_blocked_shard_thread_is_reported_and_the_others_are_not() {
+        let shards = Shards::start(2).unwrap();
+        let live = shards.liveness();
+        assert_eq!(live.unresponsive(Duration::from_secs(5)).await, Vec::<usize>::new());
+        // A task that blocks its thread, as a bug would.
+        let stuck = shards.place();
+        let (started, wait) = std::sync::mpsc::channel();
+        stuck.handle.spawn(async move {
+            let _ = started.send(());
+            std::thread::sleep(Duration::from_secs(3));
+        });
+        wait.recv_timeout(Duration::from_secs(5)).unwrap();
+        let blocked = shards
+            .shards
+            .iter()
+            .position(|s| Arc::strong_count(&s.load) == 2)
+            .unwrap();
+        assert_eq!(live.unresponsive(Duration::from_secs(1)).await, vec![blocked]);
+        // Once the thread is free again it answers.
+        assert_eq!(live.unresponsive(Duration::from_secs(5)).await, Vec::<usize>::new());
     }
 
     #[test]

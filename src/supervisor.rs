@@ -258,6 +258,7 @@ pub async fn run_with_reload(
     if let Some(l) = listeners.metrics.take() {
         services.spawn(serve_metrics(l, sup.metrics.clone(), shutdown.clone()));
     }
+    services.spawn(crate::watchdog::run(sup.shards.liveness(), shutdown.clone()));
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,

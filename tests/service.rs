@@ -174,6 +174,75 @@ async fn binary_reloads_on_sighup_keeps_running_on_bad_config_and_stops_on_sigte
     );
 }
 
+/// What systemd hears on `NOTIFY_SOCKET` with `Type=notify` and
+/// `WatchdogSec=`: ready once serving, watchdog pings while the VM threads
+/// answer, reloading/ready around SIGHUP, stopping on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_tells_systemd_ready_watchdog_reloading_and_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let _qemu = Qemu::start(&p("q.sock")).await;
+    let config = p("qmpmux.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "control_socket = \"\"\n[[vm]]\nname = \"one\"\nupstream = \"{}\"\nlisten = \"{}\"\n",
+            p("q.sock").display(),
+            p("one.sock").display()
+        ),
+    )
+    .unwrap();
+    let systemd = tokio::net::UnixDatagram::bind(p("notify.sock")).unwrap();
+    // systemd names the pid the watchdog is for: the exec'd shell's own.
+    let mut child = Command::new("sh");
+    die_with_parent(&mut child);
+    let mut child = child
+        .arg("-c")
+        .arg("WATCHDOG_PID=$$ exec \"$0\" --config \"$1\"")
+        .arg(env!("CARGO_BIN_EXE_qmpmux"))
+        .arg(&config)
+        .env("NOTIFY_SOCKET", p("notify.sock"))
+        .env("WATCHDOG_USEC", "400000")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let next = async || {
+        let mut buf = [0u8; 512];
+        let n = tokio::time::timeout(Duration::from_secs(10), systemd.recv(&mut buf))
+            .await
+            .expect("no notification from qmpmux within 10 s")
+            .unwrap();
+        String::from_utf8_lossy(&buf[..n]).trim_end().to_owned()
+    };
+    // Skips watchdog pings while waiting for `what`.
+    let expect = async |what: &str| loop {
+        let msg = next().await;
+        if msg.lines().any(|l| l == what) {
+            return msg;
+        }
+        assert_eq!(msg, "WATCHDOG=1", "waiting for {what}");
+    };
+    let ready = expect("READY=1").await;
+    assert!(ready.contains("STATUS=serving"), "{ready}");
+    assert!(tokio::net::UnixStream::connect(p("one.sock")).await.is_ok());
+    // Pings come every half interval (200 ms) for as long as qmpmux runs.
+    for _ in 0..3 {
+        assert_eq!(next().await, "WATCHDOG=1");
+    }
+    signal(pid, libc::SIGHUP);
+    expect("RELOADING=1").await;
+    expect("READY=1").await;
+    assert_eq!(next().await, "WATCHDOG=1");
+    signal(pid, libc::SIGTERM);
+    expect("STOPPING=1").await;
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+}
+
 #[test]
 fn check_config_reports_ok_or_names_the_field() {
     let dir = tempfile::tempdir().unwrap();
