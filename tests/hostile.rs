@@ -175,3 +175,51 @@ async fn client_leaving_mid_command_does_not_disturb_others() {
     assert_eq!(stayer.reply().await, json!({"return": "for stayer", "id": 1}));
     daemon.stop().await;
 }
+
+/// Shutdown is not held up by a client that never stops sending: it stops
+/// being read, gets what was in flight, and is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_stops_sending_does_not_hold_up_shutdown() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_dir, fake, daemon, sock) = common::fake::vm().await;
+    let mut conn = fake.accept_ready().await;
+    // An upstream that answers at once, as fast as it is asked.
+    let upstream = tokio::spawn(async move {
+        while let Some(req) = conn.read().await {
+            conn.reply(&req, json!({})).await;
+        }
+    });
+    let c = Client::ready(&sock).await;
+    let (mut rd, mut wr) = c.into_inner();
+    let burst = r#"{"execute":"query-status"}"#.repeat(64);
+    let flood = tokio::spawn(async move {
+        let mut sent = 0u64;
+        while wr.write_all(burst.as_bytes()).await.is_ok() {
+            sent += 64;
+        }
+        sent
+    });
+    let drain = tokio::spawn(async move {
+        let mut buf = vec![0u8; 1 << 16];
+        let mut got = 0u64;
+        while let Ok(n @ 1..) = rd.read(&mut buf).await {
+            got += n as u64;
+        }
+        got
+    });
+    // Well under way before the stop.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Graceful: done well before the grace period after which qmpmux
+    // closes clients regardless.
+    let grace = qmpmux::supervisor::STOP_GRACE;
+    tokio::time::timeout(grace - Duration::from_secs(1), daemon.stop())
+        .await
+        .expect("shutdown waited for the grace period behind a flooding client");
+    let got = tokio::time::timeout(Duration::from_secs(10), drain)
+        .await
+        .expect("the flooding client was not disconnected")
+        .unwrap();
+    assert!(got > 0, "the flooding client got no replies at all");
+    flood.abort();
+    upstream.abort();
+}

@@ -195,16 +195,14 @@ where
                 && client.closing.is_none()
                 && client.slots.len() < client.ctx.opts.max_in_flight
                 && client.outbuf.len() < outbuf_high;
-            // Cancel-safe branches only: FramedRead::next, mpsc::recv, one write.
+            // Cancel-safe branches only: FramedRead::next, Mailbox::recv, one
+            // write. Polled in this order, stopping at the first ready one:
+            // a wake-up for a reply or event polls only the mailbox, then
+            // the write. The stop signals, rarely ready, come last; they are
+            // still polled whenever the task waits, and tokio's budget makes
+            // a busy task wait now and then.
             tokio::select! {
-                () = &mut killed => return End::Shutdown,
-                () = &mut stopped, if client.closing.is_none() => client.closing = Some(End::Shutdown),
-                frame = reader.next(), if can_read => match frame {
-                    Some(Ok(frame)) => client.on_frame(frame, reader.get_mut()).await,
-                    Some(Err(e)) => return End::Io(e),
-                    // The client closed its sending side: answer what it asked.
-                    None => eof = true,
-                },
+                biased;
                 msg = mailbox.recv(), if client.outbuf.len() < outbuf_high => match msg {
                     Some(msg) => {
                         client.on_session(msg);
@@ -222,6 +220,14 @@ where
                     Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return End::ClientClosed,
                     Err(e) => return End::Io(e),
                 },
+                frame = reader.next(), if can_read => match frame {
+                    Some(Ok(frame)) => client.on_frame(frame, reader.get_mut()).await,
+                    Some(Err(e)) => return End::Io(e),
+                    // The client closed its sending side: answer what it asked.
+                    None => eof = true,
+                },
+                () = &mut stopped, if client.closing.is_none() => client.closing = Some(End::Shutdown),
+                () = &mut killed => return End::Shutdown,
             }
         }
     }

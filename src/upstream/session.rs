@@ -199,9 +199,11 @@ impl Session {
             self.pump(&mut wbuf, &mut pending_fd);
             // All branches are cancel-safe: FramedRead::next, mpsc::recv and a
             // single write_buf either complete or leave their state untouched.
+            // Polled in order, stopping at the first ready one; shutdown,
+            // rarely ready, last (it is still polled whenever the task
+            // waits, and tokio's budget makes every task wait now and then).
             tokio::select! {
                 biased;
-                () = &mut cancelled => break Exit::Shutdown,
                 frame = reader.next() => match frame {
                     None => break Exit::Eof,
                     Some(Err(e)) => break Exit::Io(e),
@@ -227,6 +229,7 @@ impl Session {
                     None => break Exit::Shutdown,
                 },
                 _ = tick.tick(), if timeout.is_some() => self.expire(timeout.unwrap_or_default()),
+                () = &mut cancelled => break Exit::Shutdown,
             }
         };
         self.set_state(Runstate::Disconnecting);

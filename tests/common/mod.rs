@@ -278,6 +278,11 @@ impl Client {
         c
     }
 
+    /// The two halves, for raw byte-level use.
+    pub fn into_inner(self) -> (BufReader<OwnedReadHalf>, OwnedWriteHalf) {
+        (self.reader, self.writer)
+    }
+
     pub async fn send(&mut self, raw: &str) {
         self.writer.write_all(raw.as_bytes()).await.expect("send");
     }
