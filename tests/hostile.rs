@@ -223,3 +223,40 @@ async fn a_client_that_never_stops_sending_does_not_hold_up_shutdown() {
     flood.abort();
     upstream.abort();
 }
+
+/// A thousand clients leaving at once (more than the session's inbox holds)
+/// are each cleaned up: every `getfd` name they held is closed in QEMU, as
+/// QEMU closes a departed connection's fds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fds_of_clients_that_all_leave_at_once_are_all_closed() {
+    const LEAVING: usize = 1500;
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let (_dir, fake, daemon, sock) = common::fake::vm().await;
+    let mut conn = fake.accept_ready().await;
+    let mut leaving = Vec::with_capacity(LEAVING);
+    for i in 0..LEAVING {
+        let mut c = Client::ready(&sock).await;
+        c.send(&format!(
+            r#"{{"execute":"getfd","arguments":{{"fdname":"fd-{i}"}},"id":{i}}}"#
+        ))
+        .await;
+        let req = conn.read().await.unwrap();
+        assert_eq!(req["execute"], "getfd", "{req}");
+        conn.reply(&req, json!({})).await;
+        assert_eq!(c.reply().await["id"], i);
+        leaving.push(c);
+    }
+    drop(leaving);
+    let mut closed = std::collections::HashSet::new();
+    while closed.len() < LEAVING {
+        let next = tokio::time::timeout(Duration::from_secs(5), conn.read()).await;
+        let Ok(Some(req)) = next else {
+            panic!("only {} of {LEAVING} getfd names were closed", closed.len());
+        };
+        assert_eq!(req["execute"], "closefd", "{req}");
+        closed.insert(req["arguments"]["fdname"].as_str().unwrap().to_owned());
+        conn.reply(&req, json!({})).await;
+    }
+    assert!((0..LEAVING).all(|i| closed.contains(&format!("fd-{i}"))));
+    daemon.stop().await;
+}

@@ -118,7 +118,11 @@ where
         .catch_unwind()
         .await
         .unwrap_or(End::Panic);
-    let _ = ctx.session.tx.try_send(ToSession::Detach { client: id });
+    // Waits for room rather than `try_send`: when thousands of clients
+    // leave at once the inbox fills, and a lost Detach would leave the
+    // client's queued commands to be sent to QEMU, and its mailbox (and so
+    // its task's memory) with the session until the next event.
+    let _ = ctx.session.tx.send(ToSession::Detach { client: id }).await;
     match end {
         End::Io(e) => info!(client = id, error = %e, "client disconnected"),
         End::Dropped => info!(client = id, "client disconnected by qmpmux: it was not reading"),
@@ -246,7 +250,7 @@ where
     // this client's, as QEMU closes a connection's unclaimed fds.
     if !client.fd_names.is_empty() {
         let names = std::mem::take(&mut client.fd_names);
-        let _ = client.ctx.session.tx.try_send(ToSession::CloseFds { names });
+        let _ = client.ctx.session.tx.send(ToSession::CloseFds { names }).await;
     }
     end
 }

@@ -163,6 +163,9 @@ impl MailboxReceiver {
 
 impl Drop for MailboxReceiver {
     fn drop(&mut self) {
+        // The waker refers to the client's task: holding on to it would
+        // keep the finished task's memory until the session lets go too.
+        drop(self.shared.waker.take());
         let mut state = self.shared.lock();
         state.receiver_gone = true;
         let queue = std::mem::take(&mut state.queue);
