@@ -1257,7 +1257,9 @@ async fn memory_clients(listen: &Path, pid: u32, n: usize) -> MemResult {
     }
     let clients = conns.len();
     drop(conns);
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // qmpmux looks at its client count every second and hands freed memory
+    // back after a large fall: give it time for that.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     let rss_closed = rss_kib(pid);
     let (second, _) = open_until_failure(listen, clients, 256).await;
     tokio::time::sleep(Duration::from_millis(500)).await;

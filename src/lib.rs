@@ -10,9 +10,10 @@
 //! - [`shards`]: the threads VMs run on, one VM wholly on one thread.
 //! - [`supervisor`]: [`run`], tying it together until shutdown.
 //! - [`watchdog`]: systemd's watchdog, fed while the VM threads answer.
+//! - [`trim`]: freed memory handed back after many clients leave.
 //! - [`error`]: qmpmux's own failures and their QMP wire form.
-// The one exception is taking ownership of fds received with SCM_RIGHTS
-// (downstream::fds), which has no safe API.
+// The exceptions: taking ownership of fds received with SCM_RIGHTS
+// (downstream::fds) and `malloc_trim` (trim), which have no safe API.
 #![deny(unsafe_code)]
 
 pub mod config;
@@ -26,6 +27,7 @@ pub mod qmp;
 pub mod router;
 pub mod shards;
 pub mod supervisor;
+pub mod trim;
 pub mod upstream;
 pub mod watchdog;
 

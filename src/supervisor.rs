@@ -259,6 +259,7 @@ pub async fn run_with_reload(
         services.spawn(serve_metrics(l, sup.metrics.clone(), shutdown.clone()));
     }
     services.spawn(crate::watchdog::run(sup.shards.liveness(), shutdown.clone()));
+    services.spawn(crate::trim::run(shutdown.clone()));
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,

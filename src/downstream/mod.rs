@@ -210,6 +210,7 @@ struct Counted {
 impl Counted {
     fn new(gauge: Gauge, slot: OwnedSemaphorePermit) -> Self {
         gauge.inc();
+        crate::trim::client_connected();
         Counted { gauge, _slot: slot }
     }
 }
@@ -217,6 +218,7 @@ impl Counted {
 impl Drop for Counted {
     fn drop(&mut self) {
         self.gauge.dec();
+        crate::trim::client_left();
     }
 }
 
