@@ -147,6 +147,9 @@ fn member_span(msg: &[u8], value: Range<usize>) -> Option<Range<usize>> {
 
 /// Classifies one framed upstream message.
 pub fn classify(bytes: &Bytes) -> Result<Incoming<'_>, ParseError> {
+    if let Some(reply) = quick_reply(bytes) {
+        return Ok(Incoming::Reply(reply));
+    }
     let m = members(bytes)?;
     if let Some(qmp) = m.get("QMP") {
         return Ok(Incoming::Greeting(parse_greeting(qmp)?));
@@ -170,6 +173,42 @@ pub fn classify(bytes: &Bytes) -> Result<Incoming<'_>, ParseError> {
         error,
         bytes: located,
     }))
+}
+
+/// A reply to one of qmpmux's numeric ids in the layout QEMU writes,
+/// `{"return": V, "id": N}` or `{"error": E, "id": N}`, recognised by its
+/// two ends alone: `V` or `E` (which can be megabytes) is neither parsed
+/// nor copied. The framer has found the message's end at nesting depth
+/// zero, so the last `, "id": N` before the final brace is a member of the
+/// top-level object; what lies between the ends is QEMU's own JSON writer's
+/// output, trusted as the full parse trusts it. Anything else (pretty
+/// output, other spacing, an id first) takes the full parse.
+fn quick_reply(bytes: &Bytes) -> Option<Reply> {
+    const ID: &[u8] = b", \"id\": ";
+    let error = if bytes.starts_with(b"{\"return\": ") {
+        false
+    } else if bytes.starts_with(b"{\"error\": ") {
+        true
+    } else {
+        return None;
+    };
+    let body = bytes.strip_suffix(b"}")?;
+    let digits = body.iter().rev().take_while(|b| b.is_ascii_digit()).count();
+    let value = body.len() - digits..body.len();
+    // qmpmux's numbers have no leading zero (nor would valid JSON).
+    if digits == 0 || (digits > 1 && body[value.start] == b'0') || !body[..value.start].ends_with(ID) {
+        return None;
+    }
+    let n = std::str::from_utf8(&body[value.clone()]).ok()?.parse().ok()?;
+    Some(Reply {
+        n,
+        error,
+        bytes: ReplyBytes {
+            id_member: value.start - ID.len()..value.end,
+            id_value: value,
+            msg: bytes.clone(),
+        },
+    })
 }
 
 fn parse_greeting(qmp: &RawValue) -> Result<Greeting, ParseError> {
@@ -239,6 +278,47 @@ mod tests {
         );
         assert_eq!(line(r#"{"\u0069d": 3, "return": 1}"#, None), "{\"return\": 1}\r\n");
         assert_eq!(line(r#"{"return":1,"id":3}"#, None), "{\"return\":1}\r\n");
+    }
+
+    /// The quick path gives exactly what the full parse gives, and leaves
+    /// everything else to it.
+    #[test]
+    fn quick_replies_match_the_full_parse() {
+        let full = |s: &str| {
+            let b = Bytes::copy_from_slice(s.as_bytes());
+            let m = members(&b).unwrap();
+            let id = m.get("id").unwrap();
+            let start = id.get().as_ptr() as usize - b.as_ptr() as usize;
+            let n: u64 = id.get().parse().unwrap();
+            let r = ReplyBytes::locate(b.clone(), start..start + id.get().len()).unwrap();
+            (n, m.get("error").is_some(), r.line(None), r.line(Some("\"c\"")))
+        };
+        for s in [
+            r#"{"return": {}, "id": 7}"#,
+            r#"{"return": {"status": "running", "singlestep": false, "running": true}, "id": 1234567}"#,
+            r#"{"return": [{"id": 5}, "x, \"id\": 6"], "id": 0}"#,
+            r#"{"error": {"class": "GenericError", "desc": "no \"id\": 9}"}, "id": 18446744073709551615}"#,
+        ] {
+            let b = Bytes::copy_from_slice(s.as_bytes());
+            let q = quick_reply(&b).unwrap_or_else(|| panic!("not quick: {s}"));
+            assert_eq!(
+                (q.n, q.error, q.bytes.line(None), q.bytes.line(Some("\"c\""))),
+                full(s),
+                "{s}"
+            );
+        }
+        for s in [
+            r#"{"id": 7, "return": {}}"#,
+            r#"{"return": {},"id": 7}"#,
+            r#"{"return": {"id": 7}}"#,
+            r#"{"return": {}, "id": "7"}"#,
+            r#"{"return": {}, "id": 07}"#,
+            r#"{"return": {}, "id": 18446744073709551616}"#,
+            r#"{"event": "STOP", "id": 7}"#,
+            "{\n    \"return\": {},\n    \"id\": 7\n}",
+        ] {
+            assert!(quick_reply(&Bytes::copy_from_slice(s.as_bytes())).is_none(), "{s}");
+        }
     }
 
     #[test]
