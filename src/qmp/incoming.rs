@@ -175,31 +175,59 @@ pub fn classify(bytes: &Bytes) -> Result<Incoming<'_>, ParseError> {
     }))
 }
 
-/// A reply to one of qmpmux's numeric ids in the layout QEMU writes,
-/// `{"return": V, "id": N}` or `{"error": E, "id": N}`, recognised by its
-/// two ends alone: `V` or `E` (which can be megabytes) is neither parsed
-/// nor copied. The framer has found the message's end at nesting depth
-/// zero, so the last `, "id": N` before the final brace is a member of the
-/// top-level object; what lies between the ends is QEMU's own JSON writer's
-/// output, trusted as the full parse trusts it. Anything else (pretty
-/// output, other spacing, an id first) takes the full parse.
+/// A reply to one of qmpmux's numeric ids in a layout QEMU writes,
+/// `{"return": V, "id": N}` or `{"id": N, "error": E}` (either member
+/// order), recognised by its ends alone: `V` or `E` (which can be
+/// megabytes) is neither parsed nor copied. The framer has found the
+/// message's end at nesting depth zero, so a `"id": N` member right after
+/// the opening brace or right before the closing one belongs to the
+/// top-level object; what lies between is QEMU's own JSON writer's output,
+/// trusted as the full parse trusts it. Anything else (pretty output, other
+/// spacing, other members) takes the full parse.
 fn quick_reply(bytes: &Bytes) -> Option<Reply> {
-    const ID: &[u8] = b", \"id\": ";
-    let error = if bytes.starts_with(b"{\"return\": ") {
-        false
-    } else if bytes.starts_with(b"{\"error\": ") {
-        true
-    } else {
-        return None;
+    let number = |digits: &[u8]| -> Option<u64> {
+        // qmpmux's numbers have no leading zero (nor would valid JSON).
+        if digits.is_empty() || (digits.len() > 1 && digits[0] == b'0') {
+            return None;
+        }
+        std::str::from_utf8(digits).ok()?.parse().ok()
     };
+    let kind = |rest: &[u8]| {
+        if rest.starts_with(b"\"return\": ") {
+            Some(false)
+        } else if rest.starts_with(b"\"error\": ") {
+            Some(true)
+        } else {
+            None
+        }
+    };
+    // `{"id": N, "error": E}`
+    if let Some(rest) = bytes.strip_prefix(b"{\"id\": ") {
+        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+        let n = number(&rest[..digits])?;
+        let after = rest[digits..].strip_prefix(b", ")?;
+        let error = kind(after)?;
+        let value = 7..7 + digits;
+        return Some(Reply {
+            n,
+            error,
+            bytes: ReplyBytes {
+                id_member: 1..value.end + 2,
+                id_value: value,
+                msg: bytes.clone(),
+            },
+        });
+    }
+    // `{"return": V, "id": N}`
+    const ID: &[u8] = b", \"id\": ";
+    let error = kind(bytes.strip_prefix(b"{")?)?;
     let body = bytes.strip_suffix(b"}")?;
     let digits = body.iter().rev().take_while(|b| b.is_ascii_digit()).count();
     let value = body.len() - digits..body.len();
-    // qmpmux's numbers have no leading zero (nor would valid JSON).
-    if digits == 0 || (digits > 1 && body[value.start] == b'0') || !body[..value.start].ends_with(ID) {
+    if !body[..value.start].ends_with(ID) {
         return None;
     }
-    let n = std::str::from_utf8(&body[value.clone()]).ok()?.parse().ok()?;
+    let n = number(&body[value.clone()])?;
     Some(Reply {
         n,
         error,
@@ -298,6 +326,9 @@ mod tests {
             r#"{"return": {"status": "running", "singlestep": false, "running": true}, "id": 1234567}"#,
             r#"{"return": [{"id": 5}, "x, \"id\": 6"], "id": 0}"#,
             r#"{"error": {"class": "GenericError", "desc": "no \"id\": 9}"}, "id": 18446744073709551615}"#,
+            r#"{"id": 5, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            r#"{"id": 0, "return": {"id": 1}}"#,
+            r#"{"id": 12, "error": {}, "x": 1}"#,
         ] {
             let b = Bytes::copy_from_slice(s.as_bytes());
             let q = quick_reply(&b).unwrap_or_else(|| panic!("not quick: {s}"));
@@ -308,7 +339,10 @@ mod tests {
             );
         }
         for s in [
-            r#"{"id": 7, "return": {}}"#,
+            r#"{"id": 7,"return": {}}"#,
+            r#"{"id": 7, "event": "X"}"#,
+            r#"{"id": 07, "error": {}}"#,
+            r#"{"id": "7", "error": {}}"#,
             r#"{"return": {},"id": 7}"#,
             r#"{"return": {"id": 7}}"#,
             r#"{"return": {}, "id": "7"}"#,
