@@ -13,7 +13,8 @@
 //! - [`trim`]: freed memory handed back after many clients leave.
 //! - [`error`]: qmpmux's own failures and their QMP wire form.
 // The exceptions: taking ownership of fds received with SCM_RIGHTS
-// (downstream::fds) and `malloc_trim` (trim), which have no safe API.
+// (downstream::fds), `malloc_trim` (trim) and registering an inotify
+// descriptor with tokio (upstream::socketwatch), which have no safe API.
 #![deny(unsafe_code)]
 
 pub mod config;

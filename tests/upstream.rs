@@ -61,6 +61,36 @@ async fn qemu_killed_and_restarted_while_clients_stay_connected() {
     daemon.stop().await;
 }
 
+/// qmpmux sees a restarted QEMU's socket appear and connects then, not
+/// when its backoff would next retry (here a minute away).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_qemu_is_used_at_once_not_after_the_backoff() {
+    let dir = tempfile::tempdir().unwrap();
+    let (up, sock) = (dir.path().join("q.sock"), dir.path().join("vm.sock"));
+    let mut qemu = Qemu::start(&up).await;
+    let daemon = Daemon::start_with(&[("vm", &up, &sock)], |c| {
+        c.upstream.backoff.initial = Duration::from_secs(60);
+        c.upstream.backoff.max = Duration::from_secs(60);
+        c.upstream.backoff.jitter = 0.0;
+    })
+    .await;
+    let mut a = Client::ready(&sock).await;
+    assert!(a.cmd(r#"{"execute":"query-status","id":1}"#).await["return"].is_object());
+    qemu.kill9();
+    eventually("qmpmux to notice QEMU died", async || {
+        a.cmd(r#"{"execute":"query-status","id":2}"#).await["error"].is_object()
+    })
+    .await;
+    // The killed QEMU's socket file is still there; the new QEMU replaces it.
+    let _qemu2 = Qemu::start(&up).await;
+    // Within `eventually`'s 10 s, far less than the 60 s backoff.
+    eventually("commands to work again without waiting for the backoff", async || {
+        a.cmd(r#"{"execute":"query-status","id":3}"#).await["return"].is_object()
+    })
+    .await;
+    daemon.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn starts_before_qemu_and_waiting_client_gets_the_greeting() {
     let dir = tempfile::tempdir().unwrap();

@@ -8,6 +8,7 @@ pub mod backoff;
 mod connect;
 pub mod mailbox;
 mod session;
+pub mod socketwatch;
 
 use crate::error::FailKind;
 use crate::qmp::incoming::{Greeting, ReplyBytes};

@@ -4,6 +4,7 @@
 use super::backoff::Backoff;
 use super::connect::{accept, connect, Connection};
 use super::mailbox::{MailboxSender, SendError};
+use super::socketwatch::{self, SocketWatch};
 use super::{Runstate, SessionHandle, Status, ToClient, ToSession};
 use crate::config::{UpstreamOptions, VmConfig};
 use crate::error::FailKind;
@@ -35,6 +36,10 @@ const INBOX: usize = 1024;
 /// Messages taken from the inbox in one go before writing upstream, so
 /// that a burst of commands from many clients leaves in one write.
 const INBOX_BATCH: usize = 64;
+/// After QEMU's socket appears, QEMU may take a moment to listen on it:
+/// this many attempts, this far apart, before the backoff resumes.
+const QUICK_RETRIES: u32 = 10;
+const QUICK_RETRY: Duration = Duration::from_millis(5);
 
 /// Why a running connection ended.
 #[derive(Debug)]
@@ -57,6 +62,9 @@ struct Session {
     shutdown: CancellationToken,
     /// Consecutive failed connection attempts (quietens logs while QEMU is down).
     failures: u32,
+    /// Attempts left at the short [`QUICK_RETRY`] delay, after QEMU's
+    /// socket appeared.
+    quick_retries: u32,
     /// Accept mode: QEMU dials in here instead of qmpmux connecting.
     listener: Option<Arc<UnixListener>>,
     metrics: VmMetrics,
@@ -88,6 +96,7 @@ pub fn spawn(
         status,
         shutdown,
         failures: 0,
+        quick_retries: 0,
         listener: listener.map(Arc::new),
         metrics,
     };
@@ -100,6 +109,8 @@ impl Session {
         loop {
             self.set_state(Runstate::Connecting);
             let (path, opts, listener) = (self.vm.upstream.clone(), self.opts.clone(), self.listener.clone());
+            // The socket this attempt meets, to tell a new one from it later.
+            let seen = socketwatch::identity(&path);
             let attempt = async move {
                 match &listener {
                     Some(l) => accept(l, &opts).await,
@@ -114,6 +125,7 @@ impl Session {
             match result {
                 Ok(conn) => {
                     self.failures = 0;
+                    self.quick_retries = 0;
                     self.backoff.reset();
                     // A bug while serving must not take the VM's monitor away
                     // for good: log it, fail what was outstanding, reconnect.
@@ -140,9 +152,30 @@ impl Session {
                 }
             }
             self.set_state(Runstate::Idle);
-            let delay = self.backoff.next_delay(fastrand::f64());
+            let mut delay = self.backoff.next_delay(fastrand::f64());
+            if self.quick_retries > 0 {
+                // QEMU's socket just appeared, but QEMU may not be listening
+                // on it yet: try again soon rather than after the backoff.
+                self.quick_retries -= 1;
+                delay = delay.min(QUICK_RETRY);
+            }
+            // Connect mode: a new socket at the path cuts the wait short.
+            let mut watch = match self.listener {
+                None => SocketWatch::new(&self.vm.upstream, seen),
+                Some(_) => None,
+            };
+            let appeared = async {
+                match watch.as_mut() {
+                    Some(w) => w.created().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
+                () = appeared => {
+                    debug!("QEMU's socket appeared; connecting now");
+                    self.quick_retries = QUICK_RETRIES;
+                }
                 () = serve_down(&mut self.rx, &mut self.clients, &mut self.router, Runstate::Idle) => return,
                 () = self.shutdown.cancelled() => return,
             }
