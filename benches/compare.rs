@@ -1665,7 +1665,7 @@ fn main() {
     // 6.
     if plan.wants(6) {
         out!("\n6. Reconnect: QEMU killed (SIGKILL) and restarted; t0 = its socket file appears (stat), t1 = first successful query-status");
-        out!("   via qmpmux: an already-connected client retries every 0.5 ms (qmpmux backoff 50 ms initial, x2, max 1 s, +-10%)");
+        out!("   via qmpmux: an already-connected client retries every 0.5 ms (qmpmux: backoff 50 ms initial, x2, max 1 s, +-10%, cut short by a watch for the socket file)");
         out!("   direct: a new client tries to connect every 0.5 ms from t0 (the best a client of QEMU itself can do)");
         out!(
             "   {:>4}{:>17}{:>17}{:>22}{:>17}{:>12}",
