@@ -300,3 +300,30 @@ async fn pretty_printing_qemu_is_forwarded_one_message_per_line() {
     assert!(e["timestamp"].is_object());
     daemon.stop().await;
 }
+
+/// `echo '...' | socat - UNIX-CONNECT:...` style: the client shuts down its
+/// sending side after its commands and still reads every reply, then EOF.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_shuts_down_its_sending_side_still_gets_its_replies() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let (up, sock) = (dir.path().join("q.sock"), dir.path().join("vm.sock"));
+    let _qemu = Qemu::start(&up).await;
+    let daemon = Daemon::start(&[("vm", &up, &sock)]).await;
+    let c = Client::ready(&sock).await;
+    let (mut rd, mut wr) = c.into_inner();
+    wr.write_all(b"{\"execute\":\"query-status\",\"id\":1}\n{\"execute\":\"query-name\",\"id\":2}\n")
+        .await
+        .unwrap();
+    wr.shutdown().await.unwrap();
+    let mut ids = Vec::new();
+    let mut line = String::new();
+    while rd.read_line(&mut line).await.unwrap() > 0 {
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert!(v["return"].is_object(), "{v}");
+        ids.push(v["id"].clone());
+        line.clear();
+    }
+    assert_eq!(ids, vec![json!(1), json!(2)]);
+    daemon.stop().await;
+}

@@ -266,3 +266,66 @@ async fn fds_of_clients_that_all_leave_at_once_are_all_closed() {
     assert!((0..count).all(|i| closed.contains(&format!("fd-{i}"))));
     daemon.stop().await;
 }
+
+/// A client that closes its connection entirely takes its queued commands
+/// with it, as with QEMU (which drops a closed connection's unstarted
+/// commands); one that only shuts down its sending side still has them run
+/// and gets the replies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_client_s_queued_commands_are_dropped_a_half_closed_one_s_are_run() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let (_dir, fake, daemon, sock) = common::fake::vm().await;
+    let mut conn = fake.accept_ready().await;
+    // QEMU's queue of 8 full, so that what follows waits in qmpmux.
+    let mut holder = Client::ready(&sock).await;
+    for i in 0..8 {
+        holder.send(&format!(r#"{{"execute":"held","id":{i}}}"#)).await;
+    }
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(conn.read().await.unwrap());
+    }
+    let mut watcher = Client::ready(&sock).await;
+    let queued = async |c: &mut Client| {
+        let r = c.cmd(r#"{"execute":"__org.qmpmux_query-proxy","id":"p"}"#).await;
+        r["return"]["queued"].as_u64().unwrap()
+    };
+    let mut gone = Client::ready(&sock).await;
+    for i in 0..3 {
+        gone.send(&format!(r#"{{"execute":"from-closed","id":{i}}}"#)).await;
+    }
+    let mut half = Client::ready(&sock).await;
+    half.send(r#"{"execute":"from-half-closed","id":"h"}"#).await;
+    common::eventually("four commands waiting in qmpmux", async || {
+        queued(&mut watcher).await == 4
+    })
+    .await;
+    drop(gone);
+    let (mut half_rd, mut half_wr) = half.into_inner();
+    half_wr.shutdown().await.unwrap();
+    common::eventually("the closed client's commands to be dropped", async || {
+        queued(&mut watcher).await == 1
+    })
+    .await;
+    for req in &held {
+        conn.reply(req, json!({})).await;
+    }
+    // Only the half-closed client's command goes on to QEMU.
+    let next = conn.read().await.unwrap();
+    assert_eq!(next["execute"], "from-half-closed", "{next}");
+    conn.reply(&next, json!("done")).await;
+    let mut line = String::new();
+    half_rd.read_line(&mut line).await.unwrap();
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&line).unwrap(),
+        json!({"return": "done", "id": "h"})
+    );
+    line.clear();
+    assert_eq!(half_rd.read_line(&mut line).await.unwrap(), 0, "then EOF: {line}");
+    let after = tokio::time::timeout(Duration::from_millis(500), conn.read()).await;
+    assert!(after.is_err(), "a closed client's command reached QEMU: {after:?}");
+    for i in 0..8 {
+        assert_eq!(holder.reply().await["id"], i);
+    }
+    daemon.stop().await;
+}

@@ -7,7 +7,7 @@
 //! FIFO only from the front, so every client sees its replies in request
 //! order whatever answered them. Events go out as they come.
 
-use super::fds::{takes_fd, PassedFds};
+use super::fds::{takes_fd, ClientReader};
 use crate::config::{ClientOptions, ListenerConfig};
 use crate::error::FailKind;
 use crate::qmp::framing::{Frame, JsonFramer, Limits};
@@ -34,6 +34,10 @@ use tracing::{debug, error, info, warn};
 /// read. A client that stops reading thus costs at most about 1.5 times
 /// `max_queue_bytes`, plus the kernel's socket buffer.
 const OUTBUF_HIGH: usize = 1 << 20;
+
+/// How long after EOF to look again whether the client closed its whole
+/// connection rather than only its sending side.
+const PEER_GONE_RECHECK: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// What every client of one VM shares.
 #[derive(Debug, Clone)]
@@ -109,7 +113,7 @@ enum End {
 
 pub async fn run<R, W>(read: R, write: W, id: u64, peer: Peer, ctx: Arc<ClientContext>)
 where
-    R: AsyncRead + Unpin + Send + PassedFds + 'static,
+    R: AsyncRead + Unpin + Send + ClientReader + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let remote = peer.remote.as_deref().unwrap_or("-");
@@ -141,7 +145,7 @@ where
 
 async fn serve<R, W>(read: R, mut write: W, id: u64, peer: Peer, ctx: Arc<ClientContext>) -> End
 where
-    R: AsyncRead + Unpin + PassedFds,
+    R: AsyncRead + Unpin + ClientReader,
     W: AsyncWrite + Unpin,
 {
     let Some(greeting) = wait_for_greeting(&ctx).await else {
@@ -190,6 +194,10 @@ where
     tokio::pin!(stopped, killed);
     let outbuf_high = OUTBUF_HIGH.min(client.ctx.opts.max_queue_bytes / 2);
     let mut eof = false;
+    // After EOF with commands outstanding: one more look, a moment later,
+    // at whether the client closed its whole connection (a close right
+    // after a shutdown of the sending side reaches qmpmux as two events).
+    let mut recheck: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     let end = async {
         loop {
             if (eof || client.closing.is_some()) && client.slots.is_empty() && client.outbuf.is_empty() {
@@ -227,9 +235,22 @@ where
                 frame = reader.next(), if can_read => match frame {
                     Some(Ok(frame)) => client.on_frame(frame, reader.get_mut()).await,
                     Some(Err(e)) => return End::Io(e),
-                    // The client closed its sending side: answer what it asked.
-                    None => eof = true,
+                    // The client closed its whole connection: nothing can
+                    // reach it, and, as QEMU does, what it left queued is
+                    // dropped (on Detach) rather than run.
+                    None if reader.get_ref().peer_gone() => return End::ClientClosed,
+                    // Only its sending side, so far: answer what it asked.
+                    None => {
+                        eof = true;
+                        recheck = Some(Box::pin(tokio::time::sleep(PEER_GONE_RECHECK)));
+                    }
                 },
+                () = async { if let Some(r) = recheck.as_mut() { r.await } }, if recheck.is_some() => {
+                    recheck = None;
+                    if reader.get_ref().peer_gone() {
+                        return End::ClientClosed;
+                    }
+                }
                 () = &mut stopped, if client.closing.is_none() => client.closing = Some(End::Shutdown),
                 () = &mut killed => return End::Shutdown,
             }
@@ -267,7 +288,7 @@ async fn wait_for_greeting(ctx: &ClientContext) -> Option<Arc<Greeting>> {
 }
 
 impl Client {
-    async fn on_frame(&mut self, frame: Frame, passed: &mut impl PassedFds) {
+    async fn on_frame(&mut self, frame: Frame, passed: &mut impl ClientReader) {
         if matches!(frame, Frame::Limit(_)) {
             self.closing = Some(End::Limit);
         }

@@ -6,6 +6,7 @@
 //! client task hands the oldest waiting fd to each such command; fds a
 //! client sends and never uses are closed when it leaves.
 
+use futures_util::FutureExt;
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 use std::collections::VecDeque;
 use std::io::{self, IoSliceMut};
@@ -105,20 +106,37 @@ impl AsyncRead for FdReader {
     }
 }
 
-/// Read halves that may carry passed fds.
-pub trait PassedFds {
+/// What the client task needs of a read half besides its bytes.
+pub trait ClientReader {
     /// The oldest passed fd not yet taken by a command.
     fn take_fd(&mut self) -> Option<OwnedFd> {
         None
     }
-}
 
-impl PassedFds for FdReader {
-    fn take_fd(&mut self) -> Option<OwnedFd> {
-        self.fds.pop_front()
+    /// After EOF: whether the peer closed its whole connection (not just
+    /// its sending side), so that nothing can reach it any more.
+    fn peer_gone(&self) -> bool {
+        false
     }
 }
 
-impl PassedFds for tokio::net::tcp::OwnedReadHalf {}
+impl ClientReader for FdReader {
+    fn take_fd(&mut self) -> Option<OwnedFd> {
+        self.fds.pop_front()
+    }
 
-impl<T> PassedFds for tokio::io::ReadHalf<T> {}
+    /// A unix socket whose peer closed entirely reports a hang-up (which
+    /// tokio records as write-closed); one whose peer only shut down its
+    /// sending side does not.
+    fn peer_gone(&self) -> bool {
+        let stream: &tokio::net::UnixStream = self.half.as_ref();
+        matches!(
+            stream.ready(Interest::WRITABLE).now_or_never(),
+            Some(Ok(ready)) if ready.is_write_closed()
+        )
+    }
+}
+
+impl ClientReader for tokio::net::tcp::OwnedReadHalf {}
+
+impl<T> ClientReader for tokio::io::ReadHalf<T> {}
