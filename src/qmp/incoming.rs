@@ -185,57 +185,39 @@ pub fn classify(bytes: &Bytes) -> Result<Incoming<'_>, ParseError> {
 /// trusted as the full parse trusts it. Anything else (pretty output, other
 /// spacing, other members) takes the full parse.
 fn quick_reply(bytes: &Bytes) -> Option<Reply> {
-    let number = |digits: &[u8]| -> Option<u64> {
-        // qmpmux's numbers have no leading zero (nor would valid JSON).
-        if digits.is_empty() || (digits.len() > 1 && digits[0] == b'0') {
+    const FIRST: &[u8] = b"{\"id\": ";
+    const LAST: &[u8] = b", \"id\": ";
+    let digits = |run: &mut dyn Iterator<Item = &u8>| run.take_while(|b| b.is_ascii_digit()).count();
+    // Where the id's digits are, and what follows the opening brace or the
+    // id member: the other member's key.
+    let (value, other) = if bytes.starts_with(FIRST) {
+        let end = FIRST.len() + digits(&mut bytes[FIRST.len()..].iter());
+        (FIRST.len()..end, bytes[end..].strip_prefix(b", ")?)
+    } else {
+        let body = bytes.strip_suffix(b"}")?;
+        let start = body.len() - digits(&mut body.iter().rev());
+        if !body[..start].ends_with(LAST) {
             return None;
         }
-        std::str::from_utf8(digits).ok()?.parse().ok()
+        (start..body.len(), &bytes[1..])
     };
-    let kind = |rest: &[u8]| {
-        if rest.starts_with(b"\"return\": ") {
-            Some(false)
-        } else if rest.starts_with(b"\"error\": ") {
-            Some(true)
-        } else {
-            None
-        }
+    let error = if other.starts_with(b"\"return\": ") {
+        false
+    } else if other.starts_with(b"\"error\": ") {
+        true
+    } else {
+        return None;
     };
-    // `{"id": N, "error": E}`
-    if let Some(rest) = bytes.strip_prefix(b"{\"id\": ") {
-        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
-        let n = number(&rest[..digits])?;
-        let after = rest[digits..].strip_prefix(b", ")?;
-        let error = kind(after)?;
-        let value = 7..7 + digits;
-        return Some(Reply {
-            n,
-            error,
-            bytes: ReplyBytes {
-                id_member: 1..value.end + 2,
-                id_value: value,
-                msg: bytes.clone(),
-            },
-        });
-    }
-    // `{"return": V, "id": N}`
-    const ID: &[u8] = b", \"id\": ";
-    let error = kind(bytes.strip_prefix(b"{")?)?;
-    let body = bytes.strip_suffix(b"}")?;
-    let digits = body.iter().rev().take_while(|b| b.is_ascii_digit()).count();
-    let value = body.len() - digits..body.len();
-    if !body[..value.start].ends_with(ID) {
+    // qmpmux's numbers have no leading zero (nor would valid JSON).
+    let id = &bytes[value.clone()];
+    if id.is_empty() || (id.len() > 1 && id[0] == b'0') {
         return None;
     }
-    let n = number(&body[value.clone()])?;
+    let n = std::str::from_utf8(id).ok()?.parse().ok()?;
     Some(Reply {
         n,
         error,
-        bytes: ReplyBytes {
-            id_member: value.start - ID.len()..value.end,
-            id_value: value,
-            msg: bytes.clone(),
-        },
+        bytes: ReplyBytes::locate(bytes.clone(), value)?,
     })
 }
 
