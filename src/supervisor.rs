@@ -259,10 +259,14 @@ pub async fn run_with_reload(
         services.spawn(serve_metrics(l, sup.metrics.clone(), shutdown.clone()));
     }
     services.spawn(crate::watchdog::run(sup.shards.liveness(), shutdown.clone()));
-    services.spawn(crate::trim::run(shutdown.clone()));
+    // Freed memory goes back to the system after many clients leave.
+    let mut clients_mark = crate::trim::HighWater::default();
+    let mut trim_tick = tokio::time::interval(Duration::from_secs(1));
+    trim_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
+            _ = trim_tick.tick() => clients_mark.observe(sup.clients()),
             Some(reload) = reloads.recv() => {
                 let result = sup.reload(reload.config).await;
                 let _ = reload.done.send(result);
@@ -492,6 +496,14 @@ async fn stop_vm(vm: Vm) {
 }
 
 impl Supervisor {
+    /// Clients connected, over all VMs.
+    fn clients(&self) -> usize {
+        self.vms
+            .values()
+            .map(|vm| vm.metrics.clients.get().max(0) as usize)
+            .sum()
+    }
+
     fn report(&self) -> StatusReport {
         let mut vms: Vec<VmStatus> = self.vms.values().map(Vm::status).collect();
         vms.sort_by(|a, b| a.name.cmp(&b.name));

@@ -6,36 +6,29 @@
 //! count has fallen well below its high-water mark, `malloc_trim` hands the
 //! free pages back (43 -> 11 MB in the same test).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 use tracing::debug;
-
-/// Clients connected, over all VMs.
-static CONNECTED: AtomicUsize = AtomicUsize::new(0);
-
-/// Counts a client in (when it connects) ...
-pub fn client_connected() {
-    CONNECTED.fetch_add(1, Ordering::Relaxed);
-}
-
-/// ... and out (when it is gone).
-pub fn client_left() {
-    CONNECTED.fetch_sub(1, Ordering::Relaxed);
-}
 
 /// Trim once this many clients have left since the most there were: about
 /// a megabyte of client memory (3.3 KiB each), worth a system call.
 const TRIM_AFTER: usize = 256;
 
-/// When to trim: after a fall of [`TRIM_AFTER`] from the high-water mark,
-/// which then starts again from the new level.
+/// When to trim, fed the number of connected clients (over all VMs) now
+/// and then: after a fall of [`TRIM_AFTER`] from the high-water mark, which
+/// then starts again from the new level.
 #[derive(Debug, Default)]
-struct HighWater {
+pub struct HighWater {
     high: usize,
 }
 
 impl HighWater {
+    /// Looks at the client count; trims when it has fallen far enough.
+    pub fn observe(&mut self, clients: usize) {
+        if self.should_trim(clients) {
+            debug!(clients, "returning freed memory to the system");
+            release_free_memory();
+        }
+    }
+
     fn should_trim(&mut self, now: usize) -> bool {
         if now >= self.high {
             self.high = now;
@@ -45,25 +38,6 @@ impl HighWater {
             true
         } else {
             false
-        }
-    }
-}
-
-/// Looks at the client count every second until `stop`, trimming when it
-/// has fallen far enough.
-pub async fn run(stop: CancellationToken) {
-    let mut mark = HighWater::default();
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let now = CONNECTED.load(Ordering::Relaxed);
-        if mark.should_trim(now) {
-            debug!(clients = now, "returning freed memory to the system");
-            release_free_memory();
         }
     }
 }

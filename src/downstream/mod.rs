@@ -210,7 +210,6 @@ struct Counted {
 impl Counted {
     fn new(gauge: Gauge, slot: OwnedSemaphorePermit) -> Self {
         gauge.inc();
-        crate::trim::client_connected();
         Counted { gauge, _slot: slot }
     }
 }
@@ -218,7 +217,6 @@ impl Counted {
 impl Drop for Counted {
     fn drop(&mut self) {
         self.gauge.dec();
-        crate::trim::client_left();
     }
 }
 
