@@ -9,7 +9,8 @@
 //! - [`downstream`]: listeners and per-client tasks.
 //! - [`shards`]: the threads VMs run on, one VM wholly on one thread.
 //! - [`supervisor`]: [`run`], tying it together until shutdown.
-//! - [`watchdog`]: systemd's watchdog, fed while the VM threads answer.
+//! - [`systemd`]: readiness notifications, and the watchdog, fed while the
+//!   VM threads answer.
 //! - [`trim`]: freed memory handed back after many clients leave.
 //! - [`error`]: qmpmux's own failures and their QMP wire form.
 // The exceptions: taking ownership of fds received with SCM_RIGHTS
@@ -28,8 +29,8 @@ pub mod qmp;
 pub mod router;
 pub mod shards;
 pub mod supervisor;
+pub mod systemd;
 pub mod trim;
 pub mod upstream;
-pub mod watchdog;
 
 pub use supervisor::{run, run_with_reload, Listeners, Reload, ReloadSummary, RunError};

@@ -4,6 +4,7 @@
 use clap::Parser;
 use futures_util::StreamExt;
 use qmpmux::config::{Config, LogFormat, LogRotation};
+use qmpmux::systemd::notify;
 use qmpmux::{demo, run_with_reload, Listeners, Reload};
 use sd_notify::NotifyState;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -215,13 +216,6 @@ fn print_summary(args: &Args, config: &Config) {
     println!("{}: OK, {} VM(s)", args.config.display(), config.vms.len());
     for vm in &config.vms {
         println!("  {}: {} -> {}", vm.name, vm.upstream.display(), vm.listen.display());
-    }
-}
-
-/// Tells systemd (when run under `Type=notify`) how things stand.
-fn notify(state: &[NotifyState]) {
-    if let Err(e) = sd_notify::notify(false, state) {
-        warn!(error = %e, "cannot notify systemd");
     }
 }
 

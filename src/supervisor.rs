@@ -258,7 +258,7 @@ pub async fn run_with_reload(
     if let Some(l) = listeners.metrics.take() {
         services.spawn(serve_metrics(l, sup.metrics.clone(), shutdown.clone()));
     }
-    services.spawn(crate::watchdog::run(sup.shards.liveness(), shutdown.clone()));
+    services.spawn(crate::systemd::run_watchdog(sup.shards.liveness(), shutdown.clone()));
     // Freed memory goes back to the system after many clients leave.
     let mut clients_mark = crate::trim::HighWater::default();
     let mut trim_tick = tokio::time::interval(Duration::from_secs(1));

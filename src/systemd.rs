@@ -1,5 +1,6 @@
-//! systemd's watchdog (`WatchdogSec=`): `WATCHDOG=1` every half interval,
-//! but only while every thread serving VMs still runs its tasks.
+//! Telling systemd (`Type=notify`) how things stand, and feeding its
+//! watchdog (`WatchdogSec=`): `WATCHDOG=1` every half interval, but only
+//! while every thread serving VMs still runs its tasks.
 //!
 //! A ping from the main thread alone would say nothing about the VM
 //! threads, and a VM thread blocked by a bug leaves every client of its
@@ -12,6 +13,14 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
+/// Sends `state` to systemd; without systemd (no `NOTIFY_SOCKET`) it does
+/// nothing.
+pub fn notify(state: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(false, state) {
+        warn!(error = %e, "cannot notify systemd");
+    }
+}
+
 /// The watchdog interval systemd asked for, if it asked this process.
 pub fn interval() -> Option<Duration> {
     let mut usec = 0;
@@ -20,7 +29,7 @@ pub fn interval() -> Option<Duration> {
 
 /// Pings until `stop`, while every shard answers; returns at once when no
 /// watchdog is configured.
-pub async fn run(shards: Liveness, stop: CancellationToken) {
+pub async fn run_watchdog(shards: Liveness, stop: CancellationToken) {
     let Some(interval) = interval() else { return };
     let mut tick = tokio::time::interval(interval / 2);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -33,9 +42,7 @@ pub async fn run(shards: Liveness, stop: CancellationToken) {
         // interval is stuck, not busy: a command takes microseconds.
         let stuck = shards.unresponsive(interval / 4).await;
         if stuck.is_empty() {
-            if let Err(e) = sd_notify::notify(false, &[NotifyState::Watchdog]) {
-                warn!(error = %e, "cannot notify systemd");
-            }
+            notify(&[NotifyState::Watchdog]);
         } else {
             let threads: Vec<String> = stuck.iter().map(|i| format!("qmpmux-vm-{i}")).collect();
             error!(
