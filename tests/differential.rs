@@ -6,7 +6,8 @@
 //! QEMU #1 answers, live. To know where one step's output ends, every step
 //! is followed by a sentinel command (`query-name` with a unique id) on both
 //! connections; each side is read up to and including the sentinel's reply.
-//! Both sides receive exactly the same bytes, sentinels included.
+//! Both sides receive exactly the same bytes, sentinels included (and one
+//! first command, before the steps; see `Diff::start`).
 //!
 //! Messages are compared after parsing as `serde_json::Value` (so member
 //! order and `\uXXXX` spelling do not matter, but `1000` vs `1e3` does), with
@@ -165,9 +166,46 @@ struct Diff {
 }
 
 impl Diff {
-    /// Starts both QEMUs and qmpmux, connects both clients, and checks the
-    /// greetings (identical: qmpmux offers `oob` when QEMU does).
+    /// Starts both QEMUs and qmpmux, connects both clients, checks the
+    /// greetings (identical: qmpmux offers `oob` when QEMU does) and sends
+    /// both sides a first command that leaves no state behind.
+    ///
+    /// QEMU 7.2 itself, freshly started, now and then never answers the
+    /// first commands on a connection it has greeted (seen twice in about
+    /// 400 runs of this file on 2 loaded cores, always on the first step;
+    /// not reproduced with a plain client in 1,700 tries). That says nothing
+    /// about qmpmux, and without an answer from QEMU there is nothing to
+    /// compare with, so the pair is started over on fresh QEMUs. Only
+    /// QEMU's own silence on the direct connection is retried: whatever
+    /// qmpmux does is compared as in every other step.
     async fn start(name: &'static str) -> Diff {
+        for attempt in 1.. {
+            let mut d = Self::start_once(name).await;
+            let id = "warm-up";
+            let warm_up = format!("{{\"execute\": \"query-name\", \"id\": \"{id}\"}}");
+            d.direct.write(warm_up.as_bytes()).await;
+            let want = Self::collect(&mut d.direct, id, STEP).await;
+            if !want.terminated && attempt < 3 {
+                eprintln!(
+                    "{name}: QEMU #1 did not answer its first command ({}); starting over on fresh QEMUs",
+                    want.render().trim()
+                );
+                d.close().await;
+                continue;
+            }
+            assert!(
+                want.terminated,
+                "{name}: QEMU itself did not answer its first command, {attempt} times"
+            );
+            d.mux.write(warm_up.as_bytes()).await;
+            let got = Self::collect(&mut d.mux, id, STEP).await;
+            assert_eq!(got.values, want.values, "{name}: first command through qmpmux");
+            return d;
+        }
+        unreachable!()
+    }
+
+    async fn start_once(name: &'static str) -> Diff {
         let dir = tempfile::tempdir().unwrap();
         let q1 = dir.path().join("q1.sock");
         let q2 = dir.path().join("q2.sock");
