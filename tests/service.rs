@@ -382,3 +382,68 @@ async fn status_and_metrics_report_what_happened() {
     daemon.stop().await;
     assert!(!ctl.exists(), "control socket left behind");
 }
+
+/// When qmpmux cannot watch for QEMU's socket directory (in real life most
+/// likely `fs.inotify.max_user_instances` used up by many VMs down at once;
+/// here a path through a regular file, which inotify refuses the same way
+/// and which, unlike that limit, a test can set up for one process), it
+/// says so once, not on every retry, and keeps retrying on its timer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_warns_once_when_it_cannot_watch_for_qemu_s_socket() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    std::fs::write(p("file"), "").unwrap();
+    let config = p("qmpmux.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "log_level = \"info,qmpmux::upstream=debug\"\ncontrol_socket = \"\"\n[upstream]\nbackoff_initial_ms = 5\nbackoff_max_ms = 20\n[[vm]]\nname = \"one\"\nupstream = \"{}\"\nlisten = \"{}\"\n",
+            p("file").join("sub").join("q.sock").display(),
+            p("one.sock").display()
+        ),
+    )
+    .unwrap();
+    let mut child = qmpmux()
+        .arg("--config")
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let stdout = child.stdout.take().unwrap();
+    let log = tokio::task::spawn_blocking(move || {
+        let mut lines = Vec::new();
+        let mut signalled = false;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line.unwrap();
+            // Ten failed attempts in: enough retries to repeat a warning.
+            if !signalled && line.contains("still cannot reach QEMU monitor") && line.contains("attempt=10") {
+                signal(pid, libc::SIGTERM);
+                signalled = true;
+            }
+            lines.push(line);
+        }
+        (lines, signalled)
+    });
+    tokio::pin!(log);
+    let (lines, signalled) = match tokio::time::timeout(Duration::from_secs(30), &mut log).await {
+        Ok(r) => r.unwrap(),
+        Err(_) => {
+            signal(pid, libc::SIGKILL);
+            log.await.unwrap()
+        }
+    };
+    let status = child.wait().unwrap();
+    let text = lines.join("\n");
+    assert!(signalled && status.success(), "exit status {status}:\n{text}");
+    let warnings: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("WARN") && l.contains("not watching for QEMU's socket"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{text}");
+    assert!(
+        warnings[0].contains("cannot watch directory") && warnings[0].contains("file/sub"),
+        "{text}"
+    );
+}

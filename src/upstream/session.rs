@@ -65,6 +65,8 @@ struct Session {
     /// Attempts left at the short [`QUICK_RETRY`] delay, after QEMU's
     /// socket appeared.
     quick_retries: u32,
+    /// Setting up the socket watch failed, and that was logged.
+    watch_failed: bool,
     /// Accept mode: QEMU dials in here instead of qmpmux connecting.
     listener: Option<Arc<UnixListener>>,
     metrics: VmMetrics,
@@ -97,6 +99,7 @@ pub fn spawn(
         shutdown,
         failures: 0,
         quick_retries: 0,
+        watch_failed: false,
         listener: listener.map(Arc::new),
         metrics,
     };
@@ -161,7 +164,24 @@ impl Session {
             }
             // Connect mode: a new socket at the path cuts the wait short.
             let mut watch = match self.listener {
-                None => SocketWatch::new(&self.vm.upstream, seen),
+                None => match SocketWatch::new(&self.vm.upstream, seen) {
+                    Ok(w) => {
+                        self.watch_failed = false;
+                        Some(w)
+                    }
+                    Err(e) => {
+                        // Once per run of failures: the timer still works.
+                        if !self.watch_failed {
+                            self.watch_failed = true;
+                            if e.is_missing_directory() {
+                                debug!(error = %e, "not watching for QEMU's socket; retrying on the backoff timer");
+                            } else {
+                                warn!(error = %e, "not watching for QEMU's socket; reconnecting on the backoff timer only");
+                            }
+                        }
+                        None
+                    }
+                },
                 Some(_) => None,
             };
             let appeared = async {

@@ -36,6 +36,33 @@ impl AsRawFd for Fd {
     }
 }
 
+/// Why no watch could be set up (the session then relies on its timer).
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error("the path has no file name")]
+    NoFileName,
+    #[error("cannot create an inotify instance (fs.inotify.max_user_instances reached?): {0}")]
+    Init(nix::Error),
+    #[error("cannot watch directory {dir}: {errno}")]
+    AddWatch { dir: std::path::PathBuf, errno: nix::Error },
+    #[error("cannot register the inotify descriptor: {0}")]
+    Register(std::io::Error),
+}
+
+impl WatchError {
+    /// The socket's directory does not exist (yet): usual before a VM's
+    /// first start, unlike the other failures.
+    pub fn is_missing_directory(&self) -> bool {
+        matches!(
+            self,
+            WatchError::AddWatch {
+                errno: nix::Error::ENOENT,
+                ..
+            }
+        )
+    }
+}
+
 /// A watch for a new socket file at one path.
 pub struct SocketWatch {
     fd: AsyncFd<Fd>,
@@ -46,27 +73,30 @@ pub struct SocketWatch {
 
 impl SocketWatch {
     /// Watches for a new file at `path`, which was `seen` when the last
-    /// connection attempt was made. `None` when no watch can be set up
-    /// (the caller then relies on its timer).
-    pub fn new(path: &Path, seen: Identity) -> Option<SocketWatch> {
-        let name = path.file_name()?.to_owned();
+    /// connection attempt was made.
+    pub fn new(path: &Path, seen: Identity) -> Result<SocketWatch, WatchError> {
+        let name = path.file_name().ok_or(WatchError::NoFileName)?.to_owned();
         let dir = match path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d,
             _ => Path::new("."),
         };
-        let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).ok()?;
+        let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).map_err(WatchError::Init)?;
         inotify
             .add_watch(dir, AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO)
-            .ok()?;
+            .map_err(|errno| WatchError::AddWatch {
+                dir: dir.to_owned(),
+                errno,
+            })?;
         // SAFETY: `Fd` owns the inotify descriptor, which stays open until
         // the `AsyncFd` (and with it the `Fd`) is dropped, and `as_raw_fd`
         // always returns that same descriptor.
         #[allow(unsafe_code)]
-        let fd = unsafe { AsyncFd::register_with_interest(Fd(inotify), tokio::io::Interest::READABLE) }.ok()?;
+        let fd = unsafe { AsyncFd::register_with_interest(Fd(inotify), tokio::io::Interest::READABLE) }
+            .map_err(|e| WatchError::Register(e.into()))?;
         // Created between that attempt and now: no event will tell.
         let now = identity(path);
         let changed = now.is_some() && now != seen;
-        Some(SocketWatch { fd, name, changed })
+        Ok(SocketWatch { fd, name, changed })
     }
 
     /// Returns once a file has been created or moved in under the socket's
@@ -150,7 +180,11 @@ mod tests {
     }
 
     #[test]
-    fn no_watch_without_a_directory() {
-        assert!(SocketWatch::new(Path::new("/nonexistent-qmpmux-dir/qmp.sock"), None).is_none());
+    fn no_watch_without_a_directory_and_the_error_says_so() {
+        let Err(e) = SocketWatch::new(Path::new("/nonexistent-qmpmux-dir/qmp.sock"), None) else {
+            panic!("a watch on a directory that does not exist");
+        };
+        assert!(e.is_missing_directory(), "{e:?}");
+        assert!(e.to_string().contains("/nonexistent-qmpmux-dir"), "{e}");
     }
 }
