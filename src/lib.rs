@@ -26,6 +26,7 @@ pub mod error;
 pub mod metrics;
 pub mod policy;
 pub mod qmp;
+pub mod quiet;
 pub mod router;
 pub mod shards;
 pub mod supervisor;

@@ -14,6 +14,7 @@ use crate::qmp::framing::{Frame, JsonFramer, Limits};
 use crate::qmp::incoming::Greeting;
 use crate::qmp::json::qemu_style;
 use crate::qmp::request::{decide, error_line, Caps, Decision, Session};
+use crate::quiet::Quiet;
 use crate::upstream::mailbox::mailbox;
 use crate::upstream::{SessionHandle, ToClient, ToSession, EXTENSION_PREFIX};
 use bytes::{Bytes, BytesMut};
@@ -189,9 +190,11 @@ where
         fd_names: Vec::new(),
     };
     let (stop, hard) = (client.ctx.stop.clone(), client.ctx.hard.clone());
-    // Created once, not on every pass of the loop.
+    // Created once, not on every pass of the loop, and polled only once
+    // they have something to say (see `quiet`).
     let (stopped, killed) = (stop.cancelled(), hard.cancelled());
     tokio::pin!(stopped, killed);
+    let (mut stopped, mut killed) = (Quiet::new(stopped), Quiet::new(killed));
     let outbuf_high = OUTBUF_HIGH.min(client.ctx.opts.max_queue_bytes / 2);
     let mut eof = false;
     // After EOF with commands outstanding: one more look, a moment later,
@@ -210,9 +213,10 @@ where
             // Cancel-safe branches only: FramedRead::next, Mailbox::recv, one
             // write. Polled in this order, stopping at the first ready one:
             // a wake-up for a reply or event polls only the mailbox, then
-            // the write. The stop signals, rarely ready, come last; they are
-            // still polled whenever the task waits, and tokio's budget makes
-            // a busy task wait now and then.
+            // the write. The stop signals, rarely ready, come last, and
+            // (`Quiet`) reach their tokens only once those have fired; a busy
+            // task still gets to them, as tokio's budget makes it wait now
+            // and then.
             tokio::select! {
                 biased;
                 msg = mailbox.recv(), if client.outbuf.len() < outbuf_high => match msg {
