@@ -162,7 +162,7 @@ where
     };
     // Small to start with: most clients are idle most of the time; the
     // buffer grows for the rare large request.
-    let mut reader = FramedRead::with_capacity(read, JsonFramer::new(limits), 256);
+    let mut reader = Quiet::new(FramedRead::with_capacity(read, JsonFramer::new(limits), 256));
     let (mailbox_tx, mut mailbox) = mailbox(ctx.opts.max_queue_bytes);
     // The session must know this client before the client can negotiate:
     // every event after that reaches it.
@@ -237,12 +237,12 @@ where
                     Err(e) => return End::Io(e),
                 },
                 frame = reader.next(), if can_read => match frame {
-                    Some(Ok(frame)) => client.on_frame(frame, reader.get_mut()).await,
+                    Some(Ok(frame)) => client.on_frame(frame, reader.get_mut().get_mut()).await,
                     Some(Err(e)) => return End::Io(e),
                     // The client closed its whole connection: nothing can
                     // reach it, and, as QEMU does, what it left queued is
                     // dropped (on Detach) rather than run.
-                    None if reader.get_ref().peer_gone() => return End::ClientClosed,
+                    None if reader.get_ref().get_ref().peer_gone() => return End::ClientClosed,
                     // Only its sending side, so far: answer what it asked.
                     None => {
                         eof = true;
@@ -251,7 +251,7 @@ where
                 },
                 () = async { if let Some(r) = recheck.as_mut() { r.await } }, if recheck.is_some() => {
                     recheck = None;
-                    if reader.get_ref().peer_gone() {
+                    if reader.get_ref().get_ref().peer_gone() {
                         return End::ClientClosed;
                     }
                 }
