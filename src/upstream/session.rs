@@ -162,28 +162,7 @@ impl Session {
                 self.quick_retries -= 1;
                 delay = delay.min(QUICK_RETRY);
             }
-            // Connect mode: a new socket at the path cuts the wait short.
-            let mut watch = match self.listener {
-                None => match SocketWatch::new(&self.vm.upstream, seen) {
-                    Ok(w) => {
-                        self.watch_failed = false;
-                        Some(w)
-                    }
-                    Err(e) => {
-                        // Once per run of failures: the timer still works.
-                        if !self.watch_failed {
-                            self.watch_failed = true;
-                            if e.is_missing_directory() {
-                                debug!(error = %e, "not watching for QEMU's socket; retrying on the backoff timer");
-                            } else {
-                                warn!(error = %e, "not watching for QEMU's socket; reconnecting on the backoff timer only");
-                            }
-                        }
-                        None
-                    }
-                },
-                Some(_) => None,
-            };
+            let mut watch = self.socket_watch(seen);
             let appeared = async {
                 match watch.as_mut() {
                     Some(w) => w.created().await,
@@ -198,6 +177,31 @@ impl Session {
                 }
                 () = serve_down(&mut self.rx, &mut self.clients, &mut self.router, Runstate::Idle) => return,
                 () = self.shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// Connect mode: a watch for a new socket at the path, which cuts the
+    /// wait short. Why none could be set up is logged once per run of
+    /// failures (the timer still works).
+    fn socket_watch(&mut self, seen: socketwatch::Identity) -> Option<SocketWatch> {
+        if self.listener.is_some() {
+            return None;
+        }
+        match SocketWatch::new(&self.vm.upstream, seen) {
+            Ok(w) => {
+                self.watch_failed = false;
+                Some(w)
+            }
+            Err(e) => {
+                if !std::mem::replace(&mut self.watch_failed, true) {
+                    if e.is_missing_directory() {
+                        debug!(error = %e, "not watching for QEMU's socket; retrying on the backoff timer");
+                    } else {
+                        warn!(error = %e, "not watching for QEMU's socket; reconnecting on the backoff timer only");
+                    }
+                }
+                None
             }
         }
     }
