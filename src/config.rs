@@ -13,6 +13,10 @@ const MAX_SOCKET_PATH: usize = 107;
 /// Upper bound of `threads`.
 const MAX_THREADS: usize = 256;
 
+/// In-band commands QEMU queues per monitor (with OOB on); the upstream
+/// session keeps at most this many in flight.
+pub const MAX_IN_QEMU: usize = 8;
+
 /// Where qmpmux's own sockets go by default.
 pub const DEFAULT_DIR: &str = "/run/qmpmux";
 
@@ -77,7 +81,10 @@ struct RawClient {
     max_message_bytes: Option<usize>,
     max_depth: Option<u32>,
     max_in_flight: Option<usize>,
+    max_in_qemu: Option<usize>,
+    max_pending_bytes: Option<usize>,
     max_queue_bytes: Option<usize>,
+    max_reply_bytes: Option<usize>,
     max_clients: Option<usize>,
 }
 
@@ -221,9 +228,21 @@ pub struct ClientOptions {
     pub max_depth: u32,
     /// Requests a client may have unanswered before qmpmux stops reading it.
     pub max_in_flight: usize,
+    /// In-band commands of one client that QEMU holds at once (of the
+    /// [`MAX_IN_QEMU`] it queues); the rest wait in qmpmux, where clients
+    /// take turns, so that a newcomer waits behind at most this many
+    /// commands of a busy neighbour.
+    pub max_in_qemu: usize,
+    /// Bytes of a client's forwarded requests not answered yet before
+    /// qmpmux stops reading it (the request being read, up to
+    /// `max_message_bytes`, comes on top).
+    pub max_pending_bytes: usize,
     /// Bytes of replies and events waiting for a client before it counts as
-    /// not reading and is disconnected.
+    /// not reading and is disconnected. One message larger than this is
+    /// still delivered to a client with nothing else waiting.
     pub max_queue_bytes: usize,
+    /// A reply larger than this reaches its client as a QMP error instead.
+    pub max_reply_bytes: usize,
     /// Clients one VM serves at once; more are refused.
     pub max_clients: usize,
 }
@@ -302,7 +321,10 @@ impl Default for ClientOptions {
             max_message_bytes: 64 << 20,
             max_depth: 1024,
             max_in_flight: 64,
+            max_in_qemu: 2,
+            max_pending_bytes: 1 << 20,
             max_queue_bytes: 16 << 20,
+            max_reply_bytes: 64 << 20,
             max_clients: 4096,
         }
     }
@@ -621,12 +643,22 @@ impl RawClient {
         if max_depth == 0 {
             return Err(invalid("client.max_depth", "must be greater than 0"));
         }
+        let max_in_qemu = self.max_in_qemu.unwrap_or(d.max_in_qemu);
+        if !(1..=MAX_IN_QEMU).contains(&max_in_qemu) {
+            return Err(invalid(
+                "client.max_in_qemu",
+                format!("must be between 1 and {MAX_IN_QEMU} (QEMU queues at most {MAX_IN_QEMU} commands)"),
+            ));
+        }
         Ok(ClientOptions {
             greeting_wait: ms(self.greeting_wait_ms, d.greeting_wait, "client.greeting_wait_ms")?,
             max_message_bytes: positive(self.max_message_bytes, d.max_message_bytes, "client.max_message_bytes")?,
             max_depth,
             max_in_flight: positive(self.max_in_flight, d.max_in_flight, "client.max_in_flight")?,
+            max_in_qemu,
+            max_pending_bytes: positive(self.max_pending_bytes, d.max_pending_bytes, "client.max_pending_bytes")?,
             max_queue_bytes: positive(self.max_queue_bytes, d.max_queue_bytes, "client.max_queue_bytes")?,
+            max_reply_bytes: positive(self.max_reply_bytes, d.max_reply_bytes, "client.max_reply_bytes")?,
             max_clients: positive(self.max_clients, d.max_clients, "client.max_clients")?,
         })
     }
@@ -683,6 +715,12 @@ mod tests {
         assert!(e.contains("upstream.backoff_jitter"), "{e}");
         let e = load("[client]\nmax_in_flight = 0\n").unwrap_err();
         assert!(e.contains("client.max_in_flight"), "{e}");
+        for bad in [0, 9] {
+            let e = load(&format!("[client]\nmax_in_qemu = {bad}\n")).unwrap_err();
+            assert!(e.contains("client.max_in_qemu") && e.contains("between 1 and 8"), "{e}");
+        }
+        let e = load("[client]\nmax_pending_bytes = 0\n").unwrap_err();
+        assert!(e.contains("client.max_pending_bytes"), "{e}");
         let e = load("log_level = \"info,,=\"\n").unwrap_err();
         assert!(e.contains("log_level"), "{e}");
         let e = load("[[vm]]\nname = 5\n").unwrap_err();

@@ -19,6 +19,12 @@ pub enum Failure {
     TimedOut { vm: String, after: Duration },
     #[error("the command waited {after:?} behind others for QEMU monitor of VM '{vm}'; it was not executed")]
     QueuedTooLong { vm: String, after: Duration },
+    #[error("qmpmux is stopping before QEMU monitor of VM '{vm}' answered; the command's outcome is unknown")]
+    StoppingSent { vm: String },
+    #[error("qmpmux is stopping; the command was not sent to QEMU monitor of VM '{vm}' and was not executed")]
+    StoppingNotSent { vm: String },
+    #[error("QEMU's reply ({bytes} bytes) is larger than this client may receive (max_reply_bytes = {max}); the command was executed")]
+    ReplyTooLarge { bytes: usize, max: usize },
 }
 
 /// Why a forwarded command failed, without the VM name (which the client
@@ -33,6 +39,15 @@ pub enum FailKind {
         sent: bool,
         after: Duration,
     },
+    /// qmpmux stops before the reply came.
+    Stopping {
+        sent: bool,
+    },
+    /// The reply exceeds `max_reply_bytes`.
+    ReplyTooLarge {
+        bytes: usize,
+        max: usize,
+    },
 }
 
 impl FailKind {
@@ -44,6 +59,9 @@ impl FailKind {
             FailKind::NotSent => Failure::NotSent { vm },
             FailKind::TimedOut { sent: true, after } => Failure::TimedOut { vm, after },
             FailKind::TimedOut { sent: false, after } => Failure::QueuedTooLong { vm, after },
+            FailKind::Stopping { sent: true } => Failure::StoppingSent { vm },
+            FailKind::Stopping { sent: false } => Failure::StoppingNotSent { vm },
+            FailKind::ReplyTooLarge { bytes, max } => Failure::ReplyTooLarge { bytes, max },
         }
     }
 }

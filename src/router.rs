@@ -1,12 +1,19 @@
-//! Correlation of forwarded requests with upstream replies: a plain
-//! synchronous structure owned by the upstream session task.
+//! Correlation of forwarded requests with upstream replies, and the turns
+//! clients take at QEMU's monitor: a plain synchronous structure owned by
+//! the upstream session task.
 //!
-//! Requests wait in a FIFO until the in-flight window has room, then get a
-//! unique upstream number `N`; the reply carrying `N` is routed back to the
-//! client and request that sent it.
+//! Each client's requests wait in a FIFO of their own. When the in-flight
+//! window has room, clients with waiting requests take turns, one request
+//! each (as QEMU's dispatcher takes one request from each of its monitors in
+//! turn), and no client has more than `per_client` in-band requests in QEMU
+//! at once: a client that pipelines many slow commands leaves the rest of
+//! the window to others, so that a newcomer's command waits behind at most
+//! `per_client` of a busy neighbour's. Each request then gets a unique
+//! upstream number `N`; the reply carrying `N` is routed back to the client
+//! and request that sent it.
 
 use bytes::Bytes;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
@@ -22,8 +29,21 @@ struct Queued {
     route: Route,
     tail: Bytes,
     since: Instant,
+    /// Submission order across all clients (for reports in that order).
+    order: u64,
     /// A passed fd to send with the request.
     fd: Option<OwnedFd>,
+}
+
+/// One client's requests not yet sent, and how many it has in QEMU.
+#[derive(Debug, Default)]
+struct Lane {
+    queue: VecDeque<Queued>,
+    /// In-band requests sent and not answered (timed-out ones included:
+    /// they still occupy QEMU's queue).
+    in_flight: usize,
+    /// Listed in `turns`.
+    has_turn: bool,
 }
 
 /// Requests given up on (connection ended, or timed out).
@@ -35,42 +55,55 @@ pub struct Abandoned {
     pub queued: Vec<Route>,
 }
 
+/// A request sent upstream and not answered yet.
+#[derive(Debug)]
+struct Sent {
+    route: Route,
+    since: Instant,
+    oob: bool,
+    /// Given up on (timed out): its late reply is discarded.
+    expired: bool,
+}
+
 #[derive(Debug)]
 pub struct Router {
     next_n: u64,
+    next_order: u64,
     window: usize,
-    queue: VecDeque<Queued>,
-    in_flight: HashMap<u64, (Route, Instant)>,
-    /// Timed out while QEMU still owes the reply: the late reply is
-    /// discarded, and the request still counts against the window (it
-    /// still occupies QEMU's queue).
-    expired: HashSet<u64>,
+    per_client: usize,
+    lanes: HashMap<u64, Lane>,
+    /// Clients with a request waiting and room in their share, in the order
+    /// they get their turns. An entry whose lane has `has_turn` unset is
+    /// stale and skipped.
+    turns: VecDeque<u64>,
+    /// Requests waiting in all lanes.
+    queued: usize,
+    sent: HashMap<u64, Sent>,
+    /// In-band requests in `sent` (expired ones included).
+    in_band: usize,
     /// Out-of-band requests waiting to be written (a few at most).
     oob_queue: VecDeque<Queued>,
-    /// Upstream numbers of OOB requests in flight or expired: outside the
-    /// in-band window.
-    oob: HashSet<u64>,
     /// The one fd-carrying request QEMU has not answered yet.
     fd_in_flight: Option<u64>,
 }
 
 impl Router {
-    pub fn new(window: usize) -> Self {
+    /// `window`: in-band requests in QEMU at once (QEMU queues at most 8);
+    /// `per_client`: of those, at most this many from one client.
+    pub fn new(window: usize, per_client: usize) -> Self {
         Router {
             next_n: 1,
+            next_order: 0,
             window: window.max(1),
-            queue: VecDeque::new(),
-            in_flight: HashMap::new(),
-            expired: HashSet::new(),
+            per_client: per_client.max(1),
+            lanes: HashMap::new(),
+            turns: VecDeque::new(),
+            queued: 0,
+            sent: HashMap::new(),
+            in_band: 0,
             oob_queue: VecDeque::new(),
-            oob: HashSet::new(),
             fd_in_flight: None,
         }
-    }
-
-    /// The in-flight limit; QEMU queues at most 8 in-band commands.
-    pub fn set_window(&mut self, window: usize) {
-        self.window = window.max(1);
     }
 
     pub fn submit(&mut self, route: Route, tail: Bytes, now: Instant) {
@@ -78,24 +111,42 @@ impl Router {
     }
 
     /// A request carrying a passed fd. QEMU mixes fds up when two such
-    /// requests are queued at once, so only one is in flight at a time, and
-    /// requests behind it wait their turn.
+    /// requests are queued at once, so only one is in flight at a time; the
+    /// client's requests behind it wait their turn, other clients' do not.
     pub fn submit_fd(&mut self, route: Route, tail: Bytes, fd: Option<OwnedFd>, now: Instant) {
-        self.queue.push_back(Queued {
+        let order = self.next_order;
+        self.next_order += 1;
+        let lane = self.lanes.entry(route.client).or_default();
+        lane.queue.push_back(Queued {
             route,
             tail,
             since: now,
+            order,
             fd,
         });
+        self.queued += 1;
+        Self::offer_turn(&mut self.turns, self.per_client, route.client, lane);
+    }
+
+    /// Lists the client for a turn if it has a request waiting and room in
+    /// its share.
+    fn offer_turn(turns: &mut VecDeque<u64>, per_client: usize, client: u64, lane: &mut Lane) {
+        if !lane.has_turn && !lane.queue.is_empty() && lane.in_flight < per_client {
+            lane.has_turn = true;
+            turns.push_back(client);
+        }
     }
 
     /// An out-of-band request (`exec-oob`): QEMU runs it at once, even with
-    /// its in-band queue full, so it skips the queue and the window.
+    /// its in-band queue full, so it skips the turns and the window.
     pub fn submit_oob(&mut self, route: Route, tail: Bytes, now: Instant) {
+        let order = self.next_order;
+        self.next_order += 1;
         self.oob_queue.push_back(Queued {
             route,
             tail,
             since: now,
+            order,
             fd: None,
         });
     }
@@ -108,69 +159,108 @@ impl Router {
 
     /// [`Router::next_to_send`], with the fd to send along, if any.
     pub fn next_with_fd(&mut self) -> Option<(u64, Bytes, Option<OwnedFd>)> {
-        let oob = !self.oob_queue.is_empty();
-        if !oob && self.in_flight.len() + self.expired.len() - self.oob.len() >= self.window {
+        if let Some(q) = self.oob_queue.pop_front() {
+            return Some(self.send(q, true));
+        }
+        if self.in_band >= self.window {
             return None;
         }
-        if !oob && self.fd_in_flight.is_some() && self.queue.front().is_some_and(|q| q.fd.is_some()) {
-            return None;
+        // At most one pass over the clients waiting for a turn: a client
+        // whose next request carries an fd while another fd request is in
+        // flight keeps its place and lets the next one go.
+        for _ in 0..self.turns.len() {
+            let client = self.turns.pop_front()?;
+            let Some(lane) = self.lanes.get_mut(&client).filter(|l| l.has_turn) else {
+                continue;
+            };
+            if self.fd_in_flight.is_some() && lane.queue.front().is_some_and(|q| q.fd.is_some()) {
+                self.turns.push_back(client);
+                continue;
+            }
+            let Some(q) = lane.queue.pop_front() else {
+                lane.has_turn = false;
+                continue;
+            };
+            self.queued -= 1;
+            lane.in_flight += 1;
+            lane.has_turn = false;
+            Self::offer_turn(&mut self.turns, self.per_client, client, lane);
+            return Some(self.send(q, false));
         }
-        let q = if oob {
-            self.oob_queue.pop_front()
-        } else {
-            self.queue.pop_front()
-        }?;
+        None
+    }
+
+    fn send(&mut self, q: Queued, oob: bool) -> (u64, Bytes, Option<OwnedFd>) {
         let n = self.next_n;
         self.next_n += 1;
-        self.in_flight.insert(n, (q.route, q.since));
-        if oob {
-            self.oob.insert(n);
+        if !oob {
+            self.in_band += 1;
         }
         if q.fd.is_some() {
             self.fd_in_flight = Some(n);
         }
-        Some((n, q.tail, q.fd))
+        self.sent.insert(
+            n,
+            Sent {
+                route: q.route,
+                since: q.since,
+                oob,
+                expired: false,
+            },
+        );
+        (n, q.tail, q.fd)
     }
 
     /// The reply with upstream number `n` arrived: who gets it, and when
     /// the request was submitted. `None` for a reply nobody waits for any
     /// more (timed out, or unknown).
     pub fn complete(&mut self, n: u64) -> Option<(Route, Instant)> {
-        self.oob.remove(&n);
         if self.fd_in_flight == Some(n) {
             self.fd_in_flight = None;
         }
-        if self.expired.remove(&n) {
-            return None;
+        let sent = self.sent.remove(&n)?;
+        if !sent.oob {
+            self.in_band -= 1;
+            let client = sent.route.client;
+            if let Some(lane) = self.lanes.get_mut(&client) {
+                lane.in_flight -= 1;
+                Self::offer_turn(&mut self.turns, self.per_client, client, lane);
+                if lane.queue.is_empty() && lane.in_flight == 0 {
+                    self.lanes.remove(&client);
+                }
+            }
         }
-        self.in_flight.remove(&n)
+        (!sent.expired).then_some((sent.route, sent.since))
     }
 
     /// Gives up on requests submitted longer than `timeout` ago.
     pub fn expire(&mut self, now: Instant, timeout: Duration) -> Abandoned {
         let late = |since: Instant| now.saturating_duration_since(since) >= timeout;
         let mut sent: Vec<(u64, Route)> = self
-            .in_flight
-            .iter()
-            .filter(|(_, (_, since))| late(*since))
-            .map(|(n, (r, _))| (*n, *r))
+            .sent
+            .iter_mut()
+            .filter(|(_, s)| !s.expired && late(s.since))
+            .map(|(n, s)| {
+                s.expired = true;
+                (*n, s.route)
+            })
             .collect();
         sent.sort_unstable_by_key(|(n, _)| *n);
-        for (n, _) in &sent {
-            self.in_flight.remove(n);
-            self.expired.insert(*n);
-        }
         let mut queued = Vec::new();
-        self.queue.retain(|q| {
-            let keep = !late(q.since);
-            if !keep {
-                queued.push(q.route);
+        // Each lane is in submission order: the late ones are at its front.
+        for lane in self.lanes.values_mut() {
+            while lane.queue.front().is_some_and(|q| late(q.since)) {
+                if let Some(q) = lane.queue.pop_front() {
+                    queued.push((q.order, q.route));
+                }
             }
-            keep
-        });
+        }
+        self.queued -= queued.len();
+        self.lanes.retain(|_, l| !l.queue.is_empty() || l.in_flight > 0);
+        queued.sort_unstable_by_key(|(order, _)| *order);
         Abandoned {
             in_flight: sent.into_iter().map(|(_, r)| r).collect(),
-            queued,
+            queued: queued.into_iter().map(|(_, r)| r).collect(),
         }
     }
 
@@ -178,35 +268,52 @@ impl Router {
     /// stay until their replies come (they still occupy QEMU's queue), and
     /// those replies are then discarded.
     pub fn forget_client(&mut self, client: u64) {
-        self.queue.retain(|q| q.route.client != client);
+        if let Some(lane) = self.lanes.get_mut(&client) {
+            self.queued -= lane.queue.len();
+            lane.queue.clear();
+            lane.has_turn = false;
+            if lane.in_flight == 0 {
+                self.lanes.remove(&client);
+            }
+        }
         self.oob_queue.retain(|q| q.route.client != client);
     }
 
-    /// The connection ended: everything outstanding, in sending order.
+    /// The connection ended: everything outstanding, in sending order
+    /// (in flight), then in submission order (queued).
     pub fn abandon(&mut self) -> Abandoned {
-        self.expired.clear();
-        self.oob.clear();
         self.fd_in_flight = None;
-        let mut sent: Vec<(u64, Route)> = self.in_flight.drain().map(|(n, (r, _))| (n, r)).collect();
+        self.in_band = 0;
+        self.turns.clear();
+        let mut sent: Vec<(u64, Route)> = self
+            .sent
+            .drain()
+            .filter(|(_, s)| !s.expired)
+            .map(|(n, s)| (n, s.route))
+            .collect();
         sent.sort_unstable_by_key(|(n, _)| *n);
+        let mut queued: Vec<(u64, Route)> = self
+            .lanes
+            .drain()
+            .flat_map(|(_, lane)| lane.queue.into_iter())
+            .chain(self.oob_queue.drain(..))
+            .map(|q| (q.order, q.route))
+            .collect();
+        queued.sort_unstable_by_key(|(order, _)| *order);
+        self.queued = 0;
         Abandoned {
             in_flight: sent.into_iter().map(|(_, r)| r).collect(),
-            queued: self
-                .oob_queue
-                .drain(..)
-                .chain(self.queue.drain(..))
-                .map(|q| q.route)
-                .collect(),
+            queued: queued.into_iter().map(|(_, r)| r).collect(),
         }
     }
 
     /// Requests sent to QEMU and not answered yet (timed-out ones included).
     pub fn in_flight(&self) -> usize {
-        self.in_flight.len() + self.expired.len()
+        self.sent.len()
     }
 
     pub fn queued(&self) -> usize {
-        self.queue.len()
+        self.queued
     }
 }
 
@@ -226,7 +333,7 @@ mod tests {
     fn expired_requests_keep_their_window_slot_and_lose_their_reply() {
         let t0 = Instant::now();
         let sec = Duration::from_secs(1);
-        let mut rt = Router::new(1);
+        let mut rt = Router::new(1, 8);
         rt.submit(r(1, 0), Bytes::new(), t0);
         rt.submit(r(1, 1), Bytes::new(), t0);
         rt.submit(r(2, 0), Bytes::new(), t0 + sec);
@@ -245,7 +352,7 @@ mod tests {
 
     #[test]
     fn window_limits_what_is_sent() {
-        let mut rt = Router::new(2);
+        let mut rt = Router::new(2, 8);
         for s in 0..4 {
             rt.submit(r(1, s), Bytes::from(format!("t{s}")), now());
         }
@@ -263,7 +370,7 @@ mod tests {
 
     #[test]
     fn oob_requests_skip_the_queue_and_the_window() {
-        let mut rt = Router::new(1);
+        let mut rt = Router::new(1, 8);
         rt.submit(r(1, 0), Bytes::from("in0"), now());
         rt.submit(r(1, 1), Bytes::from("in1"), now());
         let (n0, _) = rt.next_to_send().unwrap();
@@ -281,14 +388,16 @@ mod tests {
     #[test]
     fn one_fd_carrying_request_in_flight_at_a_time() {
         let fd = || Some(OwnedFd::from(std::fs::File::open("/dev/null").unwrap()));
-        let mut rt = Router::new(8);
+        let mut rt = Router::new(8, 8);
         rt.submit_fd(r(1, 0), Bytes::from("a"), fd(), now());
         rt.submit_fd(r(2, 0), Bytes::from("b"), fd(), now());
         rt.submit(r(3, 0), Bytes::from("c"), now());
         let (n, _, f) = rt.next_with_fd().unwrap();
         assert!(f.is_some());
-        // The second fd request waits for the first's reply, and (FIFO)
-        // so does what is queued behind it.
+        // The second fd request waits for the first's reply; another
+        // client's request without an fd does not.
+        let (_, t, f) = rt.next_with_fd().unwrap();
+        assert_eq!((&t[..], f.is_none()), (&b"c"[..], true));
         assert!(rt.next_with_fd().is_none());
         rt.complete(n);
         let (_, t, f) = rt.next_with_fd().unwrap();
@@ -297,7 +406,7 @@ mod tests {
 
     #[test]
     fn numbers_are_unique_across_many_requests() {
-        let mut rt = Router::new(8);
+        let mut rt = Router::new(8, 8);
         let mut seen = std::collections::HashSet::new();
         for s in 0..1000 {
             rt.submit(r(s % 3, s), Bytes::new(), now());
@@ -309,7 +418,7 @@ mod tests {
 
     #[test]
     fn abandon_reports_sent_and_unsent_in_order() {
-        let mut rt = Router::new(2);
+        let mut rt = Router::new(2, 8);
         for s in 0..5 {
             rt.submit(r(s % 2, s), Bytes::new(), now());
         }
@@ -323,7 +432,7 @@ mod tests {
 
     #[test]
     fn forgotten_client_loses_only_its_queued_requests() {
-        let mut rt = Router::new(1);
+        let mut rt = Router::new(1, 8);
         rt.submit(r(1, 0), Bytes::new(), now());
         rt.submit(r(1, 1), Bytes::new(), now());
         rt.submit(r(2, 0), Bytes::new(), now());
@@ -333,5 +442,93 @@ mod tests {
         let (n2, _) = rt.next_to_send().unwrap();
         assert_eq!(rt.complete(n2).map(|(r, _)| r), Some(r(2, 0)));
         assert!(rt.next_to_send().is_none());
+    }
+
+    /// The tails sent, in order, until nothing more can go.
+    fn drain(rt: &mut Router) -> Vec<(u64, String)> {
+        let mut out = Vec::new();
+        while let Some((n, t)) = rt.next_to_send() {
+            out.push((n, String::from_utf8_lossy(&t).into_owned()));
+        }
+        out
+    }
+
+    fn tails(sent: &[(u64, String)]) -> Vec<&str> {
+        sent.iter().map(|(_, t)| t.as_str()).collect()
+    }
+
+    #[test]
+    fn clients_take_turns_one_request_each() {
+        let mut rt = Router::new(8, 8);
+        for s in 0..3 {
+            rt.submit(r(1, s), Bytes::from(format!("a{s}")), now());
+        }
+        rt.submit(r(2, 0), Bytes::from("b0"), now());
+        rt.submit(r(3, 0), Bytes::from("c0"), now());
+        rt.submit(r(3, 1), Bytes::from("c1"), now());
+        assert_eq!(tails(&drain(&mut rt)), ["a0", "b0", "c0", "a1", "c1", "a2"]);
+    }
+
+    #[test]
+    fn a_busy_client_keeps_at_most_its_share_in_qemu() {
+        let mut rt = Router::new(8, 2);
+        for s in 0..64 {
+            rt.submit(r(1, s), Bytes::from(format!("a{s}")), now());
+        }
+        let first = drain(&mut rt);
+        assert_eq!(tails(&first), ["a0", "a1"], "the rest of the window stays free");
+        // A newcomer goes at once, behind only the busy client's two.
+        rt.submit(r(2, 0), Bytes::from("b0"), now());
+        assert_eq!(tails(&drain(&mut rt)), ["b0"]);
+        // Each reply lets exactly one more of the busy client's go, in order.
+        rt.complete(first[0].0);
+        let next = drain(&mut rt);
+        assert_eq!(tails(&next), ["a2"]);
+        assert_eq!((rt.in_flight(), rt.queued()), (3, 61));
+    }
+
+    #[test]
+    fn a_newcomer_goes_before_the_busy_clients_next_when_the_window_is_full() {
+        // Many busy clients fill the window; a newcomer's request is the
+        // next to go once a slot frees, whoever freed it.
+        let mut rt = Router::new(4, 2);
+        for c in 1..=2 {
+            for s in 0..10 {
+                rt.submit(r(c, s), Bytes::from(format!("{c}:{s}")), now());
+            }
+        }
+        let sent = drain(&mut rt);
+        assert_eq!(tails(&sent), ["1:0", "2:0", "1:1", "2:1"]);
+        rt.submit(r(9, 0), Bytes::from("new"), now());
+        assert!(rt.next_to_send().is_none(), "window full");
+        rt.complete(sent[0].0);
+        assert_eq!(tails(&drain(&mut rt)), ["new"]);
+        rt.complete(sent[1].0);
+        assert_eq!(tails(&drain(&mut rt)), ["1:2"]);
+    }
+
+    #[test]
+    fn forgotten_and_answered_clients_leave_nothing_behind() {
+        let mut rt = Router::new(2, 1);
+        rt.submit(r(1, 0), Bytes::new(), now());
+        rt.submit(r(1, 1), Bytes::new(), now());
+        rt.submit(r(2, 0), Bytes::new(), now());
+        let sent = drain(&mut rt);
+        assert_eq!(sent.len(), 2);
+        rt.forget_client(1);
+        for (n, _) in sent {
+            rt.complete(n);
+        }
+        assert!(rt.next_to_send().is_none());
+        assert_eq!((rt.in_flight(), rt.queued()), (0, 0));
+        assert!(
+            rt.lanes.is_empty() && rt.turns.is_empty(),
+            "{:?} {:?}",
+            rt.lanes,
+            rt.turns
+        );
+        // A client id used again (the session's own, 0) starts afresh.
+        rt.submit(r(0, 0), Bytes::from("x"), now());
+        assert_eq!(tails(&drain(&mut rt)), ["x"]);
     }
 }

@@ -303,6 +303,7 @@ impl Supervisor {
         let session = upstream::spawn(
             vm.clone(),
             upstream_opts,
+            self.config.client.max_in_qemu,
             sockets.upstream,
             metrics.clone(),
             hard.clone(),

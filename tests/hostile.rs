@@ -276,10 +276,15 @@ async fn a_closed_client_s_queued_commands_are_dropped_a_half_closed_one_s_are_r
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     let (_dir, fake, daemon, sock) = common::fake::vm().await;
     let mut conn = fake.accept_ready().await;
-    // QEMU's queue of 8 full, so that what follows waits in qmpmux.
-    let mut holder = Client::ready(&sock).await;
-    for i in 0..8 {
-        holder.send(&format!(r#"{{"execute":"held","id":{i}}}"#)).await;
+    // QEMU's queue of 8 full (four clients with two each, the most one
+    // client gets), so that what follows waits in qmpmux.
+    let mut holders = Vec::new();
+    for _ in 0..4 {
+        let mut holder = Client::ready(&sock).await;
+        for i in 0..2 {
+            holder.send(&format!(r#"{{"execute":"held","id":{i}}}"#)).await;
+        }
+        holders.push(holder);
     }
     let mut held = Vec::new();
     for _ in 0..8 {
@@ -324,8 +329,10 @@ async fn a_closed_client_s_queued_commands_are_dropped_a_half_closed_one_s_are_r
     assert_eq!(half_rd.read_line(&mut line).await.unwrap(), 0, "then EOF: {line}");
     let after = tokio::time::timeout(Duration::from_millis(500), conn.read()).await;
     assert!(after.is_err(), "a closed client's command reached QEMU: {after:?}");
-    for i in 0..8 {
-        assert_eq!(holder.reply().await["id"], i);
+    for holder in &mut holders {
+        for i in 0..2 {
+            assert_eq!(holder.reply().await["id"], i);
+        }
     }
     daemon.stop().await;
 }

@@ -21,14 +21,19 @@ async fn oob_client(sock: &Path) -> Client {
 async fn oob_skips_a_full_window_and_its_reply_overtakes() {
     let (_dir, fake, daemon, sock) = common::fake::vm().await;
     let mut conn = fake.accept_ready().await;
-    let mut c = oob_client(&sock).await;
-    // Nine in-band commands: QEMU's queue takes eight, the ninth waits in
-    // qmpmux. Then an OOB command, which must not wait behind them.
-    let mut batch = String::new();
-    for i in 0..9 {
-        batch.push_str(&format!(r#"{{"execute":"slow","id":{i}}}"#));
+    // Five clients with two in-band commands each: QEMU's queue takes
+    // eight (two per client, in turns), two wait in qmpmux. Then an OOB
+    // command, which must not wait behind them.
+    let mut clients = Vec::new();
+    for c in 0..5 {
+        let mut client = oob_client(&sock).await;
+        client
+            .send(&format!(
+                r#"{{"execute":"slow","id":"{c}-0"}}{{"execute":"slow","id":"{c}-1"}}"#
+            ))
+            .await;
+        clients.push(client);
     }
-    c.send(&batch).await;
     let mut held = Vec::new();
     for i in 0..8 {
         let req = conn.read().await.unwrap();
@@ -36,6 +41,7 @@ async fn oob_skips_a_full_window_and_its_reply_overtakes() {
         assert_ne!(req["id"], json!(i), "qmpmux's own ids go upstream, not the client's");
         held.push(req);
     }
+    let c = &mut clients[0];
     c.send(r#"{"exec-oob":"yank","id":"urgent"}"#).await;
     let oob = conn.read().await.unwrap();
     assert_eq!(
@@ -43,15 +49,19 @@ async fn oob_skips_a_full_window_and_its_reply_overtakes() {
         "the OOB command must pass the full window: {oob}"
     );
     conn.reply(&oob, json!({})).await;
-    // Its reply comes first, ahead of the eight older in-band ones.
+    // Its reply comes first, ahead of the older in-band ones.
     assert_eq!(c.reply().await, json!({"return": {}, "id": "urgent"}));
-    for (i, req) in held.iter().enumerate() {
-        conn.reply(req, json!(i)).await;
+    for req in &held {
+        conn.reply(req, json!("done")).await;
     }
-    let ninth = conn.read().await.unwrap();
-    conn.reply(&ninth, json!(8)).await;
-    for i in 0..9 {
-        assert_eq!(c.reply().await, json!({"return": i, "id": i}));
+    for _ in 0..2 {
+        let last = conn.read().await.unwrap();
+        conn.reply(&last, json!("done")).await;
+    }
+    for (n, c) in clients.iter_mut().enumerate() {
+        for i in 0..2 {
+            assert_eq!(c.reply().await, json!({"return": "done", "id": format!("{n}-{i}")}));
+        }
     }
     daemon.stop().await;
 }

@@ -36,6 +36,9 @@ use tracing::{debug, error, info, warn};
 /// `max_queue_bytes`, plus the kernel's socket buffer.
 const OUTBUF_HIGH: usize = 1 << 20;
 
+/// How long a stopping qmpmux tries to write a client's last replies.
+const FINAL_FLUSH: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// How long after EOF to look again whether the client closed its whole
 /// connection rather than only its sending side.
 const PEER_GONE_RECHECK: std::time::Duration = std::time::Duration::from_millis(50);
@@ -67,6 +70,8 @@ enum Slot {
         oob: bool,
         /// `getfd` (true) or `closefd` (false) of this name.
         fdname: Option<(bool, String)>,
+        /// Bytes of the request, counted in `pending_bytes` until answered.
+        bytes: usize,
     },
     Ready(Bytes),
 }
@@ -95,6 +100,8 @@ struct Client {
     closing: Option<End>,
     /// `getfd` names this client created and has not closed.
     fd_names: Vec<String>,
+    /// Bytes of forwarded requests not answered yet.
+    pending_bytes: usize,
 }
 
 /// Why the client's connection ended.
@@ -188,6 +195,7 @@ where
         outbuf: BytesMut::from(&greeting.line(true)[..]),
         closing: None,
         fd_names: Vec::new(),
+        pending_bytes: 0,
     };
     let (stop, hard) = (client.ctx.stop.clone(), client.ctx.hard.clone());
     // Created once, not on every pass of the loop, and polled only once
@@ -209,6 +217,7 @@ where
             let can_read = !eof
                 && client.closing.is_none()
                 && client.slots.len() < client.ctx.opts.max_in_flight
+                && client.pending_bytes < client.ctx.opts.max_pending_bytes
                 && client.outbuf.len() < outbuf_high;
             // Cancel-safe branches only: FramedRead::next, Mailbox::recv, one
             // write. Polled in this order, stopping at the first ready one:
@@ -228,6 +237,10 @@ where
                             client.on_session(msg);
                         }
                     }
+                    // The session let go of this client: it is stopping (VM
+                    // removed, or qmpmux stopping), or dropped a client that
+                    // did not read.
+                    None if client.ctx.stop.is_cancelled() || client.ctx.hard.is_cancelled() => return End::Shutdown,
                     None => return End::Dropped,
                 },
                 r = write.write_buf(&mut client.outbuf), if !client.outbuf.is_empty() => match r {
@@ -261,6 +274,19 @@ where
         }
     }
     .await;
+    if matches!(end, End::Shutdown) {
+        // The grace period is over, or the session is gone: what QEMU has
+        // not answered gets an error with its id, not a bare EOF, and
+        // whatever can still be written in a moment goes out.
+        while let Some(msg) = mailbox.try_recv() {
+            client.on_session(msg);
+        }
+        client.stop_waiting();
+        if !client.outbuf.is_empty() {
+            let _ = tokio::time::timeout(FINAL_FLUSH, write.write_all_buf(&mut client.outbuf)).await;
+        }
+        let _ = tokio::time::timeout(FINAL_FLUSH, write.shutdown()).await;
+    }
     // Commands still unanswered were sent all the same: audit them too.
     for slot in std::mem::take(&mut client.slots) {
         if let Slot::Waiting {
@@ -268,7 +294,7 @@ where
             ..
         } = slot
         {
-            client.audit(&command, "no reply: connection ended first", start);
+            client.audit(&command, NO_REPLY, start);
         }
     }
     // `getfd` names live in QEMU's monitor, shared by all clients: close
@@ -314,12 +340,15 @@ impl Client {
                 let fdname = fwd.fdname.map(|n| (fwd.command == "getfd", n));
                 // Queries change nothing: the audit log is for the rest.
                 let audit = (!fwd.command.starts_with("query-")).then(|| (fwd.command, Instant::now()));
+                let bytes = fwd.tail.len();
+                self.pending_bytes += bytes;
                 self.slots.push_back(Slot::Waiting {
                     seq,
                     id: fwd.id,
                     audit,
                     oob: fwd.oob,
                     fdname,
+                    bytes,
                 });
                 let msg = ToSession::Execute {
                     client: self.id,
@@ -339,13 +368,30 @@ impl Client {
 
     fn on_session(&mut self, msg: ToClient) {
         match msg {
+            ToClient::Reply { seq, reply, .. } if reply.len() > self.ctx.opts.max_reply_bytes => {
+                let kind = FailKind::ReplyTooLarge {
+                    bytes: reply.len(),
+                    max: self.ctx.opts.max_reply_bytes,
+                };
+                warn!(
+                    client = self.id,
+                    bytes = reply.len(),
+                    "reply larger than max_reply_bytes; sending an error instead"
+                );
+                let vm = self.ctx.vm.clone();
+                self.fill(seq, "reply too large", |id| failure_line(&vm, id, kind))
+            }
             ToClient::Reply { seq, reply, error } => {
                 let outcome = if error { "error" } else { "ok" };
                 self.fill(seq, outcome, |id| reply.line(id.map(qemu_style).as_deref()))
             }
             ToClient::Failed { seq, kind } => {
+                let outcome = match kind {
+                    FailKind::Stopping { .. } => NO_REPLY,
+                    _ => "qmpmux error",
+                };
                 let vm = self.ctx.vm.clone();
-                self.fill(seq, "qmpmux error", |id| failure_line(&vm, id, kind))
+                self.fill(seq, outcome, |id| failure_line(&vm, id, kind))
             }
             ToClient::Event(line) => {
                 if self.qmp.negotiated {
@@ -367,11 +413,17 @@ impl Client {
             return;
         };
         let Slot::Waiting {
-            id, audit, oob, fdname, ..
+            id,
+            audit,
+            oob,
+            fdname,
+            bytes,
+            ..
         } = std::mem::replace(&mut self.slots[at], Slot::Ready(Bytes::new()))
         else {
             return;
         };
+        self.pending_bytes -= bytes;
         match fdname {
             Some((true, name)) if outcome == "ok" => self.fd_names.push(name),
             Some((false, name)) if outcome == "ok" => self.fd_names.retain(|n| *n != name),
@@ -434,6 +486,26 @@ impl Client {
         );
     }
 
+    /// qmpmux stops: every command still waiting gets an error reply with
+    /// its id (its outcome is unknown), audited as unanswered.
+    fn stop_waiting(&mut self) {
+        let waiting: Vec<u64> = self
+            .slots
+            .iter()
+            .filter_map(|s| match s {
+                Slot::Waiting { seq, .. } => Some(*seq),
+                Slot::Ready(_) => None,
+            })
+            .collect();
+        let vm = self.ctx.vm.clone();
+        for seq in waiting {
+            self.fill(seq, NO_REPLY, |id| {
+                failure_line(&vm, id, FailKind::Stopping { sent: true })
+            });
+        }
+        self.flush_ready();
+    }
+
     /// Moves answered requests at the front of the FIFO to the output.
     fn flush_ready(&mut self) {
         while let Some(Slot::Ready(_)) = self.slots.front() {
@@ -443,6 +515,9 @@ impl Client {
         }
     }
 }
+
+/// The audit outcome of a command whose reply never reached its client.
+const NO_REPLY: &str = "no reply: connection ended first";
 
 fn failure_line(vm: &str, id: Option<&RawValue>, kind: FailKind) -> Bytes {
     let (class, desc) = kind.for_vm(vm).to_qmp();

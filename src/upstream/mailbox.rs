@@ -101,7 +101,9 @@ impl MailboxSender {
             if state.receiver_gone {
                 return Err(SendError::Closed);
             }
-            if !must && state.queued + c > self.limit {
+            // The budget is for a backlog: one message larger than all of
+            // it still goes to a client with (next to) nothing waiting.
+            if !must && state.queued + c > self.limit && (c <= self.limit || state.queued > self.limit / 4) {
                 return Err(SendError::Full);
             }
             state.queued += c;
@@ -205,6 +207,25 @@ mod tests {
         assert_eq!(tx.send(event(400)), Ok(()));
         drop(rx);
         assert_eq!(tx.send(failed(2)), Err(SendError::Closed));
+    }
+
+    #[tokio::test]
+    async fn one_message_larger_than_the_budget_goes_to_a_client_with_no_backlog() {
+        let (tx, mut rx) = mailbox(1000);
+        assert_eq!(tx.send(event(5000)), Ok(()), "nothing waiting: delivered");
+        // Behind it, the budget holds as before: a backlog means not reading.
+        assert_eq!(tx.send(event(10)), Err(SendError::Full));
+        rx.recv().await.unwrap();
+        assert_eq!(tx.send(event(100)), Ok(()));
+        assert_eq!(tx.send(event(5000)), Ok(()), "a small backlog does not stop it");
+        rx.recv().await.unwrap();
+        rx.recv().await.unwrap();
+        assert_eq!(tx.send(event(400)), Ok(()));
+        assert_eq!(
+            tx.send(event(5000)),
+            Err(SendError::Full),
+            "over a quarter of the budget waiting: not reading"
+        );
     }
 
     #[tokio::test]

@@ -30,7 +30,7 @@ use tracing::{debug, error, info, warn, Instrument};
 
 /// QEMU queues at most 8 in-band commands per monitor (with OOB on; without
 /// it, the rest wait in the socket, which is just as fine).
-const UPSTREAM_WINDOW: usize = 8;
+const UPSTREAM_WINDOW: usize = crate::config::MAX_IN_QEMU;
 /// Capacity of the channel all of one VM's clients send into.
 const INBOX: usize = 1024;
 /// Messages taken from the inbox in one go before writing upstream, so
@@ -76,6 +76,7 @@ struct Session {
 pub fn spawn(
     vm: VmConfig,
     opts: UpstreamOptions,
+    per_client: usize,
     listener: Option<UnixListener>,
     metrics: VmMetrics,
     shutdown: CancellationToken,
@@ -94,7 +95,7 @@ pub fn spawn(
         opts,
         rx,
         clients: HashMap::new(),
-        router: Router::new(UPSTREAM_WINDOW),
+        router: Router::new(UPSTREAM_WINDOW, per_client),
         status,
         shutdown,
         failures: 0,
@@ -314,7 +315,11 @@ impl Session {
         self.status.send_modify(|s| s.last_error = error);
         drop(writer);
         drop(reader);
-        self.fail_outstanding();
+        if matches!(exit, Exit::Shutdown) {
+            self.fail_outstanding_with(FailKind::Stopping { sent: true }, FailKind::Stopping { sent: false });
+        } else {
+            self.fail_outstanding();
+        }
         exit
     }
 
@@ -469,24 +474,17 @@ impl Session {
     }
 
     fn fail_outstanding(&mut self) {
+        self.fail_outstanding_with(FailKind::Lost, FailKind::NotSent)
+    }
+
+    /// Answers every outstanding command: those sent with `sent`, the
+    /// others with `queued`.
+    fn fail_outstanding_with(&mut self, sent: FailKind, queued: FailKind) {
         let abandoned = self.router.abandon();
-        for r in abandoned.in_flight {
-            self.deliver(
-                r.client,
-                ToClient::Failed {
-                    seq: r.seq,
-                    kind: FailKind::Lost,
-                },
-            );
-        }
-        for r in abandoned.queued {
-            self.deliver(
-                r.client,
-                ToClient::Failed {
-                    seq: r.seq,
-                    kind: FailKind::NotSent,
-                },
-            );
+        for (routes, kind) in [(abandoned.in_flight, sent), (abandoned.queued, queued)] {
+            for r in routes {
+                self.deliver(r.client, ToClient::Failed { seq: r.seq, kind });
+            }
         }
     }
 }
