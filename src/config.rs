@@ -81,7 +81,7 @@ struct RawClient {
     max_message_bytes: Option<usize>,
     max_depth: Option<u32>,
     max_in_flight: Option<usize>,
-    max_in_qemu: Option<usize>,
+    max_ahead_us: Option<u64>,
     max_pending_bytes: Option<usize>,
     max_queue_bytes: Option<usize>,
     max_reply_bytes: Option<usize>,
@@ -228,11 +228,12 @@ pub struct ClientOptions {
     pub max_depth: u32,
     /// Requests a client may have unanswered before qmpmux stops reading it.
     pub max_in_flight: usize,
-    /// In-band commands of one client that QEMU holds at once (of the
-    /// [`MAX_IN_QEMU`] it queues); the rest wait in qmpmux, where clients
-    /// take turns, so that a newcomer waits behind at most this many
-    /// commands of a busy neighbour.
-    pub max_in_qemu: usize,
+    /// How much of QEMU's time one client's commands may queue ahead of
+    /// other clients' (judged by how long its recent commands took): a
+    /// client adds a command to QEMU's queue only while those it has there
+    /// are expected to take less; it always has one. The rest wait in
+    /// qmpmux, where clients take turns.
+    pub max_ahead: Duration,
     /// Bytes of a client's forwarded requests not answered yet before
     /// qmpmux stops reading it (the request being read, up to
     /// `max_message_bytes`, comes on top).
@@ -321,7 +322,7 @@ impl Default for ClientOptions {
             max_message_bytes: 64 << 20,
             max_depth: 1024,
             max_in_flight: 64,
-            max_in_qemu: 2,
+            max_ahead: Duration::from_micros(500),
             max_pending_bytes: 1 << 20,
             max_queue_bytes: 16 << 20,
             max_reply_bytes: 64 << 20,
@@ -643,19 +644,15 @@ impl RawClient {
         if max_depth == 0 {
             return Err(invalid("client.max_depth", "must be greater than 0"));
         }
-        let max_in_qemu = self.max_in_qemu.unwrap_or(d.max_in_qemu);
-        if !(1..=MAX_IN_QEMU).contains(&max_in_qemu) {
-            return Err(invalid(
-                "client.max_in_qemu",
-                format!("must be between 1 and {MAX_IN_QEMU} (QEMU queues at most {MAX_IN_QEMU} commands)"),
-            ));
+        if self.max_ahead_us.is_some_and(|us| us > 60_000_000) {
+            return Err(invalid("client.max_ahead_us", "must be at most 60000000 (a minute)"));
         }
         Ok(ClientOptions {
             greeting_wait: ms(self.greeting_wait_ms, d.greeting_wait, "client.greeting_wait_ms")?,
             max_message_bytes: positive(self.max_message_bytes, d.max_message_bytes, "client.max_message_bytes")?,
             max_depth,
             max_in_flight: positive(self.max_in_flight, d.max_in_flight, "client.max_in_flight")?,
-            max_in_qemu,
+            max_ahead: Duration::from_micros(self.max_ahead_us.unwrap_or(d.max_ahead.as_micros() as u64)),
             max_pending_bytes: positive(self.max_pending_bytes, d.max_pending_bytes, "client.max_pending_bytes")?,
             max_queue_bytes: positive(self.max_queue_bytes, d.max_queue_bytes, "client.max_queue_bytes")?,
             max_reply_bytes: positive(self.max_reply_bytes, d.max_reply_bytes, "client.max_reply_bytes")?,
@@ -715,10 +712,8 @@ mod tests {
         assert!(e.contains("upstream.backoff_jitter"), "{e}");
         let e = load("[client]\nmax_in_flight = 0\n").unwrap_err();
         assert!(e.contains("client.max_in_flight"), "{e}");
-        for bad in [0, 9] {
-            let e = load(&format!("[client]\nmax_in_qemu = {bad}\n")).unwrap_err();
-            assert!(e.contains("client.max_in_qemu") && e.contains("between 1 and 8"), "{e}");
-        }
+        let e = load("[client]\nmax_ahead_us = 100000000\n").unwrap_err();
+        assert!(e.contains("client.max_ahead_us"), "{e}");
         let e = load("[client]\nmax_pending_bytes = 0\n").unwrap_err();
         assert!(e.contains("client.max_pending_bytes"), "{e}");
         let e = load("log_level = \"info,,=\"\n").unwrap_err();

@@ -4,13 +4,17 @@
 //!
 //! Each client's requests wait in a FIFO of their own. When the in-flight
 //! window has room, clients with waiting requests take turns, one request
-//! each (as QEMU's dispatcher takes one request from each of its monitors in
-//! turn), and no client has more than `per_client` in-band requests in QEMU
-//! at once: a client that pipelines many slow commands leaves the rest of
-//! the window to others, so that a newcomer's command waits behind at most
-//! `per_client` of a busy neighbour's. Each request then gets a unique
-//! upstream number `N`; the reply carrying `N` is routed back to the client
-//! and request that sent it.
+//! each, as QEMU's dispatcher takes one request from each of its monitors in
+//! turn. QEMU runs what it has queued in order, so what one client has in
+//! QEMU's queue is what a newcomer waits for: a client adds a request to
+//! QEMU's queue only while those it already has there are expected to take
+//! QEMU less than `ahead` (judged by how long its recent requests took), and
+//! always has at least one. A client pipelining slow commands thus has one
+//! in QEMU at a time, and a newcomer waits behind at most that one, as on a
+//! monitor of its own; one pipelining cheap commands keeps several there,
+//! and QEMU busy. Each request then gets a unique upstream number `N`; the
+//! reply carrying `N` is routed back to the client and request that sent
+//! it.
 
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
@@ -44,6 +48,32 @@ struct Lane {
     in_flight: usize,
     /// Listed in `turns`.
     has_turn: bool,
+    /// How long QEMU took for this client's recent in-band requests (a
+    /// moving average); `None` until the first reply.
+    cost: Option<Duration>,
+    /// The client left: the lane goes once its last reply is in.
+    gone: bool,
+}
+
+impl Lane {
+    /// Whether another of its requests may join those it has in QEMU.
+    /// `Duration::MAX`: no limit but the window.
+    fn may_add(&self, ahead: Duration) -> bool {
+        self.in_flight == 0
+            || ahead == Duration::MAX
+            || self
+                .cost
+                .and_then(|c| c.checked_mul(self.in_flight as u32))
+                .is_some_and(|queued| queued < ahead)
+    }
+
+    /// A reply came after QEMU spent `took` on the request.
+    fn observe(&mut self, took: Duration) {
+        self.cost = Some(match self.cost {
+            None => took,
+            Some(c) => (c * 3 + took) / 4,
+        });
+    }
 }
 
 /// Requests given up on (connection ended, or timed out).
@@ -60,6 +90,8 @@ pub struct Abandoned {
 struct Sent {
     route: Route,
     since: Instant,
+    /// When it was handed out to be written upstream.
+    sent_at: Instant,
     oob: bool,
     /// Given up on (timed out): its late reply is discarded.
     expired: bool,
@@ -70,7 +102,7 @@ pub struct Router {
     next_n: u64,
     next_order: u64,
     window: usize,
-    per_client: usize,
+    ahead: Duration,
     lanes: HashMap<u64, Lane>,
     /// Clients with a request waiting and room in their share, in the order
     /// they get their turns. An entry whose lane has `has_turn` unset is
@@ -85,17 +117,21 @@ pub struct Router {
     oob_queue: VecDeque<Queued>,
     /// The one fd-carrying request QEMU has not answered yet.
     fd_in_flight: Option<u64>,
+    /// When the last in-band reply came: QEMU, which runs in-band requests
+    /// one after another, started on the next one then at the earliest.
+    last_done: Option<Instant>,
 }
 
 impl Router {
     /// `window`: in-band requests in QEMU at once (QEMU queues at most 8);
-    /// `per_client`: of those, at most this many from one client.
-    pub fn new(window: usize, per_client: usize) -> Self {
+    /// `ahead`: how much of QEMU's time one client's requests may queue
+    /// there (see the module's documentation; `Duration::MAX`: no limit).
+    pub fn new(window: usize, ahead: Duration) -> Self {
         Router {
             next_n: 1,
             next_order: 0,
             window: window.max(1),
-            per_client: per_client.max(1),
+            ahead,
             lanes: HashMap::new(),
             turns: VecDeque::new(),
             queued: 0,
@@ -103,6 +139,7 @@ impl Router {
             in_band: 0,
             oob_queue: VecDeque::new(),
             fd_in_flight: None,
+            last_done: None,
         }
     }
 
@@ -124,14 +161,15 @@ impl Router {
             order,
             fd,
         });
+        lane.gone = false;
         self.queued += 1;
-        Self::offer_turn(&mut self.turns, self.per_client, route.client, lane);
+        Self::offer_turn(&mut self.turns, self.ahead, route.client, lane);
     }
 
-    /// Lists the client for a turn if it has a request waiting and room in
-    /// its share.
-    fn offer_turn(turns: &mut VecDeque<u64>, per_client: usize, client: u64, lane: &mut Lane) {
-        if !lane.has_turn && !lane.queue.is_empty() && lane.in_flight < per_client {
+    /// Lists the client for a turn if it has a request waiting and may add
+    /// one to QEMU's queue.
+    fn offer_turn(turns: &mut VecDeque<u64>, ahead: Duration, client: u64, lane: &mut Lane) {
+        if !lane.has_turn && !lane.queue.is_empty() && lane.may_add(ahead) {
             lane.has_turn = true;
             turns.push_back(client);
         }
@@ -184,7 +222,7 @@ impl Router {
             self.queued -= 1;
             lane.in_flight += 1;
             lane.has_turn = false;
-            Self::offer_turn(&mut self.turns, self.per_client, client, lane);
+            Self::offer_turn(&mut self.turns, self.ahead, client, lane);
             return Some(self.send(q, false));
         }
         None
@@ -204,6 +242,7 @@ impl Router {
             Sent {
                 route: q.route,
                 since: q.since,
+                sent_at: Instant::now(),
                 oob,
                 expired: false,
             },
@@ -215,17 +254,29 @@ impl Router {
     /// the request was submitted. `None` for a reply nobody waits for any
     /// more (timed out, or unknown).
     pub fn complete(&mut self, n: u64) -> Option<(Route, Instant)> {
+        self.complete_at(n, Instant::now())
+    }
+
+    /// [`Router::complete`], the reply having come at `now`.
+    pub fn complete_at(&mut self, n: u64, now: Instant) -> Option<(Route, Instant)> {
         if self.fd_in_flight == Some(n) {
             self.fd_in_flight = None;
         }
         let sent = self.sent.remove(&n)?;
         if !sent.oob {
             self.in_band -= 1;
+            // QEMU worked on it from when it arrived or finished the one
+            // before, whichever came later.
+            let started = self.last_done.map_or(sent.sent_at, |d| d.max(sent.sent_at));
+            self.last_done = Some(now);
             let client = sent.route.client;
             if let Some(lane) = self.lanes.get_mut(&client) {
                 lane.in_flight -= 1;
-                Self::offer_turn(&mut self.turns, self.per_client, client, lane);
-                if lane.queue.is_empty() && lane.in_flight == 0 {
+                if !sent.expired {
+                    lane.observe(now.saturating_duration_since(started));
+                }
+                Self::offer_turn(&mut self.turns, self.ahead, client, lane);
+                if lane.gone && lane.in_flight == 0 {
                     self.lanes.remove(&client);
                 }
             }
@@ -256,7 +307,6 @@ impl Router {
             }
         }
         self.queued -= queued.len();
-        self.lanes.retain(|_, l| !l.queue.is_empty() || l.in_flight > 0);
         queued.sort_unstable_by_key(|(order, _)| *order);
         Abandoned {
             in_flight: sent.into_iter().map(|(_, r)| r).collect(),
@@ -272,6 +322,7 @@ impl Router {
             self.queued -= lane.queue.len();
             lane.queue.clear();
             lane.has_turn = false;
+            lane.gone = true;
             if lane.in_flight == 0 {
                 self.lanes.remove(&client);
             }
@@ -284,6 +335,7 @@ impl Router {
     pub fn abandon(&mut self) -> Abandoned {
         self.fd_in_flight = None;
         self.in_band = 0;
+        self.last_done = None;
         self.turns.clear();
         let mut sent: Vec<(u64, Route)> = self
             .sent
@@ -292,13 +344,14 @@ impl Router {
             .map(|(n, s)| (n, s.route))
             .collect();
         sent.sort_unstable_by_key(|(n, _)| *n);
-        let mut queued: Vec<(u64, Route)> = self
-            .lanes
-            .drain()
-            .flat_map(|(_, lane)| lane.queue.into_iter())
-            .chain(self.oob_queue.drain(..))
-            .map(|q| (q.order, q.route))
-            .collect();
+        let mut queued: Vec<(u64, Route)> = self.oob_queue.drain(..).map(|q| (q.order, q.route)).collect();
+        // Lanes keep what was learnt of their clients' requests.
+        for lane in self.lanes.values_mut() {
+            queued.extend(lane.queue.drain(..).map(|q| (q.order, q.route)));
+            lane.in_flight = 0;
+            lane.has_turn = false;
+        }
+        self.lanes.retain(|_, l| !l.gone);
         queued.sort_unstable_by_key(|(order, _)| *order);
         self.queued = 0;
         Abandoned {
@@ -333,7 +386,7 @@ mod tests {
     fn expired_requests_keep_their_window_slot_and_lose_their_reply() {
         let t0 = Instant::now();
         let sec = Duration::from_secs(1);
-        let mut rt = Router::new(1, 8);
+        let mut rt = Router::new(1, Duration::MAX);
         rt.submit(r(1, 0), Bytes::new(), t0);
         rt.submit(r(1, 1), Bytes::new(), t0);
         rt.submit(r(2, 0), Bytes::new(), t0 + sec);
@@ -352,7 +405,7 @@ mod tests {
 
     #[test]
     fn window_limits_what_is_sent() {
-        let mut rt = Router::new(2, 8);
+        let mut rt = Router::new(2, Duration::MAX);
         for s in 0..4 {
             rt.submit(r(1, s), Bytes::from(format!("t{s}")), now());
         }
@@ -370,7 +423,7 @@ mod tests {
 
     #[test]
     fn oob_requests_skip_the_queue_and_the_window() {
-        let mut rt = Router::new(1, 8);
+        let mut rt = Router::new(1, Duration::MAX);
         rt.submit(r(1, 0), Bytes::from("in0"), now());
         rt.submit(r(1, 1), Bytes::from("in1"), now());
         let (n0, _) = rt.next_to_send().unwrap();
@@ -388,7 +441,7 @@ mod tests {
     #[test]
     fn one_fd_carrying_request_in_flight_at_a_time() {
         let fd = || Some(OwnedFd::from(std::fs::File::open("/dev/null").unwrap()));
-        let mut rt = Router::new(8, 8);
+        let mut rt = Router::new(8, Duration::MAX);
         rt.submit_fd(r(1, 0), Bytes::from("a"), fd(), now());
         rt.submit_fd(r(2, 0), Bytes::from("b"), fd(), now());
         rt.submit(r(3, 0), Bytes::from("c"), now());
@@ -406,7 +459,7 @@ mod tests {
 
     #[test]
     fn numbers_are_unique_across_many_requests() {
-        let mut rt = Router::new(8, 8);
+        let mut rt = Router::new(8, Duration::MAX);
         let mut seen = std::collections::HashSet::new();
         for s in 0..1000 {
             rt.submit(r(s % 3, s), Bytes::new(), now());
@@ -418,7 +471,7 @@ mod tests {
 
     #[test]
     fn abandon_reports_sent_and_unsent_in_order() {
-        let mut rt = Router::new(2, 8);
+        let mut rt = Router::new(2, Duration::MAX);
         for s in 0..5 {
             rt.submit(r(s % 2, s), Bytes::new(), now());
         }
@@ -432,7 +485,7 @@ mod tests {
 
     #[test]
     fn forgotten_client_loses_only_its_queued_requests() {
-        let mut rt = Router::new(1, 8);
+        let mut rt = Router::new(1, Duration::MAX);
         rt.submit(r(1, 0), Bytes::new(), now());
         rt.submit(r(1, 1), Bytes::new(), now());
         rt.submit(r(2, 0), Bytes::new(), now());
@@ -459,7 +512,7 @@ mod tests {
 
     #[test]
     fn clients_take_turns_one_request_each() {
-        let mut rt = Router::new(8, 8);
+        let mut rt = Router::new(8, Duration::MAX);
         for s in 0..3 {
             rt.submit(r(1, s), Bytes::from(format!("a{s}")), now());
         }
@@ -469,47 +522,86 @@ mod tests {
         assert_eq!(tails(&drain(&mut rt)), ["a0", "b0", "c0", "a1", "c1", "a2"]);
     }
 
+    /// Sends what may go and answers it as if QEMU took `took` for each.
+    fn run_for(rt: &mut Router, took: Duration) -> Vec<String> {
+        let mut at = Instant::now();
+        let mut out = Vec::new();
+        for (n, t) in drain(rt) {
+            at += took;
+            rt.complete_at(n, at);
+            out.push(t);
+        }
+        out
+    }
+
     #[test]
-    fn a_busy_client_keeps_at_most_its_share_in_qemu() {
-        let mut rt = Router::new(8, 2);
+    fn a_client_of_slow_commands_has_one_in_qemu_and_a_newcomer_waits_behind_only_that() {
+        let ms = Duration::from_millis;
+        let mut rt = Router::new(8, ms(1));
+        for s in 0..64 {
+            rt.submit(r(1, s), Bytes::from(format!("a{s}")), now());
+        }
+        // Nothing known of the client yet: one at a time.
+        assert_eq!(tails(&drain(&mut rt)), ["a0"]);
+        assert!(rt.next_to_send().is_none());
+        // Its requests take QEMU 25 ms each: still one at a time.
+        let first = rt.sent.keys().copied().next().unwrap();
+        rt.complete_at(first, Instant::now() + ms(25));
+        assert_eq!(run_for(&mut rt, ms(25)), ["a1"]);
+        let sent = drain(&mut rt);
+        assert_eq!(tails(&sent), ["a2"]);
+        // A newcomer goes at once, behind only the one in QEMU.
+        rt.submit(r(2, 0), Bytes::from("b0"), now());
+        assert_eq!(tails(&drain(&mut rt)), ["b0"]);
+        assert_eq!((rt.in_flight(), rt.queued()), (2, 61));
+    }
+
+    #[test]
+    fn a_client_of_cheap_commands_keeps_several_in_qemu() {
+        let us = Duration::from_micros;
+        let mut rt = Router::new(8, us(1000));
         for s in 0..64 {
             rt.submit(r(1, s), Bytes::from(format!("a{s}")), now());
         }
         let first = drain(&mut rt);
-        assert_eq!(tails(&first), ["a0", "a1"], "the rest of the window stays free");
-        // A newcomer goes at once, behind only the busy client's two.
-        rt.submit(r(2, 0), Bytes::from("b0"), now());
-        assert_eq!(tails(&drain(&mut rt)), ["b0"]);
-        // Each reply lets exactly one more of the busy client's go, in order.
-        rt.complete(first[0].0);
-        let next = drain(&mut rt);
-        assert_eq!(tails(&next), ["a2"]);
-        assert_eq!((rt.in_flight(), rt.queued()), (3, 61));
+        assert_eq!(first.len(), 1);
+        // 200 us each: five fit in 1 ms of QEMU's time.
+        rt.complete_at(first[0].0, Instant::now() + us(200));
+        assert_eq!(drain(&mut rt).len(), 5);
+        // 10 us each: the window is the limit.
+        let mut rt = Router::new(8, us(1000));
+        for s in 0..64 {
+            rt.submit(r(1, s), Bytes::new(), now());
+        }
+        let (n, _) = rt.next_to_send().unwrap();
+        rt.complete_at(n, Instant::now() + us(10));
+        assert_eq!(drain(&mut rt).len(), 8);
     }
 
     #[test]
     fn a_newcomer_goes_before_the_busy_clients_next_when_the_window_is_full() {
-        // Many busy clients fill the window; a newcomer's request is the
-        // next to go once a slot frees, whoever freed it.
-        let mut rt = Router::new(4, 2);
-        for c in 1..=2 {
+        // Busy clients, one request each in QEMU, fill the window; a
+        // newcomer's request is the next to go once a slot frees, whoever
+        // freed it.
+        let mut rt = Router::new(4, Duration::ZERO);
+        for c in 1..=4 {
             for s in 0..10 {
                 rt.submit(r(c, s), Bytes::from(format!("{c}:{s}")), now());
             }
         }
         let sent = drain(&mut rt);
-        assert_eq!(tails(&sent), ["1:0", "2:0", "1:1", "2:1"]);
+        assert_eq!(tails(&sent), ["1:0", "2:0", "3:0", "4:0"]);
         rt.submit(r(9, 0), Bytes::from("new"), now());
         assert!(rt.next_to_send().is_none(), "window full");
         rt.complete(sent[0].0);
         assert_eq!(tails(&drain(&mut rt)), ["new"]);
         rt.complete(sent[1].0);
-        assert_eq!(tails(&drain(&mut rt)), ["1:2"]);
+        assert_eq!(tails(&drain(&mut rt)), ["1:1"]);
     }
 
     #[test]
     fn forgotten_and_answered_clients_leave_nothing_behind() {
-        let mut rt = Router::new(2, 1);
+        let mut rt = Router::new(2, Duration::ZERO);
         rt.submit(r(1, 0), Bytes::new(), now());
         rt.submit(r(1, 1), Bytes::new(), now());
         rt.submit(r(2, 0), Bytes::new(), now());
@@ -521,6 +613,10 @@ mod tests {
         }
         assert!(rt.next_to_send().is_none());
         assert_eq!((rt.in_flight(), rt.queued()), (0, 0));
+        // Client 2 is still connected: its lane remembers what its
+        // requests cost. Once it leaves, nothing is left.
+        assert_eq!(rt.lanes.keys().collect::<Vec<_>>(), [&2]);
+        rt.forget_client(2);
         assert!(
             rt.lanes.is_empty() && rt.turns.is_empty(),
             "{:?} {:?}",

@@ -303,7 +303,7 @@ impl Supervisor {
         let session = upstream::spawn(
             vm.clone(),
             upstream_opts,
-            self.config.client.max_in_qemu,
+            self.config.client.max_ahead,
             sockets.upstream,
             metrics.clone(),
             hard.clone(),

@@ -104,7 +104,10 @@ fn full_sets_every_option_to_something_read() {
     assert_ne!(fc.max_in_flight, dc.max_in_flight);
     assert_ne!(fc.max_queue_bytes, dc.max_queue_bytes);
     assert_ne!(fc.max_clients, dc.max_clients);
-    assert_eq!((dc.max_in_qemu, fc.max_in_qemu), (2, 3));
+    assert_eq!(
+        (dc.max_ahead, fc.max_ahead),
+        (Duration::from_micros(500), Duration::from_millis(2))
+    );
     assert_eq!((dc.max_pending_bytes, fc.max_pending_bytes), (1 << 20, 512 << 10));
     assert_eq!((dc.max_reply_bytes, fc.max_reply_bytes), (64 << 20, 8 << 20));
 

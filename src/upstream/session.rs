@@ -76,7 +76,7 @@ struct Session {
 pub fn spawn(
     vm: VmConfig,
     opts: UpstreamOptions,
-    per_client: usize,
+    ahead: Duration,
     listener: Option<UnixListener>,
     metrics: VmMetrics,
     shutdown: CancellationToken,
@@ -95,7 +95,7 @@ pub fn spawn(
         opts,
         rx,
         clients: HashMap::new(),
-        router: Router::new(UPSTREAM_WINDOW, per_client),
+        router: Router::new(UPSTREAM_WINDOW, ahead),
         status,
         shutdown,
         failures: 0,
