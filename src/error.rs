@@ -19,9 +19,9 @@ pub enum Failure {
     TimedOut { vm: String, after: Duration },
     #[error("the command waited {after:?} behind others for QEMU monitor of VM '{vm}'; it was not executed")]
     QueuedTooLong { vm: String, after: Duration },
-    #[error("qmpmux is stopping before QEMU monitor of VM '{vm}' answered; the command's outcome is unknown")]
+    #[error("qmpmux is stopping (or no longer serves VM '{vm}') before its QEMU monitor answered; the command's outcome is unknown")]
     StoppingSent { vm: String },
-    #[error("qmpmux is stopping; the command was not sent to QEMU monitor of VM '{vm}' and was not executed")]
+    #[error("qmpmux is stopping (or no longer serves VM '{vm}'); the command was not sent to its QEMU monitor and was not executed")]
     StoppingNotSent { vm: String },
     #[error("QEMU's reply ({bytes} bytes) is larger than this client may receive (max_reply_bytes = {max}); the command was executed")]
     ReplyTooLarge { bytes: usize, max: usize },
