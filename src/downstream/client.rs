@@ -310,7 +310,13 @@ impl Client {
                 let seq = self.next_seq;
                 self.next_seq += 1;
                 debug!(client = self.id, command = %fwd.command, "forward");
-                let fd = if takes_fd(&fwd.command) { passed.take_fd() } else { None };
+                // QEMU refuses `exec-oob getfd`/`add-fd` (no OOB support) and
+                // keeps the fd for the next in-band one: leave it waiting.
+                let fd = if takes_fd(&fwd.command) && !fwd.oob {
+                    passed.take_fd()
+                } else {
+                    None
+                };
                 let fdname = fwd.fdname.map(|n| (fwd.command == "getfd", n));
                 // Queries change nothing: the audit log is for the rest.
                 let audit = (!fwd.command.starts_with("query-")).then(|| (fwd.command, Instant::now()));

@@ -278,6 +278,11 @@ impl Client {
         c
     }
 
+    /// A client from the halves [`Client::into_inner`] gave.
+    pub fn from_parts(reader: BufReader<OwnedReadHalf>, writer: OwnedWriteHalf) -> Client {
+        Client { reader, writer }
+    }
+
     /// The two halves, for raw byte-level use.
     pub fn into_inner(self) -> (BufReader<OwnedReadHalf>, OwnedWriteHalf) {
         (self.reader, self.writer)
