@@ -231,3 +231,59 @@ async fn an_fd_sent_with_a_command_that_does_not_take_it_waits_for_the_next_getf
     drop(c);
     daemon.stop().await;
 }
+
+/// `getfd` names are the monitor's: when B replaces a name A created, A
+/// leaving must not close it; names A still owns are closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_getfd_name_replaced_by_another_client_survives_its_creator_leaving() {
+    let dir = tempfile::tempdir().unwrap();
+    let (up, sock) = (dir.path().join("q.sock"), dir.path().join("vm.sock"));
+    let qemu = Qemu::start(&up).await;
+    let daemon = Daemon::start(&[("vm", &up, &sock)]).await;
+    let (p, _w) = pipe();
+    let getfd = async |c: Client, name: &str| -> Client {
+        let (r, w) = c.into_inner();
+        let cmd = format!(r#"{{"execute":"getfd","arguments":{{"fdname":"{name}"}},"id":"{name}"}}"#);
+        send_fds(&w, cmd.as_bytes(), &[&[p.as_raw_fd()]]);
+        let mut c = Client::from_parts(r, w);
+        assert_eq!(c.reply().await, json!({"return": {}, "id": name}));
+        c
+    };
+    let qemu_fds = || std::fs::read_dir(format!("/proc/{}/fd", qemu.pid())).unwrap().count();
+    let a = getfd(Client::ready(&sock).await, "shared").await;
+    let a = getfd(a, "mine").await;
+    let b = getfd(Client::ready(&sock).await, "shared").await;
+    let with_both = qemu_fds();
+    drop(a);
+    let mut b = b;
+    common::eventually("A's leaving to reach the session", async || {
+        let r = b.cmd(r#"{"execute":"__org.qmpmux_query-proxy"}"#).await;
+        r["return"]["clients"] == 1
+    })
+    .await;
+    // A's own name is closed in QEMU, B's is not.
+    let r = b
+        .cmd(r#"{"execute":"closefd","arguments":{"fdname":"mine"},"id":1}"#)
+        .await;
+    assert_eq!(r["error"]["desc"], "File descriptor named 'mine' not found", "{r}");
+    assert_eq!(qemu_fds(), with_both - 1);
+    let r = b
+        .cmd(r#"{"execute":"closefd","arguments":{"fdname":"shared"},"id":2}"#)
+        .await;
+    assert_eq!(r, json!({"return": {}, "id": 2}));
+    // B closed it itself: B leaving closes nothing more (the name is gone).
+    let b = getfd(b, "b-own").await;
+    drop(b);
+    let mut watcher = Client::ready(&sock).await;
+    common::eventually("B's leaving to reach the session", async || {
+        let r = watcher.cmd(r#"{"execute":"__org.qmpmux_query-proxy"}"#).await;
+        r["return"]["clients"] == 1
+    })
+    .await;
+    let r = watcher
+        .cmd(r#"{"execute":"closefd","arguments":{"fdname":"b-own"},"id":3}"#)
+        .await;
+    assert_eq!(r["error"]["desc"], "File descriptor named 'b-own' not found", "{r}");
+    assert_eq!(qemu_fds(), with_both - 2);
+    daemon.stop().await;
+}

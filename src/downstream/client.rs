@@ -15,6 +15,7 @@ use crate::qmp::incoming::Greeting;
 use crate::qmp::json::qemu_style;
 use crate::qmp::request::{decide, error_line, Caps, Decision, Session};
 use crate::quiet::Quiet;
+use crate::upstream::fdnames::FdNameOp;
 use crate::upstream::mailbox::mailbox;
 use crate::upstream::{SessionHandle, ToClient, ToSession, EXTENSION_PREFIX};
 use bytes::{Bytes, BytesMut};
@@ -65,8 +66,6 @@ enum Slot {
         /// `exec-oob`: its reply goes out as soon as it comes, ahead of
         /// earlier in-band replies (as QEMU's would).
         oob: bool,
-        /// `getfd` (true) or `closefd` (false) of this name.
-        fdname: Option<(bool, String)>,
     },
     Ready(Bytes),
 }
@@ -93,8 +92,6 @@ struct Client {
     outbuf: BytesMut,
     /// Answer what was asked, then disconnect, for this reason.
     closing: Option<End>,
-    /// `getfd` names this client created and has not closed.
-    fd_names: Vec<String>,
 }
 
 /// Why the client's connection ended.
@@ -187,7 +184,6 @@ where
         next_seq: 0,
         outbuf: BytesMut::from(&greeting.line(true)[..]),
         closing: None,
-        fd_names: Vec::new(),
     };
     let (stop, hard) = (client.ctx.stop.clone(), client.ctx.hard.clone());
     // Created once, not on every pass of the loop, and polled only once
@@ -271,12 +267,8 @@ where
             client.audit(&command, "no reply: connection ended first", start);
         }
     }
-    // `getfd` names live in QEMU's monitor, shared by all clients: close
-    // this client's, as QEMU closes a connection's unclaimed fds.
-    if !client.fd_names.is_empty() {
-        let names = std::mem::take(&mut client.fd_names);
-        let _ = client.ctx.session.tx.send(ToSession::CloseFds { names }).await;
-    }
+    // The `getfd` names this client still owns are closed by the session
+    // when it sees the Detach (`upstream::fdnames`).
     end
 }
 
@@ -317,7 +309,10 @@ impl Client {
                 } else {
                     None
                 };
-                let fdname = fwd.fdname.map(|n| (fwd.command == "getfd", n));
+                let fdname = fwd.fdname.map(|n| match fwd.command.as_str() {
+                    "getfd" => FdNameOp::Get(n),
+                    _ => FdNameOp::Close(n),
+                });
                 // Queries change nothing: the audit log is for the rest.
                 let audit = (!fwd.command.starts_with("query-")).then(|| (fwd.command, Instant::now()));
                 self.slots.push_back(Slot::Waiting {
@@ -325,7 +320,6 @@ impl Client {
                     id: fwd.id,
                     audit,
                     oob: fwd.oob,
-                    fdname,
                 });
                 let msg = ToSession::Execute {
                     client: self.id,
@@ -333,6 +327,7 @@ impl Client {
                     tail: fwd.tail,
                     oob: fwd.oob,
                     fd,
+                    fdname,
                 };
                 if self.ctx.session.tx.send(msg).await.is_err() {
                     let vm = self.ctx.vm.clone();
@@ -372,17 +367,10 @@ impl Client {
         else {
             return;
         };
-        let Slot::Waiting {
-            id, audit, oob, fdname, ..
-        } = std::mem::replace(&mut self.slots[at], Slot::Ready(Bytes::new()))
+        let Slot::Waiting { id, audit, oob, .. } = std::mem::replace(&mut self.slots[at], Slot::Ready(Bytes::new()))
         else {
             return;
         };
-        match fdname {
-            Some((true, name)) if outcome == "ok" => self.fd_names.push(name),
-            Some((false, name)) if outcome == "ok" => self.fd_names.retain(|n| *n != name),
-            _ => {}
-        }
         let line = make(id.as_deref());
         if oob {
             self.slots.remove(at);
