@@ -287,3 +287,48 @@ async fn a_getfd_name_replaced_by_another_client_survives_its_creator_leaving() 
     assert_eq!(qemu_fds(), with_both - 2);
     daemon.stop().await;
 }
+
+/// QEMU keeps a passed fd whose `getfd`/`add-fd` it rejects for bad
+/// arguments. qmpmux's one connection is shared: had qmpmux sent the fd
+/// along, another client's fd-less `getfd` would have got it. Instead it
+/// stays with its client, for that client's next `getfd`, as on QEMU.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_fd_with_malformed_getfd_arguments_never_reaches_another_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let (up, sock) = (dir.path().join("q.sock"), dir.path().join("vm.sock"));
+    let _qemu = Qemu::start(&up).await;
+    let daemon = Daemon::start(&[("vm", &up, &sock)]).await;
+    let (p, _w) = pipe();
+    let mut b = Client::ready(&sock).await;
+    let (mut r, mut w) = Client::ready(&sock).await.into_inner();
+    for (i, bad) in [
+        r#"{"execute":"getfd","arguments":{"fdname":5},"id":1}"#,
+        r#"{"execute":"getfd","arguments":{"fdname":"a","x":1},"id":2}"#,
+        r#"{"execute":"getfd","id":3}"#,
+        r#"{"execute":"add-fd","arguments":{"fdset-id":"x"},"id":4}"#,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        send_fds(&w, bad.as_bytes(), &[&[p.as_raw_fd()]]);
+        let mut a = Client::from_parts(r, w);
+        let reply = a.reply().await;
+        assert_eq!(reply["id"], i + 1, "{reply}");
+        assert!(reply.get("error").is_some(), "{reply}");
+        let stolen = b
+            .cmd(r#"{"execute":"getfd","arguments":{"fdname":"stolen"},"id":"b"}"#)
+            .await;
+        assert_eq!(
+            stolen["error"]["desc"], "No file descriptor supplied via SCM_RIGHTS",
+            "another client's fd-less getfd got A's fd: {stolen}"
+        );
+        (r, w) = a.into_inner();
+    }
+    // A's fd still waits for A.
+    let mut a = Client::from_parts(r, w);
+    let mine = a
+        .cmd(r#"{"execute":"getfd","arguments":{"fdname":"mine"},"id":"a"}"#)
+        .await;
+    assert_eq!(mine, json!({"return": {}, "id": "a"}));
+    daemon.stop().await;
+}

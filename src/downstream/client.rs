@@ -7,7 +7,7 @@
 //! FIFO only from the front, so every client sees its replies in request
 //! order whatever answered them. Events go out as they come.
 
-use super::fds::{takes_fd, ClientReader};
+use super::fds::ClientReader;
 use crate::config::{ClientOptions, ListenerConfig};
 use crate::error::FailKind;
 use crate::qmp::framing::{Frame, JsonFramer, Limits};
@@ -302,13 +302,9 @@ impl Client {
                 let seq = self.next_seq;
                 self.next_seq += 1;
                 debug!(client = self.id, command = %fwd.command, "forward");
-                // QEMU refuses `exec-oob getfd`/`add-fd` (no OOB support) and
-                // keeps the fd for the next in-band one: leave it waiting.
-                let fd = if takes_fd(&fwd.command) && !fwd.oob {
-                    passed.take_fd()
-                } else {
-                    None
-                };
+                // Otherwise (exec-oob, other commands, arguments QEMU
+                // rejects) QEMU would keep the fd for the next one.
+                let fd = if fwd.takes_fd { passed.take_fd() } else { None };
                 let fdname = fwd.fdname.map(|n| match fwd.command.as_str() {
                     "getfd" => FdNameOp::Get(n),
                     _ => FdNameOp::Close(n),

@@ -21,12 +21,6 @@ use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, Interest, ReadBuf};
 use tokio::net::unix::OwnedReadHalf;
 
-/// Commands that take one passed fd (QEMU's `monitor_get_fd` callers that
-/// read SCM_RIGHTS fds: `getfd` and `add-fd`).
-pub fn takes_fd(command: &str) -> bool {
-    matches!(command, "getfd" | "add-fd")
-}
-
 /// At most this many fds are accepted in one message. The kernel installs
 /// no more than fit in the control buffer and closes the rest (MSG_CTRUNC);
 /// qmpmux then closes those it did get and disconnects the client.
