@@ -332,3 +332,54 @@ async fn an_fd_with_malformed_getfd_arguments_never_reaches_another_client() {
     assert_eq!(mine, json!({"return": {}, "id": "a"}));
     daemon.stop().await;
 }
+
+/// With OOB on, QEMU reads ahead of the command it runs: a `getfd` waiting
+/// in QEMU's queue takes an fd that arrives before it runs, whoever sent
+/// it. Here B's fd-less `getfd` waits behind a long command (QEMU is
+/// stopped while the three are queued) and A's `getfd` comes with an fd:
+/// B must get QEMU's "no fd" error and A its own fd, not B A's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_getfd_without_an_fd_never_takes_another_client_s() {
+    let dir = tempfile::tempdir().unwrap();
+    let (up, sock) = (dir.path().join("q.sock"), dir.path().join("vm.sock"));
+    let qemu = Qemu::start(&up).await;
+    let daemon = Daemon::start(&[("vm", &up, &sock)]).await;
+    let (mut a, mut b, mut c, mut watcher) = (
+        Client::ready(&sock).await,
+        Client::ready(&sock).await,
+        Client::ready(&sock).await,
+        Client::ready(&sock).await,
+    );
+    let signal = |sig| {
+        // SAFETY: kill(2) on our own child process.
+        assert_eq!(unsafe { libc::kill(qemu.pid() as i32, sig) }, 0);
+    };
+    signal(libc::SIGSTOP);
+    c.send(r#"{"execute":"query-qmp-schema","id":"slow"}"#).await;
+    b.send(r#"{"execute":"getfd","arguments":{"fdname":"b"},"id":"b"}"#)
+        .await;
+    b.send(r#"{"execute":"query-version","id":"marker"}"#).await;
+    // B's getfd has been dealt with (sent to QEMU or answered) once a later
+    // command of B's is with QEMU.
+    common::eventually("B's commands to reach QEMU", async || {
+        let r = watcher.cmd(r#"{"execute":"__org.qmpmux_query-proxy"}"#).await;
+        r["return"]["in-flight"].as_u64().unwrap() >= 2 && r["return"]["queued"] == 0
+    })
+    .await;
+    let (p, _w) = pipe();
+    let (r, w) = a.into_inner();
+    send_fds(
+        &w,
+        br#"{"execute":"getfd","arguments":{"fdname":"a"},"id":"a"}"#,
+        &[&[p.as_raw_fd()]],
+    );
+    a = Client::from_parts(r, w);
+    signal(libc::SIGCONT);
+    assert_eq!(
+        b.reply().await,
+        json!({"id": "b", "error": {"class": "GenericError", "desc": "No file descriptor supplied via SCM_RIGHTS"}})
+    );
+    assert_eq!(a.reply().await, json!({"return": {}, "id": "a"}));
+    assert_eq!(c.reply().await["id"], "slow");
+    daemon.stop().await;
+}

@@ -37,6 +37,9 @@ use tracing::{debug, error, info, warn};
 /// `max_queue_bytes`, plus the kernel's socket buffer.
 const OUTBUF_HIGH: usize = 1 << 20;
 
+/// QEMU's error for `getfd`/`add-fd` with no fd passed (checked on 7.2).
+const NO_FD_PASSED: &str = "No file descriptor supplied via SCM_RIGHTS";
+
 /// How long after EOF to look again whether the client closed its whole
 /// connection rather than only its sending side.
 const PEER_GONE_RECHECK: std::time::Duration = std::time::Duration::from_millis(50);
@@ -292,6 +295,15 @@ impl Client {
             Decision::Local(line) => self.slots.push_back(Slot::Ready(line)),
             Decision::Denied { line, command } => {
                 self.audit(&command, "denied by policy", Instant::now());
+                self.slots.push_back(Slot::Ready(line));
+            }
+            // QEMU's own answer, given here: forwarded, it could take
+            // another client's fd, one that reaches QEMU's shared
+            // connection before it runs (QEMU reads ahead with OOB on).
+            Decision::Forward(fwd) if fwd.takes_fd && !passed.has_fd() => {
+                let id = fwd.id.as_deref().map(qemu_style);
+                let line = error_line(id.as_deref(), "GenericError", NO_FD_PASSED);
+                self.audit(&fwd.command, "error", Instant::now());
                 self.slots.push_back(Slot::Ready(line));
             }
             Decision::Forward(fwd) if fwd.command.strip_prefix(EXTENSION_PREFIX) == Some("query-proxy") => {

@@ -176,6 +176,11 @@ pub trait ClientReader {
         None
     }
 
+    /// Whether a passed fd is waiting.
+    fn has_fd(&self) -> bool {
+        false
+    }
+
     /// After EOF: whether the peer closed its whole connection (not just
     /// its sending side), so that nothing can reach it any more.
     fn peer_gone(&self) -> bool {
@@ -186,6 +191,10 @@ pub trait ClientReader {
 impl ClientReader for FdReader {
     fn take_fd(&mut self) -> Option<OwnedFd> {
         self.waiting.take()
+    }
+
+    fn has_fd(&self) -> bool {
+        self.waiting.is_some()
     }
 
     /// A unix socket whose peer closed entirely reports a hang-up (which
