@@ -292,6 +292,24 @@ impl Client {
         self.writer.write_all(raw.as_bytes()).await.expect("send");
     }
 
+    /// Sends `raw` in one `sendmsg` carrying `fd` (SCM_RIGHTS).
+    pub fn send_with_fd(&mut self, raw: &str, fd: std::os::fd::RawFd) {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        use std::os::fd::AsRawFd;
+        let sock: &UnixStream = self.writer.as_ref();
+        let iov = [std::io::IoSlice::new(raw.as_bytes())];
+        let fds = [fd];
+        let n = sendmsg::<()>(
+            sock.as_raw_fd(),
+            &iov,
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        )
+        .expect("sendmsg");
+        assert_eq!(n, raw.len());
+    }
+
     pub async fn send_bytes(&mut self, raw: &[u8]) {
         self.writer.write_all(raw).await.expect("send");
     }
