@@ -277,18 +277,27 @@ pub async fn run_with_reload(
     shutdown: CancellationToken,
     mut reloads: mpsc::Receiver<Reload>,
 ) -> Result<(), RunError> {
+    let shards = match Shards::start(config.threads) {
+        Ok(s) => s,
+        Err(e) => return Err(listeners.undo(RunError::Threads(e))),
+    };
     let mut sup = Supervisor {
         config: config.clone(),
         vms: HashMap::new(),
         metrics: Arc::new(Metrics::new()),
-        shards: Shards::start(config.threads).map_err(RunError::Threads)?,
+        shards,
     };
     for vm in &config.vms {
-        let listener = listeners
-            .vms
-            .remove(&vm.name)
-            .ok_or_else(|| RunError::MissingListener(vm.name.clone()))?;
-        sup.start_vm(vm.clone(), listener)?;
+        let started = match listeners.vms.remove(&vm.name) {
+            Some(sockets) => sup.start_vm(vm.clone(), sockets),
+            None => Err(RunError::MissingListener(vm.name.clone())),
+        };
+        if let Err(e) = started {
+            // A failed start leaves no socket files behind.
+            let all: Vec<Vm> = sup.vms.drain().map(|(_, vm)| vm).collect();
+            futures_util::future::join_all(all.into_iter().map(stop_vm)).await;
+            return Err(listeners.undo(e));
+        }
     }
     let services = TaskTracker::new();
     let (query_tx, mut queries) = mpsc::channel(16);
@@ -337,9 +346,12 @@ impl Supervisor {
         let shard = self.shards.place();
         let _on_shard = shard.handle.enter();
         let files = sockets.files.sockets.clone();
-        let sockets = sockets.rehome().map_err(|source| RunError::Rehome {
-            vm: vm.name.clone(),
-            source,
+        let sockets = sockets.rehome().map_err(|source| {
+            files.iter().for_each(SocketFile::remove);
+            RunError::Rehome {
+                vm: vm.name.clone(),
+                source,
+            }
         })?;
         let (stop, hard) = (CancellationToken::new(), CancellationToken::new());
         let (tasks, clients) = (TaskTracker::new(), TaskTracker::new());

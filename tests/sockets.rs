@@ -238,3 +238,20 @@ async fn a_rejected_reload_leaves_no_sockets_or_directories() {
     daemon.stop().await;
     assert!(!p("a.sock").exists());
 }
+
+/// A start that fails after binding (here: a VM without its sockets) also
+/// removes every socket already bound, those of VMs started included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_failing_after_binding_removes_the_sockets() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let config = config_with(vec![vm("a", &p("a.q"), &p("a.sock")), vm("b", &p("b.q"), &p("b.sock"))]).await;
+    let listeners = qmpmux::Listeners::bind(&config).await.unwrap();
+    assert!(p("a.sock").exists() && p("b.sock").exists());
+    let mut more = config.clone();
+    more.vms.push(vm("c", &p("c.q"), &p("c.sock")));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let err = qmpmux::run(more, listeners, shutdown).await.unwrap_err();
+    assert!(matches!(err, qmpmux::RunError::MissingListener(_)), "{err}");
+    assert!(!p("a.sock").exists() && !p("b.sock").exists(), "sockets left behind");
+}
