@@ -82,8 +82,10 @@ async fn binding_changes_no_mode_or_owner_by_name_in_the_socket_s_directory() {
 }
 
 /// Someone who can write the socket's directory swaps every new entry for a
-/// link to a file of theirs choosing, as fast as inotify tells them: the
-/// file's mode never changes, whatever becomes of the bind.
+/// link to a file of their choosing, as fast as inotify tells them: the
+/// file's mode never changes, whatever becomes of the bind. (A race: before
+/// the fix the attacker won it here every time, 0600 -> 0666, but nothing
+/// guarantees that; the test above shows the cause deterministically.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_swapped_name_never_redirects_a_chmod() {
     let dir = tempfile::tempdir().unwrap();
