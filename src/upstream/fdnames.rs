@@ -69,10 +69,12 @@ impl FdNames {
         if self.pending.keys().any(|r| r.client == client) {
             self.departed.insert(client);
         }
+        // Its names, and orphans whose deciding getfd was this client's
+        // and will now never be sent.
         let owned: Vec<String> = self
             .owners
             .iter()
-            .filter(|(_, o)| **o == Some(client))
+            .filter(|(_, o)| **o == Some(client) || o.is_none())
             .map(|(n, _)| n.clone())
             .collect();
         owned.into_iter().filter_map(|name| self.orphan(name)).collect()
@@ -156,6 +158,18 @@ mod tests {
         f.submitted(r(2, 1), get("b"));
         assert!(f.detached(1, |_| false).is_empty());
         assert_eq!(f.finished(r(2, 1), false), Some("b".to_string()));
+        assert_eq!(f.len(), (0, 0));
+    }
+
+    #[test]
+    fn an_orphan_is_closed_when_the_getfd_it_waited_for_will_never_be_sent() {
+        let mut f = FdNames::default();
+        f.submitted(r(1, 0), get("a"));
+        f.finished(r(1, 0), true);
+        f.submitted(r(2, 0), get("a"));
+        assert!(f.detached(1, |_| false).is_empty());
+        // B leaves with its getfd still queued: dropped, never sent.
+        assert_eq!(f.detached(2, |_| false), vec!["a".to_string()]);
         assert_eq!(f.len(), (0, 0));
     }
 
