@@ -200,12 +200,12 @@ impl Router {
         }
     }
 
-    /// Requests sent to QEMU and not answered yet (timed-out ones included).
     /// Whether `route` was sent and QEMU has not answered it yet.
     pub fn is_in_flight(&self, route: Route) -> bool {
         self.in_flight.values().any(|(r, _)| *r == route)
     }
 
+    /// Requests sent to QEMU and not answered yet (timed-out ones included).
     pub fn in_flight(&self) -> usize {
         self.in_flight.len() + self.expired.len()
     }
