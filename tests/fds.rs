@@ -157,6 +157,12 @@ async fn several_control_messages_leave_at_most_one_fd_waiting() {
         c = Client::from_parts(r, w);
         assert_eq!(c.reply().await["id"], i);
     }
+    // Exactly the most accepted in one message.
+    let (r, w) = c.into_inner();
+    let most = [p.as_raw_fd(); qmpmux::downstream::fds::MAX_FDS_PER_MESSAGE];
+    send_fds(&w, br#"{"execute":"query-status","id":"most"}"#, &[&most]);
+    c = Client::from_parts(r, w);
+    assert_eq!(c.reply().await["id"], "most");
     let now = open_fds();
     assert!(
         now <= before + 1,
