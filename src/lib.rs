@@ -13,9 +13,10 @@
 //!   VM threads answer.
 //! - [`trim`]: freed memory handed back after many clients leave.
 //! - [`error`]: qmpmux's own failures and their QMP wire form.
-// The exceptions: taking ownership of fds received with SCM_RIGHTS
-// (downstream::fds), `malloc_trim` (trim) and registering an inotify
-// descriptor with tokio (upstream::socketwatch), which have no safe API.
+// The exceptions: `recvmsg` and taking ownership of the fds it receives
+// with SCM_RIGHTS, whatever the control data (downstream::fds),
+// `malloc_trim` (trim) and registering an inotify descriptor with tokio
+// (upstream::socketwatch), which have no safe API.
 #![deny(unsafe_code)]
 
 pub mod config;

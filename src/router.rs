@@ -360,6 +360,11 @@ impl Router {
         }
     }
 
+    /// Whether `route` was sent and QEMU has not answered it yet.
+    pub fn is_in_flight(&self, route: Route) -> bool {
+        self.sent.values().any(|s| s.route == route)
+    }
+
     /// Requests sent to QEMU and not answered yet (timed-out ones included).
     pub fn in_flight(&self) -> usize {
         self.sent.len()

@@ -5,7 +5,7 @@
 use crate::config::{Config, ListenerConfig, SocketPerms, UpstreamMode, VmConfig};
 use crate::control::{serve_control, serve_metrics, StatusReport, VmStatus};
 use crate::downstream::client::ClientContext;
-use crate::downstream::{accept_loop, accept_tcp_loop, bind, tls, BindError};
+use crate::downstream::{accept_loop, accept_tcp_loop, bind, tls, BindError, Created, SocketFile};
 use crate::metrics::{Metrics, SharedMetrics, VmMetrics};
 use crate::policy::Policy;
 use crate::shards::{Lease, Shards};
@@ -71,6 +71,8 @@ struct VmSockets {
     /// One per `[[vm.listener]]`, in order.
     extra: Vec<Bound>,
     upstream: Option<UnixListener>,
+    /// The socket files (and directories) binding created.
+    files: Created,
 }
 
 /// An extra listener, bound.
@@ -96,6 +98,7 @@ impl VmSockets {
             clients: unix(self.clients)?,
             extra,
             upstream: self.upstream.map(unix).transpose()?,
+            files: self.files,
         })
     }
 }
@@ -113,7 +116,7 @@ impl std::fmt::Debug for Bound {
 #[derive(Debug, Default)]
 pub struct Listeners {
     vms: HashMap<String, VmSockets>,
-    control: Option<UnixListener>,
+    control: Option<(UnixListener, Created)>,
     metrics: Option<TcpListener>,
 }
 
@@ -124,39 +127,73 @@ impl Listeners {
     }
 
     /// Binds every VM's `listen` path, the control socket and the metrics
-    /// endpoint.
+    /// endpoint. On failure, the socket files and directories already
+    /// created are removed.
     pub async fn bind(config: &Config) -> Result<Listeners, RunError> {
         let mut out = Listeners::default();
         for vm in &config.vms {
-            out.vms.insert(vm.name.clone(), bind_vm(vm, &config.socket).await?);
+            match bind_vm(vm, &config.socket).await {
+                Ok(s) => out.vms.insert(vm.name.clone(), s),
+                Err(e) => return Err(out.undo(e)),
+            };
         }
         if let Some(path) = &config.control_socket {
             // Status reporting is not worth refusing to serve VMs over.
-            match bind(path, &config.socket).await {
-                Ok(l) => out.control = Some(l),
+            let mut created = Created::default();
+            match bind(path, &config.socket, &mut created).await {
+                Ok(l) => out.control = Some((l, created)),
                 Err(e) => warn!(error = %crate::error::chain(&e), "no control socket: `qmpmux status` will not work"),
             }
         }
         if let Some(addr) = config.metrics_listen {
-            let l = TcpListener::bind(addr)
-                .await
-                .map_err(|source| RunError::Metrics { addr, source })?;
-            out.metrics = Some(l);
+            match TcpListener::bind(addr).await {
+                Ok(l) => out.metrics = Some(l),
+                Err(source) => return Err(out.undo(RunError::Metrics { addr, source })),
+            }
         }
         Ok(out)
     }
+
+    /// Closes everything and removes what binding created; returns `e`.
+    fn undo(self, e: RunError) -> RunError {
+        let mut all = Created::default();
+        for (_, s) in self.vms {
+            all.append(s.files);
+        }
+        if let Some((_, files)) = self.control {
+            all.append(files);
+        }
+        all.undo();
+        e
+    }
 }
 
+/// Binds a VM's sockets; on failure, removes those it did bind and the
+/// directories it created.
 async fn bind_vm(vm: &VmConfig, perms: &SocketPerms) -> Result<VmSockets, RunError> {
+    let mut files = Created::default();
+    match bind_vm_into(vm, perms, &mut files).await {
+        Ok(mut s) => {
+            s.files = files;
+            Ok(s)
+        }
+        Err(e) => {
+            files.undo();
+            Err(e)
+        }
+    }
+}
+
+async fn bind_vm_into(vm: &VmConfig, perms: &SocketPerms, files: &mut Created) -> Result<VmSockets, RunError> {
     let err = |source| RunError::Bind {
         vm: vm.name.clone(),
         source,
     };
-    let clients = bind(&vm.listen, perms).await.map_err(err)?;
+    let clients = bind(&vm.listen, perms, files).await.map_err(err)?;
     let mut extra = Vec::new();
     for l in &vm.listeners {
         extra.push(match &l.tcp {
-            None => Bound::Unix(bind(&l.path, perms).await.map_err(err)?),
+            None => Bound::Unix(bind(&l.path, perms, files).await.map_err(err)?),
             Some(tcp) => {
                 let acceptor = match &tcp.tls {
                     Some(files) => Some(tls::acceptor(files).map_err(|source| RunError::Tls {
@@ -177,12 +214,13 @@ async fn bind_vm(vm: &VmConfig, perms: &SocketPerms) -> Result<VmSockets, RunErr
     }
     let upstream = match vm.upstream_mode {
         UpstreamMode::Connect => None,
-        UpstreamMode::Accept => Some(bind(&vm.upstream, perms).await.map_err(err)?),
+        UpstreamMode::Accept => Some(bind(&vm.upstream, perms, files).await.map_err(err)?),
     };
     Ok(VmSockets {
         clients,
         extra,
         upstream,
+        files: Created::default(),
     })
 }
 
@@ -214,6 +252,8 @@ struct Vm {
     tasks: TaskTracker,
     /// The shard the VM's tasks run on.
     _shard: Lease,
+    /// Its socket files, removed when it stops (if still ours).
+    files: Vec<SocketFile>,
 }
 
 struct Supervisor {
@@ -237,22 +277,35 @@ pub async fn run_with_reload(
     shutdown: CancellationToken,
     mut reloads: mpsc::Receiver<Reload>,
 ) -> Result<(), RunError> {
+    let shards = match Shards::start(config.threads) {
+        Ok(s) => s,
+        Err(e) => return Err(listeners.undo(RunError::Threads(e))),
+    };
     let mut sup = Supervisor {
         config: config.clone(),
         vms: HashMap::new(),
         metrics: Arc::new(Metrics::new()),
-        shards: Shards::start(config.threads).map_err(RunError::Threads)?,
+        shards,
     };
     for vm in &config.vms {
-        let listener = listeners
-            .vms
-            .remove(&vm.name)
-            .ok_or_else(|| RunError::MissingListener(vm.name.clone()))?;
-        sup.start_vm(vm.clone(), listener)?;
+        let started = match listeners.vms.remove(&vm.name) {
+            Some(sockets) => sup.start_vm(vm.clone(), sockets),
+            None => Err(RunError::MissingListener(vm.name.clone())),
+        };
+        if let Err(e) = started {
+            // A failed start leaves no socket files behind.
+            let all: Vec<Vm> = sup.vms.drain().map(|(_, vm)| vm).collect();
+            futures_util::future::join_all(all.into_iter().map(stop_vm)).await;
+            return Err(listeners.undo(e));
+        }
     }
     let services = TaskTracker::new();
     let (query_tx, mut queries) = mpsc::channel(16);
-    if let Some(l) = listeners.control.take() {
+    // Removed at exit only if qmpmux bound it: when binding failed, the
+    // file there is another's (a running instance's, or not a socket).
+    let mut control_file = None;
+    if let Some((l, created)) = listeners.control.take() {
+        control_file = Some(created);
         services.spawn(serve_control(l, query_tx, shutdown.clone()));
     }
     if let Some(l) = listeners.metrics.take() {
@@ -279,8 +332,8 @@ pub async fn run_with_reload(
     info!("shutting down");
     services.close();
     services.wait().await;
-    if let Some(path) = &config.control_socket {
-        let _ = std::fs::remove_file(path);
+    for s in control_file.iter().flat_map(|c| &c.sockets) {
+        s.remove();
     }
     let all: Vec<Vm> = sup.vms.drain().map(|(_, vm)| vm).collect();
     futures_util::future::join_all(all.into_iter().map(stop_vm)).await;
@@ -292,9 +345,13 @@ impl Supervisor {
         // Everything spawned from here on runs on the VM's shard.
         let shard = self.shards.place();
         let _on_shard = shard.handle.enter();
-        let sockets = sockets.rehome().map_err(|source| RunError::Rehome {
-            vm: vm.name.clone(),
-            source,
+        let files = sockets.files.sockets.clone();
+        let sockets = sockets.rehome().map_err(|source| {
+            files.iter().for_each(SocketFile::remove);
+            RunError::Rehome {
+                vm: vm.name.clone(),
+                source,
+            }
         })?;
         let (stop, hard) = (CancellationToken::new(), CancellationToken::new());
         let (tasks, clients) = (TaskTracker::new(), TaskTracker::new());
@@ -360,6 +417,7 @@ impl Supervisor {
                 clients,
                 tasks,
                 _shard: shard,
+                files,
             },
         );
         Ok(())
@@ -384,12 +442,14 @@ impl Supervisor {
                         to_stop.push(vm.name.clone());
                         to_start.push((vm.clone(), None));
                     } else {
-                        to_start.push((vm.clone(), Some(bind_or_undo(vm, &new.socket, &to_start).await?)));
+                        let bound = bind_or_undo(vm, &new.socket, &mut to_start).await?;
+                        to_start.push((vm.clone(), Some(bound)));
                         to_stop.push(vm.name.clone());
                     }
                 }
                 None => {
-                    to_start.push((vm.clone(), Some(bind_or_undo(vm, &new.socket, &to_start).await?)));
+                    let bound = bind_or_undo(vm, &new.socket, &mut to_start).await?;
+                    to_start.push((vm.clone(), Some(bound)));
                     summary.added.push(vm.name.clone());
                 }
             }
@@ -433,19 +493,24 @@ impl Supervisor {
 }
 
 /// Binds a VM's sockets during a reload; on failure, removes the socket
-/// files this reload already created, so nothing is left behind.
+/// files and directories this reload already created (`done`), so nothing
+/// is left behind.
 async fn bind_or_undo(
     vm: &VmConfig,
     perms: &SocketPerms,
-    done: &[(VmConfig, Option<VmSockets>)],
+    done: &mut Vec<(VmConfig, Option<VmSockets>)>,
 ) -> Result<VmSockets, RunError> {
     let result = bind_vm(vm, perms).await;
     if result.is_err() {
-        for (v, _) in done.iter().filter(|(_, s)| s.is_some()) {
-            for path in bound_paths(v) {
-                let _ = std::fs::remove_file(path);
+        // All sockets first, then directories, so that one VM's socket does
+        // not keep a directory another created.
+        let mut all = Created::default();
+        for (_, s) in done.drain(..) {
+            if let Some(s) = s {
+                all.append(s.files);
             }
         }
+        all.undo();
     }
     result
 }
@@ -482,8 +547,8 @@ fn shares_a_path(old: &VmConfig, new: &VmConfig) -> bool {
 /// to what is in flight for up to [`STOP_GRACE`], then everything.
 async fn stop_vm(vm: Vm) {
     vm.stop.cancel();
-    for path in bound_paths(&vm.config) {
-        let _ = std::fs::remove_file(path);
+    for f in &vm.files {
+        f.remove();
     }
     vm.clients.close();
     if tokio::time::timeout(STOP_GRACE, vm.clients.wait()).await.is_err() {

@@ -240,12 +240,14 @@ async fn fds_of_clients_that_all_leave_at_once_are_all_closed() {
     let (_dir, fake, daemon, sock) = common::fake::vm().await;
     let mut conn = fake.accept_ready().await;
     let mut leaving = Vec::with_capacity(count);
+    // A getfd needs an fd; the fake QEMU reads (and so drops) them.
+    let (passed, _w) = nix::unistd::pipe().unwrap();
     for i in 0..count {
         let mut c = Client::ready(&sock).await;
-        c.send(&format!(
-            r#"{{"execute":"getfd","arguments":{{"fdname":"fd-{i}"}},"id":{i}}}"#
-        ))
-        .await;
+        c.send_with_fd(
+            &format!(r#"{{"execute":"getfd","arguments":{{"fdname":"fd-{i}"}},"id":{i}}}"#),
+            std::os::fd::AsRawFd::as_raw_fd(&passed),
+        );
         let req = conn.read().await.unwrap();
         assert_eq!(req["execute"], "getfd", "{req}");
         conn.reply(&req, json!({})).await;

@@ -7,7 +7,7 @@
 //! FIFO only from the front, so every client sees its replies in request
 //! order whatever answered them. Events go out as they come.
 
-use super::fds::{takes_fd, ClientReader};
+use super::fds::ClientReader;
 use crate::config::{ClientOptions, ListenerConfig};
 use crate::error::FailKind;
 use crate::qmp::framing::{Frame, JsonFramer, Limits};
@@ -15,6 +15,7 @@ use crate::qmp::incoming::Greeting;
 use crate::qmp::json::qemu_style;
 use crate::qmp::request::{decide, error_line, Caps, Decision, Session};
 use crate::quiet::Quiet;
+use crate::upstream::fdnames::FdNameOp;
 use crate::upstream::mailbox::mailbox;
 use crate::upstream::{SessionHandle, ToClient, ToSession, EXTENSION_PREFIX};
 use bytes::{Bytes, BytesMut};
@@ -38,6 +39,8 @@ const OUTBUF_HIGH: usize = 1 << 20;
 
 /// How long a stopping qmpmux tries to write a client's last replies.
 const FINAL_FLUSH: std::time::Duration = std::time::Duration::from_millis(500);
+/// QEMU's error for `getfd`/`add-fd` with no fd passed (checked on 7.2).
+const NO_FD_PASSED: &str = "No file descriptor supplied via SCM_RIGHTS";
 
 /// How long after EOF to look again whether the client closed its whole
 /// connection rather than only its sending side.
@@ -68,8 +71,6 @@ enum Slot {
         /// `exec-oob`: its reply goes out as soon as it comes, ahead of
         /// earlier in-band replies (as QEMU's would).
         oob: bool,
-        /// `getfd` (true) or `closefd` (false) of this name.
-        fdname: Option<(bool, String)>,
         /// Bytes of the request, counted in `pending_bytes` until answered.
         bytes: usize,
     },
@@ -98,8 +99,6 @@ struct Client {
     outbuf: BytesMut,
     /// Answer what was asked, then disconnect, for this reason.
     closing: Option<End>,
-    /// `getfd` names this client created and has not closed.
-    fd_names: Vec<String>,
     /// Bytes of forwarded requests not answered yet.
     pending_bytes: usize,
 }
@@ -194,7 +193,6 @@ where
         next_seq: 0,
         outbuf: BytesMut::from(&greeting.line(true)[..]),
         closing: None,
-        fd_names: Vec::new(),
         pending_bytes: 0,
     };
     let (stop, hard) = (client.ctx.stop.clone(), client.ctx.hard.clone());
@@ -297,12 +295,8 @@ where
             client.audit(&command, NO_REPLY, start);
         }
     }
-    // `getfd` names live in QEMU's monitor, shared by all clients: close
-    // this client's, as QEMU closes a connection's unclaimed fds.
-    if !client.fd_names.is_empty() {
-        let names = std::mem::take(&mut client.fd_names);
-        let _ = client.ctx.session.tx.send(ToSession::CloseFds { names }).await;
-    }
+    // The `getfd` names this client still owns are closed by the session
+    // when it sees the Detach (`upstream::fdnames`).
     end
 }
 
@@ -328,6 +322,15 @@ impl Client {
                 self.audit(&command, "denied by policy", Instant::now());
                 self.slots.push_back(Slot::Ready(line));
             }
+            // QEMU's own answer, given here: forwarded, it could take
+            // another client's fd, one that reaches QEMU's shared
+            // connection before it runs (QEMU reads ahead with OOB on).
+            Decision::Forward(fwd) if fwd.takes_fd && !passed.has_fd() => {
+                let id = fwd.id.as_deref().map(qemu_style);
+                let line = error_line(id.as_deref(), "GenericError", NO_FD_PASSED);
+                self.audit(&fwd.command, "error", Instant::now());
+                self.slots.push_back(Slot::Ready(line));
+            }
             Decision::Forward(fwd) if fwd.command.strip_prefix(EXTENSION_PREFIX) == Some("query-proxy") => {
                 let line = self.query_proxy(fwd.id.as_deref());
                 self.slots.push_back(Slot::Ready(line));
@@ -336,8 +339,13 @@ impl Client {
                 let seq = self.next_seq;
                 self.next_seq += 1;
                 debug!(client = self.id, command = %fwd.command, "forward");
-                let fd = if takes_fd(&fwd.command) { passed.take_fd() } else { None };
-                let fdname = fwd.fdname.map(|n| (fwd.command == "getfd", n));
+                // Otherwise (exec-oob, other commands, arguments QEMU
+                // rejects) QEMU would keep the fd for the next one.
+                let fd = if fwd.takes_fd { passed.take_fd() } else { None };
+                let fdname = fwd.fdname.map(|n| match fwd.command.as_str() {
+                    "getfd" => FdNameOp::Get(n),
+                    _ => FdNameOp::Close(n),
+                });
                 // Queries change nothing: the audit log is for the rest.
                 let audit = (!fwd.command.starts_with("query-")).then(|| (fwd.command, Instant::now()));
                 let bytes = fwd.tail.len();
@@ -347,7 +355,6 @@ impl Client {
                     id: fwd.id,
                     audit,
                     oob: fwd.oob,
-                    fdname,
                     bytes,
                 });
                 let msg = ToSession::Execute {
@@ -356,6 +363,7 @@ impl Client {
                     tail: fwd.tail,
                     oob: fwd.oob,
                     fd,
+                    fdname,
                 };
                 if self.ctx.session.tx.send(msg).await.is_err() {
                     let vm = self.ctx.vm.clone();
@@ -413,22 +421,12 @@ impl Client {
             return;
         };
         let Slot::Waiting {
-            id,
-            audit,
-            oob,
-            fdname,
-            bytes,
-            ..
+            id, audit, oob, bytes, ..
         } = std::mem::replace(&mut self.slots[at], Slot::Ready(Bytes::new()))
         else {
             return;
         };
         self.pending_bytes -= bytes;
-        match fdname {
-            Some((true, name)) if outcome == "ok" => self.fd_names.push(name),
-            Some((false, name)) if outcome == "ok" => self.fd_names.retain(|n| *n != name),
-            _ => {}
-        }
         let line = make(id.as_deref());
         if oob {
             self.slots.remove(at);

@@ -2,106 +2,24 @@
 
 pub mod client;
 pub mod fds;
+pub mod sockfile;
 pub mod tls;
 
-use crate::config::SocketPerms;
 use client::{ClientContext, Peer};
 use futures_util::FutureExt;
 use prometheus_client::metrics::gauge::Gauge;
 use std::io;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn, Instrument};
+use tracing::{error, warn, Instrument};
 
-#[derive(Debug, thiserror::Error)]
-pub enum BindError {
-    #[error("{0} is in use by another running process")]
-    InUse(PathBuf),
-    #[error("{0} exists and is not a socket; refusing to replace it")]
-    NotASocket(PathBuf),
-    #[error("cannot create directory {path}")]
-    Dir {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("cannot listen on {path}")]
-    Bind {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("cannot set mode or owner of {path}")]
-    Perms {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-}
-
-/// Binds a unix listening socket at `path` with the given permissions,
-/// creating parent directories and replacing a stale socket file that
-/// nothing listens on.
-///
-/// The socket is bound under a temporary name, given its mode and owner,
-/// then renamed into place: it is never reachable with looser permissions.
-pub async fn bind(path: &Path, perms: &SocketPerms) -> Result<UnixListener, BindError> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|source| BindError::Dir {
-            path: dir.to_owned(),
-            source,
-        })?;
-    }
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        use std::os::unix::fs::FileTypeExt;
-        if !meta.file_type().is_socket() {
-            return Err(BindError::NotASocket(path.to_owned()));
-        }
-        match UnixStream::connect(path).await {
-            Ok(_) => return Err(BindError::InUse(path.to_owned())),
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                info!(path = %path.display(), "replacing stale socket");
-                let _ = std::fs::remove_file(path);
-            }
-            Err(_) => {
-                let _ = std::fs::remove_file(path);
-            }
-        }
-    }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".{}.tmp", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    let _ = std::fs::remove_file(&tmp);
-    let listener = UnixListener::bind(&tmp).map_err(|source| BindError::Bind {
-        path: path.to_owned(),
-        source,
-    })?;
-    let placed = set_perms(&tmp, perms).and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(source) = placed {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(BindError::Perms {
-            path: path.to_owned(),
-            source,
-        });
-    }
-    Ok(listener)
-}
-
-fn set_perms(path: &Path, perms: &SocketPerms) -> io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(perms.mode))?;
-    if perms.uid.is_some() || perms.gid.is_some() {
-        std::os::unix::fs::chown(path, perms.uid, perms.gid)?;
-    }
-    Ok(())
-}
+pub use sockfile::{bind, BindError, Created, SocketFile};
 
 /// Client ids are unique across the whole daemon, for logs.
 static NEXT_CLIENT: AtomicU64 = AtomicU64::new(1);

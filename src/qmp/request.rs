@@ -51,6 +51,9 @@ pub struct Forward {
     /// For `getfd` and `closefd`: the fd name (monitor-wide in QEMU, so
     /// qmpmux tracks which client holds which).
     pub fdname: Option<String>,
+    /// QEMU will take a passed fd for it ([`consumes_fd`]): send the
+    /// client's waiting fd along.
+    pub takes_fd: bool,
 }
 
 /// One QMP error class and text, as it goes on the wire.
@@ -230,13 +233,45 @@ pub fn decide(frame: Frame, session: &mut Session, offered: Caps, policy: &Polic
         "getfd" | "closefd" => fdname(members.get("arguments")),
         _ => None,
     };
+    let takes_fd = !oob && consumes_fd(&command, members.get("arguments"));
     Decision::Forward(Forward {
         tail: forward_tail(&members),
         id: id.map(|v| v.to_owned()),
         command,
         oob,
         fdname,
+        takes_fd,
     })
+}
+
+/// Whether QEMU takes the connection's passed fd for this in-band request:
+/// `getfd` and `add-fd` do, first thing, once their arguments are
+/// accepted; arguments QEMU rejects (missing, unexpected, wrongly typed)
+/// leave the fd with the connection for the next one (checked on 7.2), and
+/// as qmpmux's connection is shared, another client's fd-less `getfd`
+/// would take it. So qmpmux sends the fd only with arguments QEMU accepts,
+/// and otherwise keeps it waiting for this client, as QEMU would.
+pub fn consumes_fd(command: &str, arguments: Option<&RawValue>) -> bool {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct GetFd {
+        #[serde(rename = "fdname")]
+        _fdname: String,
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct AddFd {
+        #[serde(rename = "fdset-id")]
+        _fdset_id: Option<i64>,
+        #[serde(rename = "opaque")]
+        _opaque: Option<String>,
+    }
+    let args = arguments.map_or("{}", |a| a.get());
+    match command {
+        "getfd" => serde_json::from_str::<GetFd>(args).is_ok(),
+        "add-fd" => serde_json::from_str::<AddFd>(args).is_ok(),
+        _ => false,
+    }
 }
 
 fn fdname(arguments: Option<&RawValue>) -> Option<String> {
@@ -360,5 +395,30 @@ mod tests {
             run(&mut s, Caps::default(), "[1]"),
             "{\"error\": {\"class\": \"GenericError\", \"desc\": \"QMP input must be a JSON object\"}}\r\n"
         );
+    }
+}
+
+#[cfg(test)]
+mod fd_tests {
+    use super::consumes_fd;
+    use serde_json::value::RawValue;
+
+    fn args(s: &str) -> Box<RawValue> {
+        RawValue::from_string(s.into()).unwrap()
+    }
+
+    #[test]
+    fn an_fd_goes_only_with_arguments_qemu_accepts() {
+        assert!(consumes_fd("getfd", Some(&args(r#"{"fdname": "x"}"#))));
+        // QEMU takes (and closes) the fd, then refuses the name.
+        assert!(consumes_fd("getfd", Some(&args(r#"{"fdname": "9"}"#))));
+        assert!(!consumes_fd("getfd", None));
+        assert!(!consumes_fd("getfd", Some(&args(r#"{"fdname": 5}"#))));
+        assert!(!consumes_fd("getfd", Some(&args(r#"{"fdname": "x", "y": 1}"#))));
+        assert!(consumes_fd("add-fd", None));
+        assert!(consumes_fd("add-fd", Some(&args(r#"{"fdset-id": -1, "opaque": "o"}"#))));
+        assert!(!consumes_fd("add-fd", Some(&args(r#"{"fdset-id": "1"}"#))));
+        assert!(!consumes_fd("add-fd", Some(&args(r#"{"bogus": 1}"#))));
+        assert!(!consumes_fd("query-status", None));
     }
 }

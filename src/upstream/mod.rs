@@ -6,6 +6,7 @@
 
 pub mod backoff;
 mod connect;
+pub mod fdnames;
 pub mod mailbox;
 mod session;
 pub mod socketwatch;
@@ -70,10 +71,8 @@ pub enum ToSession {
         oob: bool,
         /// A passed file descriptor, sent with the command (SCM_RIGHTS).
         fd: Option<std::os::fd::OwnedFd>,
-    },
-    /// A client left holding these `getfd` names: close them in QEMU.
-    CloseFds {
-        names: Vec<String>,
+        /// `getfd`/`closefd`: the session tracks who owns each name.
+        fdname: Option<fdnames::FdNameOp>,
     },
 }
 

@@ -3,6 +3,7 @@
 
 use super::backoff::Backoff;
 use super::connect::{accept, connect, Connection};
+use super::fdnames::FdNames;
 use super::mailbox::{MailboxSender, SendError};
 use super::socketwatch::{self, SocketWatch};
 use super::{Runstate, SessionHandle, Status, ToClient, ToSession};
@@ -57,6 +58,8 @@ struct Session {
     rx: mpsc::Receiver<ToSession>,
     clients: HashMap<u64, MailboxSender>,
     router: Router,
+    /// Who owns each `getfd` name in QEMU's monitor.
+    fd_names: FdNames,
     status: watch::Sender<Status>,
     backoff: Backoff,
     shutdown: CancellationToken,
@@ -96,6 +99,7 @@ pub fn spawn(
         rx,
         clients: HashMap::new(),
         router: Router::new(UPSTREAM_WINDOW, ahead),
+        fd_names: FdNames::default(),
         status,
         shutdown,
         failures: 0,
@@ -123,7 +127,7 @@ impl Session {
             };
             let result = tokio::select! {
                 r = attempt => r,
-                () = serve_down(&mut self.rx, &mut self.clients, &mut self.router, Runstate::Connecting) => return,
+                () = serve_down(&mut self.rx, &mut self.clients, &mut self.router, &mut self.fd_names, Runstate::Connecting) => return,
                 () = self.shutdown.cancelled() => return,
             };
             match result {
@@ -176,7 +180,7 @@ impl Session {
                     debug!("QEMU's socket appeared; connecting now");
                     self.quick_retries = QUICK_RETRIES;
                 }
-                () = serve_down(&mut self.rx, &mut self.clients, &mut self.router, Runstate::Idle) => return,
+                () = serve_down(&mut self.rx, &mut self.clients, &mut self.router, &mut self.fd_names, Runstate::Idle) => return,
                 () = self.shutdown.cancelled() => return,
             }
         }
@@ -338,7 +342,7 @@ impl Session {
     }
 
     fn on_client(&mut self, msg: ToSession) {
-        let Some(msg) = membership(&mut self.clients, &mut self.router, msg) else {
+        let Some(msg) = membership(&mut self.clients, &mut self.router, &mut self.fd_names, msg) else {
             return;
         };
         match msg {
@@ -349,24 +353,17 @@ impl Session {
                 tail,
                 oob,
                 fd,
+                fdname,
             } => {
                 self.metrics.commands.inc();
                 let (route, now) = (Route { client, seq }, std::time::Instant::now());
+                if let Some(op) = fdname {
+                    self.fd_names.submitted(route, op);
+                }
                 if oob {
                     self.router.submit_oob(route, tail, now)
                 } else {
                     self.router.submit_fd(route, tail, fd, now)
-                }
-            }
-            ToSession::CloseFds { names } => {
-                // Replies go to client 0, which does not exist: dropped.
-                let route = Route { client: 0, seq: 0 };
-                for name in names {
-                    let tail = format!(
-                        ", \"execute\": \"closefd\", \"arguments\": {{\"fdname\": {}}}}}",
-                        json_str(&name)
-                    );
-                    self.router.submit(route, Bytes::from(tail), std::time::Instant::now());
                 }
             }
         }
@@ -425,6 +422,18 @@ impl Session {
     fn deliver(&mut self, client: u64, msg: ToClient) {
         if matches!(msg, ToClient::Failed { .. }) {
             self.metrics.errors.inc();
+        }
+        // Every outcome of a forwarded request passes here, also for a
+        // client that has left.
+        let outcome = match &msg {
+            ToClient::Reply { seq, error, .. } => Some((*seq, !error)),
+            ToClient::Failed { seq, kind } => Some((*seq, may_have_run(*kind))),
+            ToClient::Event(_) => None,
+        };
+        if let Some((seq, done)) = outcome {
+            if let Some(name) = self.fd_names.finished(Route { client, seq }, done) {
+                close_fd_names(&mut self.router, [name]);
+            }
         }
         let Some(mailbox) = self.clients.get(&client) else {
             return;
@@ -491,7 +500,12 @@ impl Session {
 
 /// Clients joining and leaving, handled the same whatever the runstate;
 /// any other message is handed back.
-fn membership(clients: &mut HashMap<u64, MailboxSender>, router: &mut Router, msg: ToSession) -> Option<ToSession> {
+fn membership(
+    clients: &mut HashMap<u64, MailboxSender>,
+    router: &mut Router,
+    fd_names: &mut FdNames,
+    msg: ToSession,
+) -> Option<ToSession> {
     match msg {
         ToSession::Attach {
             client,
@@ -504,7 +518,12 @@ fn membership(clients: &mut HashMap<u64, MailboxSender>, router: &mut Router, ms
         }
         ToSession::Detach { client } => {
             clients.remove(&client);
+            // `getfd` names live in QEMU's monitor: close those this client
+            // still owns, as QEMU closes a departed connection's fds. While
+            // QEMU is away they wait in the queue for its return.
+            let names = fd_names.detached(client, |r| router.is_in_flight(r));
             router.forget_client(client);
+            close_fd_names(router, names);
             None
         }
         other => Some(other),
@@ -517,14 +536,15 @@ async fn serve_down(
     rx: &mut mpsc::Receiver<ToSession>,
     clients: &mut HashMap<u64, MailboxSender>,
     router: &mut Router,
+    fd_names: &mut FdNames,
     state: Runstate,
 ) {
     while let Some(msg) = rx.recv().await {
-        let Some(msg) = membership(clients, router, msg) else {
+        let Some(msg) = membership(clients, router, fd_names, msg) else {
             continue;
         };
         match msg {
-            ToSession::Attach { .. } | ToSession::Detach { .. } | ToSession::CloseFds { .. } => {}
+            ToSession::Attach { .. } | ToSession::Detach { .. } => {}
             ToSession::Execute { client, seq, .. } => {
                 let failed = ToClient::Failed {
                     seq,
@@ -537,6 +557,29 @@ async fn serve_down(
                 }
             }
         }
+    }
+}
+
+/// Queues a `closefd` of each name; the replies go to client 0, which does
+/// not exist, and are dropped.
+fn close_fd_names(router: &mut Router, names: impl IntoIterator<Item = String>) {
+    let route = Route { client: 0, seq: 0 };
+    for name in names {
+        let tail = format!(
+            ", \"execute\": \"closefd\", \"arguments\": {{\"fdname\": {}}}}}",
+            json_str(&name)
+        );
+        router.submit(route, Bytes::from(tail), std::time::Instant::now());
+    }
+}
+
+/// Whether a request that failed this way may still have been run by QEMU.
+fn may_have_run(kind: FailKind) -> bool {
+    match kind {
+        FailKind::Lost => true,
+        FailKind::TimedOut { sent, .. } | FailKind::Stopping { sent } => sent,
+        FailKind::ReplyTooLarge { .. } => true,
+        FailKind::NotSent | FailKind::Down(_) => false,
     }
 }
 

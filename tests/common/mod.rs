@@ -278,6 +278,11 @@ impl Client {
         c
     }
 
+    /// A client from the halves [`Client::into_inner`] gave.
+    pub fn from_parts(reader: BufReader<OwnedReadHalf>, writer: OwnedWriteHalf) -> Client {
+        Client { reader, writer }
+    }
+
     /// The two halves, for raw byte-level use.
     pub fn into_inner(self) -> (BufReader<OwnedReadHalf>, OwnedWriteHalf) {
         (self.reader, self.writer)
@@ -285,6 +290,24 @@ impl Client {
 
     pub async fn send(&mut self, raw: &str) {
         self.writer.write_all(raw.as_bytes()).await.expect("send");
+    }
+
+    /// Sends `raw` in one `sendmsg` carrying `fd` (SCM_RIGHTS).
+    pub fn send_with_fd(&mut self, raw: &str, fd: std::os::fd::RawFd) {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        use std::os::fd::AsRawFd;
+        let sock: &UnixStream = self.writer.as_ref();
+        let iov = [std::io::IoSlice::new(raw.as_bytes())];
+        let fds = [fd];
+        let n = sendmsg::<()>(
+            sock.as_raw_fd(),
+            &iov,
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        )
+        .expect("sendmsg");
+        assert_eq!(n, raw.len());
     }
 
     pub async fn send_bytes(&mut self, raw: &[u8]) {
