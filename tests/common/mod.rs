@@ -194,6 +194,7 @@ impl Daemon {
                     upstream: up.to_path_buf(),
                     upstream_mode: Default::default(),
                     listeners: Vec::new(),
+                    listen_reserved_clients: None,
                     listen: listen.to_path_buf(),
                 })
                 .collect(),
