@@ -246,7 +246,7 @@ pub struct VmConfig {
 }
 
 /// A listen socket with a command policy and optional peer restrictions.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ListenerConfig {
     pub name: String,
     /// Unix socket path; empty for a TCP listener.

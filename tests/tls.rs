@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::logs::{logged, logs};
 use common::{Daemon, Qemu};
 use qmpmux::config::{ListenerConfig, TcpConfig, TlsFiles};
 use qmpmux::policy::Policy;
@@ -224,37 +225,6 @@ async fn plain_tcp_only_on_loopback_by_opt_in() {
         .to_string();
     assert!(e.contains("listener[0].subjects"), "{e}");
     assert!(load("tcp = \"[::]:4444\"\ntls_cert = \"/c\"\ntls_key = \"/k\"\ntls_client_ca = \"/ca\"\n").is_ok());
-}
-
-/// Everything logged by this test binary. Every test calls this before
-/// starting qmpmux, so that this capture, not the harness's, is installed.
-fn logs() -> &'static std::sync::Mutex<Vec<u8>> {
-    static LOGS: std::sync::OnceLock<&'static std::sync::Mutex<Vec<u8>>> = std::sync::OnceLock::new();
-    LOGS.get_or_init(|| {
-        let buf: &'static std::sync::Mutex<Vec<u8>> = Box::leak(Box::default());
-        tracing_subscriber::fmt()
-            .with_env_filter("info")
-            .with_ansi(false)
-            .with_writer(move || Capture(buf))
-            .init();
-        buf
-    })
-}
-
-struct Capture(&'static std::sync::Mutex<Vec<u8>>);
-
-impl std::io::Write for Capture {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn logged(what: &str) -> bool {
-    String::from_utf8_lossy(&logs().lock().unwrap()).contains(what)
 }
 
 async fn served(addr: SocketAddr, ca: &Ca, cert: &(rcgen::Certificate, KeyPair)) -> bool {

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod fake;
+pub mod logs;
 
 use qmpmux::config::{ClientOptions, Config, UpstreamOptions, VmConfig};
 use serde_json::Value;
