@@ -432,6 +432,26 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #[test]
+        fn printed_subjects_are_patterns_matching_them(
+            values in proptest::collection::vec("\\PC{1,12}|[ #,+\"\\\\<>;=*?\x00-\x1f]{1,6}", 1..4)
+        ) {
+            let kinds = ["CN", "O", "OU", "L"];
+            let rdns: Vec<Vec<Attribute>> =
+                values.iter().zip(kinds).map(|(v, k)| vec![text(k, v)]).collect();
+            let s = Subject(rdns);
+            let printed = s.to_string();
+            let p = SubjectPattern::parse(&printed);
+            proptest::prop_assert!(p.as_ref().is_ok_and(|p| p.matches(&s)), "{printed:?}: {p:?}");
+        }
+
+        #[test]
+        fn parsing_never_panics(p in "\\PC{0,40}|[\\\\,+= #*?A-F0-9a-z]{0,20}") {
+            let _ = SubjectPattern::parse(&p);
+        }
+    }
+
     #[test]
     fn glob_is_linear_enough() {
         let p = pat(&format!("CN={}b", "*a".repeat(30)));
