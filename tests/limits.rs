@@ -40,9 +40,9 @@ async fn listener_limits_keep_room_for_other_sockets() {
     let p = |n: &str| dir.path().join(n);
     let _qemu = Qemu::start(&p("q.sock")).await;
     let daemon = Daemon::start_with(&[("vm", &p("q.sock"), &p("rw.sock"))], |c| {
-        // 8 in all; the listeners may have 6 of them, `a` at most 2.
+        // 8 in all; by default the listeners may have 6 of them (a quarter
+        // is kept for the main socket); `a` at most 2.
         c.client.max_clients = 8;
-        c.vms[0].listen_reserved_clients = Some(2);
         c.vms[0].listeners = vec![
             unix_listener("a", &p("a.sock"), Some(2)),
             unix_listener("b", &p("b.sock"), None),
