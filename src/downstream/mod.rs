@@ -259,7 +259,7 @@ pub async fn accept_tcp_loop(
             ctx: ctx.clone(),
             tracker: tracker.clone(),
             slots: slots.clone(),
-            _handshake: handshake,
+            handshake,
         };
         let span = tracing::info_span!("tls_handshake", %addr);
         tracker.spawn(admit.run(stream, addr, tls.clone()).instrument(span));
@@ -272,7 +272,7 @@ struct Admission {
     ctx: Arc<ClientContext>,
     tracker: TaskTracker,
     slots: Slots,
-    _handshake: OwnedSemaphorePermit,
+    handshake: OwnedSemaphorePermit,
 }
 
 impl Admission {
@@ -291,9 +291,10 @@ impl Admission {
             ctx,
             tracker,
             slots,
-            _handshake,
+            handshake,
         } = self;
-        drop(_handshake);
+        // The peer is authenticated: its handshake place goes to the next.
+        drop(handshake);
         let subject = tls::peer_subject(stream.get_ref().1).unwrap_or_default();
         if !ctx.listener.subjects.is_empty() && !ctx.listener.subjects.iter().any(|p| p.matches(&subject)) {
             return warn!(target: "qmpmux::audit", vm = %ctx.vm, %addr, %subject, listener = %ctx.listener.name,
