@@ -2,6 +2,7 @@
 //! (no `Option`s left where a value is needed at run time).
 
 use crate::policy::{Glob, Policy};
+use crate::subject::SubjectPattern;
 use serde::Deserialize;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -96,6 +97,7 @@ struct RawVm {
     #[serde(default)]
     upstream_mode: UpstreamMode,
     listen: Option<PathBuf>,
+    listen_reserved_clients: Option<usize>,
     #[serde(default, rename = "listener")]
     listeners: Vec<RawListener>,
 }
@@ -123,6 +125,7 @@ struct RawListener {
     uids: Vec<u32>,
     #[serde(default)]
     gids: Vec<u32>,
+    max_clients: Option<usize>,
 }
 
 /// Validated configuration.
@@ -257,10 +260,13 @@ pub struct VmConfig {
     pub listen: PathBuf,
     /// Further sockets, each with its own policy.
     pub listeners: Vec<ListenerConfig>,
+    /// Client slots the extra listeners together may never take, kept for
+    /// `listen`; `None`: [`default_listen_reserve`].
+    pub listen_reserved_clients: Option<usize>,
 }
 
 /// A listen socket with a command policy and optional peer restrictions.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ListenerConfig {
     pub name: String,
     /// Unix socket path; empty for a TCP listener.
@@ -268,12 +274,15 @@ pub struct ListenerConfig {
     pub tcp: Option<TcpConfig>,
     /// TLS clients whose certificate subject matches one of these are
     /// served (all verified clients when empty).
-    pub subjects: Vec<Glob>,
+    pub subjects: Vec<SubjectPattern>,
     pub policy: Policy,
     /// When either list is non-empty, only peers whose uid is in `uids` or
     /// whose gid is in `gids` are served.
     pub uids: Vec<u32>,
     pub gids: Vec<u32>,
+    /// Clients this listener serves at once; `None`: as many as the VM's
+    /// listeners may have together ([`VmConfig::listener_share`]).
+    pub max_clients: Option<usize>,
 }
 
 /// A TCP listener: mutual TLS, or plain on loopback by explicit opt-in.
@@ -290,6 +299,29 @@ pub struct TlsFiles {
     pub key: PathBuf,
     /// Client certificates must chain to this CA.
     pub client_ca: PathBuf,
+}
+
+/// Upper bound of the default `listen_reserved_clients`.
+const DEFAULT_LISTEN_RESERVE_MAX: usize = 64;
+
+/// The default `listen_reserved_clients`: a quarter of `max_clients`, at
+/// least 1 and at most 64, always leaving the listeners at least one slot
+/// (so none is kept when `max_clients` is 1).
+pub fn default_listen_reserve(max_clients: usize) -> usize {
+    (max_clients / 4)
+        .clamp(1, DEFAULT_LISTEN_RESERVE_MAX)
+        .min(max_clients.saturating_sub(1))
+}
+
+impl VmConfig {
+    /// Client slots the extra listeners may take together, out of the VM's
+    /// `max_clients`.
+    pub fn listener_share(&self, max_clients: usize) -> usize {
+        let reserved = self
+            .listen_reserved_clients
+            .unwrap_or_else(|| default_listen_reserve(max_clients));
+        max_clients.saturating_sub(reserved)
+    }
 }
 
 impl ListenerConfig {
@@ -416,6 +448,19 @@ impl RawConfig {
             if vm.upstream_mode == UpstreamMode::Accept && !listens.insert(vm.upstream.clone()) {
                 return Err(invalid(at("upstream"), "is also used as a listen path"));
             }
+            if vm.listen_reserved_clients.is_some_and(|r| r >= client.max_clients) {
+                return Err(invalid(
+                    at("listen_reserved_clients"),
+                    format!(
+                        "must be less than client.max_clients ({}), or the extra listeners get no client at all",
+                        client.max_clients
+                    ),
+                ));
+            }
+            let share = client.max_clients.saturating_sub(
+                vm.listen_reserved_clients
+                    .unwrap_or_else(|| default_listen_reserve(client.max_clients)),
+            );
             let mut listeners = Vec::new();
             for (j, l) in vm.listeners.into_iter().enumerate() {
                 let at = |f: &str| format!("vm[{i}].listener[{j}].{f}");
@@ -465,17 +510,37 @@ impl RawConfig {
                 if tcp.as_ref().is_none_or(|t| t.tls.is_none()) && !l.subjects.is_empty() {
                     return Err(invalid(at("subjects"), "subjects apply to TLS listeners only"));
                 }
+                let subjects = l
+                    .subjects
+                    .iter()
+                    .map(|s| SubjectPattern::parse(s))
+                    .collect::<Result<_, _>>()
+                    .map_err(|r| invalid(at("subjects"), r))?;
+                match l.max_clients {
+                    Some(0) => return Err(invalid(at("max_clients"), "must be greater than 0")),
+                    Some(n) if n > share => {
+                        return Err(invalid(
+                            at("max_clients"),
+                            format!(
+                                "{n} is more than the {share} clients the VM's extra listeners may have together \
+                                 (client.max_clients less listen_reserved_clients)"
+                            ),
+                        ))
+                    }
+                    _ => {}
+                }
                 listeners.push(ListenerConfig {
                     name,
                     path,
                     tcp,
-                    subjects: l.subjects.into_iter().map(Glob::new).collect(),
+                    subjects,
                     policy: Policy {
                         allow: l.allow.into_iter().map(Glob::new).collect(),
                         deny: l.deny.into_iter().map(Glob::new).collect(),
                     },
                     uids: l.uids,
                     gids: l.gids,
+                    max_clients: l.max_clients,
                 });
             }
             vms.push(VmConfig {
@@ -484,6 +549,7 @@ impl RawConfig {
                 upstream_mode: vm.upstream_mode,
                 listen,
                 listeners,
+                listen_reserved_clients: vm.listen_reserved_clients,
             });
         }
         let log_level = self.log_level.unwrap_or_else(|| "info".into());
@@ -720,6 +786,52 @@ mod tests {
         assert!(e.contains("log_level"), "{e}");
         let e = load("[[vm]]\nname = 5\n").unwrap_err();
         assert!(e.contains("invalid type"), "{e}");
+    }
+
+    #[test]
+    fn client_limits_per_listener() {
+        assert_eq!(default_listen_reserve(4096), 64);
+        assert_eq!(default_listen_reserve(100), 25);
+        assert_eq!(default_listen_reserve(4), 1);
+        assert_eq!(default_listen_reserve(2), 1);
+        assert_eq!(default_listen_reserve(1), 0);
+        let vm = "[[vm]]\nname = \"a\"\nupstream = \"/q\"\nlisten = \"/l\"\n";
+        let ro = "[[vm.listener]]\npath = \"/ro\"\n";
+        let c = load(&format!("{vm}{ro}max_clients = 4032\n")).unwrap();
+        assert_eq!(c.vms[0].listener_share(c.client.max_clients), 4032);
+        assert_eq!(c.vms[0].listeners[0].max_clients, Some(4032));
+        let e = load(&format!("{vm}{ro}max_clients = 4033\n")).unwrap_err();
+        assert!(e.contains("vm[0].listener[0].max_clients") && e.contains("4032"), "{e}");
+        let e = load(&format!("{vm}{ro}max_clients = 0\n")).unwrap_err();
+        assert!(e.contains("vm[0].listener[0].max_clients"), "{e}");
+        let c = load(&format!(
+            "[client]\nmax_clients = 10\n{vm}listen_reserved_clients = 0\n{ro}max_clients = 10\n"
+        ))
+        .unwrap();
+        assert_eq!(c.vms[0].listener_share(10), 10);
+        let e = load(&format!(
+            "[client]\nmax_clients = 10\n{vm}listen_reserved_clients = 10\n"
+        ))
+        .unwrap_err();
+        assert!(e.contains("vm[0].listen_reserved_clients"), "{e}");
+        let e = load(&format!(
+            "[client]\nmax_clients = 10\n{vm}listen_reserved_clients = 2\n{ro}max_clients = 9\n"
+        ))
+        .unwrap_err();
+        assert!(e.contains("listener[0].max_clients") && e.contains(" 8 "), "{e}");
+    }
+
+    #[test]
+    fn subject_patterns_are_checked() {
+        let base = "[[vm]]\nname = \"a\"\nupstream = \"/q\"\nlisten = \"/l\"\n[[vm.listener]]\n\
+                    tcp = \"[::]:4444\"\ntls_cert = \"/c\"\ntls_key = \"/k\"\ntls_client_ca = \"/ca\"\n";
+        let c = load(&format!("{base}subjects = [\"CN=orchestrator, O=Example\"]\n")).unwrap();
+        assert_eq!(c.vms[0].listeners[0].subjects[0].as_str(), "CN=orchestrator, O=Example");
+        let e = load(&format!("{base}subjects = [\"*CN=orchestrator*\"]\n")).unwrap_err();
+        assert!(
+            e.contains("vm[0].listener[0].subjects") && e.contains("TYPE=VALUE"),
+            "{e}"
+        );
     }
 
     #[test]

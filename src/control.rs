@@ -3,17 +3,24 @@
 //!
 //! Protocol: the client sends `status\n`; the daemon answers one JSON line
 //! ([`StatusReport`]) and closes.
+//!
+//! Both serve a limited number of connections at once and give each a time
+//! limit, so that idle peers cannot use up qmpmux's file descriptors.
 
 use crate::metrics::SharedMetrics;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// One VM as `qmpmux status` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -43,9 +50,17 @@ pub struct StatusReport {
 /// Asks the supervisor for a report.
 pub type StatusQuery = oneshot::Sender<StatusReport>;
 
+/// Control connections served at once; more are closed at once.
+pub const CONTROL_MAX_CONNECTIONS: usize = 16;
+
+/// How long a control connection may take, request and answer together.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Serves the control socket until `stop`.
 pub async fn serve_control(listener: UnixListener, queries: mpsc::Sender<StatusQuery>, stop: CancellationToken) {
+    let mut gate = Gate::new("control socket", CONTROL_MAX_CONNECTIONS);
     loop {
+        // Cancel-safe: a cancelled `accept` loses no connection.
         let stream = tokio::select! {
             r = listener.accept() => match r {
                 Ok((s, _)) => s,
@@ -57,10 +72,54 @@ pub async fn serve_control(listener: UnixListener, queries: mpsc::Sender<StatusQ
             },
             () = stop.cancelled() => return,
         };
+        let Some(permit) = gate.admit() else {
+            continue;
+        };
         let queries = queries.clone();
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(5), answer(stream, queries)).await;
+            let _ = tokio::time::timeout(CONTROL_TIMEOUT, answer(stream, queries)).await;
+            drop(permit);
         });
+    }
+}
+
+/// A cap on the connections a service serves at once, so that idle peers
+/// cannot use up qmpmux's file descriptors (which its QMP clients need).
+/// A connection beyond it is closed at once; the first refusal of a run is
+/// logged, and how many there were once one is served again.
+struct Gate {
+    what: &'static str,
+    permits: Arc<Semaphore>,
+    max: usize,
+    refused: u64,
+}
+
+impl Gate {
+    fn new(what: &'static str, max: usize) -> Gate {
+        Gate {
+            what,
+            permits: Arc::new(Semaphore::new(max)),
+            max,
+            refused: 0,
+        }
+    }
+
+    fn admit(&mut self) -> Option<OwnedSemaphorePermit> {
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            if self.refused == 0 {
+                warn!(target: "qmpmux::audit", service = self.what, max = self.max,
+                    "connection refused: the service has its maximum number of connections \
+                     (further refusals are counted, not logged)");
+            }
+            self.refused += 1;
+            return None;
+        };
+        if self.refused > 0 {
+            warn!(target: "qmpmux::audit", service = self.what, refused = self.refused,
+                "connections were refused while the service had its maximum number");
+            self.refused = 0;
+        }
+        Some(permit)
     }
 }
 
@@ -131,31 +190,83 @@ pub fn render(report: &StatusReport) -> String {
     out
 }
 
-/// Serves `GET /metrics` in Prometheus text format until `stop`.
+/// Metrics connections served at once; more are closed at once.
+pub const METRICS_MAX_CONNECTIONS: usize = 16;
+
+/// How long a metrics client may take to send its request's headers.
+const METRICS_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a metrics connection may last in all (one request: no
+/// keep-alive), so that a client that does not read its answer still goes.
+const METRICS_CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves `GET /metrics` in Prometheus text format until `stop`: one
+/// request per connection, at most [`METRICS_MAX_CONNECTIONS`] at once.
 pub async fn serve_metrics(listener: TcpListener, metrics: SharedMetrics, stop: CancellationToken) {
-    use axum::routing::get;
-    let app = axum::Router::new().route(
-        "/metrics",
-        get(move || {
-            let metrics = metrics.clone();
-            async move {
-                (
-                    [(
-                        "content-type",
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    metrics.encode(),
-                )
-            }
-        }),
-    );
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "serving metrics at /metrics");
     }
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await
-    {
-        warn!(error = %e, "metrics endpoint failed");
+    let mut gate = Gate::new("metrics", METRICS_MAX_CONNECTIONS);
+    loop {
+        // Cancel-safe: a cancelled `accept` loses no connection.
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    warn!(error = %e, "metrics accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = stop.cancelled() => return,
+        };
+        let Some(permit) = gate.admit() else {
+            continue;
+        };
+        tokio::spawn(serve_metrics_connection(stream, metrics.clone(), stop.clone(), permit));
     }
+}
+
+async fn serve_metrics_connection(
+    stream: TcpStream,
+    metrics: SharedMetrics,
+    stop: CancellationToken,
+    _permit: OwnedSemaphorePermit,
+) {
+    let service = hyper::service::service_fn(move |req| {
+        let reply = metrics_reply(&req, &metrics);
+        async move { Ok::<_, std::convert::Infallible>(reply) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(METRICS_HEADER_TIMEOUT)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), service);
+    // Cancel-safe: dropping the connection closes it.
+    tokio::select! {
+        r = tokio::time::timeout(METRICS_CONNECTION_TIMEOUT, conn) => match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => debug!(error = %e, "metrics connection failed"),
+            Err(_) => debug!("metrics connection timed out"),
+        },
+        () = stop.cancelled() => {}
+    }
+}
+
+/// `GET` (or `HEAD`) `/metrics`: the metrics; anything else an error.
+fn metrics_reply<B>(req: &Request<B>, metrics: &SharedMetrics) -> Response<String> {
+    let (status, body) = match (req.method(), req.uri().path()) {
+        (&Method::GET | &Method::HEAD, "/metrics") => (StatusCode::OK, metrics.encode()),
+        (_, "/metrics") => (StatusCode::METHOD_NOT_ALLOWED, String::new()),
+        _ => (StatusCode::NOT_FOUND, String::new()),
+    };
+    let mut reply = Response::new(body);
+    *reply.status_mut() = status;
+    if status == StatusCode::OK {
+        reply.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        );
+    }
+    reply
 }

@@ -63,6 +63,7 @@ pub async fn start(listen: Option<PathBuf>) -> Result<Demo, DemoError> {
             upstream,
             upstream_mode: Default::default(),
             listeners: Vec::new(),
+            listen_reserved_clients: None,
             listen,
         }],
     };

@@ -7,6 +7,7 @@
 //! - [`router`]: correlation of forwarded requests with replies; pure.
 //! - [`upstream`]: the per-VM session task owning QEMU's socket.
 //! - [`downstream`]: listeners and per-client tasks.
+//! - [`subject`]: TLS client identities, printed and matched unambiguously.
 //! - [`shards`]: the threads VMs run on, one VM wholly on one thread.
 //! - [`supervisor`]: [`run`], tying it together until shutdown.
 //! - [`systemd`]: readiness notifications, and the watchdog, fed while the
@@ -30,6 +31,7 @@ pub mod qmp;
 pub mod quiet;
 pub mod router;
 pub mod shards;
+pub mod subject;
 pub mod supervisor;
 pub mod systemd;
 pub mod trim;

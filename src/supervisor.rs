@@ -5,6 +5,7 @@
 use crate::config::{Config, ListenerConfig, SocketPerms, UpstreamMode, VmConfig};
 use crate::control::{serve_control, serve_metrics, StatusReport, VmStatus};
 use crate::downstream::client::ClientContext;
+use crate::downstream::slots::VmSlots;
 use crate::downstream::{accept_loop, accept_tcp_loop, bind, tls, BindError, Created, SocketFile};
 use crate::metrics::{Metrics, SharedMetrics, VmMetrics};
 use crate::policy::Policy;
@@ -14,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -368,7 +369,7 @@ impl Supervisor {
         );
         let listener = sockets.clients;
         let max_clients = self.config.client.max_clients;
-        let slots = Arc::new(Semaphore::new(max_clients));
+        let slots = VmSlots::new(max_clients, vm.listener_share(max_clients));
         let ctx = ClientContext {
             vm: vm.name.as_str().into(),
             session: session.clone(),
@@ -384,6 +385,7 @@ impl Supervisor {
                 policy: Policy::default(),
                 uids: Vec::new(),
                 gids: Vec::new(),
+                max_clients: None,
             }),
         };
         info!(vm = %vm.name, listen = %vm.listen.display(), upstream = %vm.upstream.display(), "serving VM");
@@ -396,16 +398,22 @@ impl Supervisor {
             match bound {
                 Bound::Unix(sock) => {
                     info!(vm = %vm.name, listener = %l.name, path = %l.path.display(), %policy, "extra listener");
-                    tasks.spawn(accept_loop(sock, ctx, clients.clone(), slots.clone()));
+                    tasks.spawn(accept_loop(sock, ctx, clients.clone(), slots.listener(l.max_clients)));
                 }
                 Bound::Tcp(sock, tls) => {
                     let addr = sock.local_addr().map(|a| a.to_string()).unwrap_or_default();
                     info!(vm = %vm.name, listener = %l.name, %addr, tls = tls.is_some(), %policy, "extra listener");
-                    tasks.spawn(accept_tcp_loop(sock, tls, ctx, clients.clone(), slots.clone()));
+                    tasks.spawn(accept_tcp_loop(
+                        sock,
+                        tls,
+                        ctx,
+                        clients.clone(),
+                        slots.listener(l.max_clients),
+                    ));
                 }
             }
         }
-        tasks.spawn(accept_loop(listener, ctx, clients.clone(), slots.clone()));
+        tasks.spawn(accept_loop(listener, ctx, clients.clone(), slots.main()));
         self.vms.insert(
             vm.name.clone(),
             Vm {

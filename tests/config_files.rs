@@ -146,7 +146,9 @@ fn full_sets_every_option_to_something_read() {
     assert_eq!(files.key, Path::new("/etc/qmpmux/tls/server.key"));
     assert_eq!(files.client_ca, Path::new("/etc/qmpmux/tls/clients-ca.pem"));
     let subjects: Vec<&str> = tls.subjects.iter().map(|g| g.as_str()).collect();
-    assert_eq!(subjects, ["*CN=orchestrator*"]);
+    assert_eq!(subjects, ["CN=orchestrator, O=Example"]);
+    assert_eq!(tls.max_clients, Some(16));
+    assert_eq!((web.listen_reserved_clients, web.listener_share(256)), (Some(32), 224));
     let plain = &web.listeners[3];
     let tcp = plain.tcp.as_ref().expect("a TCP listener");
     assert_eq!((tcp.addr, tcp.tls.is_none()), ("127.0.0.1:4445".parse().unwrap(), true));

@@ -24,10 +24,15 @@ fn listener(path: &Path, allow: &[&str], deny: &[&str]) -> ListenerConfig {
         },
         uids: Vec::new(),
         gids: Vec::new(),
+        max_clients: None,
     }
 }
 
 /// Open fds of this process (the daemon runs in it).
+/// The tests here count this process's open fds: they run one at a time,
+/// so that another test's sockets and QEMU pipes never enter the count.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
@@ -89,6 +94,7 @@ async fn until_closed(c: Client) {
 /// the fix the 16 that fitted leaked every time (22 -> 1,622 fds).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_full_fd_messages_are_closed_and_their_sender_disconnected() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let (up, sock, ro) = (
         dir.path().join("q.sock"),
@@ -126,6 +132,7 @@ async fn over_full_fd_messages_are_closed_and_their_sender_disconnected() {
 /// client goes on working.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_control_messages_leave_at_most_one_fd_waiting() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let (up, sock) = (dir.path().join("q.sock"), dir.path().join("vm.sock"));
     let _qemu = Qemu::start(&up).await;
@@ -184,6 +191,7 @@ async fn several_control_messages_leave_at_most_one_fd_waiting() {
 /// it. Through qmpmux the same, a command refused by policy included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_fd_sent_with_a_command_that_does_not_take_it_waits_for_the_next_getfd() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let (up, sock, limited) = (
         dir.path().join("q.sock"),
@@ -242,6 +250,7 @@ async fn an_fd_sent_with_a_command_that_does_not_take_it_waits_for_the_next_getf
 /// leaving must not close it; names A still owns are closed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_getfd_name_replaced_by_another_client_survives_its_creator_leaving() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let (up, sock) = (dir.path().join("q.sock"), dir.path().join("vm.sock"));
     let qemu = Qemu::start(&up).await;
@@ -300,6 +309,7 @@ async fn a_getfd_name_replaced_by_another_client_survives_its_creator_leaving() 
 /// stays with its client, for that client's next `getfd`, as on QEMU.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_fd_with_malformed_getfd_arguments_never_reaches_another_client() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let (up, sock) = (dir.path().join("q.sock"), dir.path().join("vm.sock"));
     let _qemu = Qemu::start(&up).await;
@@ -346,6 +356,7 @@ async fn an_fd_with_malformed_getfd_arguments_never_reaches_another_client() {
 /// B must get QEMU's "no fd" error and A its own fd, not B A's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_getfd_without_an_fd_never_takes_another_client_s() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let (up, sock) = (dir.path().join("q.sock"), dir.path().join("vm.sock"));
     let qemu = Qemu::start(&up).await;

@@ -75,6 +75,7 @@ async fn oob_against_real_qemu_and_policy() {
             },
             uids: Vec::new(),
             gids: Vec::new(),
+            max_clients: None,
         }];
     })
     .await;

@@ -22,6 +22,7 @@ fn listener(name: &str, path: &Path, allow: &[&str], deny: &[&str]) -> ListenerC
         },
         uids: Vec::new(),
         gids: Vec::new(),
+        max_clients: None,
     }
 }
 

@@ -17,6 +17,7 @@ fn vm(name: &str, up: &Path, listen: &Path) -> VmConfig {
         upstream: up.to_owned(),
         upstream_mode: Default::default(),
         listeners: Vec::new(),
+        listen_reserved_clients: None,
         listen: listen.to_owned(),
     }
 }

@@ -16,6 +16,7 @@ fn vm(name: &str, up: &Path, listen: &Path) -> qmpmux::config::VmConfig {
         upstream_mode: Default::default(),
         listeners: Vec::new(),
         listen: listen.to_owned(),
+        listen_reserved_clients: None,
     }
 }
 
@@ -230,6 +231,7 @@ async fn a_rejected_reload_leaves_no_sockets_or_directories() {
         policy: Default::default(),
         uids: Vec::new(),
         gids: Vec::new(),
+        max_clients: None,
     });
     bad.vms.push(c);
     assert!(daemon.reload(bad).await.is_err());

@@ -4,9 +4,11 @@
 
 mod common;
 
+use common::logs::{logged, logs};
 use common::{Daemon, Qemu};
 use qmpmux::config::{ListenerConfig, TcpConfig, TlsFiles};
-use qmpmux::policy::{Glob, Policy};
+use qmpmux::policy::Policy;
+use qmpmux::subject::SubjectPattern;
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
@@ -34,10 +36,21 @@ fn new_ca(name: &str) -> Ca {
 }
 
 fn leaf(ca: &Ca, cn: &str, client: bool) -> (rcgen::Certificate, KeyPair) {
+    leaf_dn(
+        ca,
+        &[(DnType::CommonName, cn), (DnType::OrganizationName, "Example")],
+        client,
+    )
+}
+
+/// A certificate whose subject is exactly `dn`, in this order.
+fn leaf_dn(ca: &Ca, dn: &[(DnType, &str)], client: bool) -> (rcgen::Certificate, KeyPair) {
     let key = KeyPair::generate().unwrap();
     let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-    params.distinguished_name.push(DnType::CommonName, cn);
-    params.distinguished_name.push(DnType::OrganizationName, "Example");
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    for (kind, value) in dn {
+        params.distinguished_name.push(kind.clone(), *value);
+    }
     params.extended_key_usages = vec![if client {
         ExtendedKeyUsagePurpose::ClientAuth
     } else {
@@ -58,10 +71,11 @@ fn listener(addr: SocketAddr, tls: Option<TlsFiles>, subjects: &[&str]) -> Liste
         name: "tls".into(),
         path: Default::default(),
         tcp: Some(TcpConfig { addr, tls }),
-        subjects: subjects.iter().map(|s| Glob::new(*s)).collect(),
+        subjects: subjects.iter().map(|s| SubjectPattern::parse(s).unwrap()).collect(),
         policy: Policy::default(),
         uids: Vec::new(),
         gids: Vec::new(),
+        max_clients: None,
     }
 }
 
@@ -130,6 +144,7 @@ fn write_pems(dir: &Path, ca: &Ca, server: &(rcgen::Certificate, KeyPair)) -> Tl
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_admits_only_certified_allowed_clients() {
+    logs();
     let dir = tempfile::tempdir().unwrap();
     let p = |n: &str| dir.path().join(n);
     let _qemu = Qemu::start(&p("q.sock")).await;
@@ -173,6 +188,7 @@ async fn mutual_tls_admits_only_certified_allowed_clients() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_tcp_only_on_loopback_by_opt_in() {
+    logs();
     let dir = tempfile::tempdir().unwrap();
     let p = |n: &str| dir.path().join(n);
     let _qemu = Qemu::start(&p("q.sock")).await;
@@ -209,4 +225,141 @@ async fn plain_tcp_only_on_loopback_by_opt_in() {
         .to_string();
     assert!(e.contains("listener[0].subjects"), "{e}");
     assert!(load("tcp = \"[::]:4444\"\ntls_cert = \"/c\"\ntls_key = \"/k\"\ntls_client_ca = \"/ca\"\n").is_ok());
+}
+
+async fn served(addr: SocketAddr, ca: &Ca, cert: &(rcgen::Certificate, KeyPair)) -> bool {
+    match tls_connect(addr, ca, Some(cert)).await {
+        Ok(s) => talk(s).await.is_some(),
+        Err(_) => false,
+    }
+}
+
+/// A subject value holding `, CN=...` is one attribute, not two, and
+/// `CN=orchestrator` does not admit `CN=orchestrator-evil`; the audit log
+/// shows the subject escaped, as exactly what it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subjects_match_whole_attributes() {
+    logs();
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let _qemu = Qemu::start(&p("q.sock")).await;
+    let ca = new_ca("qmpmux test CA");
+    let files = write_pems(dir.path(), &ca, &leaf(&ca, "localhost", false));
+    let addr = free_port();
+    let daemon = Daemon::start_with(&[("vm", &p("q.sock"), &p("rw.sock"))], |c| {
+        c.vms[0].listeners = vec![listener(addr, Some(files), &["O=Example, CN=orchestrator"])];
+    })
+    .await;
+
+    let forged = leaf_dn(&ca, &[(DnType::OrganizationName, "Example, CN=orchestrator")], true);
+    assert!(
+        !served(addr, &ca, &forged).await,
+        "one O attribute must not pass for O and CN"
+    );
+    let evil = leaf(&ca, "orchestrator-evil", true);
+    assert!(!served(addr, &ca, &evil).await, "CN must match whole");
+    let real = leaf_dn(
+        &ca,
+        &[
+            (DnType::CommonName, "orchestrator"),
+            (DnType::OrganizationName, "Example"),
+        ],
+        true,
+    );
+    assert!(
+        served(addr, &ca, &real).await,
+        "the order of attributes does not matter"
+    );
+    common::eventually("the refusals in the audit log", async || {
+        logged(r"qmpmux::audit: client refused: certificate subject not allowed vm=vm addr=")
+            && logged(r"subject=O=Example\, CN=orchestrator listener=tls")
+            && logged("subject=CN=orchestrator-evil, O=Example listener=tls")
+    })
+    .await;
+    assert!(logged(r#"remote="tls:CN=orchestrator, O=Example@127.0.0.1:"#));
+    daemon.stop().await;
+}
+
+/// How many of these raw TCP connections (which have sent nothing and been
+/// sent nothing) qmpmux has not closed.
+fn still_open(conns: &[tokio::net::TcpStream]) -> usize {
+    let mut buf = [0u8; 16];
+    conns
+        .iter()
+        .filter(|c| matches!(c.try_read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock))
+        .count()
+}
+
+/// Connections that never complete their TLS handshake take no client slot,
+/// so they cannot lock the VM's other sockets out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_take_no_client_slot() {
+    logs();
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let _qemu = Qemu::start(&p("q.sock")).await;
+    let ca = new_ca("qmpmux test CA");
+    let files = write_pems(dir.path(), &ca, &leaf(&ca, "localhost", false));
+    let addr = free_port();
+    let daemon = Daemon::start_with(&[("vm", &p("q.sock"), &p("rw.sock"))], |c| {
+        c.client.max_clients = 2;
+        c.vms[0].listeners = vec![listener(addr, Some(files), &[])];
+    })
+    .await;
+    let mut idle = Vec::new();
+    for _ in 0..10 {
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    // Both of the VM's slots are free: the main socket and a certified
+    // client each get one.
+    let (_main, _) = common::Client::open(&p("rw.sock")).await;
+    let good = leaf(&ca, "orchestrator", true);
+    let stream = tls_connect(addr, &ca, Some(&good)).await.unwrap();
+    let mut r = BufReader::new(stream);
+    assert!(line(&mut r).await.expect("a greeting")["QMP"].is_object());
+    assert_eq!(
+        still_open(&idle),
+        idle.len(),
+        "the handshakes in progress are left alone"
+    );
+    daemon.stop().await;
+}
+
+/// At most `MAX_HANDSHAKES` handshakes run at once per listener; beyond
+/// them, connections are closed at once and logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_in_progress_are_capped() {
+    logs();
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let _qemu = Qemu::start(&p("q.sock")).await;
+    let ca = new_ca("qmpmux test CA");
+    let files = write_pems(dir.path(), &ca, &leaf(&ca, "localhost", false));
+    let addr = free_port();
+    let daemon = Daemon::start_with(&[("vm", &p("q.sock"), &p("rw.sock"))], |c| {
+        c.vms[0].listeners = vec![listener(addr, Some(files), &[])];
+    })
+    .await;
+    let cap = qmpmux::downstream::MAX_HANDSHAKES;
+    let extra = 20;
+    let mut idle = Vec::new();
+    for _ in 0..cap + extra {
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    common::eventually("the connections beyond the cap to be closed", async || {
+        still_open(&idle) <= cap
+    })
+    .await;
+    assert!(logged(
+        "client refused: too many TLS handshakes in progress on this listener"
+    ));
+    // The refused connections are gone; once the idle ones leave, their
+    // handshakes end and a certified client gets through again.
+    drop(idle);
+    let good = leaf(&ca, "orchestrator", true);
+    common::eventually("a certified client to be served", async || {
+        served(addr, &ca, &good).await
+    })
+    .await;
+    daemon.stop().await;
 }

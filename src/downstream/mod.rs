@@ -2,12 +2,14 @@
 
 pub mod client;
 pub mod fds;
+pub mod slots;
 pub mod sockfile;
 pub mod tls;
 
 use client::{ClientContext, Peer};
 use futures_util::FutureExt;
 use prometheus_client::metrics::gauge::Gauge;
+use slots::{Slot, Slots};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,11 +27,14 @@ pub use sockfile::{bind, BindError, Created, SocketFile};
 static NEXT_CLIENT: AtomicU64 = AtomicU64::new(1);
 
 /// Accepts clients until `ctx.stop`; each gets its own task on `tracker`
-/// and holds one of the `slots` permits while connected.
-pub async fn accept_loop(listener: UnixListener, ctx: ClientContext, tracker: TaskTracker, slots: Arc<Semaphore>) {
+/// and holds a slot (see [`slots`]) while connected.
+pub async fn accept_loop(listener: UnixListener, ctx: ClientContext, tracker: TaskTracker, slots: Slots) {
     // One context for all the listener's clients, not a copy in each.
     let ctx = Arc::new(ctx);
-    while let Some(((stream, _), permit)) = next_client(&ctx, &slots, || listener.accept()).await {
+    while let Some((stream, _)) = next_connection(&ctx, || listener.accept()).await {
+        let Some(slot) = take_slot(&slots, &ctx, None) else {
+            continue;
+        };
         let peer = match stream.peer_cred() {
             Ok(c) => Peer {
                 pid: c.pid().unwrap_or(0),
@@ -48,34 +53,26 @@ pub async fn accept_loop(listener: UnixListener, ctx: ClientContext, tracker: Ta
             continue;
         }
         let (read, write) = stream.into_split();
-        spawn_client(&tracker, &ctx, permit, |id, ctx| {
+        spawn_client(&tracker, &ctx, slot, |id, ctx| {
             client::run(fds::FdReader::new(read), write, id, peer, ctx)
         });
     }
 }
 
-/// The next accepted connection and a client slot for it; `None` once
-/// `ctx.stop` is cancelled. Failed accepts and connections beyond the
-/// VM's client limit are logged and skipped.
-async fn next_client<T, F>(
-    ctx: &ClientContext,
-    slots: &Arc<Semaphore>,
-    mut accept: impl FnMut() -> F,
-) -> Option<(T, OwnedSemaphorePermit)>
+/// The next accepted connection; `None` once `ctx.stop` is cancelled.
+/// Failed accepts are logged and skipped.
+async fn next_connection<T, F>(ctx: &ClientContext, mut accept: impl FnMut() -> F) -> Option<T>
 where
     F: std::future::Future<Output = io::Result<T>>,
 {
     loop {
+        // Cancel-safe: a cancelled `accept` loses no connection.
         let accepted = tokio::select! {
             a = accept() => a,
             () = ctx.stop.cancelled() => return None,
         };
         match accepted {
-            Ok(a) => {
-                if let Some(permit) = take_slot(slots, ctx) {
-                    return Some((a, permit));
-                }
-            }
+            Ok(a) => return Some(a),
             Err(e) => after_accept_error(e).await,
         }
     }
@@ -92,25 +89,26 @@ async fn after_accept_error(e: io::Error) {
     }
 }
 
-/// One of the VM's client slots, or `None` (logged) when all are taken.
-fn take_slot(slots: &Arc<Semaphore>, ctx: &ClientContext) -> Option<OwnedSemaphorePermit> {
-    let permit = slots.clone().try_acquire_owned().ok();
-    if permit.is_none() {
-        warn!(target: "qmpmux::audit", vm = %ctx.vm, listener = %ctx.listener.name, max = ctx.opts.max_clients,
-            "client refused: the VM has its maximum number of clients");
-    }
-    permit
+/// A client slot, or `None` (logged) when a limit is reached.
+fn take_slot(slots: &Slots, ctx: &ClientContext, remote: Option<&str>) -> Option<Slot> {
+    slots
+        .try_take()
+        .map_err(|full| {
+            warn!(target: "qmpmux::audit", vm = %ctx.vm, listener = %ctx.listener.name, max = full.max(),
+                remote = remote.unwrap_or("-"), "{}", full.reason());
+        })
+        .ok()
 }
 
 /// Runs a client's task, counted in the clients gauge and holding its slot
 /// until it ends.
-fn spawn_client<F, Fut>(tracker: &TaskTracker, ctx: &Arc<ClientContext>, permit: OwnedSemaphorePermit, serve: F)
+fn spawn_client<F, Fut>(tracker: &TaskTracker, ctx: &Arc<ClientContext>, slot: Slot, serve: F)
 where
     F: FnOnce(u64, Arc<ClientContext>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let id = NEXT_CLIENT.fetch_add(1, Ordering::Relaxed);
-    let counted = Counted::new(ctx.metrics.clients.clone(), permit);
+    let counted = Counted::new(ctx.metrics.clients.clone(), slot);
     // A combinator, not `async move { client.await; .. }`: an async block
     // keeps room for the captured future beside the one it awaits, which
     // doubled every client's task (5.6 KiB instead of 2.8).
@@ -122,11 +120,11 @@ where
 /// back when this is dropped, however the task ends (even cancelled).
 struct Counted {
     gauge: Gauge,
-    _slot: OwnedSemaphorePermit,
+    _slot: Slot,
 }
 
 impl Counted {
-    fn new(gauge: Gauge, slot: OwnedSemaphorePermit) -> Self {
+    fn new(gauge: Gauge, slot: Slot) -> Self {
         gauge.inc();
         Counted { gauge, _slot: slot }
     }
@@ -141,6 +139,12 @@ impl Drop for Counted {
 /// How long a TLS client gets to complete its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// TLS handshakes one listener runs at once. A connection beyond them is
+/// closed at once (and logged): until its handshake is done and its subject
+/// allowed, a peer holds one of these, never a client slot, so strangers
+/// cannot use up the VM's `max_clients`.
+pub const MAX_HANDSHAKES: usize = 64;
+
 /// Accepts TCP clients (mutual TLS unless `tls` is `None`, which config
 /// validation allows only on loopback) until `ctx.stop`.
 pub async fn accept_tcp_loop(
@@ -148,40 +152,90 @@ pub async fn accept_tcp_loop(
     tls: Option<TlsAcceptor>,
     ctx: ClientContext,
     tracker: TaskTracker,
-    slots: Arc<Semaphore>,
+    slots: Slots,
 ) {
     let ctx = Arc::new(ctx);
-    while let Some(((stream, addr), permit)) = next_client(&ctx, &slots, || listener.accept()).await {
+    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    while let Some((stream, addr)) = next_connection(&ctx, || listener.accept()).await {
         let _ = stream.set_nodelay(true);
-        let tls = tls.clone();
-        spawn_client(&tracker, &ctx, permit, |id, ctx| serve_tcp(stream, addr, tls, id, ctx));
+        let remote = format!("tcp:{addr}");
+        let Some(tls) = &tls else {
+            let Some(slot) = take_slot(&slots, &ctx, Some(&remote)) else {
+                continue;
+            };
+            let peer = tcp_peer(remote);
+            let (read, write) = stream.into_split();
+            spawn_client(&tracker, &ctx, slot, |id, ctx| client::run(read, write, id, peer, ctx));
+            continue;
+        };
+        let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
+            warn!(target: "qmpmux::audit", vm = %ctx.vm, listener = %ctx.listener.name, %remote,
+                max = MAX_HANDSHAKES, "client refused: too many TLS handshakes in progress on this listener");
+            continue;
+        };
+        let admit = Admission {
+            ctx: ctx.clone(),
+            tracker: tracker.clone(),
+            slots: slots.clone(),
+            handshake,
+        };
+        let span = tracing::info_span!("tls_handshake", %addr);
+        tracker.spawn(admit.run(stream, addr, tls.clone()).instrument(span));
     }
 }
 
-async fn serve_tcp(stream: TcpStream, addr: SocketAddr, tls: Option<TlsAcceptor>, id: u64, ctx: Arc<ClientContext>) {
-    let mut peer = Peer {
+/// A TLS connection on its way to becoming a client: it holds a handshake
+/// permit, and takes a client slot only once its certificate is accepted.
+struct Admission {
+    ctx: Arc<ClientContext>,
+    tracker: TaskTracker,
+    slots: Slots,
+    handshake: OwnedSemaphorePermit,
+}
+
+impl Admission {
+    async fn run(self, stream: TcpStream, addr: SocketAddr, tls: TlsAcceptor) {
+        // Cancel-safe: either way the connection is dropped.
+        let handshake = tokio::select! {
+            r = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)) => r,
+            () = self.ctx.stop.cancelled() => return,
+        };
+        let stream = match handshake {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return warn!(%addr, error = %e, "TLS handshake failed"),
+            Err(_) => return warn!(%addr, "TLS handshake timed out"),
+        };
+        let Admission {
+            ctx,
+            tracker,
+            slots,
+            handshake,
+        } = self;
+        // The peer is authenticated: its handshake place goes to the next.
+        drop(handshake);
+        let subject = tls::peer_subject(stream.get_ref().1).unwrap_or_default();
+        if !ctx.listener.subjects.is_empty() && !ctx.listener.subjects.iter().any(|p| p.matches(&subject)) {
+            return warn!(target: "qmpmux::audit", vm = %ctx.vm, %addr, %subject, listener = %ctx.listener.name,
+                "client refused: certificate subject not allowed");
+        }
+        let remote = format!("tls:{subject}@{addr}");
+        let Some(slot) = take_slot(&slots, &ctx, Some(&remote)) else {
+            return;
+        };
+        let peer = tcp_peer(remote);
+        let (read, write) = tokio::io::split(stream);
+        spawn_client(&tracker, &ctx, slot, |id, ctx| client::run(read, write, id, peer, ctx));
+    }
+}
+
+/// A TCP client: no pid, uid or gid (see [`Peer`]).
+fn tcp_peer(remote: String) -> Peer {
+    Peer {
         pid: 0,
         uid: u32::MAX,
         gid: u32::MAX,
-        remote: Some(format!("tcp:{addr}").into()),
-    };
-    let Some(tls) = tls else {
-        let (read, write) = stream.into_split();
-        return client::run(read, write, id, peer, ctx).await;
-    };
-    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return warn!(%addr, error = %e, "TLS handshake failed"),
-        Err(_) => return warn!(%addr, "TLS handshake timed out"),
-    };
-    let subject = tls::peer_subject(stream.get_ref().1).unwrap_or_default();
-    if !ctx.listener.subjects.is_empty() && !ctx.listener.subjects.iter().any(|g| g.matches(&subject)) {
-        return warn!(target: "qmpmux::audit", vm = %ctx.vm, %addr, %subject, listener = %ctx.listener.name,
-            "client refused: certificate subject not allowed");
+        remote: Some(remote.into()),
     }
-    peer.remote = Some(format!("tls:{subject}@{addr}").into());
-    let (read, write) = tokio::io::split(stream);
-    client::run(read, write, id, peer, ctx).await
 }
 
 fn is_resource_exhaustion(e: &io::Error) -> bool {

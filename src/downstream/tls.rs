@@ -2,6 +2,7 @@
 //! certificates must chain to, and the client's subject as its identity.
 
 use crate::config::TlsFiles;
+use crate::subject::{Attribute, Subject};
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -10,6 +11,8 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
 use tokio_rustls::rustls::{RootCertStore, ServerConfig, ServerConnection};
 use tokio_rustls::TlsAcceptor;
+use x509_parser::der_parser::asn1_rs::{Tag, ToDer};
+use x509_parser::x509::AttributeTypeAndValue;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -58,9 +61,34 @@ pub fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, TlsError> {
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// The verified client certificate's subject, e.g. `CN=orchestrator, O=Example`.
-pub fn peer_subject(conn: &ServerConnection) -> Option<String> {
+/// The verified client certificate's subject (see [`crate::subject`] for
+/// how it prints and matches), e.g. `CN=orchestrator, O=Example`.
+pub fn peer_subject(conn: &ServerConnection) -> Option<Subject> {
     let der = conn.peer_certificates()?.first()?;
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    Some(cert.subject().to_string())
+    let rdns = cert.subject().iter_rdn().map(|rdn| rdn.iter().map(attribute).collect());
+    Some(Subject(rdns.collect()))
+}
+
+fn attribute(attr: &AttributeTypeAndValue) -> Attribute {
+    let value = attr.attr_value();
+    let text = match value.tag() {
+        Tag::Utf8String | Tag::PrintableString | Tag::Ia5String | Tag::NumericString | Tag::VisibleString => {
+            std::str::from_utf8(value.data).ok().map(str::to_owned)
+        }
+        Tag::BmpString => utf16(value.data),
+        _ => None,
+    };
+    Attribute::new(&attr.attr_type().to_id_string(), text, || {
+        value.to_der_vec().unwrap_or_default()
+    })
+}
+
+/// A BMPString (UTF-16, big-endian); `None` if it is not valid.
+fn utf16(data: &[u8]) -> Option<String> {
+    if !data.len().is_multiple_of(2) {
+        return None;
+    }
+    let units = data.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]]));
+    char::decode_utf16(units).collect::<Result<String, _>>().ok()
 }

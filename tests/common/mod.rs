@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod fake;
+pub mod logs;
 
 use qmpmux::config::{ClientOptions, Config, UpstreamOptions, VmConfig};
 use serde_json::Value;
@@ -194,6 +195,7 @@ impl Daemon {
                     upstream: up.to_path_buf(),
                     upstream_mode: Default::default(),
                     listeners: Vec::new(),
+                    listen_reserved_clients: None,
                     listen: listen.to_path_buf(),
                 })
                 .collect(),
