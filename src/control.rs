@@ -59,22 +59,7 @@ const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Serves the control socket until `stop`.
 pub async fn serve_control(listener: UnixListener, queries: mpsc::Sender<StatusQuery>, stop: CancellationToken) {
     let mut gate = Gate::new("control socket", CONTROL_MAX_CONNECTIONS);
-    loop {
-        // Cancel-safe: a cancelled `accept` loses no connection.
-        let stream = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    warn!(error = %e, "control socket accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            () = stop.cancelled() => return,
-        };
-        let Some(permit) = gate.admit() else {
-            continue;
-        };
+    while let Some(((stream, _), permit)) = gate.accept(&stop, || listener.accept()).await {
         let queries = queries.clone();
         tokio::spawn(async move {
             let _ = tokio::time::timeout(CONTROL_TIMEOUT, answer(stream, queries)).await;
@@ -101,6 +86,36 @@ impl Gate {
             permits: Arc::new(Semaphore::new(max)),
             max,
             refused: 0,
+        }
+    }
+
+    /// The next connection admitted, until `stop`. Failed accepts are
+    /// logged and retried after a pause (they are mostly fd exhaustion).
+    async fn accept<T, F>(
+        &mut self,
+        stop: &CancellationToken,
+        mut accept: impl FnMut() -> F,
+    ) -> Option<(T, OwnedSemaphorePermit)>
+    where
+        F: std::future::Future<Output = std::io::Result<T>>,
+    {
+        loop {
+            // Cancel-safe: a cancelled `accept` loses no connection.
+            let accepted = tokio::select! {
+                r = accept() => r,
+                () = stop.cancelled() => return None,
+            };
+            match accepted {
+                Ok(conn) => {
+                    if let Some(permit) = self.admit() {
+                        return Some((conn, permit));
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, service = self.what, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
         }
     }
 
@@ -207,22 +222,7 @@ pub async fn serve_metrics(listener: TcpListener, metrics: SharedMetrics, stop: 
         info!(%addr, "serving metrics at /metrics");
     }
     let mut gate = Gate::new("metrics", METRICS_MAX_CONNECTIONS);
-    loop {
-        // Cancel-safe: a cancelled `accept` loses no connection.
-        let stream = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    warn!(error = %e, "metrics accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            () = stop.cancelled() => return,
-        };
-        let Some(permit) = gate.admit() else {
-            continue;
-        };
+    while let Some(((stream, _), permit)) = gate.accept(&stop, || listener.accept()).await {
         tokio::spawn(serve_metrics_connection(stream, metrics.clone(), stop.clone(), permit));
     }
 }
