@@ -4,7 +4,8 @@
 //! - [`config`]: the TOML file, validated into [`config::Config`].
 //! - [`qmp`]: the wire protocol (framing, QEMU-style JSON, request checks,
 //!   upstream messages); pure code, no I/O.
-//! - [`router`]: correlation of forwarded requests with replies; pure.
+//! - [`router`]: clients' turns at QEMU's queue and correlation of forwarded
+//!   requests with replies; pure.
 //! - [`upstream`]: the per-VM session task owning QEMU's socket.
 //! - [`downstream`]: listeners and per-client tasks.
 //! - [`subject`]: TLS client identities, printed and matched unambiguously.
