@@ -5,7 +5,7 @@
 //! cells shared with the registry), so recording is lock-free on the hot
 //! path; the registry's lock is taken only when a VM starts or stops.
 
-use crate::upstream::Runstate;
+use crate::upstream::state::Runstate;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;

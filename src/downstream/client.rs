@@ -9,7 +9,6 @@
 
 use super::fds::ClientReader;
 use crate::config::{ClientOptions, ListenerConfig};
-use crate::error::FailKind;
 use crate::qmp::framing::{Frame, JsonFramer, Limits};
 use crate::qmp::incoming::Greeting;
 use crate::qmp::json::qemu_style;
@@ -17,7 +16,7 @@ use crate::qmp::request::{decide, error_line, Caps, Decision, Session};
 use crate::quiet::Quiet;
 use crate::upstream::fdnames::FdNameOp;
 use crate::upstream::mailbox::mailbox;
-use crate::upstream::{SessionHandle, ToClient, ToSession, EXTENSION_PREFIX};
+use crate::upstream::{FailKind, SessionHandle, ToClient, ToSession, EXTENSION_PREFIX};
 use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt, StreamExt};
 use serde_json::value::RawValue;
@@ -518,7 +517,7 @@ impl Client {
 const NO_REPLY: &str = "no reply: connection ended first";
 
 fn failure_line(vm: &str, id: Option<&RawValue>, kind: FailKind) -> Bytes {
-    let (class, desc) = kind.for_vm(vm).to_qmp();
+    let (class, desc) = kind.to_qmp(vm);
     let id = id.map(qemu_style);
     error_line(id.as_deref(), class, &desc)
 }

@@ -187,7 +187,7 @@ mod tests {
     fn failed(seq: u64) -> ToClient {
         ToClient::Failed {
             seq,
-            kind: crate::error::FailKind::Lost,
+            kind: crate::upstream::FailKind::Lost,
         }
     }
 

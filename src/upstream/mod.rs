@@ -10,45 +10,15 @@ pub mod fdnames;
 pub mod mailbox;
 mod session;
 pub mod socketwatch;
+pub mod state;
 
-use crate::error::FailKind;
-use crate::qmp::incoming::{Greeting, ReplyBytes};
+pub use state::{FailKind, Runstate, Status};
+
+use crate::qmp::incoming::ReplyBytes;
 use bytes::Bytes;
-use std::fmt;
-use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 
 pub use session::{spawn, EXTENSION_PREFIX};
-
-/// The upstream connection's state, as in QEMU's `AsyncProtocol`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Runstate {
-    Idle,
-    Connecting,
-    Running,
-    Disconnecting,
-}
-
-impl fmt::Display for Runstate {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Runstate::Idle => "idle",
-            Runstate::Connecting => "connecting",
-            Runstate::Running => "running",
-            Runstate::Disconnecting => "disconnecting",
-        })
-    }
-}
-
-/// What the session publishes about itself.
-#[derive(Debug, Clone)]
-pub struct Status {
-    pub runstate: Runstate,
-    /// The latest greeting QEMU sent; kept while disconnected so clients can
-    /// still connect and negotiate while QEMU restarts.
-    pub greeting: Option<Arc<Greeting>>,
-    pub last_error: Option<String>,
-}
 
 /// From a client task to the session.
 #[derive(Debug)]

@@ -6,9 +6,8 @@ use super::connect::{accept, connect, Connection};
 use super::fdnames::FdNames;
 use super::mailbox::{MailboxSender, SendError};
 use super::socketwatch::{self, SocketWatch};
-use super::{Runstate, SessionHandle, Status, ToClient, ToSession};
+use super::{FailKind, Runstate, SessionHandle, Status, ToClient, ToSession};
 use crate::config::{UpstreamOptions, VmConfig};
-use crate::error::FailKind;
 use crate::metrics::VmMetrics;
 use crate::qmp::framing::Frame;
 use crate::qmp::incoming::{classify, Incoming};
@@ -427,7 +426,7 @@ impl Session {
         // client that has left.
         let outcome = match &msg {
             ToClient::Reply { seq, error, .. } => Some((*seq, !error)),
-            ToClient::Failed { seq, kind } => Some((*seq, may_have_run(*kind))),
+            ToClient::Failed { seq, kind } => Some((*seq, kind.may_have_run())),
             ToClient::Event(_) => None,
         };
         if let Some((seq, done)) = outcome {
@@ -570,16 +569,6 @@ fn close_fd_names(router: &mut Router, names: impl IntoIterator<Item = String>) 
             json_str(&name)
         );
         router.submit(route, Bytes::from(tail), std::time::Instant::now());
-    }
-}
-
-/// Whether a request that failed this way may still have been run by QEMU.
-fn may_have_run(kind: FailKind) -> bool {
-    match kind {
-        FailKind::Lost => true,
-        FailKind::TimedOut { sent, .. } | FailKind::Stopping { sent } => sent,
-        FailKind::ReplyTooLarge { .. } => true,
-        FailKind::NotSent | FailKind::Down(_) => false,
     }
 }
 
