@@ -2,7 +2,7 @@
 #
 #   docker build -t qmpmux .
 #
-# See README.md ("Running as a service") for `docker run`. The QEMU socket
+# See docs/operations.md ("Docker") for `docker run`. The QEMU socket
 # directory and the config are mounted from the host; paths in the config
 # are paths inside the container.
 
