@@ -1,0 +1,99 @@
+//! The vocabulary the session shares with the rest of qmpmux: its runstate,
+//! what it publishes about itself, and why a command failed without a reply
+//! from QEMU. A leaf: it imports nothing of qmpmux but QEMU's greeting.
+
+use crate::qmp::incoming::Greeting;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The upstream connection's state, as in QEMU's `AsyncProtocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Runstate {
+    Idle,
+    Connecting,
+    Running,
+    Disconnecting,
+}
+
+impl fmt::Display for Runstate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Runstate::Idle => "idle",
+            Runstate::Connecting => "connecting",
+            Runstate::Running => "running",
+            Runstate::Disconnecting => "disconnecting",
+        })
+    }
+}
+
+/// What the session publishes about itself.
+#[derive(Debug, Clone)]
+pub struct Status {
+    pub runstate: Runstate,
+    /// The latest greeting QEMU sent; kept while disconnected so clients can
+    /// still connect and negotiate while QEMU restarts.
+    pub greeting: Option<Arc<Greeting>>,
+    pub last_error: Option<String>,
+}
+
+/// Why qmpmux, not QEMU, answers a forwarded command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailKind {
+    /// Not connected to QEMU: not executed.
+    Down(Runstate),
+    /// The connection was lost with the command in flight.
+    Lost,
+    /// The connection was lost before the command was sent.
+    NotSent,
+    /// No reply within the configured command timeout.
+    TimedOut { sent: bool, after: Duration },
+    /// qmpmux stops (or stops serving the VM) before the reply came.
+    Stopping { sent: bool },
+    /// The reply exceeds `max_reply_bytes`.
+    ReplyTooLarge { bytes: usize, max: usize },
+}
+
+impl FailKind {
+    /// Whether QEMU may have run the command all the same.
+    pub fn may_have_run(self) -> bool {
+        match self {
+            FailKind::Lost | FailKind::ReplyTooLarge { .. } => true,
+            FailKind::TimedOut { sent, .. } | FailKind::Stopping { sent } => sent,
+            FailKind::NotSent | FailKind::Down(_) => false,
+        }
+    }
+
+    /// The QMP error class and description a client gets, for VM `vm`.
+    /// Always GenericError: CommandNotFound would read as "this QEMU lacks
+    /// the command".
+    pub fn to_qmp(self, vm: &str) -> (&'static str, String) {
+        let desc = match self {
+            FailKind::Down(state) => {
+                format!("QEMU monitor of VM '{vm}' is not connected (upstream {state}); the command was not executed")
+            }
+            FailKind::Lost => format!(
+                "connection to QEMU monitor of VM '{vm}' was lost while the command was in flight; its outcome is unknown"
+            ),
+            FailKind::NotSent => format!(
+                "connection to QEMU monitor of VM '{vm}' was lost before the command was sent; it was not executed"
+            ),
+            FailKind::TimedOut { sent: true, after } => {
+                format!("QEMU monitor of VM '{vm}' did not answer within {after:?}; the command may still complete")
+            }
+            FailKind::TimedOut { sent: false, after } => format!(
+                "the command waited {after:?} behind others for QEMU monitor of VM '{vm}'; it was not executed"
+            ),
+            FailKind::Stopping { sent: true } => format!(
+                "qmpmux is stopping (or no longer serves VM '{vm}') before its QEMU monitor answered; the command's outcome is unknown"
+            ),
+            FailKind::Stopping { sent: false } => format!(
+                "qmpmux is stopping (or no longer serves VM '{vm}'); the command was not sent to its QEMU monitor and was not executed"
+            ),
+            FailKind::ReplyTooLarge { bytes, max } => format!(
+                "QEMU's reply ({bytes} bytes) is larger than this client may receive (max_reply_bytes = {max}); the command was executed"
+            ),
+        };
+        ("GenericError", format!("qmpmux: {desc}"))
+    }
+}
