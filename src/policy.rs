@@ -90,6 +90,16 @@ impl Policy {
     }
 
     /// A short description for error messages and logs.
+    /// [`Policy::check`], refusing with the text a client gets.
+    pub fn admit(&self, command: &str, arguments: Option<&RawValue>) -> Result<(), String> {
+        self.check(command, arguments).map_err(|name| {
+            format!(
+                "qmpmux: command '{name}' is not allowed on this socket (policy: {})",
+                self.describe()
+            )
+        })
+    }
+
     pub fn describe(&self) -> String {
         let list = |v: &[Glob]| v.iter().map(|g| g.as_str()).collect::<Vec<_>>().join(", ");
         match (self.allow.is_empty(), self.deny.is_empty()) {

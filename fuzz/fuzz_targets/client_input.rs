@@ -26,7 +26,7 @@ fuzz_target!(|data: &[u8]| {
     for piece in data.chunks(chunk) {
         buf.extend_from_slice(piece);
         while let Some(frame) = framer.decode(&mut buf).expect("decode never fails") {
-            match decide(frame, &mut session, Caps::default(), &policy) {
+            match decide(frame, &mut session, Caps::default(), |c, a| policy.admit(c, a)) {
                 Decision::Local(line) => {
                     assert!(line.ends_with(b"\r\n"));
                     serde_json::from_slice::<serde_json::Value>(&line).expect("local replies are JSON");

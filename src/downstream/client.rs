@@ -12,11 +12,12 @@ use crate::config::{ClientOptions, ListenerConfig};
 use crate::qmp::framing::{Frame, JsonFramer, Limits};
 use crate::qmp::incoming::Greeting;
 use crate::qmp::json::qemu_style;
-use crate::qmp::request::{decide, error_line, Caps, Decision, Session};
+use crate::qmp::outgoing::{error_line, return_line, EXTENSION_PREFIX};
+use crate::qmp::request::{decide, Caps, Decision, Session};
 use crate::quiet::Quiet;
 use crate::upstream::fdnames::FdNameOp;
 use crate::upstream::mailbox::mailbox;
-use crate::upstream::{FailKind, SessionHandle, ToClient, ToSession, EXTENSION_PREFIX};
+use crate::upstream::{FailKind, SessionHandle, ToClient, ToSession};
 use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt, StreamExt};
 use serde_json::value::RawValue;
@@ -315,7 +316,8 @@ impl Client {
         if matches!(frame, Frame::Limit(_)) {
             self.closing = Some(End::Limit);
         }
-        match decide(frame, &mut self.qmp, self.offered, &self.ctx.listener.policy) {
+        let policy = &self.ctx.listener.policy;
+        match decide(frame, &mut self.qmp, self.offered, |c, a| policy.admit(c, a)) {
             Decision::Local(line) => self.slots.push_back(Slot::Ready(line)),
             Decision::Denied { line, command } => {
                 self.audit(&command, "denied by policy", Instant::now());
@@ -454,14 +456,7 @@ impl Client {
             "policy": self.ctx.listener.policy.describe(),
             "client": self.id,
         });
-        let ret = RawValue::from_string(ret.to_string())
-            .map(|r| qemu_style(&r))
-            .unwrap_or_default();
-        let line = match id.map(qemu_style) {
-            Some(id) => format!("{{\"return\": {ret}, \"id\": {id}}}\r\n"),
-            None => format!("{{\"return\": {ret}}}\r\n"),
-        };
-        Bytes::from(line)
+        return_line(id, &ret)
     }
 
     /// One line on the `qmpmux::audit` target: who did what, with what

@@ -3,4 +3,5 @@
 pub mod framing;
 pub mod incoming;
 pub mod json;
+pub mod outgoing;
 pub mod request;

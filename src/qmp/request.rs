@@ -6,8 +6,8 @@
 //! everything qmpmux answers itself reads exactly as QEMU would answer it.
 
 use super::framing::Frame;
-use super::json::{ghash_order, members_checked, qdict_order, qemu_style, write_str, Members};
-use crate::policy::Policy;
+use super::json::{ghash_order, members_checked, qdict_order, qemu_style, Members};
+use super::outgoing::{empty_return_line, error_line};
 use bytes::Bytes;
 use serde_json::value::RawValue;
 
@@ -31,7 +31,7 @@ pub enum Decision {
     Local(Bytes),
     /// Forward upstream; the reply comes back by upstream id.
     Forward(Forward),
-    /// Refused by the listener's policy: answer with this line.
+    /// Refused by the caller's `admit` check: answer with this line.
     Denied { line: Bytes, command: String },
 }
 
@@ -54,32 +54,6 @@ pub struct Forward {
     /// QEMU will take a passed fd for it ([`consumes_fd`]): send the
     /// client's waiting fd along.
     pub takes_fd: bool,
-}
-
-/// One QMP error class and text, as it goes on the wire.
-pub fn error_line(id: Option<&str>, class: &str, desc: &str) -> Bytes {
-    let mut out = String::with_capacity(desc.len() + 64);
-    match id {
-        Some(id) => {
-            out.push_str("{\"id\": ");
-            out.push_str(id);
-            out.push_str(", \"error\": {\"class\": ");
-        }
-        None => out.push_str("{\"error\": {\"class\": "),
-    }
-    write_str(&mut out, class);
-    out.push_str(", \"desc\": ");
-    write_str(&mut out, desc);
-    out.push_str("}}\r\n");
-    Bytes::from(out)
-}
-
-/// `{"return": {}}` with the id, in QEMU's member order.
-pub fn empty_return_line(id: Option<&str>) -> Bytes {
-    match id {
-        Some(id) => Bytes::from(format!("{{\"return\": {{}}, \"id\": {id}}}\r\n")),
-        None => Bytes::from_static(b"{\"return\": {}}\r\n"),
-    }
 }
 
 struct Reject {
@@ -175,7 +149,15 @@ fn capabilities_args(m: &Members<'_>) -> Result<Caps, Reject> {
 
 /// Decides what one frame means for a client in state `session`, whose
 /// greeting offered `offered`. Updates `session` on successful negotiation.
-pub fn decide(frame: Frame, session: &mut Session, offered: Caps, policy: &Policy) -> Decision {
+/// A well-formed command of a negotiated client is put to `admit` (its name
+/// and arguments), which may refuse it with a description (the caller's
+/// policy: the wire layer knows none).
+pub fn decide(
+    frame: Frame,
+    session: &mut Session,
+    offered: Caps,
+    admit: impl FnOnce(&str, Option<&RawValue>) -> Result<(), String>,
+) -> Decision {
     let bytes = match frame {
         Frame::Error(desc) | Frame::Limit(desc) => return Decision::Local(error_line(None, "GenericError", &desc)),
         Frame::Message(bytes) => bytes,
@@ -218,11 +200,7 @@ pub fn decide(frame: Frame, session: &mut Session, offered: Caps, policy: &Polic
             "Expecting capabilities negotiation with 'qmp_capabilities'",
         ));
     }
-    if let Err(name) = policy.check(&command, members.get("arguments")) {
-        let desc = format!(
-            "qmpmux: command '{name}' is not allowed on this socket (policy: {})",
-            policy.describe()
-        );
+    if let Err(desc) = admit(&command, members.get("arguments")) {
         let id = id.map(qemu_style);
         return Decision::Denied {
             line: error_line(id.as_deref(), "GenericError", &desc),
@@ -299,7 +277,7 @@ mod tests {
             Frame::Message(Bytes::copy_from_slice(input.as_bytes())),
             s,
             offered,
-            &Policy::default(),
+            |_, _| Ok(()),
         ) {
             Decision::Local(b) => String::from_utf8(b.to_vec()).unwrap(),
             Decision::Forward(f) => format!("FORWARD {{\"id\": N{}", String::from_utf8(f.tail.to_vec()).unwrap()),
@@ -382,7 +360,7 @@ mod tests {
             Frame::Error("JSON parse error, stray '@'".into()),
             &mut s,
             Caps::default(),
-            &Policy::default(),
+            |_, _| Ok(()),
         );
         match out {
             Decision::Local(b) => assert_eq!(

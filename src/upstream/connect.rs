@@ -4,6 +4,7 @@ use crate::config::UpstreamOptions;
 use crate::qmp::framing::{Frame, JsonFramer, Limits};
 use crate::qmp::incoming::{classify, Greeting, Incoming};
 use crate::qmp::json::compact_pretty;
+use crate::qmp::outgoing::{capabilities_request, lossy};
 use bytes::BytesMut;
 use futures_util::StreamExt;
 use std::path::{Path, PathBuf};
@@ -117,20 +118,13 @@ async fn next_message(reader: &mut UpstreamReader) -> Result<bytes::Bytes, Conne
     }
 }
 
-fn lossy(b: &[u8]) -> String {
-    String::from_utf8_lossy(&b[..b.len().min(200)]).into_owned()
-}
-
 async fn negotiate(mut reader: UpstreamReader, mut writer: OwnedWriteHalf) -> Result<Connection, ConnectError> {
     let first = next_message(&mut reader).await?;
     let greeting = match classify(&first) {
         Ok(Incoming::Greeting(g)) => g,
         _ => return Err(ConnectError::Unexpected(lossy(&first))),
     };
-    let enable = if greeting.oob { "[\"oob\"]" } else { "[]" };
-    let request = format!(
-        "{{\"execute\": \"qmp_capabilities\", \"arguments\": {{\"enable\": {enable}}}, \"id\": \"{NEGOTIATE_ID}\"}}"
-    );
+    let request = capabilities_request(greeting.oob, NEGOTIATE_ID);
     writer.write_all(request.as_bytes()).await?;
     loop {
         let msg = next_message(&mut reader).await?;

@@ -18,7 +18,7 @@ use crate::qmp::incoming::ReplyBytes;
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
-pub use session::{spawn, EXTENSION_PREFIX};
+pub use session::spawn;
 
 /// From a client task to the session.
 #[derive(Debug)]

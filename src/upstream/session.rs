@@ -11,6 +11,7 @@ use crate::config::{UpstreamOptions, VmConfig};
 use crate::metrics::VmMetrics;
 use crate::qmp::framing::Frame;
 use crate::qmp::incoming::{classify, Incoming};
+use crate::qmp::outgoing::{closefd_tail, json_str, lossy, proxy_event};
 use crate::router::{Route, Router};
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::FutureExt;
@@ -564,11 +565,7 @@ async fn serve_down(
 fn close_fd_names(router: &mut Router, names: impl IntoIterator<Item = String>) {
     let route = Route { client: 0, seq: 0 };
     for name in names {
-        let tail = format!(
-            ", \"execute\": \"closefd\", \"arguments\": {{\"fdname\": {}}}}}",
-            json_str(&name)
-        );
-        router.submit(route, Bytes::from(tail), std::time::Instant::now());
+        router.submit(route, closefd_tail(&name), std::time::Instant::now());
     }
 }
 
@@ -612,30 +609,4 @@ async fn write_some(
             Err(e) => return Err(e),
         }
     }
-}
-
-/// The vendor prefix of qmpmux's own QMP extensions (QMP spec:
-/// "Downstream extension of QMP", `__RFQDN_`).
-pub const EXTENSION_PREFIX: &str = "__org.qmpmux_";
-
-fn json_str(s: &str) -> String {
-    let mut out = String::new();
-    crate::qmp::json::write_str(&mut out, s);
-    out
-}
-
-/// An event of qmpmux's own, in QEMU's event format.
-fn proxy_event(name: &str, data: &str) -> Bytes {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    Bytes::from(format!(
-        "{{\"timestamp\": {{\"seconds\": {}, \"microseconds\": {}}}, \"event\": \"{EXTENSION_PREFIX}{name}\", \"data\": {data}}}\r\n",
-        now.as_secs(),
-        now.subsec_micros()
-    ))
-}
-
-fn lossy(b: &[u8]) -> String {
-    String::from_utf8_lossy(&b[..b.len().min(200)]).into_owned()
 }
