@@ -378,7 +378,7 @@ mod tests {
 
 #[cfg(test)]
 mod fd_tests {
-    use super::consumes_fd;
+    use super::*;
     use serde_json::value::RawValue;
 
     fn args(s: &str) -> Box<RawValue> {
@@ -398,5 +398,33 @@ mod fd_tests {
         assert!(!consumes_fd("add-fd", Some(&args(r#"{"fdset-id": "1"}"#))));
         assert!(!consumes_fd("add-fd", Some(&args(r#"{"bogus": 1}"#))));
         assert!(!consumes_fd("query-status", None));
+    }
+
+    proptest::proptest! {
+        /// Whatever the framer lets through, request handling copes with it:
+        /// every outcome is a JSON line or a forwardable tail, never a panic.
+        #[test]
+        fn whatever_is_framed_is_decided(chunks in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300), 0..20)) {
+            use super::super::framing::{JsonFramer, Limits};
+            use tokio_util::codec::Decoder;
+            let mut framer = JsonFramer::new(Limits { max_message: 256, max_depth: 8 });
+            let mut buf = bytes::BytesMut::new();
+            let mut s = Session::default();
+            for c in chunks {
+                buf.extend_from_slice(&c);
+                while let Some(f) = framer.decode(&mut buf).unwrap() {
+                    match decide(f, &mut s, Caps { oob: true }, |c, _| if c == "quit" { Err("no".into()) } else { Ok(()) }) {
+                        Decision::Local(line) | Decision::Denied { line, .. } => {
+                            proptest::prop_assert!(serde_json::from_slice::<serde_json::Value>(&line).is_ok());
+                        }
+                        Decision::Forward(fwd) => {
+                            let mut msg = b"{\"id\": 1".to_vec();
+                            msg.extend_from_slice(&fwd.tail);
+                            proptest::prop_assert!(serde_json::from_slice::<serde_json::Value>(&msg).is_ok());
+                        }
+                    }
+                }
+            }
+        }
     }
 }
