@@ -587,7 +587,7 @@ impl Supervisor {
 
 impl Vm {
     fn status(&self) -> VmStatus {
-        let s = self.session.status.borrow();
+        let s = self.session.status();
         let m = &self.metrics;
         VmStatus {
             name: self.config.name.clone(),

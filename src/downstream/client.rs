@@ -17,7 +17,7 @@ use crate::qmp::request::{decide, Caps, Decision, Session};
 use crate::quiet::Quiet;
 use crate::upstream::fdnames::FdNameOp;
 use crate::upstream::mailbox::mailbox;
-use crate::upstream::{FailKind, SessionHandle, ToClient, ToSession};
+use crate::upstream::{FailKind, Request, SessionHandle, ToClient};
 use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt, StreamExt};
 use serde_json::value::RawValue;
@@ -129,11 +129,7 @@ where
         .catch_unwind()
         .await
         .unwrap_or(End::Panic);
-    // Waits for room rather than `try_send`: when thousands of clients
-    // leave at once the inbox fills, and a lost Detach would leave the
-    // client's queued commands to be sent to QEMU, and its mailbox (and so
-    // its task's memory) with the session until the next event.
-    let _ = ctx.session.tx.send(ToSession::Detach { client: id }).await;
+    ctx.session.detach(id).await;
     match end {
         End::Io(e) => info!(client = id, error = %e, "client disconnected"),
         End::Dropped => info!(client = id, "client disconnected by qmpmux: it was not reading"),
@@ -172,13 +168,7 @@ where
     let (mailbox_tx, mut mailbox) = mailbox(ctx.opts.max_queue_bytes);
     // The session must know this client before the client can negotiate:
     // every event after that reaches it.
-    let (attached, ack) = tokio::sync::oneshot::channel();
-    let attach = ToSession::Attach {
-        client: id,
-        mailbox: mailbox_tx,
-        attached,
-    };
-    if ctx.session.tx.send(attach).await.is_err() || ack.await.is_err() {
+    if ctx.session.attach(id, mailbox_tx).await.is_err() {
         return End::Shutdown;
     }
     let mut client = Client {
@@ -302,7 +292,7 @@ where
 
 /// QEMU's latest greeting, waiting (bounded) for QEMU to be seen once.
 async fn wait_for_greeting(ctx: &ClientContext) -> Option<Arc<Greeting>> {
-    let mut status = ctx.session.status.clone();
+    let mut status = ctx.session.watch_status();
     let wait = status.wait_for(|s| s.greeting.is_some());
     let found = tokio::select! {
         r = tokio::time::timeout(ctx.opts.greeting_wait, wait) => r.ok()?.ok()?.greeting.clone(),
@@ -358,15 +348,14 @@ impl Client {
                     oob: fwd.oob,
                     bytes,
                 });
-                let msg = ToSession::Execute {
-                    client: self.id,
+                let request = Request {
                     seq,
                     tail: fwd.tail,
                     oob: fwd.oob,
                     fd,
                     fdname,
                 };
-                if self.ctx.session.tx.send(msg).await.is_err() {
+                if self.ctx.session.execute(self.id, request).await.is_err() {
                     let vm = self.ctx.vm.clone();
                     self.fill(seq, "qmpmux error", |id| failure_line(&vm, id, FailKind::NotSent));
                 }
@@ -443,7 +432,7 @@ impl Client {
     /// `__org.qmpmux_query-proxy`: qmpmux's view of this VM and this
     /// client, answered without QEMU.
     fn query_proxy(&self, id: Option<&RawValue>) -> Bytes {
-        let runstate = self.ctx.session.status.borrow().runstate;
+        let runstate = self.ctx.session.status().runstate;
         let m = &self.ctx.metrics;
         let ret = serde_json::json!({
             "vm": &*self.ctx.vm,

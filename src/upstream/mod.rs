@@ -20,9 +20,9 @@ use tokio::sync::{mpsc, watch};
 
 pub use session::spawn;
 
-/// From a client task to the session.
+/// From a client task to the session (through [`SessionHandle`]'s methods).
 #[derive(Debug)]
-pub enum ToSession {
+enum ToSession {
     /// A new client; `attached` is answered once it is registered.
     Attach {
         client: u64,
@@ -35,14 +35,7 @@ pub enum ToSession {
     /// Forward `{"id": N` + `tail` and route the reply to (client, seq).
     Execute {
         client: u64,
-        seq: u64,
-        tail: Bytes,
-        /// `exec-oob`: sent at once, outside the in-band window.
-        oob: bool,
-        /// A passed file descriptor, sent with the command (SCM_RIGHTS).
-        fd: Option<std::os::fd::OwnedFd>,
-        /// `getfd`/`closefd`: the session tracks who owns each name.
-        fdname: Option<fdnames::FdNameOp>,
+        request: Request,
     },
 }
 
@@ -64,11 +57,74 @@ pub enum ToClient {
     Event(Bytes),
 }
 
-/// A cloneable handle on one VM's session.
+/// A cloneable handle on one VM's session: the session's protocol with its
+/// clients, each rule of it in one place.
 #[derive(Debug, Clone)]
 pub struct SessionHandle {
-    pub tx: mpsc::Sender<ToSession>,
-    pub status: watch::Receiver<Status>,
+    tx: mpsc::Sender<ToSession>,
+    status: watch::Receiver<Status>,
+}
+
+/// The session is gone (the VM is stopping).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the VM's session has stopped")]
+pub struct SessionGone;
+
+/// A forwarded request, as the client task hands it to the session.
+#[derive(Debug)]
+pub struct Request {
+    /// The client's own number for it; its reply comes back with it.
+    pub seq: u64,
+    /// What follows `{"id": N` upstream.
+    pub tail: Bytes,
+    /// `exec-oob`: sent at once, outside the in-band window.
+    pub oob: bool,
+    /// A passed file descriptor, sent with the command (SCM_RIGHTS).
+    pub fd: Option<std::os::fd::OwnedFd>,
+    /// `getfd`/`closefd`: the session tracks who owns each name.
+    pub fdname: Option<fdnames::FdNameOp>,
+}
+
+impl SessionHandle {
+    /// Registers client `client`, whose messages go to `mailbox`; returns
+    /// once the session knows it, so that every event after this reaches it.
+    pub async fn attach(&self, client: u64, mailbox: mailbox::MailboxSender) -> Result<(), SessionGone> {
+        let (attached, ack) = tokio::sync::oneshot::channel();
+        let msg = ToSession::Attach {
+            client,
+            mailbox,
+            attached,
+        };
+        self.tx.send(msg).await.map_err(|_| SessionGone)?;
+        ack.await.map_err(|_| SessionGone)
+    }
+
+    /// Forwards a request of `client`; the reply comes to its mailbox.
+    pub async fn execute(&self, client: u64, request: Request) -> Result<(), SessionGone> {
+        self.tx
+            .send(ToSession::Execute { client, request })
+            .await
+            .map_err(|_| SessionGone)
+    }
+
+    /// Client `client` left. Waits for room rather than `try_send`: when
+    /// thousands of clients leave at once the inbox fills, and a lost
+    /// Detach would leave the client's queued commands to be sent to QEMU,
+    /// and its mailbox (and so its task's memory) with the session until
+    /// the next event.
+    pub async fn detach(&self, client: u64) {
+        let _ = self.tx.send(ToSession::Detach { client }).await;
+    }
+
+    /// What the session publishes now.
+    pub fn status(&self) -> watch::Ref<'_, Status> {
+        self.status.borrow()
+    }
+
+    /// A receiver of the session's status, to wait for changes.
+    pub fn watch_status(&self) -> watch::Receiver<Status> {
+        self.status.clone()
+    }
 }
 
 #[cfg(test)]

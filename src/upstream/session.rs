@@ -6,7 +6,7 @@ use super::connect::{accept, connect, Connection};
 use super::fdnames::FdNames;
 use super::mailbox::{MailboxSender, SendError};
 use super::socketwatch::{self, SocketWatch};
-use super::{FailKind, Runstate, SessionHandle, Status, ToClient, ToSession};
+use super::{FailKind, Request, Runstate, SessionHandle, Status, ToClient, ToSession};
 use crate::config::{UpstreamOptions, VmConfig};
 use crate::metrics::VmMetrics;
 use crate::qmp::framing::Frame;
@@ -349,11 +349,14 @@ impl Session {
             ToSession::Attach { .. } | ToSession::Detach { .. } => {}
             ToSession::Execute {
                 client,
-                seq,
-                tail,
-                oob,
-                fd,
-                fdname,
+                request:
+                    Request {
+                        seq,
+                        tail,
+                        oob,
+                        fd,
+                        fdname,
+                    },
             } => {
                 self.metrics.commands.inc();
                 let (route, now) = (Route { client, seq }, std::time::Instant::now());
@@ -545,7 +548,8 @@ async fn serve_down(
         };
         match msg {
             ToSession::Attach { .. } | ToSession::Detach { .. } => {}
-            ToSession::Execute { client, seq, .. } => {
+            ToSession::Execute { client, request } => {
+                let seq = request.seq;
                 let failed = ToClient::Failed {
                     seq,
                     kind: FailKind::Down(state),
