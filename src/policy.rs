@@ -25,17 +25,36 @@ impl Glob {
         &self.0
     }
 
+    /// Iterative, with one backtrack point (the last `*`): linear in the
+    /// common case and O(pattern x text) at worst, never exponential.
     pub fn matches(&self, s: &str) -> bool {
-        fn go(p: &[u8], s: &[u8]) -> bool {
-            match (p.first(), s.first()) {
-                (None, None) => true,
-                (Some(b'*'), _) => go(&p[1..], s) || (!s.is_empty() && go(p, &s[1..])),
-                (Some(b'?'), Some(_)) => go(&p[1..], &s[1..]),
-                (Some(a), Some(b)) if a == b => go(&p[1..], &s[1..]),
-                _ => false,
+        let (p, s) = (self.0.as_bytes(), s.as_bytes());
+        let (mut pi, mut si) = (0, 0);
+        // After the last `*` seen: where the pattern resumes, and the text
+        // position it was last tried at.
+        let mut star: Option<(usize, usize)> = None;
+        while si < s.len() {
+            match p.get(pi) {
+                Some(b'*') => {
+                    star = Some((pi + 1, si));
+                    pi += 1;
+                }
+                Some(&c) if c == b'?' || c == s[si] => {
+                    pi += 1;
+                    si += 1;
+                }
+                _ => match star {
+                    // Let the `*` take one more character, and retry.
+                    Some((after, tried)) => {
+                        pi = after;
+                        si = tried + 1;
+                        star = Some((after, tried + 1));
+                    }
+                    None => return false,
+                },
             }
         }
-        go(self.0.as_bytes(), s.as_bytes())
+        p[pi..].iter().all(|&c| c == b'*')
     }
 
     fn is_literal(&self) -> bool {
@@ -154,6 +173,39 @@ mod tests {
         assert!(Glob::new("?uit").matches("quit"));
         assert!(Glob::new("a*b*c").matches("aXXbYYc"));
         assert!(!Glob::new("a*b*c").matches("aXXbYY"));
+        assert!(Glob::new("**a").matches("a") && !Glob::new("a?").matches("a"));
+        assert!(Glob::new("*ab").matches("aab") && !Glob::new("*ab").matches("aba"));
+        assert!(Glob::new("").matches("") && !Glob::new("").matches("x"));
+    }
+
+    #[test]
+    fn globs_take_linear_time_on_patterns_that_made_the_old_matcher_exponential() {
+        let text = "a".repeat(10_000);
+        let pattern = format!("{}b", "*a".repeat(40));
+        let t = std::time::Instant::now();
+        assert!(!Glob::new(&pattern).matches(&text));
+        assert!(t.elapsed() < std::time::Duration::from_secs(5), "{:?}", t.elapsed());
+    }
+
+    proptest::proptest! {
+        /// Agrees with a plain (recursive, memoised) reference matcher.
+        #[test]
+        fn glob_matches_like_the_reference(p in "[ab*?]{0,8}", s in "[ab]{0,10}") {
+            fn reference(p: &[u8], s: &[u8]) -> bool {
+                let mut m = vec![vec![false; s.len() + 1]; p.len() + 1];
+                m[p.len()][s.len()] = true;
+                for i in (0..p.len()).rev() {
+                    for j in (0..=s.len()).rev() {
+                        m[i][j] = match p[i] {
+                            b'*' => m[i + 1][j] || (j < s.len() && m[i][j + 1]),
+                            c => j < s.len() && (c == b'?' || c == s[j]) && m[i + 1][j + 1],
+                        };
+                    }
+                }
+                m[0][0]
+            }
+            proptest::prop_assert_eq!(Glob::new(&p).matches(&s), reference(p.as_bytes(), s.as_bytes()));
+        }
     }
 
     #[test]

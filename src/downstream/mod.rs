@@ -239,5 +239,8 @@ fn tcp_peer(remote: String) -> Peer {
 }
 
 fn is_resource_exhaustion(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(23 | 24 | 105 | 12))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENFILE | libc::EMFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
 }
