@@ -1,20 +1,29 @@
 //! qmpmux: one upstream QMP session per VM, shared by any number of clients.
 //!
 //! # Layout
-//! - [`config`]: the TOML file, validated into [`config::Config`].
-//! - [`qmp`]: the wire protocol (framing, QEMU-style JSON, request checks,
-//!   upstream messages); pure code, no I/O.
-//! - [`router`]: clients' turns at QEMU's queue and correlation of forwarded
+//! The QMP path, from QEMU to clients:
+//! - [`qmp`]: the wire protocol, pure code with no I/O: framing, QEMU-style
+//!   JSON, what clients send (`request`), what QEMU sends (`incoming`),
+//!   and everything qmpmux itself writes (`outgoing`).
+//! - `upstream`: the per-VM session task owning QEMU's socket (runstate,
+//!   connect/accept, negotiation, reconnect backoff, socket watch, `getfd`
+//!   names), its handle, and the clients' mailboxes; `upstream::state` is
+//!   the vocabulary shared with the rest (runstate, status, why a command
+//!   failed).
+//! - `router`: clients' turns at QEMU's queue and correlation of forwarded
 //!   requests with replies; pure.
-//! - [`upstream`]: the per-VM session task owning QEMU's socket.
-//! - [`downstream`]: listeners and per-client tasks.
-//! - [`subject`]: TLS client identities, printed and matched unambiguously.
-//! - [`shards`]: the threads VMs run on, one VM wholly on one thread.
-//! - [`supervisor`]: [`run`], tying it together until shutdown.
-//! - [`systemd`]: readiness notifications, and the watchdog, fed while the
-//!   VM threads answer.
-//! - [`trim`]: freed memory handed back after many clients leave.
-//! - [`error`]: qmpmux's own failures and their QMP wire form.
+//! - `downstream`: the accept loops (unix, TCP/TLS admission, client
+//!   slots) and the per-client task (negotiation, ordering, policy, fds).
+//! - [`policy`], [`subject`]: who may do what: command policies, and TLS
+//!   client identities printed and matched unambiguously.
+//!
+//! Around it:
+//! - [`config`]: the TOML file, validated into [`config::Config`].
+//! - [`listen`]: binding every socket before serving, and undoing it.
+//! - `supervisor`: [`run`], the set of VMs, reload and stop.
+//! - [`ops`]: control socket, metrics, systemd, memory trim, demo VM.
+//! - `runtime`: the threads VMs run on, and quiet futures.
+//! - [`error`]: formatting error chains; each module has its own errors.
 // The exceptions: `recvmsg` and taking ownership of the fds it receives
 // with SCM_RIGHTS, whatever the control data (downstream::fds),
 // `malloc_trim` (trim) and registering an inotify descriptor with tokio
@@ -22,20 +31,18 @@
 #![deny(unsafe_code)]
 
 pub mod config;
-pub mod control;
-pub mod demo;
-pub mod downstream;
+mod downstream;
 pub mod error;
-pub mod metrics;
+pub mod listen;
+pub mod ops;
 pub mod policy;
 pub mod qmp;
-pub mod quiet;
-pub mod router;
-pub mod shards;
+mod router;
+mod runtime;
 pub mod subject;
-pub mod supervisor;
-pub mod systemd;
-pub mod trim;
-pub mod upstream;
+mod supervisor;
+mod upstream;
 
-pub use supervisor::{run, run_with_reload, Listeners, Reload, ReloadSummary, RunError};
+pub use downstream::{fds::MAX_FDS_PER_MESSAGE, MAX_HANDSHAKES};
+pub use listen::{ListenError, Listeners};
+pub use supervisor::{run, run_with_reload, Reload, ReloadSummary, RunError, STOP_GRACE};

@@ -4,8 +4,9 @@
 use clap::Parser;
 use futures_util::StreamExt;
 use qmpmux::config::{Config, LogFormat, LogRotation};
-use qmpmux::systemd::notify;
-use qmpmux::{demo, run_with_reload, Listeners, Reload};
+use qmpmux::ops::demo;
+use qmpmux::ops::systemd::notify;
+use qmpmux::{run_with_reload, Listeners, Reload};
 use sd_notify::NotifyState;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use std::io::IsTerminal;
@@ -99,7 +100,7 @@ fn init_logging(config: &Config) -> Result<Vec<WorkerGuard>, String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    // The VMs run on threads of their own (see `qmpmux::shards`); this one
+    // The VMs run on threads of their own (see `qmpmux::runtime::shards`); this one
     // only has signals, reloads, the control socket and metrics to serve.
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -115,12 +116,12 @@ async fn status(args: &Args, control: Option<PathBuf>, json: bool) -> ExitCode {
     let path = control
         .or_else(|| Config::load(&args.config).ok().and_then(|c| c.control_socket))
         .unwrap_or_else(|| PathBuf::from(qmpmux::config::DEFAULT_DIR).join("qmpmux.ctl"));
-    match qmpmux::control::query_status(&path).await {
+    match qmpmux::ops::control::query_status(&path).await {
         Ok(report) => {
             let text = if json {
                 serde_json::to_string_pretty(&report).unwrap_or_default() + "\n"
             } else {
-                qmpmux::control::render(&report)
+                qmpmux::ops::control::render(&report)
             };
             // A closed pipe (`| head`) is not an error worth a panic.
             let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());

@@ -191,6 +191,7 @@ impl Router {
 
     /// The next request to write upstream, if the window has room (OOB ones
     /// always have): its upstream number and the bytes after `{"id": N`.
+    #[cfg(test)]
     pub fn next_to_send(&mut self) -> Option<(u64, Bytes)> {
         self.next_with_fd().map(|(n, tail, _)| (n, tail))
     }

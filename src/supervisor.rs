@@ -2,21 +2,22 @@
 //! live reload (start, stop or restart only the VMs whose configuration
 //! changed) and clean stop.
 
-use crate::config::{Config, ListenerConfig, SocketPerms, UpstreamMode, VmConfig};
-use crate::control::{serve_control, serve_metrics, StatusReport, VmStatus};
+use crate::config::{Config, ListenerConfig, VmConfig};
 use crate::downstream::client::ClientContext;
 use crate::downstream::slots::VmSlots;
-use crate::downstream::{accept_loop, accept_tcp_loop, bind, tls, BindError, Created, SocketFile};
-use crate::metrics::{Metrics, SharedMetrics, VmMetrics};
+use crate::downstream::{accept_loop, accept_tcp_loop};
+use crate::listen::sockfile::SocketFile;
+use crate::listen::{bind_or_undo, bind_vm, shares_a_path, Bound, ListenError, Listeners, VmSockets};
+use crate::ops::control::{serve_control, StatusReport, VmStatus};
+use crate::ops::metrics::serve_metrics;
+use crate::ops::metrics::{Metrics, SharedMetrics, VmMetrics};
 use crate::policy::Policy;
-use crate::shards::{Lease, Shards};
+use crate::runtime::shards::{Lease, Shards};
 use crate::upstream::{self, SessionHandle};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, oneshot};
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
@@ -29,32 +30,8 @@ pub const STOP_GRACE: Duration = Duration::from_secs(5);
 pub enum RunError {
     #[error("VM '{0}': no listener was bound for it")]
     MissingListener(String),
-    #[error("cannot listen for metrics on {addr}")]
-    Metrics {
-        addr: std::net::SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("VM '{vm}', listener '{listener}': TLS")]
-    Tls {
-        vm: String,
-        listener: String,
-        #[source]
-        source: crate::downstream::tls::TlsError,
-    },
-    #[error("VM '{vm}': cannot listen on {addr}")]
-    Tcp {
-        vm: String,
-        addr: std::net::SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("VM '{vm}'")]
-    Bind {
-        vm: String,
-        #[source]
-        source: BindError,
-    },
+    #[error(transparent)]
+    Listen(#[from] ListenError),
     #[error("cannot start the threads that serve VMs")]
     Threads(#[source] std::io::Error),
     #[error("VM '{vm}': cannot move its sockets to the thread that serves it")]
@@ -63,166 +40,6 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
-}
-
-/// A VM's bound sockets: for clients, and in accept mode for QEMU.
-#[derive(Debug)]
-struct VmSockets {
-    clients: UnixListener,
-    /// One per `[[vm.listener]]`, in order.
-    extra: Vec<Bound>,
-    upstream: Option<UnixListener>,
-    /// The socket files (and directories) binding created.
-    files: Created,
-}
-
-/// An extra listener, bound.
-enum Bound {
-    Unix(UnixListener),
-    Tcp(TcpListener, Option<TlsAcceptor>),
-}
-
-impl VmSockets {
-    /// Registers the sockets with the current runtime (they were bound on
-    /// the supervisor's), so that their I/O is driven by the VM's shard.
-    fn rehome(self) -> std::io::Result<VmSockets> {
-        let unix = |l: UnixListener| l.into_std().and_then(UnixListener::from_std);
-        let extra = self
-            .extra
-            .into_iter()
-            .map(|b| match b {
-                Bound::Unix(l) => unix(l).map(Bound::Unix),
-                Bound::Tcp(l, tls) => l.into_std().and_then(TcpListener::from_std).map(|l| Bound::Tcp(l, tls)),
-            })
-            .collect::<std::io::Result<_>>()?;
-        Ok(VmSockets {
-            clients: unix(self.clients)?,
-            extra,
-            upstream: self.upstream.map(unix).transpose()?,
-            files: self.files,
-        })
-    }
-}
-
-impl std::fmt::Debug for Bound {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Bound::Unix(l) => write!(f, "Unix({l:?})"),
-            Bound::Tcp(l, tls) => write!(f, "Tcp({l:?}, tls: {})", tls.is_some()),
-        }
-    }
-}
-
-/// Everything the daemon listens on, bound before it runs.
-#[derive(Debug, Default)]
-pub struct Listeners {
-    vms: HashMap<String, VmSockets>,
-    control: Option<(UnixListener, Created)>,
-    metrics: Option<TcpListener>,
-}
-
-impl Listeners {
-    /// The metrics endpoint's address, once bound (e.g. for port 0).
-    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
-        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
-    }
-
-    /// Binds every VM's `listen` path, the control socket and the metrics
-    /// endpoint. On failure, the socket files and directories already
-    /// created are removed.
-    pub async fn bind(config: &Config) -> Result<Listeners, RunError> {
-        let mut out = Listeners::default();
-        for vm in &config.vms {
-            match bind_vm(vm, &config.socket).await {
-                Ok(s) => out.vms.insert(vm.name.clone(), s),
-                Err(e) => return Err(out.undo(e)),
-            };
-        }
-        if let Some(path) = &config.control_socket {
-            // Status reporting is not worth refusing to serve VMs over.
-            let mut created = Created::default();
-            match bind(path, &config.socket, &mut created).await {
-                Ok(l) => out.control = Some((l, created)),
-                Err(e) => warn!(error = %crate::error::chain(&e), "no control socket: `qmpmux status` will not work"),
-            }
-        }
-        if let Some(addr) = config.metrics_listen {
-            match TcpListener::bind(addr).await {
-                Ok(l) => out.metrics = Some(l),
-                Err(source) => return Err(out.undo(RunError::Metrics { addr, source })),
-            }
-        }
-        Ok(out)
-    }
-
-    /// Closes everything and removes what binding created; returns `e`.
-    fn undo(self, e: RunError) -> RunError {
-        let mut all = Created::default();
-        for (_, s) in self.vms {
-            all.append(s.files);
-        }
-        if let Some((_, files)) = self.control {
-            all.append(files);
-        }
-        all.undo();
-        e
-    }
-}
-
-/// Binds a VM's sockets; on failure, removes those it did bind and the
-/// directories it created.
-async fn bind_vm(vm: &VmConfig, perms: &SocketPerms) -> Result<VmSockets, RunError> {
-    let mut files = Created::default();
-    match bind_vm_into(vm, perms, &mut files).await {
-        Ok(mut s) => {
-            s.files = files;
-            Ok(s)
-        }
-        Err(e) => {
-            files.undo();
-            Err(e)
-        }
-    }
-}
-
-async fn bind_vm_into(vm: &VmConfig, perms: &SocketPerms, files: &mut Created) -> Result<VmSockets, RunError> {
-    let err = |source| RunError::Bind {
-        vm: vm.name.clone(),
-        source,
-    };
-    let clients = bind(&vm.listen, perms, files).await.map_err(err)?;
-    let mut extra = Vec::new();
-    for l in &vm.listeners {
-        extra.push(match &l.tcp {
-            None => Bound::Unix(bind(&l.path, perms, files).await.map_err(err)?),
-            Some(tcp) => {
-                let acceptor = match &tcp.tls {
-                    Some(files) => Some(tls::acceptor(files).map_err(|source| RunError::Tls {
-                        vm: vm.name.clone(),
-                        listener: l.name.clone(),
-                        source,
-                    })?),
-                    None => None,
-                };
-                let listener = TcpListener::bind(tcp.addr).await.map_err(|source| RunError::Tcp {
-                    vm: vm.name.clone(),
-                    addr: tcp.addr,
-                    source,
-                })?;
-                Bound::Tcp(listener, acceptor)
-            }
-        });
-    }
-    let upstream = match vm.upstream_mode {
-        UpstreamMode::Connect => None,
-        UpstreamMode::Accept => Some(bind(&vm.upstream, perms, files).await.map_err(err)?),
-    };
-    Ok(VmSockets {
-        clients,
-        extra,
-        upstream,
-        files: Created::default(),
-    })
 }
 
 /// What a reload did.
@@ -312,9 +129,12 @@ pub async fn run_with_reload(
     if let Some(l) = listeners.metrics.take() {
         services.spawn(serve_metrics(l, sup.metrics.clone(), shutdown.clone()));
     }
-    services.spawn(crate::systemd::run_watchdog(sup.shards.liveness(), shutdown.clone()));
+    services.spawn(crate::ops::systemd::run_watchdog(
+        sup.shards.liveness(),
+        shutdown.clone(),
+    ));
     // Freed memory goes back to the system after many clients leave.
-    let mut clients_mark = crate::trim::HighWater::default();
+    let mut clients_mark = crate::ops::trim::HighWater::default();
     let mut trim_tick = tokio::time::interval(Duration::from_secs(1));
     trim_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
@@ -498,57 +318,6 @@ impl Supervisor {
         );
         Ok(summary)
     }
-}
-
-/// Binds a VM's sockets during a reload; on failure, removes the socket
-/// files and directories this reload already created (`done`), so nothing
-/// is left behind.
-async fn bind_or_undo(
-    vm: &VmConfig,
-    perms: &SocketPerms,
-    done: &mut Vec<(VmConfig, Option<VmSockets>)>,
-) -> Result<VmSockets, RunError> {
-    let result = bind_vm(vm, perms).await;
-    if result.is_err() {
-        // All sockets first, then directories, so that one VM's socket does
-        // not keep a directory another created.
-        let mut all = Created::default();
-        for (_, s) in done.drain(..) {
-            if let Some(s) = s {
-                all.append(s.files);
-            }
-        }
-        all.undo();
-    }
-    result
-}
-
-/// The socket paths a VM binds.
-fn bound_paths(vm: &VmConfig) -> Vec<&std::path::Path> {
-    let mut paths = vec![vm.listen.as_path()];
-    paths.extend(
-        vm.listeners
-            .iter()
-            .filter(|l| l.tcp.is_none())
-            .map(|l| l.path.as_path()),
-    );
-    if vm.upstream_mode == UpstreamMode::Accept {
-        paths.push(vm.upstream.as_path());
-    }
-    paths
-}
-
-/// Whether the new configuration of a VM binds a path or TCP address the
-/// old one holds (it must then stop before the new one binds).
-fn shares_a_path(old: &VmConfig, new: &VmConfig) -> bool {
-    let tcp = |vm: &VmConfig| {
-        vm.listeners
-            .iter()
-            .filter_map(|l| l.tcp.as_ref().map(|t| t.addr))
-            .collect::<Vec<_>>()
-    };
-    let (old_paths, old_tcp) = (bound_paths(old), tcp(old));
-    bound_paths(new).iter().any(|p| old_paths.contains(p)) || tcp(new).iter().any(|a| old_tcp.contains(a))
 }
 
 /// Stops one VM: no new clients (its sockets are removed at once), replies

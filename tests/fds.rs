@@ -105,7 +105,7 @@ async fn over_full_fd_messages_are_closed_and_their_sender_disconnected() {
     let ro_listener = listener(&ro, &["query-*"], &[]);
     let daemon = Daemon::start_with(&[("vm", &up, &sock)], |c| c.vms[0].listeners.push(ro_listener)).await;
     let (keep, _w) = pipe();
-    let many = vec![keep.as_raw_fd(); qmpmux::downstream::fds::MAX_FDS_PER_MESSAGE + 4];
+    let many = vec![keep.as_raw_fd(); qmpmux::MAX_FDS_PER_MESSAGE + 4];
     // Warm up (first client, first upstream command), then take the count.
     let mut c = Client::ready(&ro).await;
     assert!(c.cmd(r#"{"execute":"query-status"}"#).await.get("return").is_some());
@@ -166,7 +166,7 @@ async fn several_control_messages_leave_at_most_one_fd_waiting() {
     }
     // Exactly the most accepted in one message.
     let (r, w) = c.into_inner();
-    let most = [p.as_raw_fd(); qmpmux::downstream::fds::MAX_FDS_PER_MESSAGE];
+    let most = [p.as_raw_fd(); qmpmux::MAX_FDS_PER_MESSAGE];
     send_fds(&w, br#"{"execute":"query-status","id":"most"}"#, &[&most]);
     c = Client::from_parts(r, w);
     assert_eq!(c.reply().await["id"], "most");

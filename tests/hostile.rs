@@ -211,7 +211,7 @@ async fn a_client_that_never_stops_sending_does_not_hold_up_shutdown() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Graceful: done well before the grace period after which qmpmux
     // closes clients regardless.
-    let grace = qmpmux::supervisor::STOP_GRACE;
+    let grace = qmpmux::STOP_GRACE;
     tokio::time::timeout(grace - Duration::from_secs(1), daemon.stop())
         .await
         .expect("shutdown waited for the grace period behind a flooding client");

@@ -133,7 +133,7 @@ async fn idle_metrics_connections_are_capped_and_time_out() {
     })
     .await;
     let addr = daemon.metrics_addr.unwrap();
-    let cap = qmpmux::control::METRICS_MAX_CONNECTIONS;
+    let cap = qmpmux::ops::metrics::METRICS_MAX_CONNECTIONS;
     let mut idle = Vec::new();
     for _ in 0..cap + 200 {
         idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
@@ -169,7 +169,7 @@ async fn idle_control_connections_are_capped() {
         c.control_socket = Some(ctl.clone());
     })
     .await;
-    let cap = qmpmux::control::CONTROL_MAX_CONNECTIONS;
+    let cap = qmpmux::ops::control::CONTROL_MAX_CONNECTIONS;
     let mut idle = Vec::new();
     for _ in 0..cap + 50 {
         idle.push(tokio::net::UnixStream::connect(&ctl).await.unwrap());
@@ -182,7 +182,7 @@ async fn idle_control_connections_are_capped() {
         "connection refused: the service has its maximum number of connections"
     ));
     within_a_minute("idle connections to time out", || still_open_unix(&idle) == 0).await;
-    let report = qmpmux::control::query_status(&ctl).await.expect("status");
+    let report = qmpmux::ops::control::query_status(&ctl).await.expect("status");
     assert_eq!(report.vms[0].name, "vm");
     daemon.stop().await;
 }

@@ -348,7 +348,7 @@ async fn status_and_metrics_report_what_happened() {
     // reply is in.
     assert_eq!(c.reply().await["return"], serde_json::json!({}));
 
-    let report = qmpmux::control::query_status(&ctl).await.unwrap();
+    let report = qmpmux::ops::control::query_status(&ctl).await.unwrap();
     let vm = &report.vms[0];
     assert_eq!((vm.name.as_str(), vm.runstate.as_str()), ("web01", "running"));
     assert_eq!((vm.clients, vm.in_flight, vm.connections), (1, 0, 1));

@@ -121,8 +121,8 @@ async fn a_swapped_name_never_redirects_a_chmod() {
     };
     for i in 0..50 {
         let path = shared.join(format!("vm{i}.sock"));
-        let mut created = qmpmux::downstream::Created::default();
-        let _ = qmpmux::downstream::bind(&path, &perms, &mut created).await;
+        let mut created = qmpmux::listen::sockfile::Created::default();
+        let _ = qmpmux::listen::sockfile::bind(&path, &perms, &mut created).await;
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     attacker.join().unwrap();
@@ -175,7 +175,7 @@ async fn only_a_control_socket_qmpmux_bound_is_removed_at_exit() {
         ctl.exists(),
         "the second instance deleted the first one's control socket"
     );
-    let report = qmpmux::control::query_status(&ctl)
+    let report = qmpmux::ops::control::query_status(&ctl)
         .await
         .expect("first instance still answers");
     assert!(report.vms.is_empty());

@@ -340,7 +340,7 @@ async fn handshakes_in_progress_are_capped() {
         c.vms[0].listeners = vec![listener(addr, Some(files), &[])];
     })
     .await;
-    let cap = qmpmux::downstream::MAX_HANDSHAKES;
+    let cap = qmpmux::MAX_HANDSHAKES;
     let extra = 20;
     let mut idle = Vec::new();
     for _ in 0..cap + extra {

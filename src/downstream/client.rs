@@ -14,7 +14,7 @@ use crate::qmp::incoming::Greeting;
 use crate::qmp::json::qemu_style;
 use crate::qmp::outgoing::{error_line, return_line, EXTENSION_PREFIX};
 use crate::qmp::request::{decide, Caps, Decision, Session};
-use crate::quiet::Quiet;
+use crate::runtime::quiet::Quiet;
 use crate::upstream::fdnames::FdNameOp;
 use crate::upstream::mailbox::mailbox;
 use crate::upstream::{FailKind, Request, SessionHandle, ToClient};
@@ -56,7 +56,7 @@ pub struct ClientContext {
     pub stop: CancellationToken,
     /// Immediate stop (the grace period is over).
     pub hard: CancellationToken,
-    pub metrics: crate::metrics::VmMetrics,
+    pub metrics: crate::ops::metrics::VmMetrics,
     /// The socket this client came in on, and its policy.
     pub listener: Arc<ListenerConfig>,
 }

@@ -3,7 +3,6 @@
 pub mod client;
 pub mod fds;
 pub mod slots;
-pub mod sockfile;
 pub mod tls;
 
 use client::{ClientContext, Peer};
@@ -20,8 +19,6 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 use tracing::{error, warn, Instrument};
-
-pub use sockfile::{bind, BindError, Created, SocketFile};
 
 /// Client ids are unique across the whole daemon, for logs.
 static NEXT_CLIENT: AtomicU64 = AtomicU64::new(1);

@@ -97,6 +97,7 @@ impl FdNames {
     }
 
     /// Names tracked, and requests pending (for tests and leak checks).
+    #[cfg(test)]
     pub fn len(&self) -> (usize, usize) {
         (self.owners.len(), self.pending.len())
     }

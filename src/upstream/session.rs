@@ -8,7 +8,7 @@ use super::mailbox::{MailboxSender, SendError};
 use super::socketwatch::{self, SocketWatch};
 use super::{FailKind, Request, Runstate, SessionHandle, Status, ToClient, ToSession};
 use crate::config::{UpstreamOptions, VmConfig};
-use crate::metrics::VmMetrics;
+use crate::ops::metrics::VmMetrics;
 use crate::qmp::framing::Frame;
 use crate::qmp::incoming::{classify, Incoming};
 use crate::qmp::outgoing::{closefd_tail, json_str, lossy, proxy_event};

@@ -7,7 +7,7 @@
 //! VMs hanging. With the ping withheld, systemd restarts qmpmux (clients
 //! reconnect, QEMU keeps running).
 
-use crate::shards::Liveness;
+use crate::runtime::shards::Liveness;
 use sd_notify::NotifyState;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;

@@ -81,6 +81,7 @@ impl Shards {
     }
 
     /// VMs per shard, in shard order.
+    #[cfg(test)]
     pub fn loads(&self) -> Vec<usize> {
         self.shards.iter().map(|s| Arc::strong_count(&s.load) - 1).collect()
     }

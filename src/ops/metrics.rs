@@ -4,8 +4,13 @@
 //! Each session and accept loop holds its own [`VmMetrics`] handles (atomic
 //! cells shared with the registry), so recording is lock-free on the hot
 //! path; the registry's lock is taken only when a VM starts or stops.
+//! [`serve_metrics`] is the HTTP endpoint (`metrics_listen`).
 
+use super::gate::Gate;
 use crate::upstream::state::Runstate;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -13,6 +18,11 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VmLabel {
@@ -186,3 +196,69 @@ impl Metrics {
 
 /// Shared by the supervisor, the sessions and the metrics endpoint.
 pub type SharedMetrics = Arc<Metrics>;
+
+/// Metrics connections served at once; more are closed at once.
+pub const METRICS_MAX_CONNECTIONS: usize = 16;
+
+/// How long a metrics client may take to send its request's headers.
+const METRICS_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a metrics connection may last in all (one request: no
+/// keep-alive), so that a client that does not read its answer still goes.
+const METRICS_CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves `GET /metrics` in Prometheus text format until `stop`: one
+/// request per connection, at most [`METRICS_MAX_CONNECTIONS`] at once.
+pub async fn serve_metrics(listener: TcpListener, metrics: SharedMetrics, stop: CancellationToken) {
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, "serving metrics at /metrics");
+    }
+    let mut gate = Gate::new("metrics", METRICS_MAX_CONNECTIONS);
+    while let Some(((stream, _), permit)) = gate.accept(&stop, || listener.accept()).await {
+        tokio::spawn(serve_metrics_connection(stream, metrics.clone(), stop.clone(), permit));
+    }
+}
+
+async fn serve_metrics_connection(
+    stream: TcpStream,
+    metrics: SharedMetrics,
+    stop: CancellationToken,
+    _permit: OwnedSemaphorePermit,
+) {
+    let service = hyper::service::service_fn(move |req| {
+        let reply = metrics_reply(&req, &metrics);
+        async move { Ok::<_, std::convert::Infallible>(reply) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(METRICS_HEADER_TIMEOUT)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), service);
+    // Cancel-safe: dropping the connection closes it.
+    tokio::select! {
+        r = tokio::time::timeout(METRICS_CONNECTION_TIMEOUT, conn) => match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => debug!(error = %e, "metrics connection failed"),
+            Err(_) => debug!("metrics connection timed out"),
+        },
+        () = stop.cancelled() => {}
+    }
+}
+
+/// `GET` (or `HEAD`) `/metrics`: the metrics; anything else an error.
+fn metrics_reply<B>(req: &Request<B>, metrics: &SharedMetrics) -> Response<String> {
+    let (status, body) = match (req.method(), req.uri().path()) {
+        (&Method::GET | &Method::HEAD, "/metrics") => (StatusCode::OK, metrics.encode()),
+        (_, "/metrics") => (StatusCode::METHOD_NOT_ALLOWED, String::new()),
+        _ => (StatusCode::NOT_FOUND, String::new()),
+    };
+    let mut reply = Response::new(body);
+    *reply.status_mut() = status;
+    if status == StatusCode::OK {
+        reply.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        );
+    }
+    reply
+}

@@ -1,0 +1,130 @@
+//! The control socket, through which `qmpmux status` asks the running
+//! daemon how its VMs are.
+//!
+//! Protocol: the client sends `status\n`; the daemon answers one JSON line
+//! ([`StatusReport`]) and closes. It serves a limited number of connections
+//! at once and gives each a time limit ([`Gate`]), so that idle peers cannot
+//! use up qmpmux's file descriptors.
+
+use super::gate::Gate;
+use serde::{Deserialize, Serialize};
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+/// One VM as `qmpmux status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VmStatus {
+    pub name: String,
+    pub upstream: String,
+    pub upstream_mode: String,
+    pub listen: String,
+    pub runstate: String,
+    pub qemu_version: Option<String>,
+    pub clients: i64,
+    pub in_flight: i64,
+    pub queued: i64,
+    /// Successful upstream connections; reconnects are this minus one.
+    pub connections: u64,
+    pub commands: u64,
+    pub errors: u64,
+    pub events: u64,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct StatusReport {
+    pub vms: Vec<VmStatus>,
+}
+
+/// Asks the supervisor for a report.
+pub type StatusQuery = oneshot::Sender<StatusReport>;
+
+/// Control connections served at once; more are closed at once.
+pub const CONTROL_MAX_CONNECTIONS: usize = 16;
+
+/// How long a control connection may take, request and answer together.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves the control socket until `stop`.
+pub async fn serve_control(listener: UnixListener, queries: mpsc::Sender<StatusQuery>, stop: CancellationToken) {
+    let mut gate = Gate::new("control socket", CONTROL_MAX_CONNECTIONS);
+    while let Some(((stream, _), permit)) = gate.accept(&stop, || listener.accept()).await {
+        let queries = queries.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(CONTROL_TIMEOUT, answer(stream, queries)).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn answer(stream: UnixStream, queries: mpsc::Sender<StatusQuery>) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    BufReader::new(read.take(1024)).read_line(&mut line).await?;
+    let reply = match line.trim() {
+        "status" => {
+            let (tx, rx) = oneshot::channel();
+            if queries.send(tx).await.is_err() {
+                return Ok(());
+            }
+            match rx.await {
+                Ok(report) => serde_json::to_string(&report).unwrap_or_default(),
+                Err(_) => return Ok(()),
+            }
+        }
+        other => serde_json::json!({ "error": format!("unknown request {other:?}; try \"status\"") }).to_string(),
+    };
+    write.write_all(reply.as_bytes()).await?;
+    write.write_all(b"\n").await
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error("cannot reach qmpmux's control socket {0} (is qmpmux running? see `control_socket`)")]
+    Connect(String, #[source] std::io::Error),
+    #[error("talking to qmpmux")]
+    Io(#[from] std::io::Error),
+    #[error("unexpected answer from qmpmux: {0}")]
+    Answer(String),
+}
+
+/// The client side of `qmpmux status`.
+pub async fn query_status(path: &Path) -> Result<StatusReport, QueryError> {
+    let mut stream = UnixStream::connect(path)
+        .await
+        .map_err(|e| QueryError::Connect(path.display().to_string(), e))?;
+    stream.write_all(b"status\n").await?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await?;
+    serde_json::from_str(text.trim()).map_err(|_| QueryError::Answer(text))
+}
+
+/// A table for humans.
+pub fn render(report: &StatusReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<16} {:<13} {:>7} {:>9} {:>10} {:>10} {:>8}  LAST ERROR",
+        "VM", "RUNSTATE", "CLIENTS", "IN FLIGHT", "RECONNECTS", "COMMANDS", "ERRORS"
+    );
+    for vm in &report.vms {
+        let _ = writeln!(
+            out,
+            "{:<16} {:<13} {:>7} {:>9} {:>10} {:>10} {:>8}  {}",
+            vm.name,
+            vm.runstate,
+            vm.clients,
+            vm.in_flight,
+            vm.connections.saturating_sub(1),
+            vm.commands,
+            vm.errors,
+            vm.last_error.as_deref().unwrap_or("-")
+        );
+    }
+    out
+}

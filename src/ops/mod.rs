@@ -1,0 +1,15 @@
+//! Operating qmpmux: what it offers operators beside the QMP sockets.
+//! - [`control`]: the control socket behind `qmpmux status`.
+//! - [`metrics`]: the Prometheus metrics and their HTTP endpoint.
+//! - [`gate`]: the connection cap both serve behind.
+//! - [`systemd`]: readiness notifications, and the watchdog, fed while the
+//!   VM threads answer.
+//! - [`trim`]: freed memory handed back after many clients leave.
+//! - [`demo`]: the demo VM `qmpmux` serves when no VM is configured.
+
+pub mod control;
+pub mod demo;
+mod gate;
+pub mod metrics;
+pub mod systemd;
+pub mod trim;
