@@ -97,6 +97,11 @@ struct RawVm {
     #[serde(default)]
     upstream_mode: UpstreamMode,
     listen: Option<PathBuf>,
+    /// Peers allowed on the main socket (any when both are empty).
+    #[serde(default)]
+    uids: Vec<u32>,
+    #[serde(default)]
+    gids: Vec<u32>,
     listen_reserved_clients: Option<usize>,
     #[serde(default, rename = "listener")]
     listeners: Vec<RawListener>,
@@ -256,40 +261,73 @@ pub struct VmConfig {
     pub name: String,
     pub upstream: PathBuf,
     pub upstream_mode: UpstreamMode,
-    /// The main, full-control socket.
-    pub listen: PathBuf,
-    /// Further sockets, each with its own policy.
+    /// The main socket (`listen`): full control; a unix socket, whose peers
+    /// `[[vm]] uids`/`gids` may restrict. Listener 0 of [`VmConfig::all_listeners`].
+    pub main: ListenerConfig,
+    /// Further sockets (`[[vm.listener]]`), each with its own policy.
     pub listeners: Vec<ListenerConfig>,
     /// Client slots the extra listeners together may never take, kept for
-    /// `listen`; `None`: [`default_listen_reserve`].
+    /// the main socket; `None`: [`default_listen_reserve`].
     pub listen_reserved_clients: Option<usize>,
 }
 
 /// A listen socket with a command policy and optional peer restrictions.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListenerConfig {
     pub name: String,
-    /// Unix socket path; empty for a TCP listener.
-    pub path: PathBuf,
-    pub tcp: Option<TcpConfig>,
-    /// TLS clients whose certificate subject matches one of these are
-    /// served (all verified clients when empty).
-    pub subjects: Vec<SubjectPattern>,
+    pub endpoint: Endpoint,
     pub policy: Policy,
-    /// When either list is non-empty, only peers whose uid is in `uids` or
-    /// whose gid is in `gids` are served.
-    pub uids: Vec<u32>,
-    pub gids: Vec<u32>,
     /// Clients this listener serves at once; `None`: as many as the VM's
-    /// listeners may have together ([`VmConfig::listener_share`]).
+    /// listeners may have together ([`VmConfig::listener_share`]; no limit
+    /// of its own for the main socket).
     pub max_clients: Option<usize>,
 }
 
-/// A TCP listener: mutual TLS, or plain on loopback by explicit opt-in.
+/// Where a listener listens, and who may connect there.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TcpConfig {
-    pub addr: std::net::SocketAddr,
-    pub tls: Option<TlsFiles>,
+pub enum Endpoint {
+    /// A unix socket. When either list is non-empty, only peers whose uid
+    /// is in `uids` or whose gid is in `gids` are served.
+    Unix {
+        path: PathBuf,
+        uids: Vec<u32>,
+        gids: Vec<u32>,
+    },
+    /// A TCP address: mutual TLS, or plain on loopback by explicit opt-in.
+    /// TLS clients whose certificate subject matches one of `subjects` are
+    /// served (all verified clients when empty).
+    Tcp {
+        addr: std::net::SocketAddr,
+        tls: Option<TlsFiles>,
+        subjects: Vec<SubjectPattern>,
+    },
+}
+
+impl Endpoint {
+    /// A unix socket any peer may connect to (as the file mode allows).
+    pub fn unix(path: impl Into<PathBuf>) -> Endpoint {
+        Endpoint::Unix {
+            path: path.into(),
+            uids: Vec::new(),
+            gids: Vec::new(),
+        }
+    }
+
+    /// The unix socket path, if it is one.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            Endpoint::Unix { path, .. } => Some(path),
+            Endpoint::Tcp { .. } => None,
+        }
+    }
+
+    /// The TCP address, if it is one.
+    pub fn addr(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            Endpoint::Unix { .. } => None,
+            Endpoint::Tcp { addr, .. } => Some(*addr),
+        }
+    }
 }
 
 /// PEM files for a mutual-TLS listener.
@@ -314,6 +352,28 @@ pub fn default_listen_reserve(max_clients: usize) -> usize {
 }
 
 impl VmConfig {
+    /// A VM whose main socket is `listen`, with no further listeners.
+    pub fn new(name: impl Into<String>, upstream: impl Into<PathBuf>, listen: impl Into<PathBuf>) -> VmConfig {
+        VmConfig {
+            name: name.into(),
+            upstream: upstream.into(),
+            upstream_mode: UpstreamMode::default(),
+            main: ListenerConfig::main(listen),
+            listeners: Vec::new(),
+            listen_reserved_clients: None,
+        }
+    }
+
+    /// The main socket's path.
+    pub fn listen(&self) -> &Path {
+        self.main.endpoint.path().unwrap_or(Path::new(""))
+    }
+
+    /// Every listener: the main socket first, then the extra ones.
+    pub fn all_listeners(&self) -> impl Iterator<Item = &ListenerConfig> {
+        std::iter::once(&self.main).chain(&self.listeners)
+    }
+
     /// Client slots the extra listeners may take together, out of the VM's
     /// `max_clients`.
     pub fn listener_share(&self, max_clients: usize) -> usize {
@@ -325,8 +385,59 @@ impl VmConfig {
 }
 
 impl ListenerConfig {
+    /// The main socket at `path`: named "main", full control.
+    pub fn main(path: impl Into<PathBuf>) -> ListenerConfig {
+        ListenerConfig::new("main", Endpoint::unix(path))
+    }
+
+    /// A listener with full control and no limit of its own.
+    pub fn new(name: impl Into<String>, endpoint: Endpoint) -> ListenerConfig {
+        ListenerConfig {
+            name: name.into(),
+            endpoint,
+            policy: Policy::default(),
+            max_clients: None,
+        }
+    }
+
+    /// Whether a unix peer with these ids may connect (TCP peers are
+    /// checked by their certificate instead).
     pub fn admits(&self, uid: u32, gid: u32) -> bool {
-        (self.uids.is_empty() && self.gids.is_empty()) || self.uids.contains(&uid) || self.gids.contains(&gid)
+        match &self.endpoint {
+            Endpoint::Unix { uids, gids, .. } => {
+                (uids.is_empty() && gids.is_empty()) || uids.contains(&uid) || gids.contains(&gid)
+            }
+            Endpoint::Tcp { .. } => false,
+        }
+    }
+
+    /// The TLS subject patterns of a TCP listener (none for unix ones).
+    pub fn subjects(&self) -> &[SubjectPattern] {
+        match &self.endpoint {
+            Endpoint::Tcp { subjects, .. } => subjects,
+            Endpoint::Unix { .. } => &[],
+        }
+    }
+}
+
+/// A configuration for embedding qmpmux (tests, the demo): no VMs, no
+/// control socket, no metrics endpoint, every limit at its default. (A file
+/// that sets nothing gets a control socket: see [`Config::from_toml`].)
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            log_level: "info".into(),
+            log_format: LogFormat::default(),
+            log_file: None,
+            log_rotation: LogRotation::default(),
+            socket: SocketPerms::default(),
+            control_socket: None,
+            metrics_listen: None,
+            threads: 0,
+            upstream: UpstreamOptions::default(),
+            client: ClientOptions::default(),
+            vms: Vec::new(),
+        }
     }
 }
 
@@ -401,157 +512,24 @@ fn ms(v: Option<u64>, default: Duration, field: &str) -> Result<Duration, Invali
     }
 }
 
+/// Names and paths the VMs validated so far use: each may be used once.
+#[derive(Default)]
+struct Taken {
+    names: HashSet<String>,
+    paths: HashSet<PathBuf>,
+}
+
 impl RawConfig {
     fn validate(self) -> Result<Config, Invalid> {
         let upstream = self.upstream.validate()?;
         let client = self.client.validate()?;
-        let mut names = HashSet::new();
-        let mut listens = HashSet::new();
-        let mut vms = Vec::with_capacity(self.vm.len());
-        for (i, vm) in self.vm.into_iter().enumerate() {
-            let at = |f: &str| format!("vm[{i}].{f}");
-            if vm.name.is_empty()
-                || !vm
-                    .name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-                || vm.name.starts_with('.')
-            {
-                return Err(invalid(
-                    at("name"),
-                    format!("{:?}: use letters, digits, '-', '_' and '.'", vm.name),
-                ));
-            }
-            if !names.insert(vm.name.clone()) {
-                return Err(invalid(at("name"), format!("{:?} is used by another VM", vm.name)));
-            }
-            if vm.upstream.as_os_str().is_empty() {
-                return Err(invalid(at("upstream"), "must be a socket path"));
-            }
-            check_socket_path(&vm.upstream).map_err(|r| invalid(at("upstream"), r))?;
-            let listen = match (vm.listen, &self.socket_dir) {
-                (Some(l), _) if !l.as_os_str().is_empty() => l,
-                (Some(_), _) => return Err(invalid(at("listen"), "must be a socket path")),
-                (None, Some(dir)) => dir.join(format!("{}.sock", vm.name)),
-                (None, None) => return Err(invalid(at("listen"), "is required when `socket_dir` is not set")),
-            };
-            check_socket_path(&listen).map_err(|r| invalid(at("listen"), r))?;
-            if listen == vm.upstream {
-                return Err(invalid(at("listen"), "is the same path as `upstream`"));
-            }
-            if !listens.insert(listen.clone()) {
-                return Err(invalid(
-                    at("listen"),
-                    format!("{} is used by another VM", listen.display()),
-                ));
-            }
-            if vm.upstream_mode == UpstreamMode::Accept && !listens.insert(vm.upstream.clone()) {
-                return Err(invalid(at("upstream"), "is also used as a listen path"));
-            }
-            if vm.listen_reserved_clients.is_some_and(|r| r >= client.max_clients) {
-                return Err(invalid(
-                    at("listen_reserved_clients"),
-                    format!(
-                        "must be less than client.max_clients ({}), or the extra listeners get no client at all",
-                        client.max_clients
-                    ),
-                ));
-            }
-            let share = client.max_clients.saturating_sub(
-                vm.listen_reserved_clients
-                    .unwrap_or_else(|| default_listen_reserve(client.max_clients)),
-            );
-            let mut listeners = Vec::new();
-            for (j, l) in vm.listeners.into_iter().enumerate() {
-                let at = |f: &str| format!("vm[{i}].listener[{j}].{f}");
-                let (path, tcp) = match (l.path, l.tcp) {
-                    (Some(path), None) => {
-                        check_socket_path(&path).map_err(|r| invalid(at("path"), r))?;
-                        if !listens.insert(path.clone()) || path == vm.upstream {
-                            return Err(invalid(at("path"), format!("{} is used elsewhere", path.display())));
-                        }
-                        (path, None)
-                    }
-                    (None, Some(addr)) => {
-                        let tls = match (l.tls_cert, l.tls_key, l.tls_client_ca) {
-                            (Some(cert), Some(key), Some(client_ca)) => Some(TlsFiles { cert, key, client_ca }),
-                            (None, None, None) if l.allow_plain_tcp && addr.ip().is_loopback() => None,
-                            (None, None, None) => {
-                                return Err(invalid(
-                                    at("tcp"),
-                                    "needs tls_cert, tls_key and tls_client_ca (mutual TLS); plain TCP only \
-                                     on a loopback address with allow_plain_tcp = true",
-                                ))
-                            }
-                            _ => {
-                                return Err(invalid(
-                                    at("tls_cert"),
-                                    "tls_cert, tls_key and tls_client_ca go together",
-                                ))
-                            }
-                        };
-                        (PathBuf::new(), Some(TcpConfig { addr, tls }))
-                    }
-                    _ => return Err(invalid(at("path"), "set exactly one of `path` and `tcp`")),
-                };
-                let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned());
-                let name = l.name.or(stem).unwrap_or_else(|| format!("listener{j}"));
-                for (field, list) in [("allow", &l.allow), ("deny", &l.deny)] {
-                    if list.iter().any(|p| p.is_empty()) {
-                        return Err(invalid(at(field), "patterns must not be empty"));
-                    }
-                }
-                if tcp.is_some() && !(l.uids.is_empty() && l.gids.is_empty()) {
-                    return Err(invalid(
-                        at("uids"),
-                        "uids/gids apply to unix sockets; use `subjects` for TLS",
-                    ));
-                }
-                if tcp.as_ref().is_none_or(|t| t.tls.is_none()) && !l.subjects.is_empty() {
-                    return Err(invalid(at("subjects"), "subjects apply to TLS listeners only"));
-                }
-                let subjects = l
-                    .subjects
-                    .iter()
-                    .map(|s| SubjectPattern::parse(s))
-                    .collect::<Result<_, _>>()
-                    .map_err(|r| invalid(at("subjects"), r))?;
-                match l.max_clients {
-                    Some(0) => return Err(invalid(at("max_clients"), "must be greater than 0")),
-                    Some(n) if n > share => {
-                        return Err(invalid(
-                            at("max_clients"),
-                            format!(
-                                "{n} is more than the {share} clients the VM's extra listeners may have together \
-                                 (client.max_clients less listen_reserved_clients)"
-                            ),
-                        ))
-                    }
-                    _ => {}
-                }
-                listeners.push(ListenerConfig {
-                    name,
-                    path,
-                    tcp,
-                    subjects,
-                    policy: Policy {
-                        allow: l.allow.into_iter().map(Glob::new).collect(),
-                        deny: l.deny.into_iter().map(Glob::new).collect(),
-                    },
-                    uids: l.uids,
-                    gids: l.gids,
-                    max_clients: l.max_clients,
-                });
-            }
-            vms.push(VmConfig {
-                name: vm.name,
-                upstream: vm.upstream,
-                upstream_mode: vm.upstream_mode,
-                listen,
-                listeners,
-                listen_reserved_clients: vm.listen_reserved_clients,
-            });
-        }
+        let mut taken = Taken::default();
+        let vms = self
+            .vm
+            .into_iter()
+            .enumerate()
+            .map(|(i, vm)| vm.validate(i, &client, self.socket_dir.as_deref(), &mut taken))
+            .collect::<Result<Vec<_>, _>>()?;
         let log_level = self.log_level.unwrap_or_else(|| "info".into());
         tracing_subscriber::EnvFilter::try_new(&log_level).map_err(|e| invalid("log_level", e.to_string()))?;
         if let Some(f) = &self.log_file {
@@ -644,6 +622,193 @@ fn check_socket_path(p: &Path) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+impl RawVm {
+    /// `[[vm]]` number `i`.
+    fn validate(
+        self,
+        i: usize,
+        client: &ClientOptions,
+        socket_dir: Option<&Path>,
+        taken: &mut Taken,
+    ) -> Result<VmConfig, Invalid> {
+        let at = |f: &str| format!("vm[{i}].{f}");
+        let vm = self;
+        if vm.name.is_empty()
+            || !vm
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            || vm.name.starts_with('.')
+        {
+            return Err(invalid(
+                at("name"),
+                format!("{:?}: use letters, digits, '-', '_' and '.'", vm.name),
+            ));
+        }
+        if !taken.names.insert(vm.name.clone()) {
+            return Err(invalid(at("name"), format!("{:?} is used by another VM", vm.name)));
+        }
+        if vm.upstream.as_os_str().is_empty() {
+            return Err(invalid(at("upstream"), "must be a socket path"));
+        }
+        check_socket_path(&vm.upstream).map_err(|r| invalid(at("upstream"), r))?;
+        let listen = match (vm.listen, socket_dir) {
+            (Some(l), _) if !l.as_os_str().is_empty() => l,
+            (Some(_), _) => return Err(invalid(at("listen"), "must be a socket path")),
+            (None, Some(dir)) => dir.join(format!("{}.sock", vm.name)),
+            (None, None) => return Err(invalid(at("listen"), "is required when `socket_dir` is not set")),
+        };
+        check_socket_path(&listen).map_err(|r| invalid(at("listen"), r))?;
+        if listen == vm.upstream {
+            return Err(invalid(at("listen"), "is the same path as `upstream`"));
+        }
+        if !taken.paths.insert(listen.clone()) {
+            return Err(invalid(
+                at("listen"),
+                format!("{} is used by another VM", listen.display()),
+            ));
+        }
+        if vm.upstream_mode == UpstreamMode::Accept && !taken.paths.insert(vm.upstream.clone()) {
+            return Err(invalid(at("upstream"), "is also used as a listen path"));
+        }
+        if vm.listen_reserved_clients.is_some_and(|r| r >= client.max_clients) {
+            return Err(invalid(
+                at("listen_reserved_clients"),
+                format!(
+                    "must be less than client.max_clients ({}), or the extra listeners get no client at all",
+                    client.max_clients
+                ),
+            ));
+        }
+        let share = client.max_clients.saturating_sub(
+            vm.listen_reserved_clients
+                .unwrap_or_else(|| default_listen_reserve(client.max_clients)),
+        );
+        let listeners = vm
+            .listeners
+            .into_iter()
+            .enumerate()
+            .map(|(j, l)| l.validate(i, j, &vm.upstream, share, taken))
+            .collect::<Result<Vec<_>, _>>()?;
+        let main = ListenerConfig::new(
+            "main",
+            Endpoint::Unix {
+                path: listen,
+                uids: vm.uids,
+                gids: vm.gids,
+            },
+        );
+        Ok(VmConfig {
+            name: vm.name,
+            upstream: vm.upstream,
+            upstream_mode: vm.upstream_mode,
+            main,
+            listeners,
+            listen_reserved_clients: vm.listen_reserved_clients,
+        })
+    }
+}
+
+impl RawListener {
+    /// `[[vm.listener]]` number `j` of VM `i`, whose QEMU socket is
+    /// `upstream` and whose extra listeners share `share` client slots.
+    fn validate(
+        self,
+        i: usize,
+        j: usize,
+        upstream: &Path,
+        share: usize,
+        taken: &mut Taken,
+    ) -> Result<ListenerConfig, Invalid> {
+        let at = |f: &str| format!("vm[{i}].listener[{j}].{f}");
+        let l = self;
+        for (field, list) in [("allow", &l.allow), ("deny", &l.deny)] {
+            if list.iter().any(|p| p.is_empty()) {
+                return Err(invalid(at(field), "patterns must not be empty"));
+            }
+        }
+        let endpoint = match (l.path, l.tcp) {
+            (Some(path), None) => {
+                check_socket_path(&path).map_err(|r| invalid(at("path"), r))?;
+                if !taken.paths.insert(path.clone()) || path == upstream {
+                    return Err(invalid(at("path"), format!("{} is used elsewhere", path.display())));
+                }
+                if !l.subjects.is_empty() {
+                    return Err(invalid(at("subjects"), "subjects apply to TLS listeners only"));
+                }
+                Endpoint::Unix {
+                    path,
+                    uids: l.uids,
+                    gids: l.gids,
+                }
+            }
+            (None, Some(addr)) => {
+                let tls = match (l.tls_cert, l.tls_key, l.tls_client_ca) {
+                    (Some(cert), Some(key), Some(client_ca)) => Some(TlsFiles { cert, key, client_ca }),
+                    (None, None, None) if l.allow_plain_tcp && addr.ip().is_loopback() => None,
+                    (None, None, None) => {
+                        return Err(invalid(
+                            at("tcp"),
+                            "needs tls_cert, tls_key and tls_client_ca (mutual TLS); plain TCP only \
+                             on a loopback address with allow_plain_tcp = true",
+                        ))
+                    }
+                    _ => {
+                        return Err(invalid(
+                            at("tls_cert"),
+                            "tls_cert, tls_key and tls_client_ca go together",
+                        ))
+                    }
+                };
+                if !(l.uids.is_empty() && l.gids.is_empty()) {
+                    return Err(invalid(
+                        at("uids"),
+                        "uids/gids apply to unix sockets; use `subjects` for TLS",
+                    ));
+                }
+                if tls.is_none() && !l.subjects.is_empty() {
+                    return Err(invalid(at("subjects"), "subjects apply to TLS listeners only"));
+                }
+                let subjects = l
+                    .subjects
+                    .iter()
+                    .map(|s| SubjectPattern::parse(s))
+                    .collect::<Result<_, _>>()
+                    .map_err(|r| invalid(at("subjects"), r))?;
+                Endpoint::Tcp { addr, tls, subjects }
+            }
+            _ => return Err(invalid(at("path"), "set exactly one of `path` and `tcp`")),
+        };
+        let stem = endpoint
+            .path()
+            .and_then(|p| p.file_stem())
+            .map(|s| s.to_string_lossy().into_owned());
+        let name = l.name.or(stem).unwrap_or_else(|| format!("listener{j}"));
+        match l.max_clients {
+            Some(0) => return Err(invalid(at("max_clients"), "must be greater than 0")),
+            Some(n) if n > share => {
+                return Err(invalid(
+                    at("max_clients"),
+                    format!(
+                        "{n} is more than the {share} clients the VM's extra listeners may have together \
+                         (client.max_clients less listen_reserved_clients)"
+                    ),
+                ))
+            }
+            _ => {}
+        }
+        Ok(ListenerConfig {
+            name,
+            endpoint,
+            policy: Policy {
+                allow: l.allow.into_iter().map(Glob::new).collect(),
+                deny: l.deny.into_iter().map(Glob::new).collect(),
+            },
+            max_clients: l.max_clients,
+        })
+    }
 }
 
 impl RawUpstream {
@@ -740,7 +905,7 @@ mod tests {
         let c = load("[[vm]]\nname = \"web01\"\nupstream = \"/q/web01.sock\"\nlisten = \"/run/qmpmux/web01.sock\"\n")
             .unwrap();
         assert_eq!(c.vms.len(), 1);
-        assert_eq!(c.vms[0].listen, PathBuf::from("/run/qmpmux/web01.sock"));
+        assert_eq!(c.vms[0].listen(), Path::new("/run/qmpmux/web01.sock"));
         assert_eq!(c.upstream, UpstreamOptions::default());
         assert_eq!(c.client, ClientOptions::default());
         assert_eq!(c.log_level, "info");
@@ -749,7 +914,7 @@ mod tests {
     #[test]
     fn socket_dir_derives_listen_paths() {
         let c = load("socket_dir = \"/run/qmpmux\"\n[[vm]]\nname = \"a\"\nupstream = \"/q/a\"\n").unwrap();
-        assert_eq!(c.vms[0].listen, PathBuf::from("/run/qmpmux/a.sock"));
+        assert_eq!(c.vms[0].listen(), Path::new("/run/qmpmux/a.sock"));
     }
 
     #[test]
@@ -826,7 +991,10 @@ mod tests {
         let base = "[[vm]]\nname = \"a\"\nupstream = \"/q\"\nlisten = \"/l\"\n[[vm.listener]]\n\
                     tcp = \"[::]:4444\"\ntls_cert = \"/c\"\ntls_key = \"/k\"\ntls_client_ca = \"/ca\"\n";
         let c = load(&format!("{base}subjects = [\"CN=orchestrator, O=Example\"]\n")).unwrap();
-        assert_eq!(c.vms[0].listeners[0].subjects[0].as_str(), "CN=orchestrator, O=Example");
+        assert_eq!(
+            c.vms[0].listeners[0].subjects()[0].as_str(),
+            "CN=orchestrator, O=Example"
+        );
         let e = load(&format!("{base}subjects = [\"*CN=orchestrator*\"]\n")).unwrap_err();
         assert!(
             e.contains("vm[0].listener[0].subjects") && e.contains("TYPE=VALUE"),

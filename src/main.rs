@@ -184,7 +184,7 @@ async fn async_main(args: Args) -> ExitCode {
         }
     };
     if let Some(vm) = config.vms.first().filter(|_| demo_vm.is_some()) {
-        info!("demo VM ready: try `socat - UNIX-CONNECT:{}`", vm.listen.display());
+        info!("demo VM ready: try `socat - UNIX-CONNECT:{}`", vm.listen().display());
     }
     notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
     let shutdown = CancellationToken::new();
@@ -216,7 +216,7 @@ async fn async_main(args: Args) -> ExitCode {
 fn print_summary(args: &Args, config: &Config) {
     println!("{}: OK, {} VM(s)", args.config.display(), config.vms.len());
     for vm in &config.vms {
-        println!("  {}: {} -> {}", vm.name, vm.upstream.display(), vm.listen.display());
+        println!("  {}: {} -> {}", vm.name, vm.upstream.display(), vm.listen().display());
     }
 }
 

@@ -2,7 +2,7 @@
 //! live reload (start, stop or restart only the VMs whose configuration
 //! changed) and clean stop.
 
-use crate::config::{Config, ListenerConfig, VmConfig};
+use crate::config::{Config, VmConfig};
 use crate::downstream::client::ClientContext;
 use crate::downstream::slots::VmSlots;
 use crate::downstream::{accept_loop, accept_tcp_loop};
@@ -11,10 +11,10 @@ use crate::listen::{bind_or_undo, bind_vm, shares_a_path, Bound, ListenError, Li
 use crate::ops::control::{serve_control, StatusReport, VmStatus};
 use crate::ops::metrics::serve_metrics;
 use crate::ops::metrics::{Metrics, SharedMetrics, VmMetrics};
-use crate::policy::Policy;
 use crate::runtime::shards::{Lease, Shards};
 use crate::upstream::{self, SessionHandle};
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -187,7 +187,6 @@ impl Supervisor {
             hard.clone(),
             &tasks,
         );
-        let listener = sockets.clients;
         let max_clients = self.config.client.max_clients;
         let slots = VmSlots::new(max_clients, vm.listener_share(max_clients));
         let ctx = ClientContext {
@@ -197,43 +196,36 @@ impl Supervisor {
             stop: stop.clone(),
             hard: hard.clone(),
             metrics: metrics.clone(),
-            listener: Arc::new(ListenerConfig {
-                name: "main".into(),
-                path: vm.listen.clone(),
-                tcp: None,
-                subjects: Vec::new(),
-                policy: Policy::default(),
-                uids: Vec::new(),
-                gids: Vec::new(),
-                max_clients: None,
-            }),
+            listener: Arc::new(vm.main.clone()),
         };
-        info!(vm = %vm.name, listen = %vm.listen.display(), upstream = %vm.upstream.display(), "serving VM");
-        for (l, bound) in vm.listeners.iter().zip(sockets.extra) {
+        info!(vm = %vm.name, listen = %vm.listen().display(), upstream = %vm.upstream.display(), "serving VM");
+        // Listener 0 is the main socket: slots kept for it, no limit of its own.
+        for (n, (l, bound)) in vm.all_listeners().zip(sockets.listeners).enumerate() {
             let ctx = ClientContext {
                 listener: Arc::new(l.clone()),
                 ..ctx.clone()
             };
+            let slots = if n == 0 {
+                slots.main()
+            } else {
+                slots.listener(l.max_clients)
+            };
             let policy = l.policy.describe();
             match bound {
                 Bound::Unix(sock) => {
-                    info!(vm = %vm.name, listener = %l.name, path = %l.path.display(), %policy, "extra listener");
-                    tasks.spawn(accept_loop(sock, ctx, clients.clone(), slots.listener(l.max_clients)));
+                    if n > 0 {
+                        let path = l.endpoint.path().unwrap_or(Path::new("")).display();
+                        info!(vm = %vm.name, listener = %l.name, %path, %policy, "extra listener");
+                    }
+                    tasks.spawn(accept_loop(sock, ctx, clients.clone(), slots));
                 }
                 Bound::Tcp(sock, tls) => {
                     let addr = sock.local_addr().map(|a| a.to_string()).unwrap_or_default();
                     info!(vm = %vm.name, listener = %l.name, %addr, tls = tls.is_some(), %policy, "extra listener");
-                    tasks.spawn(accept_tcp_loop(
-                        sock,
-                        tls,
-                        ctx,
-                        clients.clone(),
-                        slots.listener(l.max_clients),
-                    ));
+                    tasks.spawn(accept_tcp_loop(sock, tls, ctx, clients.clone(), slots));
                 }
             }
         }
-        tasks.spawn(accept_loop(listener, ctx, clients.clone(), slots.main()));
         self.vms.insert(
             vm.name.clone(),
             Vm {
@@ -362,7 +354,7 @@ impl Vm {
             name: self.config.name.clone(),
             upstream: self.config.upstream.display().to_string(),
             upstream_mode: format!("{:?}", self.config.upstream_mode).to_lowercase(),
-            listen: self.config.listen.display().to_string(),
+            listen: self.config.listen().display().to_string(),
             runstate: s.runstate.to_string(),
             qemu_version: s.greeting.as_ref().map(|g| g.version.clone()),
             clients: m.clients.get(),

@@ -3,7 +3,7 @@
 //! `minimal.toml` gets by default, so each was read); and every key that
 //! `qmpmux.toml`, the commented reference, mentions is set in `full.toml`.
 
-use qmpmux::config::{Config, LogFormat, LogRotation, UpstreamMode};
+use qmpmux::config::{Config, Endpoint, LogFormat, LogRotation, UpstreamMode};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -116,49 +116,61 @@ fn full_sets_every_option_to_something_read() {
     let web = &f.vms[0];
     assert_eq!(web.name, "web01");
     assert_eq!(web.upstream_mode, UpstreamMode::Connect);
-    assert_eq!(web.listen, Path::new("/run/qmpmux/web01.sock"));
+    assert_eq!(web.listen(), Path::new("/run/qmpmux/web01.sock"));
+    // The main socket is listener 0: full control, its peers restricted by
+    // [[vm]] uids/gids.
+    assert_eq!(web.main.name, "main");
+    assert!(web.main.policy.allow.is_empty() && web.main.policy.deny.is_empty());
+    assert!(web.main.admits(0, 12345) && !web.main.admits(12345, 12345));
     assert_eq!(web.listeners.len(), 4);
     let ro = &web.listeners[0];
     assert_eq!(
-        (ro.name.as_str(), ro.path.as_path()),
-        ("monitoring", Path::new("/run/qmpmux/web01-ro.sock"))
+        (ro.name.as_str(), ro.endpoint.path()),
+        ("monitoring", Some(Path::new("/run/qmpmux/web01-ro.sock")))
     );
     let allow: Vec<&str> = ro.policy.allow.iter().map(|g| g.as_str()).collect();
     assert_eq!(allow, ["query-*"]);
-    assert!(ro.policy.deny.is_empty() && ro.uids.is_empty() && ro.gids.is_empty());
+    assert!(ro.policy.deny.is_empty() && ro.endpoint == Endpoint::unix("/run/qmpmux/web01-ro.sock"));
     assert!(ro.policy.check("query-status", None).is_ok());
     assert!(ro.policy.check("quit", None).is_err());
     let ops = &web.listeners[1];
     assert_eq!(ops.name, "ops");
     let deny: Vec<&str> = ops.policy.deny.iter().map(|g| g.as_str()).collect();
     assert_eq!(deny, ["system_reset"]);
-    assert_eq!((ops.uids.as_slice(), ops.gids.as_slice()), (&[0][..], &[0][..]));
+    let Endpoint::Unix { uids, gids, .. } = &ops.endpoint else {
+        panic!("ops is a unix socket")
+    };
+    assert_eq!((uids.as_slice(), gids.as_slice()), (&[0][..], &[0][..]));
     assert!(ops.policy.check("system_powerdown", None).is_ok());
     assert!(ops.policy.check("system_reset", None).is_err());
     assert!(ops.admits(0, 12345) && ops.admits(12345, 0) && !ops.admits(12345, 12345));
 
     let tls = &web.listeners[2];
     assert_eq!(tls.name, "orchestrator");
-    let tcp = tls.tcp.as_ref().expect("a TCP listener");
-    assert_eq!(tcp.addr, "192.0.2.10:4444".parse().unwrap());
-    let files = tcp.tls.as_ref().expect("mutual TLS");
+    let Endpoint::Tcp { addr, tls: files, .. } = &tls.endpoint else {
+        panic!("a TCP listener")
+    };
+    assert_eq!(*addr, "192.0.2.10:4444".parse().unwrap());
+    let files = files.as_ref().expect("mutual TLS");
     assert_eq!(files.cert, Path::new("/etc/qmpmux/tls/server.pem"));
     assert_eq!(files.key, Path::new("/etc/qmpmux/tls/server.key"));
     assert_eq!(files.client_ca, Path::new("/etc/qmpmux/tls/clients-ca.pem"));
-    let subjects: Vec<&str> = tls.subjects.iter().map(|g| g.as_str()).collect();
+    let subjects: Vec<&str> = tls.subjects().iter().map(|g| g.as_str()).collect();
     assert_eq!(subjects, ["CN=orchestrator, O=Example"]);
     assert_eq!(tls.max_clients, Some(16));
     assert_eq!((web.listen_reserved_clients, web.listener_share(256)), (Some(32), 224));
     let plain = &web.listeners[3];
-    let tcp = plain.tcp.as_ref().expect("a TCP listener");
-    assert_eq!((tcp.addr, tcp.tls.is_none()), ("127.0.0.1:4445".parse().unwrap(), true));
+    let Endpoint::Tcp { addr, tls, .. } = &plain.endpoint else {
+        panic!("a TCP listener")
+    };
+    assert_eq!((*addr, tls.is_none()), ("127.0.0.1:4445".parse().unwrap(), true));
 
     let db = &f.vms[1];
     assert_eq!(db.name, "db01");
     assert_eq!(db.upstream_mode, UpstreamMode::Accept);
     assert_eq!(db.upstream, Path::new("/run/qmpmux/qemu/db01.sock"));
     // No `listen`: derived from socket_dir, which shows socket_dir was read.
-    assert_eq!(db.listen, Path::new("/run/qmpmux/db01.sock"));
+    assert_eq!(db.listen(), Path::new("/run/qmpmux/db01.sock"));
 }
 
 /// Key names on lines of the form `key = ...` or `# key = ...`

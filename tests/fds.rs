@@ -6,7 +6,7 @@
 mod common;
 
 use common::{Client, Daemon, Qemu};
-use qmpmux::config::ListenerConfig;
+use qmpmux::config::{Endpoint, ListenerConfig};
 use qmpmux::policy::{Glob, Policy};
 use serde_json::{json, Value};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -14,17 +14,11 @@ use std::path::Path;
 
 fn listener(path: &Path, allow: &[&str], deny: &[&str]) -> ListenerConfig {
     ListenerConfig {
-        name: "limited".into(),
-        path: path.to_owned(),
-        tcp: None,
-        subjects: Vec::new(),
         policy: Policy {
             allow: allow.iter().map(|s| Glob::new(*s)).collect(),
             deny: deny.iter().map(|s| Glob::new(*s)).collect(),
         },
-        uids: Vec::new(),
-        gids: Vec::new(),
-        max_clients: None,
+        ..ListenerConfig::new("limited", Endpoint::unix(path))
     }
 }
 

@@ -6,7 +6,7 @@ mod common;
 
 use common::logs::{logged, logs};
 use common::{Client, Daemon, Qemu, STEP};
-use qmpmux::config::ListenerConfig;
+use qmpmux::config::{Endpoint, ListenerConfig};
 use std::path::Path;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -24,10 +24,8 @@ async fn greeted(path: &Path) -> bool {
 
 fn unix_listener(name: &str, path: &Path, max_clients: Option<usize>) -> ListenerConfig {
     ListenerConfig {
-        name: name.into(),
-        path: path.to_owned(),
         max_clients,
-        ..Default::default()
+        ..ListenerConfig::new(name, Endpoint::unix(path))
     }
 }
 

@@ -65,17 +65,11 @@ async fn oob_against_real_qemu_and_policy() {
     let _qemu = Qemu::start(&p("q.sock")).await;
     let daemon = Daemon::start_with(&[("vm", &p("q.sock"), &p("rw.sock"))], |c| {
         c.vms[0].listeners = vec![qmpmux::config::ListenerConfig {
-            name: "ro".into(),
-            path: p("ro.sock"),
-            tcp: None,
-            subjects: Vec::new(),
             policy: qmpmux::policy::Policy {
                 allow: vec![qmpmux::policy::Glob::new("query-*")],
                 deny: Vec::new(),
             },
-            uids: Vec::new(),
-            gids: Vec::new(),
-            max_clients: None,
+            ..qmpmux::config::ListenerConfig::new("ro", qmpmux::config::Endpoint::unix(p("ro.sock")))
         }];
     })
     .await;

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{die_with_parent, Client, Daemon, Qemu};
-use qmpmux::config::ListenerConfig;
+use qmpmux::config::{Endpoint, ListenerConfig};
 use qmpmux::policy::{Glob, Policy};
 use serde_json::Value;
 use std::path::Path;
@@ -12,17 +12,11 @@ use std::process::{Command, Stdio};
 
 fn listener(name: &str, path: &Path, allow: &[&str], deny: &[&str]) -> ListenerConfig {
     ListenerConfig {
-        name: name.into(),
-        path: path.to_owned(),
-        tcp: None,
-        subjects: Vec::new(),
         policy: Policy {
             allow: allow.iter().map(|s| Glob::new(*s)).collect(),
             deny: deny.iter().map(|s| Glob::new(*s)).collect(),
         },
-        uids: Vec::new(),
-        gids: Vec::new(),
-        max_clients: None,
+        ..ListenerConfig::new(name, Endpoint::unix(path))
     }
 }
 
@@ -108,17 +102,26 @@ async fn listeners_restricted_to_uids_refuse_other_peers() {
     let p = |n: &str| dir.path().join(n);
     let _qemu = Qemu::start(&p("q.sock")).await;
     let me = nix::unistd::getuid().as_raw();
+    let only = |uid: u32, path: &std::path::Path| Endpoint::Unix {
+        path: path.to_owned(),
+        uids: vec![uid],
+        gids: Vec::new(),
+    };
     let daemon = Daemon::start_with(&[("vm", &p("q.sock"), &p("rw.sock"))], |c| {
         let mut mine = listener("mine", &p("mine.sock"), &[], &[]);
-        mine.uids = vec![me];
+        mine.endpoint = only(me, &p("mine.sock"));
         let mut theirs = listener("theirs", &p("theirs.sock"), &[], &[]);
-        theirs.uids = vec![me.wrapping_add(4242)];
+        theirs.endpoint = only(me.wrapping_add(4242), &p("theirs.sock"));
         c.vms[0].listeners = vec![mine, theirs];
+        // The main socket too ([[vm]] uids), as listener 0.
+        c.vms[0].main.endpoint = only(me.wrapping_add(4242), &p("rw.sock"));
     })
     .await;
     Client::ready(&p("mine.sock")).await;
-    let mut refused = Client::connect(&p("theirs.sock")).await;
-    refused.expect_eof().await;
+    for other in ["theirs.sock", "rw.sock"] {
+        let mut refused = Client::connect(&p(other)).await;
+        refused.expect_eof().await;
+    }
     daemon.stop().await;
 }
 

@@ -12,14 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 fn vm(name: &str, up: &Path, listen: &Path) -> VmConfig {
-    VmConfig {
-        name: name.into(),
-        upstream: up.to_owned(),
-        upstream_mode: Default::default(),
-        listeners: Vec::new(),
-        listen_reserved_clients: None,
-        listen: listen.to_owned(),
-    }
+    qmpmux::config::VmConfig::new(name, up, listen)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

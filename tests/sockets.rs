@@ -10,14 +10,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 fn vm(name: &str, up: &Path, listen: &Path) -> qmpmux::config::VmConfig {
-    qmpmux::config::VmConfig {
-        name: name.into(),
-        upstream: up.to_owned(),
-        upstream_mode: Default::default(),
-        listeners: Vec::new(),
-        listen: listen.to_owned(),
-        listen_reserved_clients: None,
-    }
+    qmpmux::config::VmConfig::new(name, up, listen)
 }
 
 /// The test harness's configuration, with these VMs.
@@ -223,16 +216,10 @@ async fn a_rejected_reload_leaves_no_sockets_or_directories() {
     bad.vms.push(vm("b", &p("a.q"), &p("dir-b/sub/b.sock")));
     // c binds its main socket, then fails on its extra listener.
     let mut c = vm("c", &p("a.q"), &p("dir-c/c.sock"));
-    c.listeners.push(qmpmux::config::ListenerConfig {
-        name: "x".into(),
-        path: p("blocker"),
-        tcp: None,
-        subjects: Vec::new(),
-        policy: Default::default(),
-        uids: Vec::new(),
-        gids: Vec::new(),
-        max_clients: None,
-    });
+    c.listeners.push(qmpmux::config::ListenerConfig::new(
+        "x",
+        qmpmux::config::Endpoint::unix(p("blocker")),
+    ));
     bad.vms.push(c);
     assert!(daemon.reload(bad).await.is_err());
     for left in ["dir-b", "dir-c"] {

@@ -6,8 +6,7 @@ mod common;
 
 use common::logs::{logged, logs};
 use common::{Daemon, Qemu};
-use qmpmux::config::{ListenerConfig, TcpConfig, TlsFiles};
-use qmpmux::policy::Policy;
+use qmpmux::config::{Endpoint, ListenerConfig, TlsFiles};
 use qmpmux::subject::SubjectPattern;
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
 use serde_json::{json, Value};
@@ -67,16 +66,8 @@ fn free_port() -> SocketAddr {
 }
 
 fn listener(addr: SocketAddr, tls: Option<TlsFiles>, subjects: &[&str]) -> ListenerConfig {
-    ListenerConfig {
-        name: "tls".into(),
-        path: Default::default(),
-        tcp: Some(TcpConfig { addr, tls }),
-        subjects: subjects.iter().map(|s| SubjectPattern::parse(s).unwrap()).collect(),
-        policy: Policy::default(),
-        uids: Vec::new(),
-        gids: Vec::new(),
-        max_clients: None,
-    }
+    let subjects = subjects.iter().map(|s| SubjectPattern::parse(s).unwrap()).collect();
+    ListenerConfig::new("tls", Endpoint::Tcp { addr, tls, subjects })
 }
 
 /// Connects with TLS; `cert` is the client's certificate, if any.

@@ -269,7 +269,7 @@ async fn listen_socket_files() {
     let file = dir.path().join("file");
     std::fs::write(&file, "keep me").unwrap();
     let mut c2 = config.clone();
-    c2.vms[0].listen = file.clone();
+    c2.vms[0].main = qmpmux::config::ListenerConfig::main(&file);
     let err = qmpmux::Listeners::bind(&c2).await.unwrap_err();
     assert!(qmpmux::error::chain(&err).contains("not a socket"), "{err}");
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");

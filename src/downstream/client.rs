@@ -77,15 +77,32 @@ enum Slot {
     Ready(Bytes),
 }
 
-/// Who is on the other end: SO_PEERCRED for unix sockets; for TCP the
-/// address, and the client certificate's subject with TLS (pid 0 and
-/// uid/gid `u32::MAX` there).
-#[derive(Debug, Clone, Default)]
-pub struct Peer {
-    pub pid: i32,
-    pub uid: u32,
-    pub gid: u32,
-    pub remote: Option<Arc<str>>,
+/// Who is on the other end.
+#[derive(Debug, Clone)]
+pub enum Peer {
+    /// A unix socket's peer, by SO_PEERCRED.
+    Unix { pid: i32, uid: u32, gid: u32 },
+    /// A TCP peer: `tcp:ADDR`, or with TLS `tls:SUBJECT@ADDR` (the
+    /// certificate's subject, escaped per RFC 4514).
+    Tcp { remote: Arc<str> },
+}
+
+impl Peer {
+    /// pid, uid and gid, for logs: none for a TCP peer.
+    fn ids(&self) -> (Option<i32>, Option<u32>, Option<u32>) {
+        match self {
+            Peer::Unix { pid, uid, gid } => (Some(*pid), Some(*uid), Some(*gid)),
+            Peer::Tcp { .. } => (None, None, None),
+        }
+    }
+
+    /// The remote address and identity, for logs: `-` for a unix peer.
+    fn remote(&self) -> &str {
+        match self {
+            Peer::Unix { .. } => "-",
+            Peer::Tcp { remote } => remote,
+        }
+    }
 }
 
 struct Client {
@@ -123,8 +140,8 @@ where
     R: AsyncRead + Unpin + Send + ClientReader + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let remote = peer.remote.as_deref().unwrap_or("-");
-    info!(client = id, listener = %ctx.listener.name, pid = peer.pid, uid = peer.uid, gid = peer.gid, remote, "client connected");
+    let (pid, uid, gid) = peer.ids();
+    info!(client = id, listener = %ctx.listener.name, pid, uid, gid, remote = peer.remote(), "client connected");
     let end = AssertUnwindSafe(serve(read, write, id, peer, ctx.clone()))
         .catch_unwind()
         .await
@@ -451,15 +468,16 @@ impl Client {
     /// One line on the `qmpmux::audit` target: who did what, with what
     /// outcome, how long it took.
     fn audit(&self, command: &str, outcome: &str, start: Instant) {
+        let (pid, uid, gid) = self.peer.ids();
         info!(
             target: "qmpmux::audit",
             vm = %self.ctx.vm,
             listener = %self.ctx.listener.name,
             client = self.id,
-            pid = self.peer.pid,
-            uid = self.peer.uid,
-            gid = self.peer.gid,
-            remote = self.peer.remote.as_deref().unwrap_or("-"),
+            pid,
+            uid,
+            gid,
+            remote = self.peer.remote(),
             command,
             outcome,
             duration_ms = start.elapsed().as_secs_f64() * 1000.0,

@@ -33,20 +33,20 @@ pub async fn accept_loop(listener: UnixListener, ctx: ClientContext, tracker: Ta
             continue;
         };
         let peer = match stream.peer_cred() {
-            Ok(c) => Peer {
+            Ok(c) => Peer::Unix {
                 pid: c.pid().unwrap_or(0),
                 uid: c.uid(),
                 gid: c.gid(),
-                remote: None,
             },
             Err(e) => {
                 warn!(error = %e, "cannot identify a client (SO_PEERCRED); refusing it");
                 continue;
             }
         };
-        if !ctx.listener.admits(peer.uid, peer.gid) {
-            warn!(target: "qmpmux::audit", vm = %ctx.vm, listener = %ctx.listener.name, pid = peer.pid,
-                uid = peer.uid, gid = peer.gid, "client refused: its uid/gid is not allowed on this listener");
+        let Peer::Unix { pid, uid, gid } = peer else { continue };
+        if !ctx.listener.admits(uid, gid) {
+            warn!(target: "qmpmux::audit", vm = %ctx.vm, listener = %ctx.listener.name, pid,
+                uid, gid, "client refused: its uid/gid is not allowed on this listener");
             continue;
         }
         let (read, write) = stream.into_split();
@@ -211,7 +211,8 @@ impl Admission {
         // The peer is authenticated: its handshake place goes to the next.
         drop(handshake);
         let subject = tls::peer_subject(stream.get_ref().1).unwrap_or_default();
-        if !ctx.listener.subjects.is_empty() && !ctx.listener.subjects.iter().any(|p| p.matches(&subject)) {
+        let allowed = ctx.listener.subjects();
+        if !allowed.is_empty() && !allowed.iter().any(|p| p.matches(&subject)) {
             return warn!(target: "qmpmux::audit", vm = %ctx.vm, %addr, %subject, listener = %ctx.listener.name,
                 "client refused: certificate subject not allowed");
         }
@@ -225,14 +226,8 @@ impl Admission {
     }
 }
 
-/// A TCP client: no pid, uid or gid (see [`Peer`]).
 fn tcp_peer(remote: String) -> Peer {
-    Peer {
-        pid: 0,
-        uid: u32::MAX,
-        gid: u32::MAX,
-        remote: Some(remote.into()),
-    }
+    Peer::Tcp { remote: remote.into() }
 }
 
 fn is_resource_exhaustion(e: &io::Error) -> bool {

@@ -5,7 +5,7 @@
 
 pub mod sockfile;
 
-use crate::config::{Config, SocketPerms, UpstreamMode, VmConfig};
+use crate::config::{Config, Endpoint, SocketPerms, UpstreamMode, VmConfig};
 use crate::downstream::tls;
 use sockfile::{bind, BindError, Created};
 use std::collections::HashMap;
@@ -47,9 +47,9 @@ pub enum ListenError {
 /// A VM's bound sockets: for clients, and in accept mode for QEMU.
 #[derive(Debug)]
 pub struct VmSockets {
-    pub clients: UnixListener,
-    /// One per `[[vm.listener]]`, in order.
-    pub extra: Vec<Bound>,
+    /// One per listener, in [`VmConfig::all_listeners`]'s order (the main
+    /// socket first).
+    pub listeners: Vec<Bound>,
     pub upstream: Option<UnixListener>,
     /// The socket files (and directories) binding created.
     pub files: Created,
@@ -66,8 +66,8 @@ impl VmSockets {
     /// the supervisor's), so that their I/O is driven by the VM's shard.
     pub fn rehome(self) -> std::io::Result<VmSockets> {
         let unix = |l: UnixListener| l.into_std().and_then(UnixListener::from_std);
-        let extra = self
-            .extra
+        let listeners = self
+            .listeners
             .into_iter()
             .map(|b| match b {
                 Bound::Unix(l) => unix(l).map(Bound::Unix),
@@ -75,8 +75,7 @@ impl VmSockets {
             })
             .collect::<std::io::Result<_>>()?;
         Ok(VmSockets {
-            clients: unix(self.clients)?,
-            extra,
+            listeners,
             upstream: self.upstream.map(unix).transpose()?,
             files: self.files,
         })
@@ -169,13 +168,14 @@ async fn bind_vm_into(vm: &VmConfig, perms: &SocketPerms, files: &mut Created) -
         vm: vm.name.clone(),
         source,
     };
-    let clients = bind(&vm.listen, perms, files).await.map_err(err)?;
-    let mut extra = Vec::new();
-    for l in &vm.listeners {
-        extra.push(match &l.tcp {
-            None => Bound::Unix(bind(&l.path, perms, files).await.map_err(err)?),
-            Some(tcp) => {
-                let acceptor = match &tcp.tls {
+    let mut listeners = Vec::new();
+    for l in vm.all_listeners() {
+        listeners.push(match &l.endpoint {
+            Endpoint::Unix { path, .. } => Bound::Unix(bind(path, perms, files).await.map_err(err)?),
+            Endpoint::Tcp {
+                addr, tls: tls_files, ..
+            } => {
+                let acceptor = match tls_files {
                     Some(files) => Some(tls::acceptor(files).map_err(|source| ListenError::Tls {
                         vm: vm.name.clone(),
                         listener: l.name.clone(),
@@ -183,9 +183,9 @@ async fn bind_vm_into(vm: &VmConfig, perms: &SocketPerms, files: &mut Created) -
                     })?),
                     None => None,
                 };
-                let listener = TcpListener::bind(tcp.addr).await.map_err(|source| ListenError::Tcp {
+                let listener = TcpListener::bind(addr).await.map_err(|source| ListenError::Tcp {
                     vm: vm.name.clone(),
-                    addr: tcp.addr,
+                    addr: *addr,
                     source,
                 })?;
                 Bound::Tcp(listener, acceptor)
@@ -197,8 +197,7 @@ async fn bind_vm_into(vm: &VmConfig, perms: &SocketPerms, files: &mut Created) -
         UpstreamMode::Accept => Some(bind(&vm.upstream, perms, files).await.map_err(err)?),
     };
     Ok(VmSockets {
-        clients,
-        extra,
+        listeners,
         upstream,
         files: Created::default(),
     })
@@ -229,13 +228,7 @@ pub async fn bind_or_undo(
 
 /// The socket paths a VM binds.
 pub fn bound_paths(vm: &VmConfig) -> Vec<&std::path::Path> {
-    let mut paths = vec![vm.listen.as_path()];
-    paths.extend(
-        vm.listeners
-            .iter()
-            .filter(|l| l.tcp.is_none())
-            .map(|l| l.path.as_path()),
-    );
+    let mut paths: Vec<_> = vm.all_listeners().filter_map(|l| l.endpoint.path()).collect();
     if vm.upstream_mode == UpstreamMode::Accept {
         paths.push(vm.upstream.as_path());
     }
@@ -245,12 +238,7 @@ pub fn bound_paths(vm: &VmConfig) -> Vec<&std::path::Path> {
 /// Whether the new configuration of a VM binds a path or TCP address the
 /// old one holds (it must then stop before the new one binds).
 pub fn shares_a_path(old: &VmConfig, new: &VmConfig) -> bool {
-    let tcp = |vm: &VmConfig| {
-        vm.listeners
-            .iter()
-            .filter_map(|l| l.tcp.as_ref().map(|t| t.addr))
-            .collect::<Vec<_>>()
-    };
+    let tcp = |vm: &VmConfig| vm.all_listeners().filter_map(|l| l.endpoint.addr()).collect::<Vec<_>>();
     let (old_paths, old_tcp) = (bound_paths(old), tcp(old));
     bound_paths(new).iter().any(|p| old_paths.contains(p)) || tcp(new).iter().any(|a| old_tcp.contains(a))
 }

@@ -1,7 +1,7 @@
 //! `qmpmux --demo`: a throwaway QEMU (`-M none`, no disk, no display) and a
 //! config serving it, so qmpmux can be tried with one command.
 
-use crate::config::{ClientOptions, Config, UpstreamOptions, VmConfig};
+use crate::config::{Config, VmConfig};
 use std::path::PathBuf;
 use std::process::Stdio;
 use tokio::process::{Child, Command};
@@ -48,24 +48,10 @@ pub async fn start(listen: Option<PathBuf>) -> Result<Demo, DemoError> {
     }
     let listen = listen.unwrap_or_else(|| dir.join("demo.sock"));
     let config = Config {
-        log_level: "info".into(),
-        log_format: Default::default(),
-        log_file: None,
-        socket: Default::default(),
         control_socket: Some(dir.join("qmpmux.ctl")),
-        metrics_listen: None,
         threads: 1,
-        log_rotation: Default::default(),
-        upstream: UpstreamOptions::default(),
-        client: ClientOptions::default(),
-        vms: vec![VmConfig {
-            name: "demo".into(),
-            upstream,
-            upstream_mode: Default::default(),
-            listeners: Vec::new(),
-            listen_reserved_clients: None,
-            listen,
-        }],
+        vms: vec![VmConfig::new("demo", upstream, listen)],
+        ..Config::default()
     };
     Ok(Demo {
         dir,

@@ -5,7 +5,7 @@
 pub mod fake;
 pub mod logs;
 
-use qmpmux::config::{ClientOptions, Config, UpstreamOptions, VmConfig};
+use qmpmux::config::{Config, VmConfig};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -178,27 +178,11 @@ impl Daemon {
 
     pub async fn start_with(vms: &[(&str, &Path, &Path)], tweak: impl FnOnce(&mut Config)) -> Daemon {
         let mut config = Config {
-            log_level: "info".into(),
-            log_format: Default::default(),
-            log_file: None,
-            socket: Default::default(),
-            control_socket: None,
-            metrics_listen: None,
-            threads: 0,
-            log_rotation: Default::default(),
-            upstream: UpstreamOptions::default(),
-            client: ClientOptions::default(),
             vms: vms
                 .iter()
-                .map(|(name, up, listen)| VmConfig {
-                    name: name.to_string(),
-                    upstream: up.to_path_buf(),
-                    upstream_mode: Default::default(),
-                    listeners: Vec::new(),
-                    listen_reserved_clients: None,
-                    listen: listen.to_path_buf(),
-                })
+                .map(|(name, up, listen)| VmConfig::new(*name, *up, *listen))
                 .collect(),
+            ..Config::default()
         };
         tweak(&mut config);
         let _ = tracing_subscriber::fmt()
