@@ -299,7 +299,7 @@ where
             ..
         } = slot
         {
-            client.audit(&command, NO_REPLY, start);
+            client.audit(&command, Outcome::NoReply, start);
         }
     }
     // The `getfd` names this client still owns are closed by the session
@@ -327,7 +327,7 @@ impl Client {
         match decide(frame, &mut self.qmp, self.offered, |c, a| policy.admit(c, a)) {
             Decision::Local(line) => self.slots.push_back(Slot::Ready(line)),
             Decision::Denied { line, command } => {
-                self.audit(&command, "denied by policy", Instant::now());
+                self.audit(&command, Outcome::Denied, Instant::now());
                 self.slots.push_back(Slot::Ready(line));
             }
             // QEMU's own answer, given here: forwarded, it could take
@@ -336,7 +336,7 @@ impl Client {
             Decision::Forward(fwd) if fwd.takes_fd && !passed.has_fd() => {
                 let id = fwd.id.as_deref().map(qemu_style);
                 let line = error_line(id.as_deref(), "GenericError", NO_FD_PASSED);
-                self.audit(&fwd.command, "error", Instant::now());
+                self.audit(&fwd.command, Outcome::Error, Instant::now());
                 self.slots.push_back(Slot::Ready(line));
             }
             Decision::Forward(fwd) if fwd.command.strip_prefix(EXTENSION_PREFIX) == Some("query-proxy") => {
@@ -374,7 +374,7 @@ impl Client {
                 };
                 if self.ctx.session.execute(self.id, request).await.is_err() {
                     let vm = self.ctx.vm.clone();
-                    self.fill(seq, "qmpmux error", |id| failure_line(&vm, id, FailKind::NotSent));
+                    self.fill(seq, Outcome::QmpmuxError, |id| failure_line(&vm, id, FailKind::NotSent));
                 }
             }
         }
@@ -394,16 +394,16 @@ impl Client {
                     "reply larger than max_reply_bytes; sending an error instead"
                 );
                 let vm = self.ctx.vm.clone();
-                self.fill(seq, "reply too large", |id| failure_line(&vm, id, kind))
+                self.fill(seq, Outcome::ReplyTooLarge, |id| failure_line(&vm, id, kind))
             }
             ToClient::Reply { seq, reply, error } => {
-                let outcome = if error { "error" } else { "ok" };
+                let outcome = if error { Outcome::Error } else { Outcome::Ok };
                 self.fill(seq, outcome, |id| reply.line(id.map(qemu_style).as_deref()))
             }
             ToClient::Failed { seq, kind } => {
                 let outcome = match kind {
-                    FailKind::Stopping { .. } => NO_REPLY,
-                    _ => "qmpmux error",
+                    FailKind::Stopping { .. } => Outcome::NoReply,
+                    _ => Outcome::QmpmuxError,
                 };
                 let vm = self.ctx.vm.clone();
                 self.fill(seq, outcome, |id| failure_line(&vm, id, kind))
@@ -419,7 +419,7 @@ impl Client {
 
     /// Fills the waiting slot `seq` with the line `make` builds from the
     /// request's id.
-    fn fill(&mut self, seq: u64, outcome: &str, make: impl FnOnce(Option<&RawValue>) -> Bytes) {
+    fn fill(&mut self, seq: u64, outcome: Outcome, make: impl FnOnce(Option<&RawValue>) -> Bytes) {
         let Some(at) = self
             .slots
             .iter()
@@ -467,7 +467,7 @@ impl Client {
 
     /// One line on the `qmpmux::audit` target: who did what, with what
     /// outcome, how long it took.
-    fn audit(&self, command: &str, outcome: &str, start: Instant) {
+    fn audit(&self, command: &str, outcome: Outcome, start: Instant) {
         let (pid, uid, gid) = self.peer.ids();
         info!(
             target: "qmpmux::audit",
@@ -479,7 +479,7 @@ impl Client {
             gid,
             remote = self.peer.remote(),
             command,
-            outcome,
+            outcome = outcome.as_str(),
             duration_ms = start.elapsed().as_secs_f64() * 1000.0,
             "command"
         );
@@ -498,7 +498,7 @@ impl Client {
             .collect();
         let vm = self.ctx.vm.clone();
         for seq in waiting {
-            self.fill(seq, NO_REPLY, |id| {
+            self.fill(seq, Outcome::NoReply, |id| {
                 failure_line(&vm, id, FailKind::Stopping { sent: true })
             });
         }
@@ -515,8 +515,33 @@ impl Client {
     }
 }
 
-/// The audit outcome of a command whose reply never reached its client.
-const NO_REPLY: &str = "no reply: connection ended first";
+/// A command's outcome, as the audit log says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Ok,
+    /// QEMU answered with an error (or qmpmux did, as QEMU would).
+    Error,
+    Denied,
+    /// qmpmux answered instead of QEMU (see `FailKind`).
+    QmpmuxError,
+    ReplyTooLarge,
+    /// The reply never reached the client (the connection ended, or
+    /// qmpmux stopped, first).
+    NoReply,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Error => "error",
+            Outcome::Denied => "denied by policy",
+            Outcome::QmpmuxError => "qmpmux error",
+            Outcome::ReplyTooLarge => "reply too large",
+            Outcome::NoReply => "no reply: connection ended first",
+        }
+    }
+}
 
 fn failure_line(vm: &str, id: Option<&RawValue>, kind: FailKind) -> Bytes {
     let (class, desc) = kind.to_qmp(vm);
