@@ -16,7 +16,7 @@ use crate::qmp::outgoing::{error_line, return_line, EXTENSION_PREFIX};
 use crate::qmp::request::{decide, Caps, Decision, Session};
 use crate::runtime::quiet::Quiet;
 use crate::upstream::fdnames::FdNameOp;
-use crate::upstream::mailbox::mailbox;
+use crate::upstream::mailbox::{mailbox, MailboxReceiver};
 use crate::upstream::{FailKind, Request, SessionHandle, ToClient};
 use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt, StreamExt};
@@ -118,6 +118,11 @@ struct Client {
     closing: Option<End>,
     /// Bytes of forwarded requests not answered yet.
     pending_bytes: usize,
+    /// The client shut down its sending side.
+    eof: bool,
+    /// After EOF with commands outstanding: one more look, a moment later,
+    /// at whether the client closed its whole connection.
+    recheck: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// Why the client's connection ended.
@@ -181,7 +186,7 @@ where
     };
     // Small to start with: most clients are idle most of the time; the
     // buffer grows for the rare large request.
-    let mut reader = Quiet::new(FramedRead::with_capacity(read, JsonFramer::new(limits), 256));
+    let mut reader: Reader<R> = Quiet::new(FramedRead::with_capacity(read, JsonFramer::new(limits), 256));
     let (mailbox_tx, mut mailbox) = mailbox(ctx.opts.max_queue_bytes);
     // The session must know this client before the client can negotiate:
     // every event after that reaches it.
@@ -201,110 +206,149 @@ where
         outbuf: BytesMut::from(&greeting.line(true)[..]),
         closing: None,
         pending_bytes: 0,
+        eof: false,
+        recheck: None,
     };
-    let (stop, hard) = (client.ctx.stop.clone(), client.ctx.hard.clone());
-    // Created once, not on every pass of the loop, and polled only once
-    // they have something to say (see `quiet`).
-    let (stopped, killed) = (stop.cancelled(), hard.cancelled());
-    tokio::pin!(stopped, killed);
-    let (mut stopped, mut killed) = (Quiet::new(stopped), Quiet::new(killed));
-    let outbuf_high = OUTBUF_HIGH.min(client.ctx.opts.max_queue_bytes / 2);
-    let mut eof = false;
-    // After EOF with commands outstanding: one more look, a moment later,
-    // at whether the client closed its whole connection (a close right
-    // after a shutdown of the sending side reaches qmpmux as two events).
-    let mut recheck: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
-    let end = async {
+    let end = client.run(&mut reader, &mut write, &mut mailbox).await;
+    client.finish(end, &mut write, &mut mailbox).await
+}
+
+/// What the loop of [`Client::run`] reads from.
+type Reader<R> = Quiet<FramedRead<R, JsonFramer>>;
+
+impl Client {
+    /// Serves the connection until it ends: requests in, replies and events
+    /// out, in one `select!` whose arms are the methods below.
+    async fn run<R, W>(&mut self, reader: &mut Reader<R>, write: &mut W, mailbox: &mut MailboxReceiver) -> End
+    where
+        R: AsyncRead + Unpin + ClientReader,
+        W: AsyncWrite + Unpin,
+    {
+        let (stop, hard) = (self.ctx.stop.clone(), self.ctx.hard.clone());
+        // Created once, not on every pass of the loop, and polled only once
+        // they have something to say (see `quiet`).
+        let (stopped, killed) = (stop.cancelled(), hard.cancelled());
+        tokio::pin!(stopped, killed);
+        let (mut stopped, mut killed) = (Quiet::new(stopped), Quiet::new(killed));
+        let outbuf_high = OUTBUF_HIGH.min(self.ctx.opts.max_queue_bytes / 2);
         loop {
-            if (eof || client.closing.is_some()) && client.slots.is_empty() && client.outbuf.is_empty() {
-                return client.closing.take().unwrap_or(End::ClientClosed);
+            if (self.eof || self.closing.is_some()) && self.slots.is_empty() && self.outbuf.is_empty() {
+                return self.closing.take().unwrap_or(End::ClientClosed);
             }
-            let can_read = !eof
-                && client.closing.is_none()
-                && client.slots.len() < client.ctx.opts.max_in_flight
-                && client.pending_bytes < client.ctx.opts.max_pending_bytes
-                && client.outbuf.len() < outbuf_high;
+            let can_read = !self.eof
+                && self.closing.is_none()
+                && self.slots.len() < self.ctx.opts.max_in_flight
+                && self.pending_bytes < self.ctx.opts.max_pending_bytes
+                && self.outbuf.len() < outbuf_high;
             // Cancel-safe branches only: FramedRead::next, Mailbox::recv, one
-            // write. Polled in this order, stopping at the first ready one:
-            // a wake-up for a reply or event polls only the mailbox, then
-            // the write. The stop signals, rarely ready, come last, and
-            // (`Quiet`) reach their tokens only once those have fired; a busy
-            // task still gets to them, as tokio's budget makes it wait now
-            // and then.
-            tokio::select! {
+            // write, a sleep. Polled in this order, stopping at the first
+            // ready one: a wake-up for a reply or event polls only the
+            // mailbox, then the write. The stop signals, rarely ready, come
+            // last, and (`Quiet`) reach their tokens only once those have
+            // fired; a busy task still gets to them, as tokio's budget makes
+            // it wait now and then.
+            let ended = tokio::select! {
                 biased;
-                msg = mailbox.recv(), if client.outbuf.len() < outbuf_high => match msg {
-                    Some(msg) => {
-                        client.on_session(msg);
-                        // Take what else is waiting, to write it all at once.
-                        while client.outbuf.len() < outbuf_high {
-                            let Some(msg) = mailbox.try_recv() else { break };
-                            client.on_session(msg);
-                        }
-                    }
-                    // The session let go of this client: it is stopping (VM
-                    // removed, or qmpmux stopping), or dropped a client that
-                    // did not read.
-                    None if client.ctx.stop.is_cancelled() || client.ctx.hard.is_cancelled() => return End::Shutdown,
-                    None => return End::Dropped,
-                },
-                r = write.write_buf(&mut client.outbuf), if !client.outbuf.is_empty() => match r {
-                    Ok(0) => return End::ClientClosed,
-                    Ok(_) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return End::ClientClosed,
-                    Err(e) => return End::Io(e),
-                },
-                frame = reader.next(), if can_read => match frame {
-                    Some(Ok(frame)) => client.on_frame(frame, reader.get_mut().get_mut()).await,
-                    Some(Err(e)) => return End::Io(e),
-                    // The client closed its whole connection: nothing can
-                    // reach it, and, as QEMU does, what it left queued is
-                    // dropped (on Detach) rather than run.
-                    None if reader.get_ref().get_ref().peer_gone() => return End::ClientClosed,
-                    // Only its sending side, so far: answer what it asked.
-                    None => {
-                        eof = true;
-                        recheck = Some(Box::pin(tokio::time::sleep(PEER_GONE_RECHECK)));
-                    }
-                },
-                () = async { if let Some(r) = recheck.as_mut() { r.await } }, if recheck.is_some() => {
-                    recheck = None;
-                    if reader.get_ref().get_ref().peer_gone() {
-                        return End::ClientClosed;
-                    }
+                msg = mailbox.recv(), if self.outbuf.len() < outbuf_high => self.on_mailbox(msg, mailbox, outbuf_high),
+                r = write.write_buf(&mut self.outbuf), if !self.outbuf.is_empty() => on_written(r),
+                frame = reader.next(), if can_read => self.on_read(frame, reader).await,
+                () = async { if let Some(r) = self.recheck.as_mut() { r.await } }, if self.recheck.is_some() => {
+                    self.recheck = None;
+                    reader.get_ref().get_ref().peer_gone().then_some(End::ClientClosed)
                 }
-                () = &mut stopped, if client.closing.is_none() => client.closing = Some(End::Shutdown),
-                () = &mut killed => return End::Shutdown,
+                () = &mut stopped, if self.closing.is_none() => {
+                    self.closing = Some(End::Shutdown);
+                    None
+                }
+                () = &mut killed => Some(End::Shutdown),
+            };
+            if let Some(end) = ended {
+                return end;
             }
         }
     }
-    .await;
-    if matches!(end, End::Shutdown) {
-        // The grace period is over, or the session is gone: what QEMU has
-        // not answered gets an error with its id, not a bare EOF, and
-        // whatever can still be written in a moment goes out.
-        while let Some(msg) = mailbox.try_recv() {
-            client.on_session(msg);
+
+    /// A message from the session, and any others already waiting, to be
+    /// written in one go; `None` from the mailbox: the session let go.
+    fn on_mailbox(&mut self, msg: Option<ToClient>, mailbox: &mut MailboxReceiver, outbuf_high: usize) -> Option<End> {
+        let Some(msg) = msg else {
+            // It is stopping (VM removed, or qmpmux stopping), or dropped a
+            // client that did not read.
+            let stopping = self.ctx.stop.is_cancelled() || self.ctx.hard.is_cancelled();
+            return Some(if stopping { End::Shutdown } else { End::Dropped });
+        };
+        self.on_session(msg);
+        while self.outbuf.len() < outbuf_high {
+            let Some(msg) = mailbox.try_recv() else { break };
+            self.on_session(msg);
         }
-        client.stop_waiting();
-        if !client.outbuf.is_empty() {
-            let _ = tokio::time::timeout(FINAL_FLUSH, write.write_all_buf(&mut client.outbuf)).await;
-        }
-        let _ = tokio::time::timeout(FINAL_FLUSH, write.shutdown()).await;
+        None
     }
-    // Commands still unanswered were sent all the same: audit them too.
-    for slot in std::mem::take(&mut client.slots) {
-        if let Slot::Waiting {
-            audit: Some((command, start)),
-            ..
-        } = slot
-        {
-            client.audit(&command, Outcome::NoReply, start);
+
+    /// A frame from the client, or the end of its input.
+    async fn on_read<R>(&mut self, frame: Option<std::io::Result<Frame>>, reader: &mut Reader<R>) -> Option<End>
+    where
+        R: AsyncRead + Unpin + ClientReader,
+    {
+        match frame {
+            Some(Ok(frame)) => {
+                self.on_frame(frame, reader.get_mut().get_mut()).await;
+                None
+            }
+            Some(Err(e)) => Some(End::Io(e)),
+            // The client closed its whole connection: nothing can reach it,
+            // and, as QEMU does, what it left queued is dropped (on Detach)
+            // rather than run.
+            None if reader.get_ref().get_ref().peer_gone() => Some(End::ClientClosed),
+            // Only its sending side, so far: answer what it asked, and look
+            // again a moment later (a close right after a shutdown of the
+            // sending side reaches qmpmux as two events).
+            None => {
+                self.eof = true;
+                self.recheck = Some(Box::pin(tokio::time::sleep(PEER_GONE_RECHECK)));
+                None
+            }
         }
     }
-    // The `getfd` names this client still owns are closed by the session
-    // when it sees the Detach (`upstream::fdnames`).
-    end
+
+    /// The connection ended with `end`. When qmpmux stops (the grace period
+    /// is over, or the session is gone), what QEMU has not answered gets an
+    /// error with its id, not a bare EOF, and whatever can still be written
+    /// in a moment goes out. Commands still unanswered were sent all the
+    /// same: they are audited too. (The `getfd` names this client still owns
+    /// are closed by the session when it sees the Detach.)
+    async fn finish<W: AsyncWrite + Unpin>(&mut self, end: End, write: &mut W, mailbox: &mut MailboxReceiver) -> End {
+        if matches!(end, End::Shutdown) {
+            while let Some(msg) = mailbox.try_recv() {
+                self.on_session(msg);
+            }
+            self.stop_waiting();
+            if !self.outbuf.is_empty() {
+                let _ = tokio::time::timeout(FINAL_FLUSH, write.write_all_buf(&mut self.outbuf)).await;
+            }
+            let _ = tokio::time::timeout(FINAL_FLUSH, write.shutdown()).await;
+        }
+        for slot in std::mem::take(&mut self.slots) {
+            if let Slot::Waiting {
+                audit: Some((command, start)),
+                ..
+            } = slot
+            {
+                self.audit(&command, Outcome::NoReply, start);
+            }
+        }
+        end
+    }
+}
+
+/// One write to the client done.
+fn on_written(r: std::io::Result<usize>) -> Option<End> {
+    match r {
+        Ok(0) => Some(End::ClientClosed),
+        Ok(_) => None,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Some(End::ClientClosed),
+        Err(e) => Some(End::Io(e)),
+    }
 }
 
 /// QEMU's latest greeting, waiting (bounded) for QEMU to be seen once.
