@@ -227,24 +227,15 @@ impl Session {
         self.metrics.set_runstate(to);
     }
 
+    /// Serves one upstream connection until it ends: connected, the loop,
+    /// disconnected.
     async fn running(&mut self, conn: Connection) -> Exit {
         let Connection {
             mut reader,
             writer,
             greeting,
         } = conn;
-        info!(version = %greeting.version, oob = greeting.oob, "connected to QEMU monitor");
-        self.metrics.connections.inc();
-        self.status.send_modify(|s| {
-            s.greeting = Some(Arc::new(greeting));
-            s.last_error = None;
-        });
-        self.set_state(Runstate::Running);
-        if self.opts.proxy_events {
-            let reconnect = self.metrics.connections.get() > 1;
-            let data = format!("{{\"vm\": {}, \"reconnect\": {reconnect}}}", json_str(&self.vm.name));
-            self.broadcast(proxy_event("UPSTREAM_RESTORED", &data));
-        }
+        self.connected(greeting);
         let mut wbuf = BytesMut::with_capacity(4096);
         // A passed fd, and where in `wbuf` the request it goes with starts.
         let mut pending_fd: Option<(OwnedFd, usize)> = None;
@@ -264,44 +255,73 @@ impl Session {
             // Polled in order, stopping at the first ready one; shutdown,
             // rarely ready, last (it is still polled whenever the task
             // waits, and tokio's budget makes every task wait now and then).
-            tokio::select! {
+            let ended = tokio::select! {
                 biased;
                 frame = reader.next() => match frame {
-                    None => break Exit::Eof,
-                    Some(Err(e)) => break Exit::Io(e),
-                    Some(Ok(frame)) => {
-                        if let Err(exit) = self.on_upstream(frame) {
-                            break exit;
-                        }
-                    }
+                    None => Some(Exit::Eof),
+                    Some(Err(e)) => Some(Exit::Io(e)),
+                    Some(Ok(frame)) => self.on_upstream(frame).err(),
                 },
-                r = write_some(&writer, &mut wbuf, &mut pending_fd), if !wbuf.is_empty() => {
-                    if let Err(e) = r {
-                        break Exit::Io(e);
-                    }
+                r = write_some(&writer, &mut wbuf, &mut pending_fd), if !wbuf.is_empty() => r.err().map(Exit::Io),
+                msg = self.rx.recv() => self.on_inbox(msg),
+                _ = tick.tick(), if timeout.is_some() => {
+                    self.expire(timeout.unwrap_or_default());
+                    None
                 }
-                msg = self.rx.recv() => match msg {
-                    Some(msg) => {
-                        self.on_client(msg);
-                        for _ in 1..INBOX_BATCH {
-                            let Ok(msg) = self.rx.try_recv() else { break };
-                            self.on_client(msg);
-                        }
-                    }
-                    None => break Exit::Shutdown,
-                },
-                _ = tick.tick(), if timeout.is_some() => self.expire(timeout.unwrap_or_default()),
-                () = &mut cancelled => break Exit::Shutdown,
+                () = &mut cancelled => Some(Exit::Shutdown),
+            };
+            if let Some(exit) = ended {
+                break exit;
             }
         };
+        drop(writer);
+        drop(reader);
+        self.disconnected(&exit);
+        exit
+    }
+
+    /// A message from a client, and any others already waiting (up to
+    /// [`INBOX_BATCH`]), so that a burst leaves in one write; `None`:
+    /// every handle is gone.
+    fn on_inbox(&mut self, msg: Option<ToSession>) -> Option<Exit> {
+        let Some(msg) = msg else {
+            return Some(Exit::Shutdown);
+        };
+        self.on_client(msg);
+        for _ in 1..INBOX_BATCH {
+            let Ok(msg) = self.rx.try_recv() else { break };
+            self.on_client(msg);
+        }
+        None
+    }
+
+    /// A connection is up: publish it, and tell clients if they asked.
+    fn connected(&mut self, greeting: crate::qmp::incoming::Greeting) {
+        info!(version = %greeting.version, oob = greeting.oob, "connected to QEMU monitor");
+        self.metrics.connections.inc();
+        self.status.send_modify(|s| {
+            s.greeting = Some(Arc::new(greeting));
+            s.last_error = None;
+        });
+        self.set_state(Runstate::Running);
+        if self.opts.proxy_events {
+            let reconnect = self.metrics.connections.get() > 1;
+            let data = format!("{{\"vm\": {}, \"reconnect\": {reconnect}}}", json_str(&self.vm.name));
+            self.broadcast(proxy_event("UPSTREAM_RESTORED", &data));
+        }
+    }
+
+    /// The connection ended (it is closed): say why, tell clients if they
+    /// asked, and answer every command it still owed.
+    fn disconnected(&mut self, exit: &Exit) {
         self.set_state(Runstate::Disconnecting);
-        match &exit {
+        match exit {
             Exit::Shutdown => info!("closing upstream connection"),
             Exit::Eof => warn!("QEMU closed the monitor connection"),
             Exit::Io(e) => warn!(error = %e, "upstream connection failed"),
             Exit::Desync(what) => warn!(message = %what, "unexpected message from QEMU; reconnecting"),
         }
-        let error = match &exit {
+        let error = match exit {
             Exit::Shutdown => None,
             Exit::Eof => Some("QEMU closed the connection".to_string()),
             Exit::Io(e) => Some(e.to_string()),
@@ -317,14 +337,11 @@ impl Session {
             self.broadcast(proxy_event("UPSTREAM_LOST", &data));
         }
         self.status.send_modify(|s| s.last_error = error);
-        drop(writer);
-        drop(reader);
         if matches!(exit, Exit::Shutdown) {
             self.fail_outstanding_with(FailKind::Stopping { sent: true }, FailKind::Stopping { sent: false });
         } else {
             self.fail_outstanding();
         }
-        exit
     }
 
     /// Moves requests the window has room for into the write buffer.
