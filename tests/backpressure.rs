@@ -6,7 +6,7 @@
 mod common;
 
 use common::fake::FakeServer;
-use common::{die_with_parent, Client, Daemon, Qemu};
+use common::{binary, Client, Daemon, Qemu};
 use serde_json::{json, Value};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -135,9 +135,8 @@ async fn a_stopping_qmpmux_answers_unanswered_commands_before_closing() {
     )
     .unwrap();
     let log = std::fs::File::create(p("out.log")).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_qmpmux"));
+    let mut cmd = binary::command();
     cmd.arg("--config").arg(p("qmpmux.toml")).stdout(Stdio::from(log));
-    die_with_parent(&mut cmd);
     let mut child = cmd.spawn().unwrap();
     let mut conn = fake.accept_ready().await;
     common::eventually("qmpmux to serve", async || {

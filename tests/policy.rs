@@ -3,12 +3,12 @@
 
 mod common;
 
-use common::{die_with_parent, Client, Daemon, Qemu};
+use common::{binary, Client, Daemon, Qemu};
 use qmpmux::config::{Endpoint, ListenerConfig};
 use qmpmux::policy::{Glob, Policy};
 use serde_json::Value;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 fn listener(name: &str, path: &Path, allow: &[&str], deny: &[&str]) -> ListenerConfig {
     ListenerConfig {
@@ -142,9 +142,8 @@ async fn audit_log_records_who_did_what() {
     )
     .unwrap();
     let log = std::fs::File::create(p("out.log")).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_qmpmux"));
+    let mut cmd = binary::command();
     cmd.arg("--config").arg(p("qmpmux.toml")).stdout(Stdio::from(log));
-    die_with_parent(&mut cmd);
     let mut child = cmd.spawn().unwrap();
     common::eventually("qmpmux to serve", async || {
         tokio::net::UnixStream::connect(p("ro.sock")).await.is_ok()

@@ -106,9 +106,7 @@ fn signal(pid: i32, sig: i32) {
 }
 
 fn qmpmux() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_qmpmux"));
-    die_with_parent(&mut cmd);
-    cmd
+    common::binary::command()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

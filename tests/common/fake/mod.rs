@@ -1,5 +1,8 @@
 //! A scripted fake QMP server, for upstream behaviour QEMU cannot produce on
-//! demand (dying mid-command, never greeting, sending garbage).
+//! demand (dying mid-command, never greeting, sending garbage); and, in
+//! `instant`, one that answers every request at once.
+
+pub mod instant;
 
 use super::STEP;
 use serde_json::{json, Value};

@@ -1,0 +1,188 @@
+//! Section 4, event fan-out: events from the instant fake upstream through
+//! qmpmux to N clients, against a bare broadcaster process in its place.
+
+use crate::clients::{open_many, Conn, CAPS};
+use crate::common::fake::instant::{now_ns, Events};
+use crate::common::fake::FakeServer;
+use crate::common::STEP;
+use crate::floors::Floor;
+use crate::stats::{pct, ratio, us};
+use crate::{progress, Plan, Rig};
+use serde_json::{json, Value};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use tokio::io::AsyncBufReadExt;
+use tokio::runtime::Runtime;
+use tokio::sync::Notify;
+
+/// Measures and prints section 4: each client count through the floor
+/// (on a second fake upstream), then through qmpmux.
+pub fn run(plan: &Plan, rt: &Runtime, rig: &Rig) -> Value {
+    let (fake_b, bcast) = (rig.path("fake-b.sock"), rig.path("broadcast.sock"));
+    let fire_b = FakeServer::bind(&fake_b).answer_all();
+    let _bcast = Floor::start("--child-broadcast", &bcast, &fake_b);
+    let mut fan: Vec<FanRow> = Vec::new();
+    let mut floor: Vec<FanRow> = Vec::new();
+    for &(n, ev) in &plan.fanout {
+        floor.push(rt.block_on(fanout_once(plan, &bcast, &fire_b, n, ev)));
+        fan.push(rt.block_on(fanout_once(plan, &rig.mux_fake, &rig.fire, n, ev)));
+    }
+    let fan_base = fan.first().map(|f| f.p50).unwrap_or(0) as f64;
+    let floor_base = floor.first().map(|f| f.p50).unwrap_or(0) as f64;
+    print(&fan, &floor, fan_base, floor_base);
+    json!(fan
+        .iter()
+        .zip(&floor)
+        .map(|(f, b)| json!({
+            "clients": f.clients, "events": f.events, "delivered": f.delivered,
+            "p50_us": us(f.p50), "p99_us": us(f.p99), "max_us": us(f.max),
+            "last_client_p50_us": us(f.last_p50),
+            "p50_ratio_vs_1_client": ratio(f.p50 as f64, fan_base),
+            "floor": {"p50_us": us(b.p50), "p99_us": us(b.p99), "max_us": us(b.max), "last_client_p50_us": us(b.last_p50)},
+            "ratio_vs_floor_p50": ratio(f.p50 as f64, b.p50 as f64),
+            "ratio_vs_floor_p99": ratio(f.p99 as f64, b.p99 as f64),
+        }))
+        .collect::<Vec<_>>())
+}
+
+fn print(fan: &[FanRow], floor: &[FanRow], fan_base: f64, floor_base: f64) {
+    out!("\n4. Event fan-out latency: fake upstream -> qmpmux -> N clients (stamped before the upstream write, read by each client)");
+    out!("   floor: a bare broadcaster process in qmpmux's place (one thread: read a line, write it to each client in turn)");
+    out!(
+        "   {:<8}{:>8}{:>8}{:>11}{:>10}{:>10}{:>10}{:>17}{:>14}",
+        "path",
+        "clients",
+        "events",
+        "delivered",
+        "p50 us",
+        "p99 us",
+        "max us",
+        "last-client p50",
+        "p50 vs 1 cl."
+    );
+    for (f, b) in fan.iter().zip(floor) {
+        for (name, row, base) in [("floor", b, floor_base), ("qmpmux", f, fan_base)] {
+            out!(
+                "   {:<8}{:>8}{:>8}{:>11}{:>10.1}{:>10.1}{:>10.1}{:>17.1}{:>13.1}x",
+                name,
+                row.clients,
+                row.events,
+                row.delivered,
+                us(row.p50),
+                us(row.p99),
+                us(row.max),
+                us(row.last_p50),
+                ratio(row.p50 as f64, base)
+            );
+        }
+        out!(
+            "   {:<8}{:>8}   p50 {:.2}x, p99 {:.2}x, last-client p50 {:.2}x",
+            "ratio",
+            "",
+            ratio(f.p50 as f64, b.p50 as f64),
+            ratio(f.p99 as f64, b.p99 as f64),
+            ratio(f.last_p50 as f64, b.last_p50 as f64)
+        );
+    }
+}
+
+struct FanState {
+    received: AtomicUsize,
+    target: AtomicUsize,
+    notify: Notify,
+}
+
+/// The stamp the instant fake put in an event (`"data": {"t": NS}`).
+fn parse_t(line: &str) -> Option<u64> {
+    let i = line.find("\"t\": ")? + 5;
+    let digits: &str = &line[i..];
+    let end = digits.find(|c: char| !c.is_ascii_digit()).unwrap_or(digits.len());
+    digits[..end].parse().ok()
+}
+
+async fn fan_client(conn: Conn, st: Arc<FanState>) -> Vec<u64> {
+    let Conn { mut reader, writer } = conn;
+    let mut lat = Vec::new();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match reader.read_line(&mut line).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let now = now_ns();
+        if line.contains("BENCH_END") {
+            break;
+        }
+        if let Some(t) = parse_t(&line) {
+            lat.push(now.saturating_sub(t));
+            if st.received.fetch_add(1, Ordering::AcqRel) + 1 == st.target.load(Ordering::Acquire) {
+                st.notify.notify_one();
+            }
+        }
+    }
+    drop(writer);
+    lat
+}
+
+struct FanRow {
+    clients: usize,
+    events: usize,
+    delivered: usize,
+    p50: u64,
+    p99: u64,
+    max: u64,
+    last_p50: u64,
+}
+
+async fn fanout_once(plan: &Plan, path: &Path, fire: &Events, n: usize, events: usize) -> FanRow {
+    progress(&format!("event fan-out to {n} clients"));
+    let conns = open_many(path, CAPS, n, 64).await;
+    let st = Arc::new(FanState {
+        received: AtomicUsize::new(0),
+        target: AtomicUsize::new(0),
+        notify: Notify::new(),
+    });
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .map(|c| tokio::spawn(fan_client(c, st.clone())))
+        .collect();
+    let mut sent = 0;
+    for i in 0..events {
+        st.target.store((i + 1) * n, Ordering::Release);
+        fire.send("BENCH").expect("fake upstream is gone");
+        sent += 1;
+        if tokio::time::timeout(STEP, st.notify.notified()).await.is_err() {
+            out!("   !! event {i} did not reach all {n} clients within {STEP:?}; stopping this run");
+            break;
+        }
+        tokio::time::sleep(plan.event_gap).await;
+    }
+    fire.send("BENCH_END").expect("fake upstream is gone");
+    let mut per_client = Vec::with_capacity(n);
+    for t in tasks {
+        per_client.push(
+            tokio::time::timeout(STEP, t)
+                .await
+                .expect("fan-out client hung")
+                .expect("task"),
+        );
+    }
+    let mut all: Vec<u64> = per_client.iter().flatten().copied().collect();
+    all.sort_unstable();
+    // Per event: when its last client got it.
+    let mut last: Vec<u64> = (0..sent)
+        .map(|i| per_client.iter().filter_map(|v| v.get(i)).copied().max().unwrap_or(0))
+        .collect();
+    last.sort_unstable();
+    FanRow {
+        clients: n,
+        events: sent,
+        delivered: all.len(),
+        p50: pct(&all, 50.0),
+        p99: pct(&all, 99.0),
+        max: all.last().copied().unwrap_or(0),
+        last_p50: pct(&last, 50.0),
+    }
+}

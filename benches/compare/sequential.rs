@@ -1,0 +1,126 @@
+//! Section 1, sequential round trips: one client, one command in flight,
+//! direct QEMU against qmpmux against a bare byte relay.
+
+use crate::clients::{SyncClient, CAPS, CAPS_OOB};
+use crate::common::qemu::{Monitor, Qemu};
+use crate::floors::Floor;
+use crate::stats::{pct, ratio, us};
+use crate::{progress, Plan, Rig};
+use serde_json::{json, Value};
+use std::time::Instant;
+
+struct LatStats {
+    p50: u64,
+    p99: u64,
+    mean: f64,
+    errors: u64,
+}
+
+fn lat_stats(mut v: Vec<u64>, errors: u64) -> LatStats {
+    v.sort_unstable();
+    let mean = v.iter().sum::<u64>() as f64 / v.len().max(1) as f64;
+    LatStats {
+        p50: pct(&v, 50.0),
+        p99: pct(&v, 99.0),
+        mean,
+        errors,
+    }
+}
+
+/// Starts the relay floor (on its own QEMU), measures and prints section 1.
+pub fn run(plan: &Plan, rig: &Rig) -> Value {
+    let (qr, relay) = (rig.path("qemu-r.sock"), rig.path("relay.sock"));
+    let _qemu_r = Qemu::start_blocking(&[Monitor::Serve(&qr)], &rig.path("qemu-r.log"));
+    let _relay = Floor::start("--child-relay", &relay, &qr);
+    progress("sequential round trips");
+    let mut clients = [
+        SyncClient::open(&rig.qa, CAPS_OOB).expect("direct client"),
+        SyncClient::open(&rig.mux_qemu, CAPS).expect("qmpmux client"),
+        SyncClient::open(&relay, CAPS_OOB).expect("relay client"),
+    ];
+    let mut samples = [Vec::new(), Vec::new(), Vec::new()];
+    let mut errors = [0u64; 3];
+    for c in clients.iter_mut() {
+        for _ in 0..plan.lat_warmup {
+            c.cmd().expect("warm-up round trip");
+        }
+    }
+    for round in 0..plan.lat_rounds {
+        let order = [[0, 1, 2], [1, 2, 0], [2, 0, 1]][round % 3];
+        for which in order {
+            let c = &mut clients[which];
+            for _ in 0..plan.lat_per_round {
+                let t = Instant::now();
+                let ok = c.cmd().expect("round trip");
+                samples[which].push(t.elapsed().as_nanos() as u64);
+                errors[which] += u64::from(!ok);
+            }
+        }
+    }
+    let [sd, sm, sr] = samples;
+    let d = lat_stats(sd, errors[0]);
+    let m = lat_stats(sm, errors[1]);
+    let f = lat_stats(sr, errors[2]);
+    print(plan, &d, &m, &f);
+    let j = |s: &LatStats| json!({"p50_us": us(s.p50), "p99_us": us(s.p99), "mean_us": s.mean / 1000.0, "errors": s.errors});
+    json!({
+        "rounds": plan.lat_rounds, "per_round": plan.lat_per_round,
+        "direct": j(&d), "qmpmux": j(&m), "bare_relay": j(&f),
+        "ratio_p50": ratio(m.p50 as f64, d.p50 as f64),
+        "ratio_p99": ratio(m.p99 as f64, d.p99 as f64),
+        "ratio_mean": ratio(m.mean, d.mean),
+        "ratio_relay_p50": ratio(f.p50 as f64, d.p50 as f64),
+        "ratio_qmpmux_vs_relay_p50": ratio(m.p50 as f64, f.p50 as f64),
+    })
+}
+
+/// `d`irect, via qmpmu`x`, bare relay (`f`loor).
+fn print(plan: &Plan, d: &LatStats, m: &LatStats, f: &LatStats) {
+    out!(
+        "\n1. Sequential query-status round trips, one client, 1 in flight ({} rounds x {}, rotating which path goes first)",
+        plan.lat_rounds,
+        plan.lat_per_round
+    );
+    out!(
+        "   {:<22}{:>10}{:>10}{:>10}{:>8}",
+        "path",
+        "p50 us",
+        "p99 us",
+        "mean us",
+        "errors"
+    );
+    for (name, s) in [("direct QEMU", d), ("via qmpmux", m), ("floor: bare relay", f)] {
+        out!(
+            "   {:<22}{:>10.1}{:>10.1}{:>10.1}{:>8}",
+            name,
+            us(s.p50),
+            us(s.p99),
+            s.mean / 1000.0,
+            s.errors
+        );
+    }
+    out!(
+        "   {:<22}{:>9.2}x{:>9.2}x{:>9.2}x    (qmpmux adds {:+.1} us at p50)",
+        "ratio qmpmux/direct",
+        ratio(m.p50 as f64, d.p50 as f64),
+        ratio(m.p99 as f64, d.p99 as f64),
+        ratio(m.mean, d.mean),
+        us(m.p50) - us(d.p50)
+    );
+    out!(
+        "   {:<22}{:>9.2}x{:>9.2}x{:>9.2}x    (a bare byte relay adds {:+.1} us at p50: any proxy hop costs that here)",
+        "ratio relay/direct",
+        ratio(f.p50 as f64, d.p50 as f64),
+        ratio(f.p99 as f64, d.p99 as f64),
+        ratio(f.mean, d.mean),
+        us(f.p50) - us(d.p50)
+    );
+    out!(
+        "   {:<22}{:>9.2}x{:>9.2}x{:>9.2}x    (qmpmux's own share: {:+.1} us at p50)",
+        "ratio qmpmux/relay",
+        ratio(m.p50 as f64, f.p50 as f64),
+        ratio(m.p99 as f64, f.p99 as f64),
+        ratio(m.mean, f.mean),
+        us(m.p50) - us(f.p50)
+    );
+}
