@@ -15,7 +15,8 @@
 //! - `downstream`: the accept loops (unix, TCP/TLS admission, client
 //!   slots) and the per-client task (negotiation, ordering, policy, fds).
 //! - [`policy`], [`subject`]: who may do what: command policies, and TLS
-//!   client identities printed and matched unambiguously.
+//!   client identities printed and matched unambiguously (both with the
+//!   wildcard matcher in `wildcard`).
 //!
 //! Around it:
 //! - [`config`]: the TOML file, validated into [`config::Config`].
@@ -42,6 +43,7 @@ mod runtime;
 pub mod subject;
 mod supervisor;
 mod upstream;
+mod wildcard;
 
 pub use downstream::{fds::MAX_FDS_PER_MESSAGE, MAX_HANDSHAKES};
 pub use listen::{ListenError, Listeners};

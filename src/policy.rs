@@ -25,36 +25,13 @@ impl Glob {
         &self.0
     }
 
-    /// Iterative, with one backtrack point (the last `*`): linear in the
-    /// common case and O(pattern x text) at worst, never exponential.
     pub fn matches(&self, s: &str) -> bool {
-        let (p, s) = (self.0.as_bytes(), s.as_bytes());
-        let (mut pi, mut si) = (0, 0);
-        // After the last `*` seen: where the pattern resumes, and the text
-        // position it was last tried at.
-        let mut star: Option<(usize, usize)> = None;
-        while si < s.len() {
-            match p.get(pi) {
-                Some(b'*') => {
-                    star = Some((pi + 1, si));
-                    pi += 1;
-                }
-                Some(&c) if c == b'?' || c == s[si] => {
-                    pi += 1;
-                    si += 1;
-                }
-                _ => match star {
-                    // Let the `*` take one more character, and retry.
-                    Some((after, tried)) => {
-                        pi = after;
-                        si = tried + 1;
-                        star = Some((after, tried + 1));
-                    }
-                    None => return false,
-                },
-            }
-        }
-        p[pi..].iter().all(|&c| c == b'*')
+        use crate::wildcard::{matches, Pat};
+        matches(self.0.as_bytes(), s.as_bytes(), |b| match b {
+            b'*' => Pat::Any,
+            b'?' => Pat::One,
+            c => Pat::Lit(c),
+        })
     }
 
     fn is_literal(&self) -> bool {

@@ -305,28 +305,14 @@ fn value_matches(pattern: &ValuePattern, value: &Value) -> bool {
     }
 }
 
-/// Iterative wildcard matching (no recursion, so no blow-up on `*a*a*a…`).
+/// Wildcard matching over a value's characters ([`crate::wildcard`]).
 fn glob(p: &[Tok], s: &[char]) -> bool {
-    let (mut pi, mut si) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while si < s.len() {
-        match p.get(pi) {
-            Some(Tok::Any) => {
-                star = Some((pi, si));
-                pi += 1;
-            }
-            Some(Tok::One) => (pi, si) = (pi + 1, si + 1),
-            Some(Tok::Char(c)) if *c == s[si] => (pi, si) = (pi + 1, si + 1),
-            _ => match star {
-                Some((sp, ss)) => {
-                    (pi, si) = (sp + 1, ss + 1);
-                    star = Some((sp, ss + 1));
-                }
-                None => return false,
-            },
-        }
-    }
-    p[pi..].iter().all(|t| *t == Tok::Any)
+    use crate::wildcard::{matches, Pat};
+    matches(p, s, |t| match t {
+        Tok::Any => Pat::Any,
+        Tok::One => Pat::One,
+        Tok::Char(c) => Pat::Lit(c),
+    })
 }
 
 #[cfg(test)]
