@@ -7,9 +7,9 @@
 //!   and everything qmpmux itself writes (`outgoing`).
 //! - `upstream`: the per-VM session task owning QEMU's socket (runstate,
 //!   connect/accept, negotiation, reconnect backoff, socket watch, `getfd`
-//!   names), its handle, and the clients' mailboxes; `upstream::state` is
-//!   the vocabulary shared with the rest (runstate, status, why a command
-//!   failed).
+//!   names), its handle, and the clients' mailboxes.
+//! - `state`: the vocabulary the session shares with the rest (runstate,
+//!   status, why a command failed); a leaf.
 //! - `router`: clients' turns at QEMU's queue and correlation of forwarded
 //!   requests with replies; pure.
 //! - `downstream`: the accept loops (unix, TCP/TLS admission, client
@@ -40,6 +40,7 @@ pub mod policy;
 pub mod qmp;
 mod router;
 mod runtime;
+mod state;
 pub mod subject;
 mod supervisor;
 mod upstream;

@@ -7,7 +7,7 @@
 //! [`serve_metrics`] is the HTTP endpoint (`metrics_listen`).
 
 use super::gate::Gate;
-use crate::upstream::state::Runstate;
+use crate::state::Runstate;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};

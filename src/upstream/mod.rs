@@ -10,9 +10,8 @@ pub mod fdnames;
 pub mod mailbox;
 mod session;
 pub mod socketwatch;
-pub mod state;
 
-pub use state::{FailKind, Runstate, Status};
+pub use crate::state::{FailKind, Runstate, Status};
 
 use crate::qmp::incoming::ReplyBytes;
 use bytes::Bytes;
