@@ -133,19 +133,50 @@ fn write_pems(dir: &Path, ca: &Ca, server: &(rcgen::Certificate, KeyPair)) -> Tl
     files
 }
 
+/// A VM behind a mutual-TLS listener on a free port (certificate chain
+/// from a fresh CA), with `subjects` allowed; `tweak` adjusts the config.
+struct TlsVm {
+    dir: tempfile::TempDir,
+    _qemu: Qemu,
+    ca: Ca,
+    addr: SocketAddr,
+    daemon: Daemon,
+}
+
+impl TlsVm {
+    async fn start(subjects: &[&str], tweak: impl FnOnce(&mut qmpmux::config::Config)) -> TlsVm {
+        logs();
+        let dir = tempfile::tempdir().unwrap();
+        let qemu = Qemu::start(&dir.path().join("q.sock")).await;
+        let ca = new_ca("qmpmux test CA");
+        let files = write_pems(dir.path(), &ca, &leaf(&ca, "localhost", false));
+        let addr = free_port();
+        let (q, rw) = (dir.path().join("q.sock"), dir.path().join("rw.sock"));
+        let daemon = Daemon::start_with(&[("vm", &q, &rw)], |c| {
+            c.vms[0].listeners = vec![listener(addr, Some(files), subjects)];
+            tweak(c);
+        })
+        .await;
+        TlsVm {
+            dir,
+            _qemu: qemu,
+            ca,
+            addr,
+            daemon,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_admits_only_certified_allowed_clients() {
-    logs();
-    let dir = tempfile::tempdir().unwrap();
-    let p = |n: &str| dir.path().join(n);
-    let _qemu = Qemu::start(&p("q.sock")).await;
-    let ca = new_ca("qmpmux test CA");
-    let files = write_pems(dir.path(), &ca, &leaf(&ca, "localhost", false));
-    let addr = free_port();
-    let daemon = Daemon::start_with(&[("vm", &p("q.sock"), &p("rw.sock"))], |c| {
-        c.vms[0].listeners = vec![listener(addr, Some(files), &["CN=orchestrator*"])];
-    })
-    .await;
+    let vm = TlsVm::start(&["CN=orchestrator*"], |_| {}).await;
+    let TlsVm {
+        dir: _dir,
+        _qemu,
+        ca,
+        addr,
+        daemon,
+    } = vm;
 
     let good = leaf(&ca, "orchestrator-1", true);
     let stream = tls_connect(addr, &ca, Some(&good)).await.unwrap();
@@ -230,17 +261,14 @@ async fn served(addr: SocketAddr, ca: &Ca, cert: &(rcgen::Certificate, KeyPair))
 /// shows the subject escaped, as exactly what it is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subjects_match_whole_attributes() {
-    logs();
-    let dir = tempfile::tempdir().unwrap();
-    let p = |n: &str| dir.path().join(n);
-    let _qemu = Qemu::start(&p("q.sock")).await;
-    let ca = new_ca("qmpmux test CA");
-    let files = write_pems(dir.path(), &ca, &leaf(&ca, "localhost", false));
-    let addr = free_port();
-    let daemon = Daemon::start_with(&[("vm", &p("q.sock"), &p("rw.sock"))], |c| {
-        c.vms[0].listeners = vec![listener(addr, Some(files), &["O=Example, CN=orchestrator"])];
-    })
-    .await;
+    let vm = TlsVm::start(&["O=Example, CN=orchestrator"], |_| {}).await;
+    let TlsVm {
+        dir: _dir,
+        _qemu,
+        ca,
+        addr,
+        daemon,
+    } = vm;
 
     let forged = leaf_dn(&ca, &[(DnType::OrganizationName, "Example, CN=orchestrator")], true);
     assert!(
@@ -285,18 +313,18 @@ fn still_open(conns: &[tokio::net::TcpStream]) -> usize {
 /// so they cannot lock the VM's other sockets out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handshakes_take_no_client_slot() {
-    logs();
-    let dir = tempfile::tempdir().unwrap();
-    let p = |n: &str| dir.path().join(n);
-    let _qemu = Qemu::start(&p("q.sock")).await;
-    let ca = new_ca("qmpmux test CA");
-    let files = write_pems(dir.path(), &ca, &leaf(&ca, "localhost", false));
-    let addr = free_port();
-    let daemon = Daemon::start_with(&[("vm", &p("q.sock"), &p("rw.sock"))], |c| {
+    let vm = TlsVm::start(&[], |c| {
         c.client.max_clients = 2;
-        c.vms[0].listeners = vec![listener(addr, Some(files), &[])];
     })
     .await;
+    let TlsVm {
+        dir,
+        _qemu,
+        ca,
+        addr,
+        daemon,
+    } = vm;
+    let p = |n: &str| dir.path().join(n);
     let mut idle = Vec::new();
     for _ in 0..10 {
         idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
@@ -320,17 +348,14 @@ async fn handshakes_take_no_client_slot() {
 /// them, connections are closed at once and logged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handshakes_in_progress_are_capped() {
-    logs();
-    let dir = tempfile::tempdir().unwrap();
-    let p = |n: &str| dir.path().join(n);
-    let _qemu = Qemu::start(&p("q.sock")).await;
-    let ca = new_ca("qmpmux test CA");
-    let files = write_pems(dir.path(), &ca, &leaf(&ca, "localhost", false));
-    let addr = free_port();
-    let daemon = Daemon::start_with(&[("vm", &p("q.sock"), &p("rw.sock"))], |c| {
-        c.vms[0].listeners = vec![listener(addr, Some(files), &[])];
-    })
-    .await;
+    let vm = TlsVm::start(&[], |_| {}).await;
+    let TlsVm {
+        dir: _dir,
+        _qemu,
+        ca,
+        addr,
+        daemon,
+    } = vm;
     let cap = qmpmux::MAX_HANDSHAKES;
     let extra = 20;
     let mut idle = Vec::new();
