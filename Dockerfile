@@ -18,6 +18,12 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
  && strip --strip-debug /out/qmpmux
 
 FROM debian:bookworm-slim
+ARG VERSION=0.1.0
+LABEL org.opencontainers.image.title="qmpmux" \
+      org.opencontainers.image.description="Multiplex one QEMU QMP monitor socket among any number of clients" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="MIT OR Apache-2.0" \
+      org.opencontainers.image.source="https://github.com/qmpmux/qmpmux"
 RUN groupadd --system --gid 10001 qmpmux \
  && useradd --system --uid 10001 --gid qmpmux --no-create-home \
         --home-dir /nonexistent --shell /usr/sbin/nologin qmpmux \
@@ -33,5 +39,9 @@ VOLUME ["/run/qmpmux"]
 # SIGTERM (docker stop) is a clean stop: clients are disconnected within 5 s
 # and the listening sockets are removed.
 STOPSIGNAL SIGTERM
+# Healthy while the daemon answers on its control socket (`qmpmux status`
+# finds it through the config at /etc/qmpmux/qmpmux.toml, as the daemon).
+HEALTHCHECK --interval=30s --timeout=5s --start-period=5s --retries=3 \
+    CMD ["qmpmux", "status"]
 ENTRYPOINT ["qmpmux"]
 CMD ["--config", "/etc/qmpmux/qmpmux.toml"]

@@ -13,8 +13,8 @@ cd "$(dirname "$0")/.."
 for tool in valgrind callgrind_annotate python3 qemu-system-x86_64; do
     command -v "$tool" >/dev/null || { echo "callgrind.sh: $tool is required" >&2; exit 1; }
 done
-cargo build --release --quiet
-bin="$PWD/target/release/qmpmux"
+cargo build --profile profiling --quiet
+bin="$PWD/target/profiling/qmpmux"
 dir=$(mktemp -d)
 trap 'pkill -f "$dir/" 2>/dev/null || true; rm -rf "$dir"' EXIT
 ulimit -n 4096
