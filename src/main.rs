@@ -299,21 +299,17 @@ fn reopen_log(log_file: Option<&LogFile>) {
 
 async fn reload(path: &std::path::Path, reloads: &mpsc::Sender<Reload>) {
     info!(path = %path.display(), "SIGHUP: reloading configuration");
-    let config = match Config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            let error = qmpmux::error::chain(&e).replace('\n', " ");
-            error!(%error, "new configuration rejected; keeping the running one");
-            return;
-        }
-    };
+    let config = Config::load(path).map_err(|e| qmpmux::error::chain(&e).replace('\n', " "));
+    if let Err(error) = &config {
+        error!(%error, "new configuration rejected; keeping the running one");
+    }
     let (done, answer) = oneshot::channel();
+    let rejected = config.is_err();
     if reloads.send(Reload { config, done }).await.is_err() {
         return;
     }
     match answer.await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => error!(error = %qmpmux::error::chain(&e), "reload failed; running VMs unchanged"),
-        Err(_) => {}
+        Ok(Err(e)) if !rejected => error!(error = %qmpmux::error::chain(&e), "reload failed; running VMs unchanged"),
+        _ => {}
     }
 }
