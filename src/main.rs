@@ -3,12 +3,13 @@
 
 use clap::Parser;
 use futures_util::StreamExt;
-use qmpmux::config::{Config, LogFormat, LogRotation};
+use qmpmux::config::{Config, LogFormat};
 use qmpmux::ops::demo;
+use qmpmux::ops::logging::{self, Journal, LogFile};
 use qmpmux::ops::systemd::notify;
 use qmpmux::{run_with_reload, Listeners, Reload};
 use sd_notify::NotifyState;
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -57,45 +58,71 @@ enum Cmd {
 
 type BoxedLayer = Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync>;
 
-/// One log output: text (colours only on a terminal) or JSON.
-fn log_layer(config: &Config, writer: NonBlocking, ansi: bool) -> BoxedLayer {
+/// How a log output is written.
+#[derive(Clone, Copy, PartialEq)]
+enum Output {
+    /// Colours: standard output on a terminal.
+    Terminal,
+    /// Standard output connected to the journal: each line starts with its
+    /// priority (`<4>`), and text lines have no timestamp.
+    Journal,
+    Plain,
+}
+
+/// One log output: text or JSON.
+fn log_layer(config: &Config, writer: NonBlocking, output: Output) -> BoxedLayer {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log_level));
-    let layer = tracing_subscriber::fmt::layer().with_writer(writer);
-    match config.log_format {
-        LogFormat::Text => layer.with_ansi(ansi).with_filter(filter).boxed(),
-        LogFormat::Json => layer.json().with_filter(filter).boxed(),
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(writer)
+        .with_ansi(output == Output::Terminal);
+    match (config.log_format, output) {
+        (LogFormat::Text, Output::Journal) => layer
+            .without_time()
+            .map_event_format(Journal)
+            .with_filter(filter)
+            .boxed(),
+        (LogFormat::Text, _) => layer.with_filter(filter).boxed(),
+        // The timestamp stays: it is one of the object's fields.
+        (LogFormat::Json, Output::Journal) => layer.json().map_event_format(Journal).with_filter(filter).boxed(),
+        (LogFormat::Json, _) => layer.json().with_filter(filter).boxed(),
     }
 }
 
-/// Sets up logging to stdout (plain when not a terminal, as journald wants
-/// it) and optionally to a rotated file. The guards flush on drop.
-fn init_logging(config: &Config) -> Result<Vec<WorkerGuard>, String> {
+/// Sets up logging to stdout (plain when not a terminal; with priorities
+/// when it is the journal) and optionally to `log_file`. The guards flush
+/// on drop; the [`LogFile`] is for reopening it.
+fn init_logging(config: &Config) -> Result<(Vec<WorkerGuard>, Option<LogFile>), String> {
+    let output = if logging::is_journal_stream(std::io::stdout()) {
+        Output::Journal
+    } else if std::io::stdout().is_terminal() {
+        Output::Terminal
+    } else {
+        Output::Plain
+    };
     let (stdout, stdout_guard) = tracing_appender::non_blocking(std::io::stdout());
     let mut guards = vec![stdout_guard];
-    let mut layers = vec![log_layer(config, stdout, std::io::stdout().is_terminal())];
+    let mut layers = vec![log_layer(config, stdout, output)];
+    let mut log_file = None;
     if let Some(path) = &config.log_file {
-        let dir = path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(".".as_ref());
-        let name = path.file_name().unwrap_or_default();
-        let rotation = match config.log_rotation {
-            LogRotation::Minutely => tracing_appender::rolling::Rotation::MINUTELY,
-            LogRotation::Hourly => tracing_appender::rolling::Rotation::HOURLY,
-            LogRotation::Daily => tracing_appender::rolling::Rotation::DAILY,
-            LogRotation::Never => tracing_appender::rolling::Rotation::NEVER,
-        };
-        let appender = tracing_appender::rolling::RollingFileAppender::builder()
-            .rotation(rotation)
-            .filename_prefix(name.to_string_lossy())
-            .build(dir)
-            .map_err(|e| format!("cannot open log file {}: {e}", path.display()))?;
-        let (file, file_guard) = tracing_appender::non_blocking(appender);
+        let file = LogFile::open(path, config.log_rotation, config.log_keep).map_err(|e| e.to_string())?;
+        let (writer, file_guard) = tracing_appender::non_blocking(file.clone());
         guards.push(file_guard);
-        layers.push(log_layer(config, file, false));
+        layers.push(log_layer(config, writer, Output::Plain));
+        log_file = Some(file);
     }
     tracing_subscriber::registry().with(layers).init();
-    Ok(guards)
+    Ok((guards, log_file))
+}
+
+/// An error before logging is set up, on standard error: with the error
+/// priority when that is the journal.
+fn fail(message: &str) {
+    let line = format!("qmpmux: {message}");
+    if logging::is_journal_stream(std::io::stderr()) {
+        eprint!("{}", logging::journal_lines(3, &line));
+    } else {
+        eprintln!("{line}");
+    }
 }
 
 fn main() -> ExitCode {
@@ -105,7 +132,7 @@ fn main() -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("qmpmux: cannot start the async runtime: {e}");
+            fail(&format!("cannot start the async runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
@@ -128,7 +155,7 @@ async fn status(args: &Args, control: Option<PathBuf>, json: bool) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("qmpmux: {}", qmpmux::error::chain(&e));
+            fail(&qmpmux::error::chain(&e));
             ExitCode::FAILURE
         }
     }
@@ -147,7 +174,7 @@ async fn async_main(args: Args) -> ExitCode {
                 c
             }
             Err(e) => {
-                eprintln!("qmpmux: {}", qmpmux::error::chain(&e));
+                fail(&qmpmux::error::chain(&e));
                 return ExitCode::FAILURE;
             }
         }
@@ -155,7 +182,7 @@ async fn async_main(args: Args) -> ExitCode {
         match Config::load(&args.config) {
             Ok(c) => c,
             Err(e) => {
-                eprintln!("qmpmux: {}", qmpmux::error::chain(&e));
+                fail(&qmpmux::error::chain(&e));
                 return ExitCode::from(2);
             }
         }
@@ -164,10 +191,10 @@ async fn async_main(args: Args) -> ExitCode {
         print_summary(&args, &config);
         return ExitCode::SUCCESS;
     }
-    let _log_guards = match init_logging(&config) {
+    let (_log_guards, log_file) = match init_logging(&config) {
         Ok(g) => g,
         Err(e) => {
-            eprintln!("qmpmux: {e}");
+            fail(&e);
             return ExitCode::FAILURE;
         }
     };
@@ -188,7 +215,7 @@ async fn async_main(args: Args) -> ExitCode {
     }
     notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
     let shutdown = CancellationToken::new();
-    let signals = match signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP]) {
+    let signals = match signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1]) {
         Ok(s) => s,
         Err(e) => {
             error!(error = %e, "cannot install signal handlers");
@@ -197,7 +224,13 @@ async fn async_main(args: Args) -> ExitCode {
     };
     let (reload_tx, reload_rx) = mpsc::channel(1);
     let config_path = (!args.demo).then(|| args.config.clone());
-    let signal_task = tokio::spawn(handle_signals(signals, shutdown.clone(), reload_tx, config_path));
+    let signal_task = tokio::spawn(handle_signals(
+        signals,
+        shutdown.clone(),
+        reload_tx,
+        config_path,
+        log_file,
+    ));
     let result = run_with_reload(config, listeners, shutdown, reload_rx).await;
     signal_task.abort();
     drop(demo_vm);
@@ -225,8 +258,13 @@ async fn handle_signals(
     shutdown: CancellationToken,
     reloads: mpsc::Sender<Reload>,
     config_path: Option<PathBuf>,
+    log_file: Option<LogFile>,
 ) {
     while let Some(sig) = signals.next().await {
+        if sig == SIGUSR1 {
+            reopen_log(log_file.as_ref());
+            continue;
+        }
         if sig != SIGHUP {
             info!(signal = sig, "stopping");
             notify(&[NotifyState::Stopping]);
@@ -247,23 +285,31 @@ async fn handle_signals(
     }
 }
 
+/// SIGUSR1: after logrotate moved `log_file` away, write to a new one.
+fn reopen_log(log_file: Option<&LogFile>) {
+    let Some(file) = log_file else {
+        info!("SIGUSR1: no log_file to reopen");
+        return;
+    };
+    match file.reopen() {
+        Ok(()) => info!(path = %file.path().display(), "SIGUSR1: log file reopened"),
+        Err(e) => error!(error = %e, "SIGUSR1: cannot reopen the log file; still writing to the old one"),
+    }
+}
+
 async fn reload(path: &std::path::Path, reloads: &mpsc::Sender<Reload>) {
     info!(path = %path.display(), "SIGHUP: reloading configuration");
-    let config = match Config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            let error = qmpmux::error::chain(&e).replace('\n', " ");
-            error!(%error, "new configuration rejected; keeping the running one");
-            return;
-        }
-    };
+    let config = Config::load(path).map_err(|e| qmpmux::error::chain(&e).replace('\n', " "));
+    if let Err(error) = &config {
+        error!(%error, "new configuration rejected; keeping the running one");
+    }
     let (done, answer) = oneshot::channel();
+    let rejected = config.is_err();
     if reloads.send(Reload { config, done }).await.is_err() {
         return;
     }
     match answer.await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => error!(error = %qmpmux::error::chain(&e), "reload failed; running VMs unchanged"),
-        Err(_) => {}
+        Ok(Err(e)) if !rejected => error!(error = %qmpmux::error::chain(&e), "reload failed; running VMs unchanged"),
+        _ => {}
     }
 }

@@ -8,7 +8,7 @@ use crate::downstream::slots::VmSlots;
 use crate::downstream::{accept_loop, accept_tcp_loop};
 use crate::listen::sockfile::SocketFile;
 use crate::listen::{bind_or_undo, bind_vm, shares_a_path, Bound, ListenError, Listeners, VmSockets};
-use crate::ops::control::{serve_control, StatusReport, VmStatus};
+use crate::ops::control::{serve_control, ReloadStatus, StatusReport, VmStatus};
 use crate::ops::metrics::serve_metrics;
 use crate::ops::metrics::{Metrics, SharedMetrics, VmMetrics};
 use crate::runtime::shards::{Lease, Shards};
@@ -34,6 +34,8 @@ pub enum RunError {
     Listen(#[from] ListenError),
     #[error("cannot start the threads that serve VMs")]
     Threads(#[source] std::io::Error),
+    #[error("configuration rejected: {0}")]
+    Rejected(String),
     #[error("VM '{vm}': cannot move its sockets to the thread that serves it")]
     Rehome {
         vm: String,
@@ -53,7 +55,9 @@ pub struct ReloadSummary {
 
 /// A request to apply a new configuration; the answer says what changed.
 pub struct Reload {
-    pub config: Config,
+    /// The new configuration, or why the file was rejected (then nothing
+    /// changes; the failure is recorded for `qmpmux status` and metrics).
+    pub config: Result<Config, String>,
     pub done: oneshot::Sender<Result<ReloadSummary, RunError>>,
 }
 
@@ -79,6 +83,8 @@ struct Supervisor {
     vms: HashMap<String, Vm>,
     metrics: SharedMetrics,
     shards: Shards,
+    started: std::time::Instant,
+    last_reload: Option<ReloadStatus>,
 }
 
 /// Runs the daemon until `shutdown` is cancelled, then stops cleanly and
@@ -104,6 +110,8 @@ pub async fn run_with_reload(
         vms: HashMap::new(),
         metrics: Arc::new(Metrics::new()),
         shards,
+        started: std::time::Instant::now(),
+        last_reload: None,
     };
     for vm in &config.vms {
         let started = match listeners.vms.remove(&vm.name) {
@@ -142,7 +150,11 @@ pub async fn run_with_reload(
             () = shutdown.cancelled() => break,
             _ = trim_tick.tick() => clients_mark.observe(sup.clients()),
             Some(reload) = reloads.recv() => {
-                let result = sup.reload(reload.config).await;
+                let result = match reload.config {
+                    Ok(config) => sup.reload(config).await,
+                    Err(why) => Err(RunError::Rejected(why)),
+                };
+                sup.record_reload(&result);
                 let _ = reload.done.send(result);
             }
             Some(query) = queries.recv() => {
@@ -342,7 +354,26 @@ impl Supervisor {
     fn report(&self) -> StatusReport {
         let mut vms: Vec<VmStatus> = self.vms.values().map(Vm::status).collect();
         vms.sort_by(|a, b| a.name.cmp(&b.name));
-        StatusReport { vms }
+        StatusReport {
+            version: env!("CARGO_PKG_VERSION").into(),
+            started_at: self.metrics.start_time(),
+            uptime_seconds: self.started.elapsed().as_secs_f64(),
+            last_reload: self.last_reload.clone(),
+            vms,
+        }
+    }
+
+    fn record_reload(&mut self, result: &Result<ReloadSummary, RunError>) {
+        let now = std::time::SystemTime::now();
+        self.metrics.record_reload(result.is_ok(), now);
+        self.last_reload = Some(ReloadStatus {
+            at: now
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0),
+            ok: result.is_ok(),
+            error: result.as_ref().err().map(|e| crate::error::chain(e)),
+        });
     }
 }
 
@@ -356,7 +387,10 @@ impl Vm {
             upstream_mode: format!("{:?}", self.config.upstream_mode).to_lowercase(),
             listen: self.config.listen().display().to_string(),
             runstate: s.runstate.to_string(),
-            qemu_version: s.greeting.as_ref().map(|g| g.version.clone()),
+            qemu_version: s
+                .greeting
+                .as_ref()
+                .map(|g| serde_json::from_str(&g.version).unwrap_or_else(|_| g.version.clone().into())),
             clients: m.clients.get(),
             in_flight: m.in_flight.get(),
             queued: m.queued.get(),

@@ -73,6 +73,7 @@ fn full_sets_every_option_to_something_read() {
         (d.log_rotation, f.log_rotation),
         (LogRotation::Daily, LogRotation::Hourly)
     );
+    assert_eq!((d.log_keep, f.log_keep), (None, Some(48)));
     assert_ne!(f.control_socket, d.control_socket);
     assert_eq!(f.control_socket.as_deref(), Some(Path::new("/run/qmpmux/control.sock")));
     assert_eq!(d.metrics_listen, None);

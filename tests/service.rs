@@ -116,7 +116,7 @@ async fn binary_reloads_on_sighup_keeps_running_on_bad_config_and_stops_on_sigte
     let _qemu = Qemu::start(&p("q.sock")).await;
     let config = p("qmpmux.toml");
     let write = |vms: &[&str]| {
-        let mut text = String::new();
+        let mut text = format!("control_socket = \"{}\"\n", p("ctl").display());
         for n in vms {
             text.push_str(&format!(
                 "[[vm]]\nname = \"{n}\"\nupstream = \"{}\"\nlisten = \"{}\"\n",
@@ -152,6 +152,13 @@ async fn binary_reloads_on_sighup_keeps_running_on_bad_config_and_stops_on_sigte
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(child.try_wait().unwrap().is_none(), "a bad config must not stop qmpmux");
     assert_eq!(one.cmd(r#"{"execute":"query-status","id":1}"#).await["id"], 1);
+    // The rejected file is the last reload, for `qmpmux status`.
+    let report = qmpmux::ops::control::query_status(&p("ctl")).await.unwrap();
+    let last = report.last_reload.unwrap();
+    assert!(
+        !last.ok && last.error.as_deref().unwrap().contains("qmpmux.toml"),
+        "{last:?}"
+    );
 
     signal(pid, libc::SIGTERM);
     one.expect_eof().await;
@@ -161,7 +168,7 @@ async fn binary_reloads_on_sighup_keeps_running_on_bad_config_and_stops_on_sigte
         .unwrap();
     assert!(status.success(), "exit status {status}");
     assert!(
-        !p("one.sock").exists() && !p("two.sock").exists(),
+        !p("one.sock").exists() && !p("two.sock").exists() && !p("ctl").exists(),
         "socket files left behind"
     );
 }
@@ -323,9 +330,20 @@ async fn status_and_metrics_report_what_happened() {
     let daemon = Daemon::start_with(&[("web01", &up, &sock)], |c| {
         c.control_socket = Some(ctl.clone());
         c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.client.max_depth = 16;
+        c.vms[0].main.policy.deny = vec![qmpmux::policy::Glob::new("system_powerdown")];
     })
     .await;
     let mut c = Client::ready(&sock).await;
+    // Refused by the policy: neither forwarded nor counted as a command.
+    let refused = c.cmd(r#"{"execute":"system_powerdown","id":"no"}"#).await;
+    assert_eq!(refused["id"], "no", "{refused}");
+    assert!(refused["error"].is_object(), "{refused}");
+    // Disconnected by qmpmux: nested too deep.
+    let mut deep = Client::ready(&sock).await;
+    deep.send(&"[".repeat(100)).await;
+    deep.recv().await;
+    deep.expect_eof().await;
     for i in 0..5 {
         assert_eq!(
             c.cmd(&format!(r#"{{"execute":"query-status","id":{i}}}"#)).await["id"],
@@ -344,7 +362,24 @@ async fn status_and_metrics_report_what_happened() {
     assert_eq!((vm.name.as_str(), vm.runstate.as_str()), ("web01", "running"));
     assert_eq!((vm.clients, vm.in_flight, vm.connections), (1, 0, 1));
     assert_eq!((vm.commands, vm.errors, vm.events), (7, 1, 1));
-    assert!(vm.qemu_version.as_deref().unwrap().contains("\"qemu\""));
+    assert!(vm.qemu_version.as_ref().unwrap()["qemu"]["major"].is_u64(), "{vm:?}");
+    assert_eq!(report.version, env!("CARGO_PKG_VERSION"));
+    assert!(
+        report.uptime_seconds > 0.0 && report.uptime_seconds < 60.0,
+        "{report:?}"
+    );
+    assert!(report.last_reload.is_none());
+
+    // `--json`: the same, qemu_version an object.
+    let out = qmpmux()
+        .args(["status", "--json", "--control"])
+        .arg(&ctl)
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(json["vms"][0]["qemu_version"]["qemu"]["major"].is_u64(), "{json}");
+    assert_eq!(json["version"], env!("CARGO_PKG_VERSION"));
+    assert!(json["uptime_seconds"].as_f64().unwrap() > 0.0, "{json}");
 
     // The CLI prints the same, as a table.
     let out = qmpmux().args(["status", "--control"]).arg(&ctl).output().unwrap();
@@ -367,9 +402,53 @@ async fn status_and_metrics_report_what_happened() {
         "qmpmux_runstate{vm=\"web01\",state=\"idle\"} 0",
         "qmpmux_command_latency_seconds_count{vm=\"web01\"} 7",
         "qmpmux_queue_depth{vm=\"web01\"} 0",
+        "qmpmux_policy_refusals_total{vm=\"web01\"} 1",
+        "qmpmux_clients_disconnected_total{vm=\"web01\",reason=\"input_limit\"} 1",
+        "qmpmux_clients_disconnected_total{vm=\"web01\",reason=\"slow_reader\"} 0",
+        &format!("qmpmux_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION")),
+        "qmpmux_config_last_reload_successful 1",
+        "process_open_fds ",
+        "process_resident_memory_bytes ",
+        "process_start_time_seconds ",
     ] {
         assert!(body.contains(want), "missing {want:?} in\n{body}");
     }
+
+    // A failed reload (a socket path taken by a file), then a good one.
+    std::fs::write(dir.path().join("file"), "").unwrap();
+    let mut bad = daemon.config.clone();
+    bad.vms.push(self::vm("bad", &up, &dir.path().join("file")));
+    assert!(daemon.reload(bad).await.is_err());
+    let report = qmpmux::ops::control::query_status(&ctl).await.unwrap();
+    let last = report.last_reload.as_ref().unwrap();
+    assert!(
+        !last.ok && last.error.as_deref().unwrap().contains("not a socket"),
+        "{last:?}"
+    );
+    let body = http_get(daemon.metrics_addr.unwrap(), "/metrics").await;
+    for want in [
+        "qmpmux_config_last_reload_successful 0",
+        "qmpmux_config_reloads_total{result=\"failure\"} 1",
+    ] {
+        assert!(body.contains(want), "missing {want:?} in\n{body}");
+    }
+    let out = qmpmux().args(["status", "--control"]).arg(&ctl).output().unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("last reload: FAILED") && table.contains("not a socket"),
+        "{table}"
+    );
+    daemon.reload(daemon.config.clone()).await.unwrap();
+    let report = qmpmux::ops::control::query_status(&ctl).await.unwrap();
+    let last = report.last_reload.as_ref().unwrap();
+    assert!(last.ok && last.error.is_none(), "{last:?}");
+    assert!(last.at >= report.started_at, "{report:?}");
+    let body = http_get(daemon.metrics_addr.unwrap(), "/metrics").await;
+    assert!(body.contains("qmpmux_config_last_reload_successful 1"), "{body}");
+    assert!(
+        body.contains("qmpmux_config_reloads_total{result=\"success\"} 1"),
+        "{body}"
+    );
     drop(c);
     daemon.stop().await;
     assert!(!ctl.exists(), "control socket left behind");

@@ -202,6 +202,22 @@ async fn a_failed_start_removes_what_it_bound() {
     assert_eq!(std::fs::read_to_string(p("blocker")).unwrap(), "not a socket");
 }
 
+/// The metrics endpoint is bound last: when its address is taken, every
+/// socket bound before it (VMs', control socket) and their directories go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_metrics_bind_removes_the_sockets_bound_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut config = config_with(vec![vm("a", &p("a.q"), &p("new/a.sock"))]).await;
+    config.control_socket = Some(p("ctl/qmpmux.ctl"));
+    config.metrics_listen = Some(taken.local_addr().unwrap());
+    let err = qmpmux::Listeners::bind(&config).await.unwrap_err();
+    assert!(qmpmux::error::chain(&err).contains("metrics"), "{err}");
+    assert!(!p("new").exists(), "a's socket or directory left behind");
+    assert!(!p("ctl").exists(), "the control socket or its directory left behind");
+}
+
 /// A rejected reload leaves no trace: no socket of the VMs it bound first,
 /// none of the VM it failed on, no directory; what ran goes on running.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -51,6 +51,8 @@ pub struct Config {
     /// Also log to this file (rotated per `log_rotation`); stdout always.
     pub log_file: Option<PathBuf>,
     pub log_rotation: LogRotation,
+    /// Rotated `log_file`s kept (the current one included); all when `None`.
+    pub log_keep: Option<usize>,
     /// Mode and owner of every listen socket.
     pub socket: SocketPerms,
     /// Where `qmpmux status` reaches the daemon.
@@ -339,6 +341,7 @@ impl Default for Config {
             log_format: LogFormat::default(),
             log_file: None,
             log_rotation: LogRotation::default(),
+            log_keep: None,
             socket: SocketPerms::default(),
             control_socket: None,
             metrics_listen: None,
@@ -464,6 +467,28 @@ mod tests {
         assert!(e.contains("client.max_pending_bytes"), "{e}");
         let e = load("log_level = \"info,,=\"\n").unwrap_err();
         assert!(e.contains("log_level"), "{e}");
+        for bad in ["inf", "", "qmpmux", "info,qmpmux=verbose", "=debug", "warning"] {
+            let e = load(&format!("log_level = \"{bad}\"\n")).unwrap_err();
+            assert!(
+                e.contains("`log_level`") && e.contains("trace, debug, info, warn, error, off"),
+                "{bad}: {e}"
+            );
+        }
+        for good in [
+            "info",
+            "WARN",
+            "off",
+            "info,qmpmux::upstream=debug",
+            "warn,qmpmux::audit=info",
+            "qmpmux[vm{vm=a}]=trace",
+        ] {
+            assert!(load(&format!("log_level = \"{good}\"\n")).is_ok(), "{good}");
+        }
+        let e = load("log_keep = 0\n").unwrap_err();
+        assert!(e.contains("log_keep"), "{e}");
+        let e = load("log_keep = 3\nlog_rotation = \"never\"\n").unwrap_err();
+        assert!(e.contains("log_keep") && e.contains("never"), "{e}");
+        assert_eq!(load("log_keep = 3\n").unwrap().log_keep, Some(3));
         let e = load("[[vm]]\nname = 5\n").unwrap_err();
         assert!(e.contains("invalid type"), "{e}");
     }

@@ -14,6 +14,7 @@ pub(super) struct RawConfig {
     log_format: Option<LogFormat>,
     log_file: Option<PathBuf>,
     log_rotation: Option<LogRotation>,
+    log_keep: Option<usize>,
     socket_dir: Option<PathBuf>,
     control_socket: Option<PathBuf>,
     metrics_listen: Option<std::net::SocketAddr>,
@@ -133,11 +134,22 @@ impl RawConfig {
             .map(|(i, vm)| vm.validate(i, &client, self.socket_dir.as_deref(), &mut taken))
             .collect::<Result<Vec<_>, _>>()?;
         let log_level = self.log_level.unwrap_or_else(|| "info".into());
-        tracing_subscriber::EnvFilter::try_new(&log_level).map_err(|e| invalid("log_level", e.to_string()))?;
+        check_log_level(&log_level).map_err(|r| invalid("log_level", r))?;
         if let Some(f) = &self.log_file {
             if f.file_name().is_none() {
                 return Err(invalid("log_file", "must name a file"));
             }
+        }
+        let log_rotation = self.log_rotation.unwrap_or_default();
+        match self.log_keep {
+            Some(0) => return Err(invalid("log_keep", "must be at least 1")),
+            Some(_) if log_rotation == LogRotation::Never => {
+                return Err(invalid(
+                    "log_keep",
+                    "needs a `log_rotation` other than \"never\" (with an external rotation, let it prune)",
+                ))
+            }
+            _ => {}
         }
         let socket = SocketPerms {
             mode: match &self.socket_mode {
@@ -188,12 +200,46 @@ impl RawConfig {
             metrics_listen: self.metrics_listen,
             log_format: self.log_format.unwrap_or_default(),
             log_file: self.log_file,
-            log_rotation: self.log_rotation.unwrap_or_default(),
+            log_rotation,
+            log_keep: self.log_keep,
             upstream,
             client,
             vms,
         })
     }
+}
+
+/// Levels `log_level` may name, alone or as `target=LEVEL`.
+const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// `log_level`: comma-separated directives, each a level or `target=level`
+/// (`target[span{field=value}]=level` too), the level one of
+/// [`LOG_LEVELS`]. Stricter than `EnvFilter`, which takes a bare word such
+/// as `inf` for a target name and then logs nothing else.
+pub(crate) fn check_log_level(spec: &str) -> Result<(), String> {
+    let levels = LOG_LEVELS.join(", ");
+    if spec.trim().is_empty() {
+        return Err(format!("is empty: use one of {levels}, or `target=level` directives"));
+    }
+    for directive in spec.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let (target, level) = match directive.rsplit_once('=') {
+            Some((t, l)) => (Some(t.trim()), l.trim()),
+            None => (None, directive),
+        };
+        if target == Some("") {
+            return Err(format!(
+                "{directive:?}: a `target=level` directive needs a target (levels: {levels})"
+            ));
+        }
+        if !LOG_LEVELS.iter().any(|l| l.eq_ignore_ascii_case(level)) {
+            return Err(match target {
+                None => format!("{directive:?} is not a level: use one of {levels}, or `target=level`"),
+                Some(_) => format!("{directive:?}: {level:?} is not a level (one of {levels})"),
+            });
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(spec).map_err(|e| e.to_string())?;
+    Ok(())
 }
 
 fn resolve_user(name: &str) -> Result<u32, String> {

@@ -9,6 +9,7 @@
 
 use super::fds::ClientReader;
 use crate::config::{ClientOptions, ListenerConfig};
+use crate::ops::metrics::Disconnect;
 use crate::qmp::framing::{Frame, JsonFramer, Limits};
 use crate::qmp::incoming::Greeting;
 use crate::qmp::json::qemu_style;
@@ -152,6 +153,17 @@ where
         .await
         .unwrap_or(End::Panic);
     ctx.session.detach(id).await;
+    let by_qmpmux = match end {
+        End::Dropped => Some(Disconnect::SlowReader),
+        End::Limit => Some(Disconnect::InputLimit),
+        End::NoGreeting => Some(Disconnect::NoUpstream),
+        End::Shutdown => Some(Disconnect::Shutdown),
+        End::Panic => Some(Disconnect::InternalError),
+        End::ClientClosed | End::Io(_) => None,
+    };
+    if let Some(why) = by_qmpmux {
+        ctx.metrics.disconnected(why);
+    }
     match end {
         End::Io(e) => info!(client = id, error = %e, "client disconnected"),
         End::Dropped => info!(client = id, "client disconnected by qmpmux: it was not reading"),
@@ -371,6 +383,7 @@ impl Client {
         match decide(frame, &mut self.qmp, self.offered, |c, a| policy.admit(c, a)) {
             Decision::Local(line) => self.slots.push_back(Slot::Ready(line)),
             Decision::Denied { line, command } => {
+                self.ctx.metrics.refusals.inc();
                 self.audit(&command, Outcome::Denied, Instant::now());
                 self.slots.push_back(Slot::Ready(line));
             }

@@ -16,7 +16,7 @@ use tracing::warn;
 /// Why binding the daemon's sockets failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
-    #[error("cannot listen for metrics on {addr}")]
+    #[error("cannot listen for metrics on {addr}{}", network_hint(source))]
     Metrics {
         addr: std::net::SocketAddr,
         #[source]
@@ -29,7 +29,7 @@ pub enum ListenError {
         #[source]
         source: crate::downstream::tls::TlsError,
     },
-    #[error("VM '{vm}': cannot listen on {addr}")]
+    #[error("VM '{vm}': cannot listen on {addr}{}", network_hint(source))]
     Tcp {
         vm: String,
         addr: std::net::SocketAddr,
@@ -42,6 +42,32 @@ pub enum ListenError {
         #[source]
         source: BindError,
     },
+}
+
+/// What to say about a TCP bind the system refused outright: the shipped
+/// systemd unit allows unix sockets only (`RestrictAddressFamilies=AF_UNIX`:
+/// EAFNOSUPPORT), and a port below 1024 needs `CAP_NET_BIND_SERVICE`
+/// (EACCES).
+fn network_hint(e: &std::io::Error) -> &'static str {
+    macro_rules! unit {
+        ($why:literal) => {
+            concat!(
+                " (",
+                $why,
+                "; if qmpmux runs under the shipped systemd unit, which allows unix sockets only, ",
+                "allow the network in a drop-in (`systemctl edit qmpmux`): ",
+                "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6, PrivateNetwork=no, IPAddressDeny= ",
+                "(see docs/operations.md, systemd))"
+            )
+        };
+    }
+    match e.raw_os_error() {
+        Some(libc::EAFNOSUPPORT) => unit!("address family not allowed"),
+        Some(libc::EACCES | libc::EPERM) => {
+            unit!("permission denied: a port below 1024 also needs CAP_NET_BIND_SERVICE")
+        }
+        _ => "",
+    }
 }
 
 /// A VM's bound sockets: for clients, and in accept mode for QEMU.
@@ -241,4 +267,32 @@ pub fn shares_a_path(old: &VmConfig, new: &VmConfig) -> bool {
     let tcp = |vm: &VmConfig| vm.all_listeners().filter_map(|l| l.endpoint.addr()).collect::<Vec<_>>();
     let (old_paths, old_tcp) = (bound_paths(old), tcp(old));
     bound_paths(new).iter().any(|p| old_paths.contains(p)) || tcp(new).iter().any(|a| old_tcp.contains(a))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_tcp_bind_points_to_the_unit_s_drop_in() {
+        let addr = "127.0.0.1:9187".parse().unwrap();
+        let refused = |errno| ListenError::Metrics {
+            addr,
+            source: std::io::Error::from_raw_os_error(errno),
+        };
+        for errno in [libc::EAFNOSUPPORT, libc::EACCES] {
+            let e = crate::error::chain(&refused(errno));
+            assert!(e.starts_with("cannot listen for metrics on 127.0.0.1:9187 ("), "{e}");
+            assert!(e.contains("RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6"), "{e}");
+        }
+        assert!(crate::error::chain(&refused(libc::EACCES)).contains("CAP_NET_BIND_SERVICE"));
+        let e = crate::error::chain(&refused(libc::EADDRINUSE));
+        assert!(!e.contains("systemd"), "{e}");
+        let e = ListenError::Tcp {
+            vm: "a".into(),
+            addr,
+            source: std::io::Error::from_raw_os_error(libc::EAFNOSUPPORT),
+        };
+        assert!(e.to_string().contains("drop-in"), "{e}");
+    }
 }

@@ -24,7 +24,9 @@ pub struct VmStatus {
     pub upstream_mode: String,
     pub listen: String,
     pub runstate: String,
-    pub qemu_version: Option<String>,
+    /// QEMU's greeting's `version` object (`{"qemu": {"major": ...},
+    /// "package": ...}`) once connected.
+    pub qemu_version: Option<serde_json::Value>,
     pub clients: i64,
     pub in_flight: i64,
     pub queued: i64,
@@ -36,9 +38,32 @@ pub struct VmStatus {
     pub last_error: Option<String>,
 }
 
+/// The daemon as `qmpmux status` shows it. Fields an older daemon does not
+/// send are left at their defaults.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct StatusReport {
+    /// The daemon's version (`qmpmux --version`).
+    #[serde(default)]
+    pub version: String,
+    /// When it started, in Unix time (seconds).
+    #[serde(default)]
+    pub started_at: f64,
+    #[serde(default)]
+    pub uptime_seconds: f64,
+    /// The last `SIGHUP`; `None` if there was none.
+    #[serde(default)]
+    pub last_reload: Option<ReloadStatus>,
     pub vms: Vec<VmStatus>,
+}
+
+/// The outcome of a configuration reload.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ReloadStatus {
+    /// When, in Unix time (seconds).
+    pub at: f64,
+    pub ok: bool,
+    /// Why it failed: the file rejected, or a socket that could not be bound.
+    pub error: Option<String>,
 }
 
 /// Asks the supervisor for a report.
@@ -104,7 +129,7 @@ pub async fn query_status(path: &Path) -> Result<StatusReport, QueryError> {
     serde_json::from_str(text.trim()).map_err(|_| QueryError::Answer(text))
 }
 
-/// A table for humans.
+/// A table for humans, then a line about the daemon.
 pub fn render(report: &StatusReport) -> String {
     let mut out = String::new();
     let _ = writeln!(
@@ -126,5 +151,25 @@ pub fn render(report: &StatusReport) -> String {
             vm.last_error.as_deref().unwrap_or("-")
         );
     }
+    let up = report.uptime_seconds as u64;
+    let _ = write!(
+        out,
+        "qmpmux {}, up {}d {:02}:{:02}:{:02}; last reload: ",
+        report.version,
+        up / 86400,
+        up / 3600 % 24,
+        up / 60 % 60,
+        up % 60
+    );
+    let _ = match &report.last_reload {
+        None => writeln!(out, "none"),
+        Some(r) => {
+            let ago = (report.started_at + report.uptime_seconds - r.at).max(0.0) as u64;
+            match &r.error {
+                None => writeln!(out, "ok, {ago} s ago"),
+                Some(e) => writeln!(out, "FAILED, {ago} s ago: {e}"),
+            }
+        }
+    };
     out
 }

@@ -17,8 +17,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
@@ -33,6 +34,58 @@ struct VmLabel {
 struct StateLabel {
     vm: String,
     state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    vm: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabel {
+    version: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: String,
+}
+
+/// Why qmpmux disconnected a client (the `reason` label of
+/// `qmpmux_clients_disconnected_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Disconnect {
+    /// It did not read its replies and events fast enough.
+    SlowReader,
+    /// Its input exceeded a size or nesting limit.
+    InputLimit,
+    /// QEMU has not been reachable since qmpmux started: no greeting.
+    NoUpstream,
+    /// qmpmux stopped, or a reload stopped or restarted its VM.
+    Shutdown,
+    /// A bug in qmpmux.
+    InternalError,
+}
+
+impl Disconnect {
+    const ALL: [Disconnect; 5] = [
+        Disconnect::SlowReader,
+        Disconnect::InputLimit,
+        Disconnect::NoUpstream,
+        Disconnect::Shutdown,
+        Disconnect::InternalError,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Disconnect::SlowReader => "slow_reader",
+            Disconnect::InputLimit => "input_limit",
+            Disconnect::NoUpstream => "no_upstream",
+            Disconnect::Shutdown => "shutdown",
+            Disconnect::InternalError => "internal_error",
+        }
+    }
 }
 
 const STATES: [Runstate; 4] = [
@@ -50,6 +103,12 @@ fn latency_histogram() -> Histogram {
 /// The daemon's metrics registry.
 pub struct Metrics {
     registry: Registry,
+    process: ProcessMetrics,
+    reload_ok: Gauge,
+    reload_success_time: Gauge<f64, AtomicU64>,
+    reloads: Family<ResultLabel, Counter>,
+    refusals: Family<VmLabel, Counter>,
+    disconnects: Family<ReasonLabel, Counter>,
     commands: Family<VmLabel, Counter>,
     errors: Family<VmLabel, Counter>,
     events: Family<VmLabel, Counter>,
@@ -76,13 +135,28 @@ pub struct VmMetrics {
     pub queued: Gauge,
     /// Seconds from a command's arrival to its reply.
     pub latency: Option<Histogram>,
+    /// Commands a listener's policy refused.
+    pub refusals: Counter,
     runstate: Vec<Gauge>,
+    /// Per [`Disconnect::ALL`].
+    disconnects: Vec<Counter>,
 }
 
 impl VmMetrics {
     pub fn set_runstate(&self, state: Runstate) {
         for (s, g) in STATES.iter().zip(&self.runstate) {
             g.set(i64::from(*s == state));
+        }
+    }
+
+    /// Counts a client qmpmux disconnected.
+    pub fn disconnected(&self, why: Disconnect) {
+        if let Some(c) = Disconnect::ALL
+            .iter()
+            .position(|d| *d == why)
+            .and_then(|i| self.disconnects.get(i))
+        {
+            c.inc();
         }
     }
 
@@ -101,7 +175,7 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("qmpmux");
+        let mut root = Registry::default();
         let m = Metrics {
             commands: Family::default(),
             errors: Family::default(),
@@ -112,8 +186,44 @@ impl Metrics {
             queued: Family::default(),
             runstate: Family::default(),
             latency: Family::new_with_constructor(latency_histogram),
+            process: ProcessMetrics::new(),
+            reload_ok: Gauge::default(),
+            reload_success_time: Gauge::default(),
+            reloads: Family::default(),
+            refusals: Family::default(),
+            disconnects: Family::default(),
             registry: Registry::default(),
         };
+        m.process.register(&mut root);
+        let registry = root.sub_registry_with_prefix("qmpmux");
+        let build_info = Family::<VersionLabel, Gauge>::default();
+        build_info
+            .get_or_create(&VersionLabel {
+                version: env!("CARGO_PKG_VERSION").into(),
+            })
+            .set(1);
+        registry.register("build_info", "qmpmux's version (always 1)", build_info);
+        // Until a reload, the configuration loaded at start is the last.
+        m.reload_ok.set(1);
+        m.reload_success_time.set(m.process.start_time.get());
+        registry.register(
+            "config_last_reload_successful",
+            "Whether the last configuration reload (or the load at start) succeeded",
+            m.reload_ok.clone(),
+        );
+        registry.register(
+            "config_last_reload_success_timestamp_seconds",
+            "When the configuration was last loaded successfully (at start or by a reload), in Unix time",
+            m.reload_success_time.clone(),
+        );
+        for result in ["success", "failure"] {
+            let _ = m.reloads.get_or_create(&ResultLabel { result: result.into() });
+        }
+        registry.register(
+            "config_reloads",
+            "Configuration reloads (SIGHUP), by result",
+            m.reloads.clone(),
+        );
         registry.register("commands", "Commands forwarded to QEMU", m.commands.clone());
         registry.register("errors", "Error replies to forwarded commands", m.errors.clone());
         registry.register("events", "Events received from QEMU", m.events.clone());
@@ -139,7 +249,32 @@ impl Metrics {
             "Time from a command's arrival to its reply",
             m.latency.clone(),
         );
-        Metrics { registry, ..m }
+        registry.register(
+            "policy_refusals",
+            "Commands refused by a listener's policy",
+            m.refusals.clone(),
+        );
+        registry.register(
+            "clients_disconnected",
+            "Clients disconnected by qmpmux, by reason",
+            m.disconnects.clone(),
+        );
+        Metrics { registry: root, ..m }
+    }
+
+    /// Records a reload's outcome (a rejected file included).
+    pub fn record_reload(&self, ok: bool, at: SystemTime) {
+        let result = if ok { "success" } else { "failure" };
+        self.reloads.get_or_create(&ResultLabel { result: result.into() }).inc();
+        self.reload_ok.set(i64::from(ok));
+        if ok {
+            self.reload_success_time.set(unix_seconds(at));
+        }
+    }
+
+    /// When qmpmux started, in Unix time.
+    pub fn start_time(&self) -> f64 {
+        self.process.start_time.get()
     }
 
     pub fn vm(&self, name: &str) -> VmMetrics {
@@ -163,7 +298,12 @@ impl Metrics {
             in_flight: self.in_flight.get_or_create(&l).clone(),
             queued: self.queued.get_or_create(&l).clone(),
             latency: Some(self.latency.get_or_create(&l).clone()),
+            refusals: self.refusals.get_or_create(&l).clone(),
             runstate,
+            disconnects: Disconnect::ALL
+                .iter()
+                .map(|d| self.disconnects.get_or_create(&reason_label(name, *d)).clone())
+                .collect(),
         }
     }
 
@@ -178,6 +318,10 @@ impl Metrics {
         self.in_flight.remove(&l);
         self.queued.remove(&l);
         self.latency.remove(&l);
+        self.refusals.remove(&l);
+        for d in Disconnect::ALL {
+            self.disconnects.remove(&reason_label(name, d));
+        }
         for s in STATES {
             self.runstate.remove(&StateLabel {
                 vm: name.into(),
@@ -188,9 +332,83 @@ impl Metrics {
 
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
+        self.process.refresh();
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+fn reason_label(vm: &str, d: Disconnect) -> ReasonLabel {
+    ReasonLabel {
+        vm: vm.into(),
+        reason: d.as_str().into(),
+    }
+}
+
+fn unix_seconds(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// The `process_*` metrics Prometheus' client libraries export, read from
+/// `/proc/self` at each scrape. The start time is taken when the registry
+/// is made, at start (`/proc/stat`, needed to convert the kernel's, is
+/// hidden by the unit's `ProcSubset=pid`).
+struct ProcessMetrics {
+    rss: Gauge,
+    open_fds: Gauge,
+    max_fds: Gauge,
+    start_time: Gauge<f64, AtomicU64>,
+}
+
+impl ProcessMetrics {
+    fn new() -> ProcessMetrics {
+        let p = ProcessMetrics {
+            rss: Gauge::default(),
+            open_fds: Gauge::default(),
+            max_fds: Gauge::default(),
+            start_time: Gauge::default(),
+        };
+        p.start_time.set(unix_seconds(SystemTime::now()));
+        p
+    }
+
+    fn register(&self, root: &mut Registry) {
+        root.register(
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes",
+            self.rss.clone(),
+        );
+        root.register("process_open_fds", "Open file descriptors", self.open_fds.clone());
+        root.register(
+            "process_max_fds",
+            "Maximum number of open file descriptors",
+            self.max_fds.clone(),
+        );
+        root.register(
+            "process_start_time_seconds",
+            "Start time of the process since the Unix epoch in seconds",
+            self.start_time.clone(),
+        );
+    }
+
+    /// Reads what changed; a value that cannot be read is left as it was.
+    fn refresh(&self) {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        if let Some(kb) = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<i64>().ok())
+        {
+            self.rss.set(kb * 1024);
+        }
+        if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+            // Less the one reading the directory.
+            self.open_fds.set(dir.count() as i64 - 1);
+        }
+        if let Ok((soft, _)) = rlimit::getrlimit(rlimit::Resource::NOFILE) {
+            self.max_fds.set(i64::try_from(soft).unwrap_or(i64::MAX));
+        }
     }
 }
 
@@ -261,4 +479,84 @@ fn metrics_reply<B>(req: &Request<B>, metrics: &SharedMetrics) -> Response<Strin
         );
     }
     reply
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line<'a>(text: &'a str, start: &str) -> &'a str {
+        text.lines()
+            .find(|l| l.starts_with(start))
+            .unwrap_or_else(|| panic!("no {start:?} in\n{text}"))
+    }
+
+    fn value(text: &str, start: &str) -> f64 {
+        line(text, start).rsplit(' ').next().unwrap().parse().unwrap()
+    }
+
+    #[test]
+    fn build_process_and_reload_metrics() {
+        let m = Metrics::new();
+        let text = m.encode();
+        let version = env!("CARGO_PKG_VERSION");
+        line(&text, &format!("qmpmux_build_info{{version=\"{version}\"}} 1"));
+        assert!(value(&text, "process_resident_memory_bytes ") > 1e5, "{text}");
+        assert!(value(&text, "process_open_fds ") >= 3.0, "{text}");
+        assert!(value(&text, "process_max_fds ") >= value(&text, "process_open_fds "));
+        let start = value(&text, "process_start_time_seconds ");
+        let now = unix_seconds(SystemTime::now());
+        assert!(start > now - 60.0 && start <= now, "{start} {now}");
+        line(&text, "qmpmux_config_last_reload_successful 1");
+        assert_eq!(
+            value(&text, "qmpmux_config_last_reload_success_timestamp_seconds "),
+            start
+        );
+        line(&text, "qmpmux_config_reloads_total{result=\"failure\"} 0");
+
+        m.record_reload(false, SystemTime::now());
+        let text = m.encode();
+        line(&text, "qmpmux_config_last_reload_successful 0");
+        line(&text, "qmpmux_config_reloads_total{result=\"failure\"} 1");
+        assert_eq!(
+            value(&text, "qmpmux_config_last_reload_success_timestamp_seconds "),
+            start
+        );
+        let later = UNIX_EPOCH + Duration::from_secs(4_000_000_000);
+        m.record_reload(true, later);
+        let text = m.encode();
+        line(&text, "qmpmux_config_last_reload_successful 1");
+        line(&text, "qmpmux_config_reloads_total{result=\"success\"} 1");
+        assert_eq!(
+            value(&text, "qmpmux_config_last_reload_success_timestamp_seconds "),
+            4e9
+        );
+    }
+
+    #[test]
+    fn refusals_and_disconnects_per_vm_until_it_is_removed() {
+        let m = Metrics::new();
+        let vm = m.vm("web01");
+        vm.refusals.inc();
+        vm.disconnected(Disconnect::SlowReader);
+        vm.disconnected(Disconnect::SlowReader);
+        vm.disconnected(Disconnect::InputLimit);
+        let text = m.encode();
+        line(&text, "qmpmux_policy_refusals_total{vm=\"web01\"} 1");
+        line(
+            &text,
+            "qmpmux_clients_disconnected_total{vm=\"web01\",reason=\"slow_reader\"} 2",
+        );
+        line(
+            &text,
+            "qmpmux_clients_disconnected_total{vm=\"web01\",reason=\"input_limit\"} 1",
+        );
+        line(
+            &text,
+            "qmpmux_clients_disconnected_total{vm=\"web01\",reason=\"shutdown\"} 0",
+        );
+        m.remove_vm("web01");
+        let text = m.encode();
+        assert!(!text.contains("web01"), "{text}");
+    }
 }

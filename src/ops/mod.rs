@@ -2,6 +2,7 @@
 //! - [`control`]: the control socket behind `qmpmux status`.
 //! - [`metrics`]: the Prometheus metrics and their HTTP endpoint.
 //! - [`gate`]: the connection cap both serve behind.
+//! - [`logging`]: journal priorities, and the reopenable `log_file`.
 //! - [`systemd`]: readiness notifications, and the watchdog, fed while the
 //!   VM threads answer.
 //! - [`trim`]: freed memory handed back after many clients leave.
@@ -10,6 +11,7 @@
 pub mod control;
 pub mod demo;
 mod gate;
+pub mod logging;
 pub mod metrics;
 pub mod systemd;
 pub mod trim;

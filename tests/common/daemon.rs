@@ -51,7 +51,10 @@ impl Daemon {
     pub async fn reload(&self, config: Config) -> Result<qmpmux::ReloadSummary, qmpmux::RunError> {
         let (done, answer) = tokio::sync::oneshot::channel();
         self.reload_tx
-            .send(qmpmux::Reload { config, done })
+            .send(qmpmux::Reload {
+                config: Ok(config),
+                done,
+            })
             .await
             .expect("daemon running");
         answer.await.expect("reload answered")
