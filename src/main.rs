@@ -21,9 +21,12 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
+/// The version and the commit it was built from.
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("QMPMUX_COMMIT"), ")");
+
 /// Multiplex QEMU's QMP monitor: many clients, one upstream session per VM.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(name = "qmpmux", version = VERSION, about)]
 struct Args {
     /// Configuration file.
     #[arg(short, long, global = true, default_value = "/etc/qmpmux/qmpmux.toml")]
@@ -54,6 +57,46 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Print the man page (roff) or shell completions, generated from this
+    /// command line's own definition, for packaging.
+    Generate {
+        #[command(subcommand)]
+        what: Generate,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Generate {
+    /// The man page, qmpmux(1): `qmpmux generate man > qmpmux.1`.
+    Man,
+    /// Completions for a shell: `qmpmux generate completions bash`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// Writes the man page or completions to stdout.
+fn generate(what: &Generate) -> ExitCode {
+    use clap::CommandFactory;
+    let mut cmd = Args::command();
+    let mut out = std::io::stdout();
+    let written = match what {
+        Generate::Man => clap_mangen::Man::new(cmd).render(&mut out),
+        Generate::Completions { shell } => {
+            clap_complete::generate(*shell, &mut cmd, "qmpmux", &mut out);
+            Ok(())
+        }
+    };
+    match written {
+        // A closed pipe (`| head`) is the reader's choice, not an error.
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            fail(&format!("cannot write: {e}"));
+            ExitCode::FAILURE
+        }
+    }
 }
 
 type BoxedLayer = Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync>;
@@ -127,6 +170,9 @@ fn fail(message: &str) {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Cmd::Generate { what }) = &args.command {
+        return generate(what);
+    }
     // The VMs run on threads of their own (see `qmpmux::runtime::shards`); this one
     // only has signals, reloads, the control socket and metrics to serve.
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
