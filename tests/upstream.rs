@@ -41,14 +41,14 @@ async fn qemu_killed_and_restarted_while_clients_stay_connected() {
     assert!(r.get("id").is_none() && r["error"]["class"] == "GenericError", "{r}");
 
     let restarted = Instant::now();
-    let _qemu2 = Qemu::start(&up).await;
+    let _qemu2 = Qemu::start_watched(&up);
     // The same connections work again, without reconnecting.
     eventually("commands to work again after QEMU restarted", async || {
         a.cmd(r#"{"execute":"query-status","id":2}"#).await["return"].is_object()
     })
     .await;
     println!(
-        "first successful command {:?} after QEMU was listening again",
+        "first successful command {:?} after QEMU was started again",
         restarted.elapsed()
     );
     assert_eq!(
@@ -82,7 +82,7 @@ async fn restarted_qemu_is_used_at_once_not_after_the_backoff() {
     })
     .await;
     // The killed QEMU's socket file is still there; the new QEMU replaces it.
-    let _qemu2 = Qemu::start(&up).await;
+    let _qemu2 = Qemu::start_watched(&up);
     // Within `eventually`'s 10 s, far less than the 60 s backoff.
     eventually("commands to work again without waiting for the backoff", async || {
         a.cmd(r#"{"execute":"query-status","id":3}"#).await["return"].is_object()
@@ -100,7 +100,7 @@ async fn starts_before_qemu_and_waiting_client_gets_the_greeting() {
     let mut c = Client::connect(&sock).await;
     c.expect_silence(Duration::from_millis(150)).await;
     // ...until QEMU appears.
-    let _qemu = Qemu::start(&up).await;
+    let _qemu = Qemu::start_watched(&up);
     let g = c.recv().await;
     assert!(g["QMP"]["version"]["qemu"]["major"].is_u64(), "{g}");
     c.send(r#"{"execute":"qmp_capabilities"}"#).await;
@@ -299,7 +299,7 @@ async fn quit_reaches_everyone_and_the_vm_comes_back() {
     );
     let e = b.event("SHUTDOWN").await;
     assert_eq!(e["data"]["reason"], "host-qmp-quit");
-    let _qemu2 = Qemu::start(&up).await;
+    let _qemu2 = Qemu::start_watched(&up);
     eventually("commands to work again", async || {
         b.cmd(r#"{"execute":"query-status"}"#).await["return"].is_object()
     })
@@ -316,7 +316,7 @@ async fn listen_socket_files() {
     std::fs::create_dir_all(stale.parent().unwrap()).unwrap();
     drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
     let daemon = Daemon::start(&[("vm", &up, &stale)]).await;
-    let _qemu = Qemu::start(&up).await;
+    let _qemu = Qemu::start_watched(&up);
     Client::ready(&stale).await;
 
     // A live one belongs to someone else: refuse.
