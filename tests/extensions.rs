@@ -42,7 +42,7 @@ async fn upstream_lost_and_restored_events_when_enabled() {
         lost["data"]["reason"].is_string() && lost["timestamp"]["seconds"].is_u64(),
         "{lost}"
     );
-    let _qemu2 = Qemu::start(&up).await;
+    let _qemu2 = Qemu::start_watched(&up);
     let restored = c.event("__org.qmpmux_UPSTREAM_RESTORED").await;
     assert_eq!(restored["data"], json!({"vm": "web01", "reconnect": true}));
     daemon.stop().await;

@@ -122,7 +122,7 @@ async fn soak_many_clients_through_qemu_restarts() {
             q.kill9();
         }
         tokio::time::sleep(Duration::from_millis(fastrand::u64(0..100))).await;
-        qemu = Some(Qemu::start(&up).await);
+        qemu = Some(Qemu::start_watched(&up));
         restarts += 1;
     }
     for w in workers {

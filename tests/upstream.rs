@@ -41,14 +41,14 @@ async fn qemu_killed_and_restarted_while_clients_stay_connected() {
     assert!(r.get("id").is_none() && r["error"]["class"] == "GenericError", "{r}");
 
     let restarted = Instant::now();
-    let _qemu2 = Qemu::start(&up).await;
+    let _qemu2 = Qemu::start_watched(&up);
     // The same connections work again, without reconnecting.
     eventually("commands to work again after QEMU restarted", async || {
         a.cmd(r#"{"execute":"query-status","id":2}"#).await["return"].is_object()
     })
     .await;
     println!(
-        "first successful command {:?} after QEMU was listening again",
+        "first successful command {:?} after QEMU was started again",
         restarted.elapsed()
     );
     assert_eq!(
@@ -82,7 +82,7 @@ async fn restarted_qemu_is_used_at_once_not_after_the_backoff() {
     })
     .await;
     // The killed QEMU's socket file is still there; the new QEMU replaces it.
-    let _qemu2 = Qemu::start(&up).await;
+    let _qemu2 = Qemu::start_watched(&up);
     // Within `eventually`'s 10 s, far less than the 60 s backoff.
     eventually("commands to work again without waiting for the backoff", async || {
         a.cmd(r#"{"execute":"query-status","id":3}"#).await["return"].is_object()
@@ -100,7 +100,7 @@ async fn starts_before_qemu_and_waiting_client_gets_the_greeting() {
     let mut c = Client::connect(&sock).await;
     c.expect_silence(Duration::from_millis(150)).await;
     // ...until QEMU appears.
-    let _qemu = Qemu::start(&up).await;
+    let _qemu = Qemu::start_watched(&up);
     let g = c.recv().await;
     assert!(g["QMP"]["version"]["qemu"]["major"].is_u64(), "{g}");
     c.send(r#"{"execute":"qmp_capabilities"}"#).await;
@@ -195,6 +195,64 @@ async fn id_less_error_from_upstream_means_lost_sync_and_reconnect() {
     daemon.stop().await;
 }
 
+/// Every message qmpmux sends upstream is one line ending in `\n` (QEMU does
+/// not need it; line-based QMP servers and proxies do): its negotiation;
+/// clients' commands, several in one write or one over several lines; a
+/// command with a passed fd, which arrives with the first byte of that
+/// command's line, not with the previous line's newline; and the `closefd`
+/// qmpmux sends when the fd's owner leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_message_goes_upstream_as_one_line() {
+    use std::os::unix::fs::MetadataExt;
+    let (dir, fake, daemon, sock) = common::fake::vm().await;
+    let mut conn = fake.accept().await;
+    conn.write(&format!("{}\r\n", common::fake::GREETING)).await;
+    let (req, fds) = conn.read_line().await.expect("negotiation request");
+    assert_eq!(req["execute"], "qmp_capabilities", "{req}");
+    assert!(fds.is_empty());
+    conn.reply(&req, json!({})).await;
+
+    let mut c = Client::ready(&sock).await;
+    c.send("{\"execute\":\"query-status\",\"id\":1}{\"execute\":\"query-name\",\n\"id\":2}\n{\"execute\":\n\"query-version\",\r\n\"arguments\": {\n},\"id\":3}")
+        .await;
+    for (id, execute) in [(1, "query-status"), (2, "query-name"), (3, "query-version")] {
+        let (req, fds) = conn.read_line().await.expect("a request");
+        assert_eq!(req["execute"], execute, "{req}");
+        assert!(fds.is_empty());
+        conn.reply(&req, json!({ "n": id })).await;
+        assert_eq!(c.reply().await, json!({"return": {"n": id}, "id": id}));
+    }
+
+    // A command, then one with an fd right behind it.
+    let passed = std::fs::File::create(dir.path().join("passed")).unwrap();
+    c.send(r#"{"execute":"query-name","id":4}"#).await;
+    c.send_with_fd(
+        r#"{"execute":"getfd","arguments":{"fdname":"f"},"id":5}"#,
+        std::os::fd::AsRawFd::as_raw_fd(&passed),
+    );
+    let (req, fds) = conn.read_line().await.expect("query-name");
+    assert_eq!(req["execute"], "query-name", "{req}");
+    assert!(fds.is_empty(), "the fd came with the line before its command");
+    conn.reply(&req, json!({})).await;
+    let (req, fds) = conn.read_line().await.expect("getfd");
+    assert_eq!(req["execute"], "getfd", "{req}");
+    assert_eq!(fds.len(), 1, "{req}");
+    let got = std::fs::File::from(fds.into_iter().next().unwrap()).metadata().unwrap();
+    assert_eq!(got.ino(), passed.metadata().unwrap().ino());
+    conn.reply(&req, json!({})).await;
+    assert_eq!(c.reply().await, json!({"return": {}, "id": 4}));
+    assert_eq!(c.reply().await, json!({"return": {}, "id": 5}));
+
+    // The fd's owner leaves: qmpmux closes the name it left behind.
+    drop(c);
+    let (req, fds) = conn.read_line().await.expect("closefd");
+    assert_eq!(req["execute"], "closefd", "{req}");
+    assert_eq!(req["arguments"], json!({"fdname": "f"}));
+    assert!(fds.is_empty());
+    conn.reply(&req, json!({})).await;
+    daemon.stop().await;
+}
+
 /// An upstream that never greets, or greets and then never answers the
 /// negotiation (QEMU 7.2 was seen, rarely, to leave the first commands on a
 /// fresh connection unanswered), is given up on after `greeting_timeout`
@@ -241,7 +299,7 @@ async fn quit_reaches_everyone_and_the_vm_comes_back() {
     );
     let e = b.event("SHUTDOWN").await;
     assert_eq!(e["data"]["reason"], "host-qmp-quit");
-    let _qemu2 = Qemu::start(&up).await;
+    let _qemu2 = Qemu::start_watched(&up);
     eventually("commands to work again", async || {
         b.cmd(r#"{"execute":"query-status"}"#).await["return"].is_object()
     })
@@ -258,7 +316,7 @@ async fn listen_socket_files() {
     std::fs::create_dir_all(stale.parent().unwrap()).unwrap();
     drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
     let daemon = Daemon::start(&[("vm", &up, &stale)]).await;
-    let _qemu = Qemu::start(&up).await;
+    let _qemu = Qemu::start_watched(&up);
     Client::ready(&stale).await;
 
     // A live one belongs to someone else: refuse.

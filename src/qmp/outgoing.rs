@@ -61,11 +61,13 @@ pub fn proxy_event(name: &str, data: &str) -> Bytes {
 }
 
 /// The upstream negotiation: `qmp_capabilities`, enabling OOB when QEMU
-/// offers it, with the id `id`.
+/// offers it, with the id `id`; one line, ending in `\n` like every message
+/// qmpmux sends upstream (QEMU does not need it; line-based QMP servers and
+/// proxies do).
 pub fn capabilities_request(oob: bool, id: &str) -> String {
     let enable = if oob { "[\"oob\"]" } else { "[]" };
     format!(
-        "{{\"execute\": \"qmp_capabilities\", \"arguments\": {{\"enable\": {enable}}}, \"id\": {}}}",
+        "{{\"execute\": \"qmp_capabilities\", \"arguments\": {{\"enable\": {enable}}}, \"id\": {}}}\n",
         json_str(id)
     )
 }
@@ -108,7 +110,7 @@ mod tests {
         );
         assert_eq!(
             capabilities_request(true, "n"),
-            r#"{"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}, "id": "n"}"#
+            "{\"execute\": \"qmp_capabilities\", \"arguments\": {\"enable\": [\"oob\"]}, \"id\": \"n\"}\n"
         );
         assert_eq!(
             &closefd_tail("x")[..],

@@ -260,11 +260,17 @@ fn fdname(arguments: Option<&RawValue>) -> Option<String> {
     serde_json::from_str::<Args>(arguments?.get()).ok().map(|a| a.fdname)
 }
 
-/// Everything after `{"id": N` of the upstream message.
+/// Everything after `{"id": N` of the upstream message, on one line (the
+/// message goes upstream as one line): a raw `\n` or `\r` in a parsed
+/// message can only be whitespace between tokens (inside a string it is a
+/// lexical error), so it becomes a space.
 fn forward_tail(m: &Members<'_>) -> Bytes {
     let size: usize = m.0.iter().map(|(k, v)| k.len() + v.get().len() + 8).sum();
     let mut out = String::with_capacity(size + 8);
     m.write_tail_without_id(&mut out);
+    if out.contains(['\n', '\r']) {
+        out = out.replace(['\n', '\r'], " ");
+    }
     Bytes::from(out)
 }
 
@@ -347,6 +353,15 @@ mod tests {
         assert_eq!(
             run(&mut s, no, r#"{"arguments":{"a":1},"execute":"x"}"#),
             r#"FORWARD {"id": N, "arguments": {"a":1}, "execute": "x"}"#
+        );
+        // A message over several lines goes upstream as one.
+        assert_eq!(
+            run(
+                &mut s,
+                no,
+                "{\"execute\":\"x\",\r\n \"arguments\": {\n  \"a\": [1,\n 2]\n}\n}"
+            ),
+            "FORWARD {\"id\": N, \"execute\": \"x\", \"arguments\": {   \"a\": [1,  2] }}"
         );
         // Not negotiated for OOB: exec-oob is an unknown member, as in QEMU.
         assert!(run(&mut s, no, r#"{"exec-oob":"x","id":3}"#).contains("QMP input member 'exec-oob' is unexpected"));

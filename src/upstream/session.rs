@@ -344,7 +344,11 @@ impl Session {
         }
     }
 
-    /// Moves requests the window has room for into the write buffer.
+    /// Moves requests the window has room for into the write buffer, each
+    /// as `{"id": N` + its tail + `\n`: one line per message (QEMU does not
+    /// need the newline; line-based QMP servers and proxies do). A passed
+    /// fd is recorded at its request's first byte, after the previous
+    /// request's newline.
     fn pump(&mut self, wbuf: &mut BytesMut, pending_fd: &mut Option<(OwnedFd, usize)>) {
         while let Some((n, tail, fd)) = self.router.next_with_fd() {
             if let Some(fd) = fd {
@@ -353,6 +357,7 @@ impl Session {
             wbuf.put_slice(b"{\"id\": ");
             let _ = write!(wbuf, "{n}");
             wbuf.put_slice(&tail);
+            wbuf.put_slice(b"\n");
         }
         self.metrics.in_flight.set(self.router.in_flight() as i64);
         self.metrics.queued.set(self.router.queued() as i64);

@@ -114,6 +114,14 @@ impl Qemu {
         Qemu::spawn(&[Monitor::Serve(socket)], None).listening().await
     }
 
+    /// QEMU on a socket a running qmpmux already watches, not waited for:
+    /// the readiness probe of [`Qemu::start`] would race qmpmux for QEMU's
+    /// one client at a time and, losing, wait [`STEP`] for a greeting that
+    /// comes only once qmpmux lets go. Tests wait on qmpmux's connection.
+    pub fn start_watched(socket: &Path) -> Qemu {
+        Qemu::spawn(&[Monitor::Serve(socket)], None)
+    }
+
     /// QEMU with a pretty-printing monitor (`-mon ...,pretty=on`).
     pub async fn start_pretty(socket: &Path) -> Qemu {
         Qemu::spawn(&[Monitor::ServePretty(socket)], None).listening().await
