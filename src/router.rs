@@ -193,13 +193,14 @@ impl Router {
     /// always have): its upstream number and the bytes after `{"id": N`.
     #[cfg(test)]
     pub fn next_to_send(&mut self) -> Option<(u64, Bytes)> {
-        self.next_with_fd().map(|(n, tail, _)| (n, tail))
+        self.next_with_fd(Instant::now()).map(|(n, tail, _)| (n, tail))
     }
 
-    /// [`Router::next_to_send`], with the fd to send along, if any.
-    pub fn next_with_fd(&mut self) -> Option<(u64, Bytes, Option<OwnedFd>)> {
+    /// [`Router::next_to_send`], with the fd to send along, if any; `now`
+    /// is when it leaves for QEMU.
+    pub fn next_with_fd(&mut self, now: Instant) -> Option<(u64, Bytes, Option<OwnedFd>)> {
         if let Some(q) = self.oob_queue.pop_front() {
-            return Some(self.send(q, true));
+            return Some(self.send(q, true, now));
         }
         if self.in_band >= self.window {
             return None;
@@ -224,12 +225,12 @@ impl Router {
             lane.in_flight += 1;
             lane.has_turn = false;
             Self::offer_turn(&mut self.turns, self.ahead, client, lane);
-            return Some(self.send(q, false));
+            return Some(self.send(q, false, now));
         }
         None
     }
 
-    fn send(&mut self, q: Queued, oob: bool) -> (u64, Bytes, Option<OwnedFd>) {
+    fn send(&mut self, q: Queued, oob: bool, now: Instant) -> (u64, Bytes, Option<OwnedFd>) {
         let n = self.next_n;
         self.next_n += 1;
         if !oob {
@@ -243,7 +244,7 @@ impl Router {
             Sent {
                 route: q.route,
                 since: q.since,
-                sent_at: Instant::now(),
+                sent_at: now,
                 oob,
                 expired: false,
             },
@@ -254,6 +255,7 @@ impl Router {
     /// The reply with upstream number `n` arrived: who gets it, and when
     /// the request was submitted. `None` for a reply nobody waits for any
     /// more (timed out, or unknown).
+    #[cfg(test)]
     pub fn complete(&mut self, n: u64) -> Option<(Route, Instant)> {
         self.complete_at(n, Instant::now())
     }
@@ -451,15 +453,15 @@ mod tests {
         rt.submit_fd(r(1, 0), Bytes::from("a"), fd(), now());
         rt.submit_fd(r(2, 0), Bytes::from("b"), fd(), now());
         rt.submit(r(3, 0), Bytes::from("c"), now());
-        let (n, _, f) = rt.next_with_fd().unwrap();
+        let (n, _, f) = rt.next_with_fd(now()).unwrap();
         assert!(f.is_some());
         // The second fd request waits for the first's reply; another
         // client's request without an fd does not.
-        let (_, t, f) = rt.next_with_fd().unwrap();
+        let (_, t, f) = rt.next_with_fd(now()).unwrap();
         assert_eq!((&t[..], f.is_none()), (&b"c"[..], true));
-        assert!(rt.next_with_fd().is_none());
+        assert!(rt.next_with_fd(now()).is_none());
         rt.complete(n);
-        let (_, t, f) = rt.next_with_fd().unwrap();
+        let (_, t, f) = rt.next_with_fd(now()).unwrap();
         assert_eq!((&t[..], f.is_some()), (&b"b"[..], true));
     }
 

@@ -38,6 +38,10 @@ impl FdNames {
     /// The outcome of `route` (`done`: QEMU did it, or may have). Returns
     /// a name that nobody owns any more, to close in QEMU.
     pub fn finished(&mut self, route: Route, done: bool) -> Option<String> {
+        // Every reply passes here; almost none is a getfd or closefd.
+        if self.pending.is_empty() {
+            return None;
+        }
         let op = self.pending.remove(&route)?;
         let departed = self.departed.contains(&route.client);
         if departed && !self.pending.keys().any(|r| r.client == route.client) {

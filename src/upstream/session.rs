@@ -350,7 +350,8 @@ impl Session {
     /// fd is recorded at its request's first byte, after the previous
     /// request's newline.
     fn pump(&mut self, wbuf: &mut BytesMut, pending_fd: &mut Option<(OwnedFd, usize)>) {
-        while let Some((n, tail, fd)) = self.router.next_with_fd() {
+        let now = std::time::Instant::now();
+        while let Some((n, tail, fd)) = self.router.next_with_fd(now) {
             if let Some(fd) = fd {
                 *pending_fd = Some((fd, wbuf.len()));
             }
@@ -407,21 +408,27 @@ impl Session {
                 self.metrics.events.inc();
                 self.broadcast(line.freeze());
             }
-            Ok(Incoming::Reply(reply)) => match self.router.complete(reply.n) {
-                Some((route, since)) => {
-                    self.metrics.observe_latency(since.elapsed().as_secs_f64());
-                    if reply.error {
-                        self.metrics.errors.inc();
+            Ok(Incoming::Reply(reply)) => {
+                // One clock reading for the latency and the router's estimate
+                // of what the request cost QEMU.
+                let now = std::time::Instant::now();
+                match self.router.complete_at(reply.n, now) {
+                    Some((route, since)) => {
+                        self.metrics
+                            .observe_latency(now.saturating_duration_since(since).as_secs_f64());
+                        if reply.error {
+                            self.metrics.errors.inc();
+                        }
+                        let msg = ToClient::Reply {
+                            seq: route.seq,
+                            reply: Box::new(reply.bytes),
+                            error: reply.error,
+                        };
+                        self.deliver(route.client, msg);
                     }
-                    let msg = ToClient::Reply {
-                        seq: route.seq,
-                        reply: Box::new(reply.bytes),
-                        error: reply.error,
-                    };
-                    self.deliver(route.client, msg);
+                    None => warn!(n = reply.n, "reply to no pending request; dropped"),
                 }
-                None => warn!(n = reply.n, "reply to no pending request; dropped"),
-            },
+            }
             Ok(Incoming::Stray(None)) => return Err(Exit::Desync(lossy(&bytes))),
             Ok(Incoming::Stray(Some(_))) => {
                 warn!(message = %lossy(&bytes), "reply with an id qmpmux did not send; dropped")
