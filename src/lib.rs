@@ -34,6 +34,7 @@
 pub mod config;
 mod downstream;
 pub mod error;
+pub mod events;
 pub mod listen;
 pub mod ops;
 pub mod policy;

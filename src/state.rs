@@ -35,6 +35,35 @@ pub struct Status {
     /// still connect and negotiate while QEMU restarts.
     pub greeting: Option<Arc<Greeting>>,
     pub last_error: Option<String>,
+    /// Who holds the VM's lease (`__org.qmpmux_lease`), if anyone.
+    pub lease: Option<LeaseHolder>,
+}
+
+/// The holder of a VM's lease, why, and until when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseHolder {
+    pub client: u64,
+    /// The holder as people know it: client number, pid or TLS subject.
+    pub who: String,
+    pub reason: String,
+    pub until: std::time::Instant,
+}
+
+impl LeaseHolder {
+    /// The refusal another client's command gets, naming the VM, the
+    /// holder, the reason and the time left.
+    pub fn refusal(&self, vm: &str, now: std::time::Instant) -> String {
+        let left = self.until.saturating_duration_since(now).as_secs_f64().ceil();
+        let reason = if self.reason.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", self.reason)
+        };
+        format!(
+            "qmpmux: VM '{vm}' is leased by {}{reason} for {left:.0} more seconds; only queries may run until it is released",
+            self.who
+        )
+    }
 }
 
 /// Why qmpmux, not QEMU, answers a forwarded command.

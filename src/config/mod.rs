@@ -5,10 +5,11 @@ mod raw;
 
 use raw::RawConfig;
 
-use crate::policy::Policy;
+use crate::policy::{Glob, Policy};
 use crate::subject::SubjectPattern;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Longest path a unix socket address can hold (`sun_path` less the NUL).
@@ -127,6 +128,11 @@ pub struct UpstreamOptions {
     /// events. Off by default: stock clients need not know these names.
     pub proxy_events: bool,
     pub backoff: BackoffOptions,
+    /// Events kept per VM for consumers that resume (`__org.qmpmux_subscribe`
+    /// with `since`); 0 keeps none (events are still numbered).
+    pub event_history: usize,
+    /// Bytes of events kept per VM, at most (the newest event is always kept).
+    pub event_history_bytes: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -165,6 +171,9 @@ pub struct ClientOptions {
     pub max_reply_bytes: usize,
     /// Clients one VM serves at once; more are refused.
     pub max_clients: usize,
+    /// Commands other clients may still run while one client holds the
+    /// VM's lease, besides `query-*` (patterns as for `allow`).
+    pub lease_exempt: Vec<Glob>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -192,6 +201,9 @@ pub struct ListenerConfig {
     /// listeners may have together ([`VmConfig::listener_share`]; no limit
     /// of its own for the main socket).
     pub max_clients: Option<usize>,
+    /// The events its clients receive (patterns as for `allow`); `None`:
+    /// every event.
+    pub events: Option<Arc<[Glob]>>,
 }
 
 /// Where a listener listens, and who may connect there.
@@ -308,6 +320,7 @@ impl ListenerConfig {
             endpoint,
             policy: Policy::default(),
             max_clients: None,
+            events: None,
         }
     }
 
@@ -366,6 +379,8 @@ impl Default for UpstreamOptions {
                 multiplier: 2.0,
                 jitter: 0.1,
             },
+            event_history: 1000,
+            event_history_bytes: 1 << 20,
         }
     }
 }
@@ -382,6 +397,7 @@ impl Default for ClientOptions {
             max_queue_bytes: 16 << 20,
             max_reply_bytes: 64 << 20,
             max_clients: 4096,
+            lease_exempt: Vec::new(),
         }
     }
 }

@@ -41,6 +41,8 @@ struct RawUpstream {
     backoff_max_ms: Option<u64>,
     backoff_multiplier: Option<f64>,
     backoff_jitter: Option<f64>,
+    event_history: Option<usize>,
+    event_history_bytes: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -55,6 +57,8 @@ struct RawClient {
     max_queue_bytes: Option<usize>,
     max_reply_bytes: Option<usize>,
     max_clients: Option<usize>,
+    #[serde(default)]
+    lease_exempt: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -71,6 +75,8 @@ struct RawVm {
     #[serde(default)]
     gids: Vec<u32>,
     listen_reserved_clients: Option<usize>,
+    /// The events the main socket's clients receive; all when absent.
+    events: Option<Vec<String>>,
     #[serde(default, rename = "listener")]
     listeners: Vec<RawListener>,
 }
@@ -99,9 +105,19 @@ struct RawListener {
     #[serde(default)]
     gids: Vec<u32>,
     max_clients: Option<usize>,
+    events: Option<Vec<String>>,
 }
 
 pub(super) type Invalid = (String, String);
+
+/// An `events` list: non-empty patterns.
+fn event_patterns(list: Option<Vec<String>>, field: String) -> Result<Option<Arc<[Glob]>>, Invalid> {
+    let Some(list) = list else { return Ok(None) };
+    if list.iter().any(|p| p.is_empty()) {
+        return Err(invalid(field, "patterns must not be empty"));
+    }
+    Ok(Some(list.into_iter().map(Glob::new).collect()))
+}
 
 fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Invalid {
     (field.into(), reason.into())
@@ -340,7 +356,7 @@ impl RawVm {
             .enumerate()
             .map(|(j, l)| l.validate(i, j, &vm.upstream, share, taken))
             .collect::<Result<Vec<_>, _>>()?;
-        let main = ListenerConfig::new(
+        let mut main = ListenerConfig::new(
             "main",
             Endpoint::Unix {
                 path: listen,
@@ -348,6 +364,7 @@ impl RawVm {
                 gids: vm.gids,
             },
         );
+        main.events = event_patterns(vm.events, at("events"))?;
         Ok(VmConfig {
             name: vm.name,
             upstream: vm.upstream,
@@ -455,6 +472,7 @@ impl RawListener {
                 deny: l.deny.into_iter().map(Glob::new).collect(),
             },
             max_clients: l.max_clients,
+            events: event_patterns(l.events, at("events"))?,
         })
     }
 }
@@ -508,6 +526,11 @@ impl RawUpstream {
                 multiplier,
                 jitter,
             },
+            event_history: self.event_history.unwrap_or(d.event_history),
+            event_history_bytes: match self.event_history_bytes {
+                Some(0) => return Err(invalid("upstream.event_history_bytes", "must be greater than 0")),
+                v => v.unwrap_or(d.event_history_bytes),
+            },
         })
     }
 }
@@ -536,6 +559,12 @@ impl RawClient {
             max_queue_bytes: positive(self.max_queue_bytes, d.max_queue_bytes, "client.max_queue_bytes")?,
             max_reply_bytes: positive(self.max_reply_bytes, d.max_reply_bytes, "client.max_reply_bytes")?,
             max_clients: positive(self.max_clients, d.max_clients, "client.max_clients")?,
+            lease_exempt: {
+                if self.lease_exempt.iter().any(|p| p.is_empty()) {
+                    return Err(invalid("client.lease_exempt", "patterns must not be empty"));
+                }
+                self.lease_exempt.into_iter().map(Glob::new).collect()
+            },
         })
     }
 }

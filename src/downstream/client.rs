@@ -10,15 +10,16 @@
 use super::fds::ClientReader;
 use crate::config::{ClientOptions, ListenerConfig};
 use crate::ops::metrics::Disconnect;
+use crate::qmp::extensions::{self, Extension};
 use crate::qmp::framing::{Frame, JsonFramer, Limits};
 use crate::qmp::incoming::Greeting;
 use crate::qmp::json::qemu_style;
-use crate::qmp::outgoing::{error_line, return_line, EXTENSION_PREFIX};
+use crate::qmp::outgoing::{error_line, return_line, return_raw_line};
 use crate::qmp::request::{decide, Caps, Decision, Session};
 use crate::runtime::quiet::Quiet;
 use crate::upstream::fdnames::FdNameOp;
 use crate::upstream::mailbox::{mailbox, MailboxReceiver};
-use crate::upstream::{FailKind, Request, SessionHandle, ToClient};
+use crate::upstream::{Answer, FailKind, Request, SessionHandle, ToClient};
 use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt, StreamExt};
 use serde_json::value::RawValue;
@@ -94,6 +95,15 @@ impl Peer {
         match self {
             Peer::Unix { pid, uid, gid } => (Some(*pid), Some(*uid), Some(*gid)),
             Peer::Tcp { .. } => (None, None, None),
+        }
+    }
+
+    /// Client `id` as people know it: with its pid and uid, or its TLS
+    /// subject and address.
+    fn describe(&self, id: u64) -> String {
+        match self {
+            Peer::Unix { pid, uid, .. } => format!("client {id} (pid {pid}, uid {uid})"),
+            Peer::Tcp { remote } => format!("client {id} ({remote})"),
         }
     }
 
@@ -202,7 +212,12 @@ where
     let (mailbox_tx, mut mailbox) = mailbox(ctx.opts.max_queue_bytes);
     // The session must know this client before the client can negotiate:
     // every event after that reaches it.
-    if ctx.session.attach(id, mailbox_tx).await.is_err() {
+    if ctx
+        .session
+        .attach(id, mailbox_tx, ctx.listener.events.clone())
+        .await
+        .is_err()
+    {
         return End::Shutdown;
     }
     let mut client = Client {
@@ -396,10 +411,7 @@ impl Client {
                 self.audit(&fwd.command, Outcome::Error, Instant::now());
                 self.slots.push_back(Slot::Ready(line));
             }
-            Decision::Forward(fwd) if fwd.command.strip_prefix(EXTENSION_PREFIX) == Some("query-proxy") => {
-                let line = self.query_proxy(fwd.id.as_deref());
-                self.slots.push_back(Slot::Ready(line));
-            }
+            Decision::Forward(fwd) if extensions::is_extension(&fwd.command) => self.extension(fwd).await,
             Decision::Forward(fwd) => {
                 let seq = self.next_seq;
                 self.next_seq += 1;
@@ -411,7 +423,10 @@ impl Client {
                     "getfd" => FdNameOp::Get(n),
                     _ => FdNameOp::Close(n),
                 });
-                // Queries change nothing: the audit log is for the rest.
+                // Queries change nothing: the audit log is for the rest, and
+                // they run even while another client holds the lease.
+                let exempt = fwd.command.starts_with("query-")
+                    || self.ctx.opts.lease_exempt.iter().any(|g| g.matches(&fwd.command));
                 let audit = (!fwd.command.starts_with("query-")).then(|| (fwd.command, Instant::now()));
                 let bytes = fwd.tail.len();
                 self.pending_bytes += bytes;
@@ -428,6 +443,7 @@ impl Client {
                     oob: fwd.oob,
                     fd,
                     fdname,
+                    exempt,
                 };
                 if self.ctx.session.execute(self.id, request).await.is_err() {
                     let vm = self.ctx.vm.clone();
@@ -470,6 +486,29 @@ impl Client {
                     self.outbuf.extend_from_slice(&line);
                 }
             }
+            ToClient::Answer { seq, answer } => {
+                let outcome = match *answer {
+                    Answer::Return(_) => Outcome::Ok,
+                    Answer::Error { .. } => Outcome::Error,
+                    Answer::Leased(_) => Outcome::Leased,
+                };
+                self.fill(seq, outcome, |id| {
+                    let id = id.map(qemu_style);
+                    match *answer {
+                        Answer::Return(raw) => return_raw_line(id.as_deref(), &raw),
+                        Answer::Error { class, desc } => error_line(id.as_deref(), class, &desc),
+                        Answer::Leased(desc) => error_line(id.as_deref(), "GenericError", &desc),
+                    }
+                })
+            }
+            // A resume: these come before any later event (the session
+            // sent them at one point of the event stream). Written whole:
+            // their size is bounded by the VM's `event_history_bytes`.
+            ToClient::Replay(lines) => {
+                for line in lines.iter() {
+                    self.outbuf.extend_from_slice(line);
+                }
+            }
         }
         self.flush_ready();
     }
@@ -503,10 +542,60 @@ impl Client {
         }
     }
 
+    /// One of qmpmux's own commands: `query-proxy` answered here, the
+    /// rest by the session (which owns events and the lease), in this
+    /// client's order of replies like any command.
+    async fn extension(&mut self, fwd: crate::qmp::request::Forward) {
+        let id = fwd.id.as_deref().map(qemu_style);
+        let ext = match extensions::parse(&fwd.command, fwd.ext_arguments.as_deref()) {
+            Ok(Extension::QueryProxy) => {
+                let line = self.query_proxy(fwd.id.as_deref());
+                self.slots.push_back(Slot::Ready(line));
+                return;
+            }
+            Ok(ext) => ext,
+            Err(refusal) => {
+                let line = error_line(id.as_deref(), refusal.class, &refusal.desc);
+                self.slots.push_back(Slot::Ready(line));
+                return;
+            }
+        };
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let audit = matches!(ext, Extension::Lease { .. } | Extension::Release).then(|| (fwd.command, Instant::now()));
+        self.slots.push_back(Slot::Waiting {
+            seq,
+            id: fwd.id,
+            audit,
+            oob: false,
+            bytes: 0,
+        });
+        let ext = crate::upstream::Extension {
+            ext,
+            who: self.peer.describe(self.id),
+        };
+        if self.ctx.session.extension(self.id, seq, ext).await.is_err() {
+            let vm = self.ctx.vm.clone();
+            self.fill(seq, Outcome::QmpmuxError, |id| failure_line(&vm, id, FailKind::NotSent));
+        }
+    }
+
     /// `__org.qmpmux_query-proxy`: qmpmux's view of this VM and this
     /// client, answered without QEMU.
     fn query_proxy(&self, id: Option<&RawValue>) -> Bytes {
-        let runstate = self.ctx.session.status().runstate;
+        let (runstate, lease) = {
+            let status = self.ctx.session.status();
+            (status.runstate, status.lease.clone())
+        };
+        let now = Instant::now();
+        let lease = lease.map(|h| {
+            serde_json::json!({
+                "client": h.client,
+                "holder": h.who,
+                "reason": h.reason,
+                "seconds-left": h.until.saturating_duration_since(now).as_secs_f64().ceil() as u64,
+            })
+        });
         let m = &self.ctx.metrics;
         let ret = serde_json::json!({
             "vm": &*self.ctx.vm,
@@ -518,6 +607,7 @@ impl Client {
             "listener": self.ctx.listener.name,
             "policy": self.ctx.listener.policy.describe(),
             "client": self.id,
+            "lease": lease,
         });
         return_line(id, &ret)
     }
@@ -582,6 +672,8 @@ enum Outcome {
     /// qmpmux answered instead of QEMU (see `FailKind`).
     QmpmuxError,
     ReplyTooLarge,
+    /// Refused: another client holds the VM's lease.
+    Leased,
     /// The reply never reached the client (the connection ended, or
     /// qmpmux stopped, first).
     NoReply,
@@ -595,6 +687,7 @@ impl Outcome {
             Outcome::Denied => "denied by policy",
             Outcome::QmpmuxError => "qmpmux error",
             Outcome::ReplyTooLarge => "reply too large",
+            Outcome::Leased => "refused: VM leased by another client",
             Outcome::NoReply => "no reply: connection ended first",
         }
     }

@@ -1,5 +1,6 @@
 //! The QMP wire protocol: framing, QEMU-style JSON, requests and replies.
 
+pub mod extensions;
 pub mod framing;
 pub mod incoming;
 pub mod json;

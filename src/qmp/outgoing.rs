@@ -47,6 +47,29 @@ pub fn return_line(id: Option<&RawValue>, value: &serde_json::Value) -> Bytes {
     Bytes::from(line)
 }
 
+/// `{"return": RAW}` with the id in QEMU's serialisation; `raw` is JSON
+/// text already in QEMU's layout.
+pub fn return_raw_line(id: Option<&str>, raw: &str) -> Bytes {
+    let line = match id {
+        Some(id) => format!("{{\"return\": {raw}, \"id\": {id}}}\r\n"),
+        None => format!("{{\"return\": {raw}}}\r\n"),
+    };
+    Bytes::from(line)
+}
+
+/// The member qmpmux adds to events for clients that asked for numbers.
+pub const SEQ_MEMBER: &str = "__org.qmpmux_seq";
+
+/// An event line (one JSON object, then `\r\n`) with its sequence number
+/// added as the last member: `{..., "__org.qmpmux_seq": N}`.
+pub fn numbered(line: &[u8], seq: u64) -> Bytes {
+    let end = line.iter().rposition(|&b| b == b'}').unwrap_or(line.len());
+    let mut out = Vec::with_capacity(line.len() + 40);
+    out.extend_from_slice(&line[..end]);
+    let _ = std::io::Write::write_fmt(&mut out, format_args!(", \"{SEQ_MEMBER}\": {seq}}}\r\n"));
+    Bytes::from(out)
+}
+
 /// An event of qmpmux's own (`__org.qmpmux_NAME`), in QEMU's event format;
 /// `data` is a JSON object.
 pub fn proxy_event(name: &str, data: &str) -> Bytes {
@@ -95,6 +118,22 @@ pub fn lossy(b: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numbered_events_gain_one_last_member() {
+        let line = b"{\"timestamp\": {\"seconds\": 1, \"microseconds\": 2}, \"event\": \"STOP\"}\r\n";
+        let n = numbered(line, 42);
+        assert_eq!(
+            &n[..],
+            &b"{\"timestamp\": {\"seconds\": 1, \"microseconds\": 2}, \"event\": \"STOP\", \"__org.qmpmux_seq\": 42}\r\n"[..]
+        );
+        let v: serde_json::Value = serde_json::from_slice(&n).unwrap();
+        assert_eq!(v[SEQ_MEMBER], 42);
+        assert_eq!(
+            &return_raw_line(Some("\"a\""), "{\"next\": 3}")[..],
+            &b"{\"return\": {\"next\": 3}, \"id\": \"a\"}\r\n"[..]
+        );
+    }
 
     #[test]
     fn lines_are_in_qemu_s_layout() {

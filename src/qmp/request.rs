@@ -54,6 +54,10 @@ pub struct Forward {
     /// QEMU will take a passed fd for it ([`consumes_fd`]): send the
     /// client's waiting fd along.
     pub takes_fd: bool,
+    /// The arguments of one of qmpmux's own commands
+    /// ([`super::extensions::is_extension`]), which qmpmux reads; `None`
+    /// for QEMU's commands, whose arguments travel in `tail` unread.
+    pub ext_arguments: Option<Box<RawValue>>,
 }
 
 struct Reject {
@@ -212,7 +216,12 @@ pub fn decide(
         _ => None,
     };
     let takes_fd = !oob && consumes_fd(&command, members.get("arguments"));
+    let ext_arguments = match super::extensions::is_extension(&command) {
+        true => members.get("arguments").map(|a| a.to_owned()),
+        false => None,
+    };
     Decision::Forward(Forward {
+        ext_arguments,
         tail: forward_tail(&members),
         id: id.map(|v| v.to_owned()),
         command,

@@ -8,7 +8,7 @@
 //! channel allocates a 32-message block up front (1.8 KiB per client with
 //! its header), while this queue allocates nothing until a message comes.
 
-use super::ToClient;
+use super::{Answer, ToClient};
 use futures_util::task::AtomicWaker;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -88,6 +88,11 @@ fn cost(msg: &ToClient) -> usize {
             ToClient::Reply { reply, .. } => reply.len(),
             ToClient::Event(line) => line.len(),
             ToClient::Failed { .. } => 0,
+            ToClient::Answer { answer, .. } => match &**answer {
+                Answer::Return(text) | Answer::Leased(text) => text.len(),
+                Answer::Error { desc, .. } => desc.len(),
+            },
+            ToClient::Replay(lines) => lines.iter().map(|l| l.len() + PER_MESSAGE).sum(),
         }
 }
 
@@ -95,7 +100,8 @@ impl MailboxSender {
     pub fn send(&self, msg: ToClient) -> Result<(), SendError> {
         let c = cost(&msg);
         // Failures are small and must always get through: they are replies.
-        let must = matches!(msg, ToClient::Failed { .. });
+        let must = matches!(msg, ToClient::Failed { .. })
+            || matches!(&msg, ToClient::Answer { answer, .. } if !matches!(**answer, Answer::Return(_)));
         {
             let mut state = self.shared.lock();
             if state.receiver_gone {

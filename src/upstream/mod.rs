@@ -7,6 +7,8 @@
 pub mod backoff;
 mod connect;
 pub mod fdnames;
+mod hub;
+pub mod lease;
 pub mod mailbox;
 mod session;
 pub mod socketwatch;
@@ -26,6 +28,8 @@ enum ToSession {
     Attach {
         client: u64,
         mailbox: mailbox::MailboxSender,
+        /// The events the client's socket lets through (`None`: all).
+        events: Option<std::sync::Arc<[crate::policy::Glob]>>,
         attached: tokio::sync::oneshot::Sender<()>,
     },
     Detach {
@@ -36,6 +40,34 @@ enum ToSession {
         client: u64,
         request: Request,
     },
+    /// One of qmpmux's own commands that the session answers (events,
+    /// lease); the answer comes back as [`ToClient::Answer`] with `seq`.
+    Extension {
+        client: u64,
+        seq: u64,
+        ext: Box<Extension>,
+    },
+}
+
+/// A command of qmpmux's own, for the session, and who asks.
+#[derive(Debug)]
+pub struct Extension {
+    pub ext: crate::qmp::extensions::Extension,
+    /// The client as people know it (for the lease holder).
+    pub who: String,
+}
+
+/// The session's answer to a command it answers itself.
+#[derive(Debug)]
+pub enum Answer {
+    /// `{"return": RAW}`: RAW is JSON text in QEMU's layout.
+    Return(String),
+    Error {
+        class: &'static str,
+        desc: String,
+    },
+    /// Refused: another client holds the VM's lease.
+    Leased(String),
 }
 
 /// From the session to one client, in upstream order.
@@ -54,6 +86,14 @@ pub enum ToClient {
     },
     /// One event line, shared by all clients.
     Event(Bytes),
+    /// The session's own answer to request `seq`.
+    Answer {
+        seq: u64,
+        answer: Box<Answer>,
+    },
+    /// Kept events a resuming client asked for, numbered, oldest first:
+    /// written as they are, before anything later in the mailbox.
+    Replay(Box<[Bytes]>),
 }
 
 /// A cloneable handle on one VM's session: the session's protocol with its
@@ -82,16 +122,25 @@ pub struct Request {
     pub fd: Option<std::os::fd::OwnedFd>,
     /// `getfd`/`closefd`: the session tracks who owns each name.
     pub fdname: Option<fdnames::FdNameOp>,
+    /// Runs even while another client holds the VM's lease (`query-*`
+    /// and `lease_exempt` commands).
+    pub exempt: bool,
 }
 
 impl SessionHandle {
     /// Registers client `client`, whose messages go to `mailbox`; returns
     /// once the session knows it, so that every event after this reaches it.
-    pub async fn attach(&self, client: u64, mailbox: mailbox::MailboxSender) -> Result<(), SessionGone> {
+    pub async fn attach(
+        &self,
+        client: u64,
+        mailbox: mailbox::MailboxSender,
+        events: Option<std::sync::Arc<[crate::policy::Glob]>>,
+    ) -> Result<(), SessionGone> {
         let (attached, ack) = tokio::sync::oneshot::channel();
         let msg = ToSession::Attach {
             client,
             mailbox,
+            events,
             attached,
         };
         self.tx.send(msg).await.map_err(|_| SessionGone)?;
@@ -102,6 +151,16 @@ impl SessionHandle {
     pub async fn execute(&self, client: u64, request: Request) -> Result<(), SessionGone> {
         self.tx
             .send(ToSession::Execute { client, request })
+            .await
+            .map_err(|_| SessionGone)
+    }
+
+    /// One of qmpmux's commands the session answers (as
+    /// [`ToClient::Answer`] with `seq`).
+    pub async fn extension(&self, client: u64, seq: u64, ext: Extension) -> Result<(), SessionGone> {
+        let ext = Box::new(ext);
+        self.tx
+            .send(ToSession::Extension { client, seq, ext })
             .await
             .map_err(|_| SessionGone)
     }

@@ -3,20 +3,19 @@
 
 use super::backoff::Backoff;
 use super::connect::{accept, connect, Connection};
-use super::fdnames::FdNames;
-use super::mailbox::{MailboxSender, SendError};
+use super::hub::Hub;
 use super::socketwatch::{self, SocketWatch};
 use super::{FailKind, Request, Runstate, SessionHandle, Status, ToClient, ToSession};
 use crate::config::{UpstreamOptions, VmConfig};
+use crate::events::History;
 use crate::ops::metrics::VmMetrics;
 use crate::qmp::framing::Frame;
 use crate::qmp::incoming::{classify, Incoming};
-use crate::qmp::outgoing::{closefd_tail, json_str, lossy, proxy_event};
+use crate::qmp::outgoing::{json_str, lossy};
 use crate::router::{Route, Router};
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, BytesMut};
 use futures_util::FutureExt;
 use futures_util::StreamExt;
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::os::fd::OwnedFd;
 use std::panic::AssertUnwindSafe;
@@ -56,11 +55,9 @@ struct Session {
     vm: VmConfig,
     opts: UpstreamOptions,
     rx: mpsc::Receiver<ToSession>,
-    clients: HashMap<u64, MailboxSender>,
-    router: Router,
-    /// Who owns each `getfd` name in QEMU's monitor.
-    fd_names: FdNames,
-    status: watch::Sender<Status>,
+    /// Clients, turns, fd names, events and the lease: all that outlives
+    /// one connection to QEMU.
+    hub: Hub,
     backoff: Backoff,
     shutdown: CancellationToken,
     /// Consecutive failed connection attempts (quietens logs while QEMU is down).
@@ -90,17 +87,17 @@ pub fn spawn(
         runstate: Runstate::Idle,
         greeting: None,
         last_error: None,
+        lease: None,
     });
     let span = tracing::info_span!("vm", vm = %vm.name);
+    let history = History::new(History::first_number(), opts.event_history, opts.event_history_bytes);
+    let router = Router::new(UPSTREAM_WINDOW, ahead);
     let session = Session {
         backoff: Backoff::new(opts.backoff),
+        hub: Hub::new(&vm.name, router, history, status, metrics.clone()),
         vm,
         opts,
         rx,
-        clients: HashMap::new(),
-        router: Router::new(UPSTREAM_WINDOW, ahead),
-        fd_names: FdNames::default(),
-        status,
         shutdown,
         failures: 0,
         quick_retries: 0,
@@ -127,7 +124,7 @@ impl Session {
             };
             let result = tokio::select! {
                 r = attempt => r,
-                () = serve_down(&mut self.rx, &mut self.clients, &mut self.router, &mut self.fd_names, Runstate::Connecting) => return,
+                () = serve_down(&mut self.rx, &mut self.hub, Runstate::Connecting) => return,
                 () = self.shutdown.cancelled() => return,
             };
             match result {
@@ -144,7 +141,7 @@ impl Session {
                         Ok(_) => {}
                         Err(_) => {
                             error!("upstream session failed (a bug in qmpmux); reconnecting");
-                            self.fail_outstanding();
+                            self.hub.fail_outstanding(FailKind::Lost, FailKind::NotSent);
                         }
                     }
                 }
@@ -156,7 +153,7 @@ impl Session {
                     } else {
                         debug!(error = %text, attempt = self.failures, "still cannot reach QEMU monitor");
                     }
-                    self.status.send_modify(|s| s.last_error = Some(text));
+                    self.hub.status.send_modify(|s| s.last_error = Some(text));
                 }
             }
             self.set_state(Runstate::Idle);
@@ -180,7 +177,7 @@ impl Session {
                     debug!("QEMU's socket appeared; connecting now");
                     self.quick_retries = QUICK_RETRIES;
                 }
-                () = serve_down(&mut self.rx, &mut self.clients, &mut self.router, &mut self.fd_names, Runstate::Idle) => return,
+                () = serve_down(&mut self.rx, &mut self.hub, Runstate::Idle) => return,
                 () = self.shutdown.cancelled() => return,
             }
         }
@@ -212,7 +209,7 @@ impl Session {
     }
 
     fn set_state(&self, to: Runstate) {
-        let from = self.status.borrow().runstate;
+        let from = self.hub.status.borrow().runstate;
         if from == to {
             return;
         }
@@ -223,7 +220,7 @@ impl Session {
         } else {
             info!(%from, %to, "runstate");
         }
-        self.status.send_modify(|s| s.runstate = to);
+        self.hub.status.send_modify(|s| s.runstate = to);
         self.metrics.set_runstate(to);
     }
 
@@ -264,6 +261,10 @@ impl Session {
                 },
                 r = write_some(&writer, &mut wbuf, &mut pending_fd), if !wbuf.is_empty() => r.err().map(Exit::Io),
                 msg = self.rx.recv() => self.on_inbox(msg),
+                () = self.hub.lease_timeout(), if self.hub.lease_held() => {
+                    self.hub.expire_lease();
+                    None
+                }
                 _ = tick.tick(), if timeout.is_some() => {
                     self.expire(timeout.unwrap_or_default());
                     None
@@ -299,7 +300,7 @@ impl Session {
     fn connected(&mut self, greeting: crate::qmp::incoming::Greeting) {
         info!(version = %greeting.version, oob = greeting.oob, "connected to QEMU monitor");
         self.metrics.connections.inc();
-        self.status.send_modify(|s| {
+        self.hub.status.send_modify(|s| {
             s.greeting = Some(Arc::new(greeting));
             s.last_error = None;
         });
@@ -307,7 +308,7 @@ impl Session {
         if self.opts.proxy_events {
             let reconnect = self.metrics.connections.get() > 1;
             let data = format!("{{\"vm\": {}, \"reconnect\": {reconnect}}}", json_str(&self.vm.name));
-            self.broadcast(proxy_event("UPSTREAM_RESTORED", &data));
+            self.hub.proxy_event("UPSTREAM_RESTORED", &data);
         }
     }
 
@@ -334,13 +335,14 @@ impl Session {
                 json_str(&self.vm.name),
                 json_str(reason)
             );
-            self.broadcast(proxy_event("UPSTREAM_LOST", &data));
+            self.hub.proxy_event("UPSTREAM_LOST", &data);
         }
-        self.status.send_modify(|s| s.last_error = error);
+        self.hub.status.send_modify(|s| s.last_error = error);
         if matches!(exit, Exit::Shutdown) {
-            self.fail_outstanding_with(FailKind::Stopping { sent: true }, FailKind::Stopping { sent: false });
+            self.hub
+                .fail_outstanding(FailKind::Stopping { sent: true }, FailKind::Stopping { sent: false });
         } else {
-            self.fail_outstanding();
+            self.hub.fail_outstanding(FailKind::Lost, FailKind::NotSent);
         }
     }
 
@@ -351,7 +353,7 @@ impl Session {
     /// request's newline.
     fn pump(&mut self, wbuf: &mut BytesMut, pending_fd: &mut Option<(OwnedFd, usize)>) {
         let now = std::time::Instant::now();
-        while let Some((n, tail, fd)) = self.router.next_with_fd(now) {
+        while let Some((n, tail, fd)) = self.hub.router.next_with_fd(now) {
             if let Some(fd) = fd {
                 *pending_fd = Some((fd, wbuf.len()));
             }
@@ -360,38 +362,40 @@ impl Session {
             wbuf.put_slice(&tail);
             wbuf.put_slice(b"\n");
         }
-        self.metrics.in_flight.set(self.router.in_flight() as i64);
-        self.metrics.queued.set(self.router.queued() as i64);
+        self.metrics.in_flight.set(self.hub.router.in_flight() as i64);
+        self.metrics.queued.set(self.hub.router.queued() as i64);
     }
 
     fn on_client(&mut self, msg: ToSession) {
-        let Some(msg) = membership(&mut self.clients, &mut self.router, &mut self.fd_names, msg) else {
+        let Some(msg) = self.hub.membership(msg) else {
             return;
         };
-        match msg {
-            ToSession::Attach { .. } | ToSession::Detach { .. } => {}
-            ToSession::Execute {
-                client,
-                request:
-                    Request {
-                        seq,
-                        tail,
-                        oob,
-                        fd,
-                        fdname,
-                    },
-            } => {
-                self.metrics.commands.inc();
-                let (route, now) = (Route { client, seq }, std::time::Instant::now());
-                if let Some(op) = fdname {
-                    self.fd_names.submitted(route, op);
-                }
-                if oob {
-                    self.router.submit_oob(route, tail, now)
-                } else {
-                    self.router.submit_fd(route, tail, fd, now)
-                }
-            }
+        let ToSession::Execute { client, request } = msg else {
+            return;
+        };
+        let now = std::time::Instant::now();
+        if let Err(answer) = self.hub.admit(client, &request, now) {
+            let (seq, answer) = (request.seq, Box::new(answer));
+            self.hub.deliver(client, ToClient::Answer { seq, answer });
+            return;
+        }
+        let Request {
+            seq,
+            tail,
+            oob,
+            fd,
+            fdname,
+            exempt: _,
+        } = request;
+        self.metrics.commands.inc();
+        let route = Route { client, seq };
+        if let Some(op) = fdname {
+            self.hub.fd_names.submitted(route, op);
+        }
+        if oob {
+            self.hub.router.submit_oob(route, tail, now)
+        } else {
+            self.hub.router.submit_fd(route, tail, fd, now)
         }
     }
 
@@ -401,18 +405,18 @@ impl Session {
             Frame::Error(e) | Frame::Limit(e) => return Err(Exit::Desync(e)),
         };
         match classify(&bytes) {
-            Ok(Incoming::Event) => {
+            Ok(Incoming::Event(name)) => {
                 let mut line = BytesMut::with_capacity(bytes.len() + 2);
                 line.put_slice(&bytes);
                 line.put_slice(b"\r\n");
                 self.metrics.events.inc();
-                self.broadcast(line.freeze());
+                self.hub.event(&name, line.freeze());
             }
             Ok(Incoming::Reply(reply)) => {
                 // One clock reading for the latency and the router's estimate
                 // of what the request cost QEMU.
                 let now = std::time::Instant::now();
-                match self.router.complete_at(reply.n, now) {
+                match self.hub.router.complete_at(reply.n, now) {
                     Some((route, since)) => {
                         self.metrics
                             .observe_latency(now.saturating_duration_since(since).as_secs_f64());
@@ -424,7 +428,7 @@ impl Session {
                             reply: Box::new(reply.bytes),
                             error: reply.error,
                         };
-                        self.deliver(route.client, msg);
+                        self.hub.deliver(route.client, msg);
                     }
                     None => warn!(n = reply.n, "reply to no pending request; dropped"),
                 }
@@ -439,58 +443,9 @@ impl Session {
         Ok(())
     }
 
-    fn broadcast(&mut self, line: Bytes) {
-        let mut gone = Vec::new();
-        for (&client, mailbox) in &self.clients {
-            if let Err(e) = mailbox.send(ToClient::Event(line.clone())) {
-                gone.push((client, e == SendError::Full));
-            }
-        }
-        for (client, full) in gone {
-            self.drop_client(client, full);
-        }
-    }
-
-    fn deliver(&mut self, client: u64, msg: ToClient) {
-        if matches!(msg, ToClient::Failed { .. }) {
-            self.metrics.errors.inc();
-        }
-        // Every outcome of a forwarded request passes here, also for a
-        // client that has left.
-        let outcome = match &msg {
-            ToClient::Reply { seq, error, .. } => Some((*seq, !error)),
-            ToClient::Failed { seq, kind } => Some((*seq, kind.may_have_run())),
-            ToClient::Event(_) => None,
-        };
-        if let Some((seq, done)) = outcome {
-            if let Some(name) = self.fd_names.finished(Route { client, seq }, done) {
-                close_fd_names(&mut self.router, [name]);
-            }
-        }
-        let Some(mailbox) = self.clients.get(&client) else {
-            return;
-        };
-        if let Err(e) = mailbox.send(msg) {
-            self.drop_client(client, e == SendError::Full);
-        }
-    }
-
-    /// Dropping its mailbox sender ends the client's task once it has
-    /// written what it already has.
-    fn drop_client(&mut self, client: u64, full: bool) {
-        if full {
-            warn!(
-                client,
-                "client is not reading: its queue of replies and events is full; disconnecting it"
-            );
-        }
-        self.clients.remove(&client);
-        self.router.forget_client(client);
-    }
-
     /// Answers commands QEMU has not answered within `timeout`.
     fn expire(&mut self, timeout: Duration) {
-        let late = self.router.expire(std::time::Instant::now(), timeout);
+        let late = self.hub.router.expire(std::time::Instant::now(), timeout);
         if !late.in_flight.is_empty() {
             warn!(
                 count = late.in_flight.len(),
@@ -503,102 +458,35 @@ impl Session {
                 sent: true,
                 after: timeout,
             };
-            self.deliver(r.client, ToClient::Failed { seq: r.seq, kind });
+            self.hub.deliver(r.client, ToClient::Failed { seq: r.seq, kind });
         }
         for r in late.queued {
             let kind = FailKind::TimedOut {
                 sent: false,
                 after: timeout,
             };
-            self.deliver(r.client, ToClient::Failed { seq: r.seq, kind });
+            self.hub.deliver(r.client, ToClient::Failed { seq: r.seq, kind });
         }
-    }
-
-    fn fail_outstanding(&mut self) {
-        self.fail_outstanding_with(FailKind::Lost, FailKind::NotSent)
-    }
-
-    /// Answers every outstanding command: those sent with `sent`, the
-    /// others with `queued`.
-    fn fail_outstanding_with(&mut self, sent: FailKind, queued: FailKind) {
-        let abandoned = self.router.abandon();
-        for (routes, kind) in [(abandoned.in_flight, sent), (abandoned.queued, queued)] {
-            for r in routes {
-                self.deliver(r.client, ToClient::Failed { seq: r.seq, kind });
-            }
-        }
-    }
-}
-
-/// Clients joining and leaving, handled the same whatever the runstate;
-/// any other message is handed back.
-fn membership(
-    clients: &mut HashMap<u64, MailboxSender>,
-    router: &mut Router,
-    fd_names: &mut FdNames,
-    msg: ToSession,
-) -> Option<ToSession> {
-    match msg {
-        ToSession::Attach {
-            client,
-            mailbox,
-            attached,
-        } => {
-            clients.insert(client, mailbox);
-            let _ = attached.send(());
-            None
-        }
-        ToSession::Detach { client } => {
-            clients.remove(&client);
-            // `getfd` names live in QEMU's monitor: close those this client
-            // still owns, as QEMU closes a departed connection's fds. While
-            // QEMU is away they wait in the queue for its return.
-            let names = fd_names.detached(client, |r| router.is_in_flight(r));
-            router.forget_client(client);
-            close_fd_names(router, names);
-            None
-        }
-        other => Some(other),
     }
 }
 
 /// Serves clients while there is no upstream connection: every command is
-/// answered with an error at once. Returns when every handle is gone.
-async fn serve_down(
-    rx: &mut mpsc::Receiver<ToSession>,
-    clients: &mut HashMap<u64, MailboxSender>,
-    router: &mut Router,
-    fd_names: &mut FdNames,
-    state: Runstate,
-) {
-    while let Some(msg) = rx.recv().await {
-        let Some(msg) = membership(clients, router, fd_names, msg) else {
-            continue;
-        };
-        match msg {
-            ToSession::Attach { .. } | ToSession::Detach { .. } => {}
-            ToSession::Execute { client, request } => {
-                let seq = request.seq;
-                let failed = ToClient::Failed {
-                    seq,
-                    kind: FailKind::Down(state),
-                };
-                if let Some(mailbox) = clients.get(&client) {
-                    if mailbox.send(failed).is_err() {
-                        clients.remove(&client);
-                    }
-                }
+/// answered with an error at once; qmpmux's own commands work as ever.
+/// Returns when every handle is gone.
+async fn serve_down(rx: &mut mpsc::Receiver<ToSession>, hub: &mut Hub, state: Runstate) {
+    loop {
+        // Cancel-safe: mpsc::recv and the lease timer.
+        let msg = tokio::select! {
+            msg = rx.recv() => msg,
+            () = hub.lease_timeout(), if hub.lease_held() => {
+                hub.expire_lease();
+                continue;
             }
+        };
+        let Some(msg) = msg else { return };
+        if let Some(ToSession::Execute { client, request }) = hub.membership(msg) {
+            hub.refuse_down(client, &request, state);
         }
-    }
-}
-
-/// Queues a `closefd` of each name; the replies go to client 0, which does
-/// not exist, and are dropped.
-fn close_fd_names(router: &mut Router, names: impl IntoIterator<Item = String>) {
-    let route = Route { client: 0, seq: 0 };
-    for name in names {
-        router.submit(route, closefd_tail(&name), std::time::Instant::now());
     }
 }
 

@@ -1,0 +1,11 @@
+//! Events users can rely on: which events a client receives ([`filter`]),
+//! the numbered history that lets a consumer resume without losing one
+//! ([`history`]).
+//! Pure code; the session owns one history per
+//! VM and applies each client's filter as it fans an event out.
+
+pub mod filter;
+pub mod history;
+
+pub use filter::EventFilter;
+pub use history::History;

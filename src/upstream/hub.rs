@@ -1,0 +1,401 @@
+//! What a VM's session keeps whether or not QEMU is connected: the
+//! attached clients with their event filters, the router (turns and
+//! correlation), `getfd` names, the numbered event history and the lease.
+//! The session task owns it; clients reach it only through the session's
+//! inbox, and it answers them through their mailboxes.
+
+use super::fdnames::FdNames;
+use super::lease::{Ended, Held, Lease};
+use super::mailbox::{MailboxSender, SendError};
+use super::{Answer, Extension, Request, Runstate, Status, ToClient, ToSession};
+use crate::events::{EventFilter, History};
+use crate::ops::metrics::VmMetrics;
+use crate::policy::Glob;
+use crate::qmp::extensions::{self, Subscribe};
+use crate::qmp::outgoing::{closefd_tail, json_str, numbered, proxy_event};
+use crate::router::{Route, Router};
+use crate::state::FailKind;
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::watch;
+use tokio::time::Sleep;
+use tracing::{info, warn};
+
+/// One attached client.
+struct Member {
+    mailbox: MailboxSender,
+    filter: EventFilter,
+    /// Events reach it with `__org.qmpmux_seq`.
+    numbered: bool,
+}
+
+pub(super) struct Hub {
+    vm: Arc<str>,
+    clients: HashMap<u64, Member>,
+    pub router: Router,
+    /// Who owns each `getfd` name in QEMU's monitor.
+    pub fd_names: FdNames,
+    history: History,
+    lease: Lease,
+    /// Fires when the lease runs out; armed while one is held.
+    lease_timer: Pin<Box<Sleep>>,
+    pub status: watch::Sender<Status>,
+    pub metrics: VmMetrics,
+}
+
+impl Hub {
+    pub fn new(vm: &str, router: Router, history: History, status: watch::Sender<Status>, metrics: VmMetrics) -> Hub {
+        Hub {
+            vm: vm.into(),
+            clients: HashMap::new(),
+            router,
+            fd_names: FdNames::default(),
+            history,
+            lease: Lease::default(),
+            lease_timer: Box::pin(tokio::time::sleep_until(tokio::time::Instant::now())),
+            status,
+            metrics,
+        }
+    }
+
+    /// Handles a client joining or leaving, or one of qmpmux's commands,
+    /// the same whatever the runstate; hands any other message back.
+    pub fn membership(&mut self, msg: ToSession) -> Option<ToSession> {
+        match msg {
+            ToSession::Attach {
+                client,
+                mailbox,
+                events,
+                attached,
+            } => {
+                let member = Member {
+                    mailbox,
+                    filter: EventFilter::new(events),
+                    numbered: false,
+                };
+                self.clients.insert(client, member);
+                let _ = attached.send(());
+            }
+            ToSession::Detach { client } => self.detach(client),
+            ToSession::Extension { client, seq, ext } => self.extension(client, seq, *ext),
+            other => return Some(other),
+        }
+        None
+    }
+
+    fn detach(&mut self, client: u64) {
+        self.clients.remove(&client);
+        // `getfd` names live in QEMU's monitor: close those this client
+        // still owns, as QEMU closes a departed connection's fds. While
+        // QEMU is away they wait in the queue for its return.
+        let router = &self.router;
+        let names = self.fd_names.detached(client, |r| router.is_in_flight(r));
+        self.router.forget_client(client);
+        self.close_fd_names(names);
+        if let Some(held) = self.lease.release(client) {
+            self.lease_ended(held, Ended::Disconnected);
+        }
+    }
+
+    /// Queues a `closefd` of each name; the replies go to client 0, which
+    /// does not exist, and are dropped.
+    pub fn close_fd_names(&mut self, names: impl IntoIterator<Item = String>) {
+        let route = Route { client: 0, seq: 0 };
+        for name in names {
+            self.router.submit(route, closefd_tail(&name), Instant::now());
+        }
+    }
+
+    /// Whether `client`'s request may go to QEMU now: `Err` with the
+    /// answer when another client holds the lease and it is not exempt.
+    pub fn admit(&self, client: u64, request: &Request, now: Instant) -> Result<(), Answer> {
+        if request.exempt {
+            return Ok(());
+        }
+        self.lease
+            .check(client, now)
+            .map_err(|held| Answer::Leased(held.refusal(&self.vm, now)))
+    }
+
+    /// Numbers and keeps one event, and gives it to every client whose
+    /// filter lets it through: QEMU's bytes to most, the numbered line
+    /// (built once) to those that asked for numbers.
+    pub fn event(&mut self, name: &str, line: Bytes) {
+        let seq = self.history.push(name, line.clone());
+        let mut with_seq: Option<Bytes> = None;
+        let mut gone = Vec::new();
+        for (&client, m) in &self.clients {
+            if !m.filter.matches(name) {
+                continue;
+            }
+            let line = if m.numbered {
+                with_seq.get_or_insert_with(|| numbered(&line, seq)).clone()
+            } else {
+                line.clone()
+            };
+            if let Err(e) = m.mailbox.send(ToClient::Event(line)) {
+                gone.push((client, e == SendError::Full));
+            }
+        }
+        for (client, full) in gone {
+            self.drop_client(client, full);
+        }
+    }
+
+    /// One of qmpmux's own events (`__org.qmpmux_NAME`), numbered and kept
+    /// like QEMU's.
+    pub fn proxy_event(&mut self, name: &str, data: &str) {
+        let full = format!("{}{name}", crate::qmp::outgoing::EXTENSION_PREFIX);
+        self.event(&full, proxy_event(name, data));
+    }
+
+    pub fn deliver(&mut self, client: u64, msg: ToClient) {
+        if matches!(msg, ToClient::Failed { .. }) {
+            self.metrics.errors.inc();
+        }
+        // Every outcome of a forwarded request passes here, also for a
+        // client that has left.
+        let outcome = match &msg {
+            ToClient::Reply { seq, error, .. } => Some((*seq, !error)),
+            ToClient::Failed { seq, kind } => Some((*seq, kind.may_have_run())),
+            ToClient::Event(_) | ToClient::Answer { .. } | ToClient::Replay(_) => None,
+        };
+        if let Some((seq, done)) = outcome {
+            if let Some(name) = self.fd_names.finished(Route { client, seq }, done) {
+                self.close_fd_names([name]);
+            }
+        }
+        let Some(member) = self.clients.get(&client) else {
+            return;
+        };
+        if let Err(e) = member.mailbox.send(msg) {
+            self.drop_client(client, e == SendError::Full);
+        }
+    }
+
+    /// Dropping its mailbox sender ends the client's task once it has
+    /// written what it already has.
+    fn drop_client(&mut self, client: u64, full: bool) {
+        if full {
+            warn!(
+                client,
+                "client is not reading: its queue of replies and events is full; disconnecting it"
+            );
+        }
+        self.clients.remove(&client);
+        self.router.forget_client(client);
+    }
+
+    /// Answers every outstanding command: those sent with `sent`, the
+    /// others with `queued`.
+    pub fn fail_outstanding(&mut self, sent: FailKind, queued: FailKind) {
+        let abandoned = self.router.abandon();
+        for (routes, kind) in [(abandoned.in_flight, sent), (abandoned.queued, queued)] {
+            for r in routes {
+                self.deliver(r.client, ToClient::Failed { seq: r.seq, kind });
+            }
+        }
+    }
+
+    /// A command while QEMU is not connected: an error at once (after the
+    /// lease's, which says more).
+    pub fn refuse_down(&mut self, client: u64, request: &Request, state: Runstate) {
+        let seq = request.seq;
+        let msg = match self.admit(client, request, Instant::now()) {
+            Err(answer) => ToClient::Answer {
+                seq,
+                answer: Box::new(answer),
+            },
+            Ok(()) => ToClient::Failed {
+                seq,
+                kind: FailKind::Down(state),
+            },
+        };
+        self.deliver(client, msg);
+    }
+
+    fn answer(&mut self, client: u64, seq: u64, answer: Answer) {
+        let answer = Box::new(answer);
+        self.deliver(client, ToClient::Answer { seq, answer });
+    }
+
+    fn extension(&mut self, client: u64, seq: u64, ext: Extension) {
+        let now = Instant::now();
+        match ext.ext {
+            extensions::Extension::Subscribe(s) => self.subscribe(client, seq, s),
+            extensions::Extension::QueryEvents { since, limit } => {
+                let answer = self.query_events(client, since, limit);
+                self.answer(client, seq, answer);
+            }
+            extensions::Extension::Lease { seconds, reason } => {
+                let answer = self.acquire(client, ext.who, reason, seconds, now);
+                self.answer(client, seq, answer);
+                if let Some(held) = self.lease.holder().filter(|h| h.client == client).cloned() {
+                    self.lease_changed(&held, None, seconds);
+                }
+            }
+            extensions::Extension::Release => match self.lease.release(client) {
+                Some(held) => {
+                    self.answer(client, seq, Answer::Return("{}".into()));
+                    self.lease_ended(held, Ended::Released);
+                }
+                None => {
+                    let desc = format!("qmpmux: this client does not hold the lease of VM '{}'", self.vm);
+                    let class = "GenericError";
+                    self.answer(client, seq, Answer::Error { class, desc });
+                }
+            },
+            // Answered by the client task itself.
+            extensions::Extension::QueryProxy => {}
+        }
+    }
+
+    /// `__org.qmpmux_subscribe`: narrows the client's events, turns
+    /// numbers on or off, and with `since` replays what it missed, all at
+    /// one point in the VM's event stream: no gap, no duplicate.
+    fn subscribe(&mut self, client: u64, seq: u64, s: Subscribe) {
+        let Some(m) = self.clients.get_mut(&client) else {
+            return;
+        };
+        if let Some(events) = s.events {
+            m.filter.narrow(events.into_iter().map(Glob::new).collect());
+        }
+        // Resuming implies numbers (the next resume needs them), unless
+        // the client says otherwise.
+        if let Some(on) = s.sequence.or(s.since.map(|_| true)) {
+            m.numbered = on;
+        }
+        let mut ret = format!("{{\"next\": {}", self.history.next());
+        let mut replay = Vec::new();
+        match s.since {
+            Some(since) => {
+                let r = self.history.since(since);
+                let _ = write!(ret, ", \"lost\": {}", r.lost);
+                if r.lost {
+                    let _ = write!(ret, ", \"oldest\": {}", r.oldest);
+                }
+                replay.extend(
+                    r.events
+                        .filter(|e| m.filter.matches(&e.name))
+                        .map(|e| numbered(&e.line, e.seq)),
+                );
+            }
+            None => ret.push_str(", \"lost\": false"),
+        }
+        let patterns: Vec<String> = m.filter.client_patterns().iter().map(|p| json_str(p)).collect();
+        let _ = write!(
+            ret,
+            ", \"events\": [{}], \"sequence\": {}}}",
+            patterns.join(", "),
+            m.numbered
+        );
+        self.answer(client, seq, Answer::Return(ret));
+        if !replay.is_empty() {
+            self.deliver(client, ToClient::Replay(replay.into_boxed_slice()));
+        }
+    }
+
+    /// `__org.qmpmux_query-events`: kept events after `since` (all kept
+    /// when absent) that the client's filter lets through, at most `limit`.
+    fn query_events(&self, client: u64, since: Option<u64>, limit: usize) -> Answer {
+        let Some(m) = self.clients.get(&client) else {
+            return Answer::Return("{}".into());
+        };
+        let since = since.unwrap_or_else(|| self.history.oldest().saturating_sub(1));
+        let r = self.history.since(since);
+        let mut events = Vec::new();
+        for e in r.events.filter(|e| m.filter.matches(&e.name)).take(limit) {
+            let line = numbered(&e.line, e.seq);
+            events.push(String::from_utf8_lossy(line.trim_ascii_end()).into_owned());
+        }
+        Answer::Return(format!(
+            "{{\"events\": [{}], \"next\": {}, \"lost\": {}, \"oldest\": {}}}",
+            events.join(", "),
+            r.next,
+            r.lost,
+            r.oldest
+        ))
+    }
+
+    fn acquire(&mut self, client: u64, who: String, reason: String, seconds: u64, now: Instant) -> Answer {
+        match self.lease.acquire(client, who, reason, seconds, now) {
+            Ok(held) => {
+                let until = held.until;
+                self.lease_timer.as_mut().reset(until.into());
+                Answer::Return(format!("{{\"seconds\": {seconds}}}"))
+            }
+            Err(held) => Answer::Error {
+                class: "GenericError",
+                desc: format!(
+                    "qmpmux: VM '{}' is already leased by {}{} for {:.0} more seconds",
+                    self.vm,
+                    held.who,
+                    if held.reason.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", held.reason)
+                    },
+                    held.until.saturating_duration_since(now).as_secs_f64().ceil()
+                ),
+            },
+        }
+    }
+
+    /// The lease was granted (or renewed): publish it and tell everyone.
+    fn lease_changed(&mut self, held: &Held, ended: Option<Ended>, seconds: u64) {
+        self.status
+            .send_modify(|s| s.lease = ended.is_none().then(|| held.clone()));
+        let common = format!(
+            "\"vm\": {}, \"client\": {}, \"holder\": {}, \"reason\": {}",
+            json_str(&self.vm),
+            held.client,
+            json_str(&held.who),
+            json_str(&held.reason)
+        );
+        match ended {
+            None => {
+                info!(target: "qmpmux::audit", vm = %self.vm, client = held.client, holder = %held.who,
+                    reason = %held.reason, seconds, "lease acquired");
+                self.proxy_event("LEASE_ACQUIRED", &format!("{{{common}, \"seconds\": {seconds}}}"));
+            }
+            Some(how) => {
+                info!(target: "qmpmux::audit", vm = %self.vm, client = held.client, holder = %held.who,
+                    how = how.as_str(), "lease ended");
+                let data = format!("{{{common}, \"how\": {}}}", json_str(how.as_str()));
+                self.proxy_event("LEASE_RELEASED", &data);
+            }
+        }
+    }
+
+    fn lease_ended(&mut self, held: Held, how: Ended) {
+        self.lease_changed(&held, Some(how), 0);
+    }
+
+    /// Whether a lease is held (its timer is worth waiting for).
+    pub fn lease_held(&self) -> bool {
+        self.lease.holder().is_some()
+    }
+
+    /// Waits for the lease's time to run out. Cancel-safe.
+    pub async fn lease_timeout(&mut self) {
+        self.lease_timer.as_mut().await;
+    }
+
+    /// The lease timer fired: end the lease if its time is up (a renewal
+    /// may have moved it; the timer then waits again).
+    pub fn expire_lease(&mut self) {
+        let now = Instant::now();
+        match self.lease.expire(now) {
+            Some(held) => self.lease_ended(held, Ended::Expired),
+            None => {
+                if let Some(deadline) = self.lease.deadline() {
+                    self.lease_timer.as_mut().reset(deadline.into());
+                }
+            }
+        }
+    }
+}
