@@ -175,7 +175,9 @@ pub async fn run_with_reload(
 
 impl Supervisor {
     fn start_vm(&mut self, vm: VmConfig, sockets: VmSockets) -> Result<(), RunError> {
-        // Everything spawned from here on runs on the VM's shard.
+        // Programs run on events start from the main runtime, which has the
+        // process driver; everything else runs on the VM's shard.
+        let actions = crate::events::actions::Actions::spawn(&vm.name, &vm.on_event);
         let shard = self.shards.place();
         let _on_shard = shard.handle.enter();
         let files = sockets.files.sockets.clone();
@@ -190,15 +192,15 @@ impl Supervisor {
         let (tasks, clients) = (TaskTracker::new(), TaskTracker::new());
         let upstream_opts = self.config.upstream.clone();
         let metrics = self.metrics.vm(&vm.name);
-        let session = upstream::spawn(
-            vm.clone(),
-            upstream_opts,
-            self.config.client.max_ahead,
-            sockets.upstream,
-            metrics.clone(),
-            hard.clone(),
-            &tasks,
-        );
+        let spec = upstream::Spec {
+            vm: vm.clone(),
+            opts: upstream_opts,
+            ahead: self.config.client.max_ahead,
+            listener: sockets.upstream,
+            metrics: metrics.clone(),
+            actions,
+        };
+        let session = upstream::spawn(spec, hard.clone(), &tasks);
         let max_clients = self.config.client.max_clients;
         let slots = VmSlots::new(max_clients, vm.listener_share(max_clients));
         let ctx = ClientContext {

@@ -96,6 +96,8 @@ fn full_sets_every_option_to_something_read() {
     assert_ne!(fu.backoff.max, du.backoff.max);
     assert_ne!(fu.backoff.multiplier, du.backoff.multiplier);
     assert_ne!(fu.backoff.jitter, du.backoff.jitter);
+    assert_eq!((du.event_history, fu.event_history), (1000, 5000));
+    assert_eq!((du.event_history_bytes, fu.event_history_bytes), (1 << 20, 4 << 20));
 
     // [client]: every field differs.
     let (dc, fc) = (&d.client, &f.client);
@@ -111,6 +113,8 @@ fn full_sets_every_option_to_something_read() {
     );
     assert_eq!((dc.max_pending_bytes, fc.max_pending_bytes), (1 << 20, 512 << 10));
     assert_eq!((dc.max_reply_bytes, fc.max_reply_bytes), (64 << 20, 8 << 20));
+    assert!(dc.lease_exempt.is_empty());
+    assert_eq!(fc.lease_exempt, [qmpmux::policy::Glob::new("human-monitor-command")]);
 
     // [[vm]] and [[vm.listener]].
     assert_eq!(f.vms.len(), 2);
@@ -123,6 +127,28 @@ fn full_sets_every_option_to_something_read() {
     assert_eq!(web.main.name, "main");
     assert!(web.main.policy.allow.is_empty() && web.main.policy.deny.is_empty());
     assert!(web.main.admits(0, 12345) && !web.main.admits(12345, 12345));
+    let main_events: Vec<&str> = web
+        .main
+        .events
+        .iter()
+        .flat_map(|e| e.iter())
+        .map(|g| g.as_str())
+        .collect();
+    assert_eq!(main_events, ["*"]);
+    // Actions: an event pattern, `upstream_lost` as qmpmux's own event.
+    assert_eq!(web.on_event.len(), 2);
+    assert_eq!(web.on_event[0].event.as_str(), "SHUTDOWN");
+    assert_eq!(web.on_event[0].run, ["/usr/local/libexec/vm-cleanup", "--vm", "{vm}"]);
+    assert_eq!(web.on_event[0].timeout, Duration::from_secs(10));
+    assert_eq!(web.on_event[1].event.as_str(), "__org.qmpmux_UPSTREAM_LOST");
+    assert_eq!(web.on_event[1].timeout, Duration::from_secs(30));
+    assert_eq!(web.on_connect.len(), 1);
+    assert_eq!(web.on_connect[0].execute, "migrate-set-capabilities");
+    let args: serde_json::Value = serde_json::from_str(web.on_connect[0].arguments.as_deref().unwrap()).unwrap();
+    assert_eq!(
+        args,
+        serde_json::json!({"capabilities": [{"capability": "events", "state": true}]})
+    );
     assert_eq!(web.listeners.len(), 4);
     let ro = &web.listeners[0];
     assert_eq!(
@@ -131,6 +157,8 @@ fn full_sets_every_option_to_something_read() {
     );
     let allow: Vec<&str> = ro.policy.allow.iter().map(|g| g.as_str()).collect();
     assert_eq!(allow, ["query-*"]);
+    let events: Vec<&str> = ro.events.iter().flat_map(|e| e.iter()).map(|g| g.as_str()).collect();
+    assert_eq!(events, ["STOP", "RESUME", "JOB_*", "BLOCK_JOB_*"]);
     assert!(ro.policy.deny.is_empty() && ro.endpoint == Endpoint::unix("/run/qmpmux/web01-ro.sock"));
     assert!(ro.policy.check("query-status", None).is_ok());
     assert!(ro.policy.check("quit", None).is_err());
@@ -191,14 +219,16 @@ fn mentioned_keys(text: &str) -> BTreeSet<String> {
 }
 
 /// Every key set anywhere in a TOML document, tables and arrays of tables
-/// included.
+/// included; not inside `arguments` (a QMP command's, not qmpmux's).
 fn keys_of(text: &str) -> BTreeSet<String> {
     fn walk(v: &toml::Value, out: &mut BTreeSet<String>) {
         match v {
             toml::Value::Table(t) => {
                 for (k, v) in t {
                     out.insert(k.clone());
-                    walk(v, out);
+                    if k != "arguments" {
+                        walk(v, out);
+                    }
                 }
             }
             toml::Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
@@ -233,7 +263,7 @@ fn full_sets_every_key_the_reference_mentions() {
         "keys in qmpmux.toml but not set in full.toml: {missing:?}"
     );
     // And the reference mentions every key full.toml sets (table names aside).
-    let tables = ["upstream", "client", "vm", "listener"];
+    let tables = ["upstream", "client", "vm", "listener", "on_event", "on_connect"];
     let unmentioned: Vec<&String> = set
         .iter()
         .filter(|k| !mentioned.contains(*k) && !tables.contains(&k.as_str()))

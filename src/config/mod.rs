@@ -189,6 +189,32 @@ pub struct VmConfig {
     /// Client slots the extra listeners together may never take, kept for
     /// the main socket; `None`: [`default_listen_reserve`].
     pub listen_reserved_clients: Option<usize>,
+    /// Programs run when events happen (`[[vm.on_event]]`).
+    pub on_event: Vec<OnEvent>,
+    /// Commands qmpmux sends each time it (re)connects to QEMU, before
+    /// clients see the session running (`[[vm.on_connect]]`).
+    pub on_connect: Vec<OnConnect>,
+}
+
+/// `[[vm.on_event]]`: run a program (no shell) when an event matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OnEvent {
+    /// A pattern as for `allow`; `upstream_lost` and `upstream_restored`
+    /// name qmpmux's own `__org.qmpmux_UPSTREAM_LOST` / `_RESTORED`.
+    pub event: Glob,
+    /// The program and its arguments; `{vm}`, `{event}` and `{seq}` in them
+    /// are replaced.
+    pub run: Vec<String>,
+    /// Killed after this long.
+    pub timeout: Duration,
+}
+
+/// `[[vm.on_connect]]`: one QMP command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OnConnect {
+    pub execute: String,
+    /// JSON text of the arguments object.
+    pub arguments: Option<String>,
 }
 
 /// A listen socket with a command policy and optional peer restrictions.
@@ -284,6 +310,8 @@ impl VmConfig {
             main: ListenerConfig::main(listen),
             listeners: Vec::new(),
             listen_reserved_clients: None,
+            on_event: Vec::new(),
+            on_connect: Vec::new(),
         }
     }
 

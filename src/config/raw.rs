@@ -79,6 +79,70 @@ struct RawVm {
     events: Option<Vec<String>>,
     #[serde(default, rename = "listener")]
     listeners: Vec<RawListener>,
+    #[serde(default)]
+    on_event: Vec<RawOnEvent>,
+    #[serde(default)]
+    on_connect: Vec<RawOnConnect>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOnEvent {
+    event: String,
+    run: Vec<String>,
+    timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOnConnect {
+    execute: String,
+    arguments: Option<toml::Table>,
+}
+
+/// How long an `on_event` program may run by default.
+const DEFAULT_ACTION_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl RawOnEvent {
+    fn validate(self, at: &dyn Fn(&str) -> String) -> Result<OnEvent, Invalid> {
+        let event = match self.event.as_str() {
+            "" => return Err(invalid(at("event"), "must not be empty")),
+            "upstream_lost" => "__org.qmpmux_UPSTREAM_LOST".to_string(),
+            "upstream_restored" => "__org.qmpmux_UPSTREAM_RESTORED".to_string(),
+            _ => self.event,
+        };
+        if self.run.first().is_none_or(|p| !Path::new(p).is_absolute()) {
+            return Err(invalid(
+                at("run"),
+                "must start with the program's absolute path (no shell is used)",
+            ));
+        }
+        Ok(OnEvent {
+            event: Glob::new(event),
+            run: self.run,
+            timeout: ms(self.timeout_ms, DEFAULT_ACTION_TIMEOUT, &at("timeout_ms"))?,
+        })
+    }
+}
+
+impl RawOnConnect {
+    fn validate(self, at: &dyn Fn(&str) -> String) -> Result<OnConnect, Invalid> {
+        if self.execute.is_empty() {
+            return Err(invalid(at("execute"), "must name a QMP command"));
+        }
+        if self.execute == "qmp_capabilities" {
+            return Err(invalid(at("execute"), "qmpmux negotiates capabilities itself"));
+        }
+        let arguments = self
+            .arguments
+            .map(|t| serde_json::to_string(&t))
+            .transpose()
+            .map_err(|e| invalid(at("arguments"), e.to_string()))?;
+        Ok(OnConnect {
+            execute: self.execute,
+            arguments,
+        })
+    }
 }
 
 /// An extra listen socket with its own policy.
@@ -365,6 +429,18 @@ impl RawVm {
             },
         );
         main.events = event_patterns(vm.events, at("events"))?;
+        let on_event = vm
+            .on_event
+            .into_iter()
+            .enumerate()
+            .map(|(j, a)| a.validate(&|f: &str| at(&format!("on_event[{j}].{f}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let on_connect = vm
+            .on_connect
+            .into_iter()
+            .enumerate()
+            .map(|(j, c)| c.validate(&|f: &str| at(&format!("on_connect[{j}].{f}"))))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(VmConfig {
             name: vm.name,
             upstream: vm.upstream,
@@ -372,6 +448,8 @@ impl RawVm {
             main,
             listeners,
             listen_reserved_clients: vm.listen_reserved_clients,
+            on_event,
+            on_connect,
         })
     }
 }

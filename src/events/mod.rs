@@ -1,9 +1,10 @@
 //! Events users can rely on: which events a client receives ([`filter`]),
 //! the numbered history that lets a consumer resume without losing one
-//! ([`history`]).
-//! Pure code; the session owns one history per
+//! ([`history`]), and programs run when events happen ([`actions`]).
+//! Pure code but for the action runner; the session owns one history per
 //! VM and applies each client's filter as it fans an event out.
 
+pub mod actions;
 pub mod filter;
 pub mod history;
 

@@ -95,6 +95,17 @@ pub fn capabilities_request(oob: bool, id: &str) -> String {
     )
 }
 
+/// One of qmpmux's own commands on a new connection (`[[vm.on_connect]]`):
+/// `arguments` is JSON text of an object.
+pub fn on_connect_request(execute: &str, arguments: Option<&str>, id: &str) -> String {
+    let args = arguments.map(|a| format!(", \"arguments\": {a}")).unwrap_or_default();
+    format!(
+        "{{\"execute\": {}{args}, \"id\": {}}}\n",
+        json_str(execute),
+        json_str(id)
+    )
+}
+
 /// What follows `{"id": N` in a `closefd` of `name` sent upstream.
 pub fn closefd_tail(name: &str) -> Bytes {
     Bytes::from(format!(

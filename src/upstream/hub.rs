@@ -8,6 +8,7 @@ use super::fdnames::FdNames;
 use super::lease::{Ended, Held, Lease};
 use super::mailbox::{MailboxSender, SendError};
 use super::{Answer, Extension, Request, Runstate, Status, ToClient, ToSession};
+use crate::events::actions::Actions;
 use crate::events::{EventFilter, History};
 use crate::ops::metrics::VmMetrics;
 use crate::policy::Glob;
@@ -45,10 +46,19 @@ pub(super) struct Hub {
     lease_timer: Pin<Box<Sleep>>,
     pub status: watch::Sender<Status>,
     pub metrics: VmMetrics,
+    /// `[[vm.on_event]]` programs.
+    actions: Actions,
 }
 
 impl Hub {
-    pub fn new(vm: &str, router: Router, history: History, status: watch::Sender<Status>, metrics: VmMetrics) -> Hub {
+    pub fn new(
+        vm: &str,
+        router: Router,
+        history: History,
+        status: watch::Sender<Status>,
+        metrics: VmMetrics,
+        actions: Actions,
+    ) -> Hub {
         Hub {
             vm: vm.into(),
             clients: HashMap::new(),
@@ -59,6 +69,7 @@ impl Hub {
             lease_timer: Box::pin(tokio::time::sleep_until(tokio::time::Instant::now())),
             status,
             metrics,
+            actions,
         }
     }
 
@@ -126,6 +137,7 @@ impl Hub {
     /// (built once) to those that asked for numbers.
     pub fn event(&mut self, name: &str, line: Bytes) {
         let seq = self.history.push(name, line.clone());
+        self.actions.fire(name, &line, Some(seq));
         let mut with_seq: Option<Bytes> = None;
         let mut gone = Vec::new();
         for (&client, m) in &self.clients {
@@ -146,11 +158,16 @@ impl Hub {
         }
     }
 
-    /// One of qmpmux's own events (`__org.qmpmux_NAME`), numbered and kept
-    /// like QEMU's.
-    pub fn proxy_event(&mut self, name: &str, data: &str) {
+    /// One of qmpmux's own events (`__org.qmpmux_NAME`): with `deliver`,
+    /// numbered, kept and sent like QEMU's; without, only its actions run.
+    pub fn proxy_event(&mut self, name: &str, data: &str, deliver: bool) {
         let full = format!("{}{name}", crate::qmp::outgoing::EXTENSION_PREFIX);
-        self.event(&full, proxy_event(name, data));
+        let line = proxy_event(name, data);
+        if deliver {
+            self.event(&full, line);
+        } else {
+            self.actions.fire(&full, &line, None);
+        }
     }
 
     pub fn deliver(&mut self, client: u64, msg: ToClient) {
@@ -360,13 +377,13 @@ impl Hub {
             None => {
                 info!(target: "qmpmux::audit", vm = %self.vm, client = held.client, holder = %held.who,
                     reason = %held.reason, seconds, "lease acquired");
-                self.proxy_event("LEASE_ACQUIRED", &format!("{{{common}, \"seconds\": {seconds}}}"));
+                self.proxy_event("LEASE_ACQUIRED", &format!("{{{common}, \"seconds\": {seconds}}}"), true);
             }
             Some(how) => {
                 info!(target: "qmpmux::audit", vm = %self.vm, client = held.client, holder = %held.who,
                     how = how.as_str(), "lease ended");
                 let data = format!("{{{common}, \"how\": {}}}", json_str(how.as_str()));
-                self.proxy_event("LEASE_RELEASED", &data);
+                self.proxy_event("LEASE_RELEASED", &data, true);
             }
         }
     }

@@ -19,7 +19,7 @@ use crate::qmp::incoming::ReplyBytes;
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
-pub use session::spawn;
+pub use session::{spawn, Spec};
 
 /// From a client task to the session (through [`SessionHandle`]'s methods).
 #[derive(Debug)]

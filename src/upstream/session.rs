@@ -2,16 +2,17 @@
 //! reconnecting with backoff for as long as qmpmux runs.
 
 use super::backoff::Backoff;
-use super::connect::{accept, connect, Connection};
+use super::connect::{accept, connect, Connection, UpstreamReader};
 use super::hub::Hub;
 use super::socketwatch::{self, SocketWatch};
 use super::{FailKind, Request, Runstate, SessionHandle, Status, ToClient, ToSession};
 use crate::config::{UpstreamOptions, VmConfig};
+use crate::events::actions::Actions;
 use crate::events::History;
 use crate::ops::metrics::VmMetrics;
 use crate::qmp::framing::Frame;
 use crate::qmp::incoming::{classify, Incoming};
-use crate::qmp::outgoing::{json_str, lossy};
+use crate::qmp::outgoing::{json_str, lossy, on_connect_request};
 use crate::router::{Route, Router};
 use bytes::{BufMut, BytesMut};
 use futures_util::FutureExt;
@@ -40,6 +41,8 @@ const INBOX_BATCH: usize = 64;
 /// this many attempts, this far apart, before the backoff resumes.
 const QUICK_RETRIES: u32 = 10;
 const QUICK_RETRY: Duration = Duration::from_millis(5);
+/// How long an `on_connect` command may take without a `command_timeout`.
+const ON_CONNECT_WAIT: Duration = Duration::from_secs(10);
 
 /// Why a running connection ended.
 #[derive(Debug)]
@@ -72,16 +75,28 @@ struct Session {
     metrics: VmMetrics,
 }
 
+/// What one VM's session starts with.
+pub struct Spec {
+    pub vm: VmConfig,
+    pub opts: UpstreamOptions,
+    /// `[client] max_ahead`, for the router's turns.
+    pub ahead: Duration,
+    /// Accept mode: where QEMU dials in.
+    pub listener: Option<UnixListener>,
+    pub metrics: VmMetrics,
+    pub actions: Actions,
+}
+
 /// Starts the session task of one VM.
-pub fn spawn(
-    vm: VmConfig,
-    opts: UpstreamOptions,
-    ahead: Duration,
-    listener: Option<UnixListener>,
-    metrics: VmMetrics,
-    shutdown: CancellationToken,
-    tracker: &TaskTracker,
-) -> SessionHandle {
+pub fn spawn(spec: Spec, shutdown: CancellationToken, tracker: &TaskTracker) -> SessionHandle {
+    let Spec {
+        vm,
+        opts,
+        ahead,
+        listener,
+        metrics,
+        actions,
+    } = spec;
     let (tx, rx) = mpsc::channel(INBOX);
     let (status, status_rx) = watch::channel(Status {
         runstate: Runstate::Idle,
@@ -94,7 +109,7 @@ pub fn spawn(
     let router = Router::new(UPSTREAM_WINDOW, ahead);
     let session = Session {
         backoff: Backoff::new(opts.backoff),
-        hub: Hub::new(&vm.name, router, history, status, metrics.clone()),
+        hub: Hub::new(&vm.name, router, history, status, metrics.clone(), actions),
         vm,
         opts,
         rx,
@@ -229,9 +244,15 @@ impl Session {
     async fn running(&mut self, conn: Connection) -> Exit {
         let Connection {
             mut reader,
-            writer,
+            mut writer,
             greeting,
         } = conn;
+        if let Err(exit) = self.on_connect(&mut reader, &mut writer).await {
+            drop(writer);
+            drop(reader);
+            self.disconnected(&exit);
+            return exit;
+        }
         self.connected(greeting);
         let mut wbuf = BytesMut::with_capacity(4096);
         // A passed fd, and where in `wbuf` the request it goes with starts.
@@ -281,6 +302,55 @@ impl Session {
         exit
     }
 
+    /// `[[vm.on_connect]]`: qmpmux's own commands, sent one by one on a
+    /// new connection before any client's; replies are logged, a failure
+    /// does not stop the rest. Events meanwhile go to clients as ever.
+    async fn on_connect(&mut self, reader: &mut UpstreamReader, writer: &mut OwnedWriteHalf) -> Result<(), Exit> {
+        use tokio::io::AsyncWriteExt;
+        let wait = self.opts.command_timeout.unwrap_or(ON_CONNECT_WAIT);
+        for (i, cmd) in self.vm.on_connect.clone().iter().enumerate() {
+            let id = format!("qmpmux-on-connect-{i}");
+            let line = on_connect_request(&cmd.execute, cmd.arguments.as_deref(), &id);
+            let exchange = async {
+                writer.write_all(line.as_bytes()).await.map_err(Exit::Io)?;
+                self.await_reply(reader, &id).await
+            };
+            match tokio::time::timeout(wait, exchange).await {
+                Ok(Ok(reply)) if reply.contains("\"error\"") => {
+                    warn!(command = %cmd.execute, %reply, "on_connect command failed")
+                }
+                Ok(Ok(reply)) => info!(command = %cmd.execute, %reply, "on_connect command done"),
+                Ok(Err(exit)) => return Err(exit),
+                Err(_) => warn!(command = %cmd.execute, ?wait, "on_connect command not answered in time; going on"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads until the reply with id `id` (a string), handling events.
+    async fn await_reply(&mut self, reader: &mut UpstreamReader, id: &str) -> Result<String, Exit> {
+        let want = json_str(id);
+        loop {
+            let bytes = match reader.next().await {
+                None => return Err(Exit::Eof),
+                Some(Err(e)) => return Err(Exit::Io(e)),
+                Some(Ok(Frame::Message(b))) => b,
+                Some(Ok(Frame::Error(e) | Frame::Limit(e))) => return Err(Exit::Desync(e)),
+            };
+            match classify(&bytes) {
+                Ok(Incoming::Event(name)) => {
+                    let mut line = BytesMut::with_capacity(bytes.len() + 2);
+                    line.put_slice(&bytes);
+                    line.put_slice(b"\r\n");
+                    self.metrics.events.inc();
+                    self.hub.event(&name, line.freeze());
+                }
+                Ok(Incoming::Stray(Some(got))) if got.get() == want => return Ok(lossy(&bytes)),
+                _ => warn!(message = %lossy(&bytes), "unexpected message while sending on_connect commands; dropped"),
+            }
+        }
+    }
+
     /// A message from a client, and any others already waiting (up to
     /// [`INBOX_BATCH`]), so that a burst leaves in one write; `None`:
     /// every handle is gone.
@@ -305,11 +375,9 @@ impl Session {
             s.last_error = None;
         });
         self.set_state(Runstate::Running);
-        if self.opts.proxy_events {
-            let reconnect = self.metrics.connections.get() > 1;
-            let data = format!("{{\"vm\": {}, \"reconnect\": {reconnect}}}", json_str(&self.vm.name));
-            self.hub.proxy_event("UPSTREAM_RESTORED", &data);
-        }
+        let reconnect = self.metrics.connections.get() > 1;
+        let data = format!("{{\"vm\": {}, \"reconnect\": {reconnect}}}", json_str(&self.vm.name));
+        self.hub.proxy_event("UPSTREAM_RESTORED", &data, self.opts.proxy_events);
     }
 
     /// The connection ended (it is closed): say why, tell clients if they
@@ -328,14 +396,14 @@ impl Session {
             Exit::Io(e) => Some(e.to_string()),
             Exit::Desync(m) => Some(format!("unexpected message from QEMU: {m}")),
         };
-        if self.opts.proxy_events && !matches!(exit, Exit::Shutdown) {
+        if !matches!(exit, Exit::Shutdown) {
             let reason = error.as_deref().unwrap_or("");
             let data = format!(
                 "{{\"vm\": {}, \"reason\": {}}}",
                 json_str(&self.vm.name),
                 json_str(reason)
             );
-            self.hub.proxy_event("UPSTREAM_LOST", &data);
+            self.hub.proxy_event("UPSTREAM_LOST", &data, self.opts.proxy_events);
         }
         self.hub.status.send_modify(|s| s.last_error = error);
         if matches!(exit, Exit::Shutdown) {
