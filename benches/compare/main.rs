@@ -22,7 +22,8 @@
 //! - `stats.rs`: percentiles, formatting, /proc readings
 //! - `floors.rs`: the least any proxy must do, as child processes
 //! - one file per section: `sequential.rs` (1), `throughput.rs` (2, 3),
-//!   `fanout.rs` (4), `memory.rs` (5), `reconnect.rs` (6), `fairness.rs` (7)
+//!   `fanout.rs` (4), `memory.rs` (5), `reconnect.rs` (6), `fairness.rs` (7),
+//!   `filters.rs` (8)
 
 /// Prints a line to stdout and flushes: the table is the output. Progress
 /// goes to stderr ([`progress`]).
@@ -39,6 +40,7 @@ mod common;
 mod clients;
 mod fairness;
 mod fanout;
+mod filters;
 mod floors;
 mod memory;
 mod reconnect;
@@ -254,6 +256,9 @@ fn main() {
     }
     if plan.wants(4) {
         results["fanout"] = fanout::run(&plan, &rt, &rig);
+    }
+    if plan.wants(8) {
+        results["filters"] = filters::run(&plan, &rt, &rig);
     }
     // 7 is measured here, on the daemon of 1-4, before 6 restarts its QEMU.
     if plan.wants(7) {
