@@ -8,7 +8,7 @@ use crate::downstream::slots::VmSlots;
 use crate::downstream::{accept_loop, accept_tcp_loop};
 use crate::listen::sockfile::SocketFile;
 use crate::listen::{bind_or_undo, bind_vm, shares_a_path, Bound, ListenError, Listeners, VmSockets};
-use crate::ops::control::{serve_control, ReloadStatus, StatusReport, VmStatus};
+use crate::ops::control::{serve_control, ReloadStatus, StatusQuery, StatusReport, VmStatus, RESPONSIVE_WITHIN};
 use crate::ops::metrics::serve_metrics;
 use crate::ops::metrics::{Metrics, SharedMetrics, VmMetrics};
 use crate::runtime::shards::{Lease, Shards};
@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
@@ -73,7 +73,7 @@ struct Vm {
     clients: TaskTracker,
     tasks: TaskTracker,
     /// The shard the VM's tasks run on.
-    _shard: Lease,
+    shard: Lease,
     /// Its socket files, removed when it stops (if still ours).
     files: Vec<SocketFile>,
 }
@@ -141,6 +141,15 @@ pub async fn run_with_reload(
         sup.shards.liveness(),
         shutdown.clone(),
     ));
+    // Every second, which VM threads are blocked, for `qmpmux_responding`
+    // (`qmpmux status` probes afresh for each report).
+    let (stuck_tx, mut stuck) = watch::channel(Vec::new());
+    services.spawn(sup.shards.liveness().publish(
+        Duration::from_secs(1),
+        RESPONSIVE_WITHIN,
+        stuck_tx,
+        shutdown.clone(),
+    ));
     // Freed memory goes back to the system after many clients leave.
     let mut clients_mark = crate::ops::trim::HighWater::default();
     let mut trim_tick = tokio::time::interval(Duration::from_secs(1));
@@ -157,9 +166,8 @@ pub async fn run_with_reload(
                 sup.record_reload(&result);
                 let _ = reload.done.send(result);
             }
-            Some(query) = queries.recv() => {
-                let _ = query.send(sup.report());
-            }
+            Some(query) = queries.recv() => sup.answer(query, &services),
+            Ok(()) = stuck.changed() => sup.mark_responding(&stuck.borrow_and_update()),
         }
     }
     info!("shutting down");
@@ -250,7 +258,7 @@ impl Supervisor {
                 hard,
                 clients,
                 tasks,
-                _shard: shard,
+                shard,
                 files,
             },
         );
@@ -353,6 +361,35 @@ impl Supervisor {
             .sum()
     }
 
+    /// Answers `query` with a report once each VM's thread has been
+    /// probed (up to [`RESPONSIVE_WITHIN`] when one is blocked), without
+    /// holding up the supervisor meanwhile.
+    fn answer(&self, query: StatusQuery, services: &TaskTracker) {
+        let mut report = self.report();
+        let shards: Vec<Option<usize>> = report
+            .vms
+            .iter()
+            .map(|s| self.vms.get(&s.name).map(|vm| vm.shard.shard))
+            .collect();
+        let live = self.shards.liveness();
+        services.spawn(async move {
+            let stuck = live.unresponsive(RESPONSIVE_WITHIN).await;
+            for (vm, shard) in report.vms.iter_mut().zip(shards) {
+                if shard.is_some_and(|s| stuck.contains(&s)) {
+                    vm.mark_unresponsive();
+                }
+            }
+            let _ = query.send(report);
+        });
+    }
+
+    /// Sets each VM's `responding` gauge from the latest probe.
+    fn mark_responding(&self, stuck: &[usize]) {
+        for vm in self.vms.values() {
+            vm.metrics.responding.set(i64::from(!stuck.contains(&vm.shard.shard)));
+        }
+    }
+
     fn report(&self) -> StatusReport {
         let mut vms: Vec<VmStatus> = self.vms.values().map(Vm::status).collect();
         vms.sort_by(|a, b| a.name.cmp(&b.name));
@@ -389,6 +426,7 @@ impl Vm {
             upstream_mode: format!("{:?}", self.config.upstream_mode).to_lowercase(),
             listen: self.config.listen().display().to_string(),
             runstate: s.runstate.to_string(),
+            responding: true,
             qemu_version: s
                 .greeting
                 .as_ref()

@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::http::{metrics, sample};
 use common::logs::{logged, logs};
 use common::{Client, Daemon, Qemu, STEP};
 use qmpmux::config::{Endpoint, ListenerConfig};
@@ -30,7 +31,8 @@ fn unix_listener(name: &str, path: &Path, max_clients: Option<usize>) -> Listene
 }
 
 /// Each listener stays within its own `max_clients`, and the extra
-/// listeners together never take the slots kept for the main socket.
+/// listeners together never take the slots kept for the main socket;
+/// each client turned away is counted under the limit that refused it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listener_limits_keep_room_for_other_sockets() {
     logs();
@@ -41,6 +43,7 @@ async fn listener_limits_keep_room_for_other_sockets() {
         // 8 in all; by default the listeners may have 6 of them (a quarter
         // is kept for the main socket); `a` at most 2.
         c.client.max_clients = 8;
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
         c.vms[0].listeners = vec![
             unix_listener("a", &p("a.sock"), Some(2)),
             unix_listener("b", &p("b.sock"), None),
@@ -71,6 +74,18 @@ async fn listener_limits_keep_room_for_other_sockets() {
     }
     let mut refused = Client::connect(&p("rw.sock")).await;
     refused.expect_eof().await;
+    let body = metrics(daemon.metrics_addr.unwrap()).await;
+    for (reason, n) in [
+        ("max_clients", 1.0),
+        ("reserved_for_main", 1.0),
+        ("listener_max_clients", 1.0),
+        ("tls_handshakes", 0.0),
+        ("not_allowed", 0.0),
+    ] {
+        let series = format!("qmpmux_clients_refused_total{{vm=\"vm\",reason=\"{reason}\"}}");
+        assert_eq!(sample(&body, &series), Some(n), "{series} in\n{body}");
+    }
+    assert_eq!(sample(&body, "qmpmux_clients{vm=\"vm\"}"), Some(8.0), "{body}");
     // A client leaving gives its slots back.
     held.remove(0);
     common::eventually("a's slot to be given back", async || greeted(&p("a.sock")).await).await;

@@ -261,7 +261,10 @@ async fn served(addr: SocketAddr, ca: &Ca, cert: &(rcgen::Certificate, KeyPair))
 /// shows the subject escaped, as exactly what it is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subjects_match_whole_attributes() {
-    let vm = TlsVm::start(&["O=Example, CN=orchestrator"], |_| {}).await;
+    let vm = TlsVm::start(&["O=Example, CN=orchestrator"], |c| {
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap())
+    })
+    .await;
     let TlsVm {
         dir: _dir,
         _qemu,
@@ -296,6 +299,10 @@ async fn subjects_match_whole_attributes() {
     })
     .await;
     assert!(logged(r#"remote="tls:CN=orchestrator, O=Example@127.0.0.1:"#));
+    // Both refusals are counted (counted before they are logged).
+    let body = common::http::metrics(daemon.metrics_addr.unwrap()).await;
+    let series = "qmpmux_clients_refused_total{vm=\"vm\",reason=\"not_allowed\"}";
+    assert_eq!(common::http::sample(&body, series), Some(2.0), "{body}");
     daemon.stop().await;
 }
 
@@ -348,7 +355,7 @@ async fn handshakes_take_no_client_slot() {
 /// them, connections are closed at once and logged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handshakes_in_progress_are_capped() {
-    let vm = TlsVm::start(&[], |_| {}).await;
+    let vm = TlsVm::start(&[], |c| c.metrics_listen = Some("127.0.0.1:0".parse().unwrap())).await;
     let TlsVm {
         dir: _dir,
         _qemu,
@@ -369,6 +376,9 @@ async fn handshakes_in_progress_are_capped() {
     assert!(logged(
         "client refused: too many TLS handshakes in progress on this listener"
     ));
+    let body = common::http::metrics(daemon.metrics_addr.unwrap()).await;
+    let series = "qmpmux_clients_refused_total{vm=\"vm\",reason=\"tls_handshakes\"}";
+    assert_eq!(common::http::sample(&body, series), Some(extra as f64), "{body}");
     // The refused connections are gone; once the idle ones leave, their
     // handshakes end and a certified client gets through again.
     drop(idle);

@@ -5,6 +5,7 @@ pub mod fds;
 pub mod slots;
 pub mod tls;
 
+use crate::ops::metrics::Refusal;
 use client::{ClientContext, Peer};
 use futures_util::FutureExt;
 use prometheus_client::metrics::gauge::Gauge;
@@ -45,6 +46,7 @@ pub async fn accept_loop(listener: UnixListener, ctx: ClientContext, tracker: Ta
         };
         let Peer::Unix { pid, uid, gid } = peer else { continue };
         if !ctx.listener.admits(uid, gid) {
+            ctx.metrics.refused(Refusal::NotAllowed);
             warn!(target: "qmpmux::audit", vm = %ctx.vm, listener = %ctx.listener.name, pid,
                 uid, gid, "client refused: its uid/gid is not allowed on this listener");
             continue;
@@ -86,11 +88,12 @@ async fn after_accept_error(e: io::Error) {
     }
 }
 
-/// A client slot, or `None` (logged) when a limit is reached.
+/// A client slot, or `None` (logged and counted) when a limit is reached.
 fn take_slot(slots: &Slots, ctx: &ClientContext, remote: Option<&str>) -> Option<Slot> {
     slots
         .try_take()
         .map_err(|full| {
+            ctx.metrics.refused(full.refusal());
             warn!(target: "qmpmux::audit", vm = %ctx.vm, listener = %ctx.listener.name, max = full.max(),
                 remote = remote.unwrap_or("-"), "{}", full.reason());
         })
@@ -166,6 +169,7 @@ pub async fn accept_tcp_loop(
             continue;
         };
         let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
+            ctx.metrics.refused(Refusal::TlsHandshakes);
             warn!(target: "qmpmux::audit", vm = %ctx.vm, listener = %ctx.listener.name, %remote,
                 max = MAX_HANDSHAKES, "client refused: too many TLS handshakes in progress on this listener");
             continue;
@@ -213,6 +217,7 @@ impl Admission {
         let subject = tls::peer_subject(stream.get_ref().1).unwrap_or_default();
         let allowed = ctx.listener.subjects();
         if !allowed.is_empty() && !allowed.iter().any(|p| p.matches(&subject)) {
+            ctx.metrics.refused(Refusal::NotAllowed);
             return warn!(target: "qmpmux::audit", vm = %ctx.vm, %addr, %subject, listener = %ctx.listener.name,
                 "client refused: certificate subject not allowed");
         }

@@ -5,6 +5,7 @@
 //! `max_clients`). A client holds one permit of each limit that applies to
 //! it until it leaves, so one socket's users cannot lock out the others.
 
+use crate::ops::metrics::Refusal;
 use std::sync::Arc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -103,6 +104,15 @@ impl Full {
                  (the rest are kept for its main socket)"
             }
             Full::Listener(_) => "client refused: this listener has its maximum number of clients",
+        }
+    }
+
+    /// The `reason` it is counted under in the metrics.
+    pub fn refusal(self) -> Refusal {
+        match self {
+            Full::Vm(_) => Refusal::MaxClients,
+            Full::Listeners(_) => Refusal::ReservedForMain,
+            Full::Listener(_) => Refusal::ListenerMaxClients,
         }
     }
 

@@ -23,7 +23,15 @@ pub struct VmStatus {
     pub upstream: String,
     pub upstream_mode: String,
     pub listen: String,
+    /// The upstream runstate its thread last published, or
+    /// [`UNRESPONSIVE`] when that thread did not answer a probe.
     pub runstate: String,
+    /// Whether the thread serving the VM ran a probe task within
+    /// [`RESPONSIVE_WITHIN`] when the report was made. When it did not,
+    /// the VM's clients get no answers, and its other fields are what it
+    /// last recorded. (Absent from an older daemon's report: true.)
+    #[serde(default = "yes")]
+    pub responding: bool,
     /// QEMU's greeting's `version` object (`{"qemu": {"major": ...},
     /// "package": ...}`) once connected.
     pub qemu_version: Option<serde_json::Value>,
@@ -36,6 +44,26 @@ pub struct VmStatus {
     pub errors: u64,
     pub events: u64,
     pub last_error: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The runstate shown for a VM whose thread did not answer.
+pub const UNRESPONSIVE: &str = "unresponsive";
+
+/// How long a VM's thread gets to run a probe task before the VM is
+/// reported unresponsive. A command takes microseconds; a thread this late
+/// is blocked, not busy.
+pub const RESPONSIVE_WITHIN: Duration = Duration::from_secs(1);
+
+impl VmStatus {
+    /// Marks the VM as not responding: its thread did not run a probe.
+    pub fn mark_unresponsive(&mut self) {
+        self.responding = false;
+        self.runstate = UNRESPONSIVE.into();
+    }
 }
 
 /// The daemon as `qmpmux status` shows it. Fields an older daemon does not
@@ -151,6 +179,23 @@ pub fn render(report: &StatusReport) -> String {
             vm.last_error.as_deref().unwrap_or("-")
         );
     }
+    let stuck: Vec<&str> = report
+        .vms
+        .iter()
+        .filter(|vm| !vm.responding)
+        .map(|vm| vm.name.as_str())
+        .collect();
+    if !stuck.is_empty() {
+        let _ = writeln!(
+            out,
+            "NOT RESPONDING: {} (the thread serving {} did not run a probe within {} s: \
+             {} clients get no answers; the other columns are the last values recorded)",
+            stuck.join(", "),
+            if stuck.len() == 1 { "it" } else { "them" },
+            RESPONSIVE_WITHIN.as_secs(),
+            if stuck.len() == 1 { "its" } else { "their" },
+        );
+    }
     let up = report.uptime_seconds as u64;
     let _ = write!(
         out,
@@ -172,4 +217,65 @@ pub fn render(report: &StatusReport) -> String {
         }
     };
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm(name: &str) -> VmStatus {
+        VmStatus {
+            name: name.into(),
+            upstream: "/q.sock".into(),
+            upstream_mode: "connect".into(),
+            listen: "/l.sock".into(),
+            runstate: "running".into(),
+            responding: true,
+            qemu_version: None,
+            clients: 2,
+            in_flight: 0,
+            queued: 0,
+            connections: 1,
+            commands: 5,
+            errors: 0,
+            events: 0,
+            last_error: None,
+        }
+    }
+
+    #[test]
+    fn an_unresponsive_vm_is_shown_as_such() {
+        let mut frozen = vm("web01");
+        frozen.mark_unresponsive();
+        let report = StatusReport {
+            vms: vec![frozen, vm("db01")],
+            ..StatusReport::default()
+        };
+        let text = render(&report);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[1].starts_with("web01            unresponsive        2"), "{text}");
+        assert!(lines[2].starts_with("db01             running             2"), "{text}");
+        assert!(
+            lines[3].starts_with("NOT RESPONDING: web01 (the thread serving it"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["vms"][0]["responding"], false);
+        assert_eq!(json["vms"][0]["runstate"], "unresponsive");
+        assert_eq!(json["vms"][1]["responding"], true);
+        // All well: no such line.
+        let fine = StatusReport {
+            vms: vec![vm("db01")],
+            ..StatusReport::default()
+        };
+        assert!(!render(&fine).contains("NOT RESPONDING"));
+    }
+
+    #[test]
+    fn an_older_daemon_s_report_reads_as_responding() {
+        let mut json = serde_json::to_value(vm("web01")).unwrap();
+        json.as_object_mut().unwrap().remove("responding");
+        let back: VmStatus = serde_json::from_value(json).unwrap();
+        assert!(back.responding);
+    }
 }

@@ -6,6 +6,7 @@
 //! path; the registry's lock is taken only when a VM starts or stops.
 //! [`serve_metrics`] is the HTTP endpoint (`metrics_listen`).
 
+use super::exposition;
 use super::gate::Gate;
 use crate::state::Runstate;
 use hyper::header::{self, HeaderValue};
@@ -88,6 +89,45 @@ impl Disconnect {
     }
 }
 
+/// Why qmpmux turned a client away when it connected (the `reason` label
+/// of `qmpmux_clients_refused_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The VM had `[client] max_clients` clients.
+    MaxClients,
+    /// The extra listeners had all the clients they may have together:
+    /// the rest are kept for the main socket (`listen_reserved_clients`).
+    ReservedForMain,
+    /// The listener had its own `max_clients` clients.
+    ListenerMaxClients,
+    /// The TLS listener had as many handshakes in progress as it runs at
+    /// once.
+    TlsHandshakes,
+    /// The peer's uid/gid or certificate subject is not allowed on the
+    /// listener.
+    NotAllowed,
+}
+
+impl Refusal {
+    const ALL: [Refusal; 5] = [
+        Refusal::MaxClients,
+        Refusal::ReservedForMain,
+        Refusal::ListenerMaxClients,
+        Refusal::TlsHandshakes,
+        Refusal::NotAllowed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::MaxClients => "max_clients",
+            Refusal::ReservedForMain => "reserved_for_main",
+            Refusal::ListenerMaxClients => "listener_max_clients",
+            Refusal::TlsHandshakes => "tls_handshakes",
+            Refusal::NotAllowed => "not_allowed",
+        }
+    }
+}
+
 const STATES: [Runstate; 4] = [
     Runstate::Idle,
     Runstate::Connecting,
@@ -109,6 +149,8 @@ pub struct Metrics {
     reloads: Family<ResultLabel, Counter>,
     refusals: Family<VmLabel, Counter>,
     disconnects: Family<ReasonLabel, Counter>,
+    refused: Family<ReasonLabel, Counter>,
+    responding: Family<VmLabel, Gauge>,
     commands: Family<VmLabel, Counter>,
     errors: Family<VmLabel, Counter>,
     events: Family<VmLabel, Counter>,
@@ -140,6 +182,11 @@ pub struct VmMetrics {
     runstate: Vec<Gauge>,
     /// Per [`Disconnect::ALL`].
     disconnects: Vec<Counter>,
+    /// Per [`Refusal::ALL`].
+    refused: Vec<Counter>,
+    /// Whether the VM's thread ran a probe task in time at the last check
+    /// (set by the supervisor, which probes; 1 until the first check).
+    pub responding: Gauge,
 }
 
 impl VmMetrics {
@@ -155,6 +202,17 @@ impl VmMetrics {
             .iter()
             .position(|d| *d == why)
             .and_then(|i| self.disconnects.get(i))
+        {
+            c.inc();
+        }
+    }
+
+    /// Counts a client turned away when it connected.
+    pub fn refused(&self, why: Refusal) {
+        if let Some(c) = Refusal::ALL
+            .iter()
+            .position(|r| *r == why)
+            .and_then(|i| self.refused.get(i))
         {
             c.inc();
         }
@@ -192,6 +250,8 @@ impl Metrics {
             reloads: Family::default(),
             refusals: Family::default(),
             disconnects: Family::default(),
+            refused: Family::default(),
+            responding: Family::default(),
             registry: Registry::default(),
         };
         m.process.register(&mut root);
@@ -259,6 +319,16 @@ impl Metrics {
             "Clients disconnected by qmpmux, by reason",
             m.disconnects.clone(),
         );
+        registry.register(
+            "clients_refused",
+            "Clients turned away when they connected, by reason",
+            m.refused.clone(),
+        );
+        registry.register(
+            "responding",
+            "Whether the thread serving the VM ran a probe task within a second at the last check, every second (0: it is blocked, and so are the VM's clients)",
+            m.responding.clone(),
+        );
         Metrics { registry: root, ..m }
     }
 
@@ -279,6 +349,9 @@ impl Metrics {
 
     pub fn vm(&self, name: &str) -> VmMetrics {
         let l = VmLabel { vm: name.into() };
+        let responding = self.responding.get_or_create(&l).clone();
+        // Until the supervisor's first probe says otherwise.
+        responding.set(1);
         let runstate = STATES
             .iter()
             .map(|s| {
@@ -302,8 +375,13 @@ impl Metrics {
             runstate,
             disconnects: Disconnect::ALL
                 .iter()
-                .map(|d| self.disconnects.get_or_create(&reason_label(name, *d)).clone())
+                .map(|d| self.disconnects.get_or_create(&reason_label(name, d.as_str())).clone())
                 .collect(),
+            refused: Refusal::ALL
+                .iter()
+                .map(|r| self.refused.get_or_create(&reason_label(name, r.as_str())).clone())
+                .collect(),
+            responding,
         }
     }
 
@@ -319,8 +397,12 @@ impl Metrics {
         self.queued.remove(&l);
         self.latency.remove(&l);
         self.refusals.remove(&l);
+        self.responding.remove(&l);
         for d in Disconnect::ALL {
-            self.disconnects.remove(&reason_label(name, d));
+            self.disconnects.remove(&reason_label(name, d.as_str()));
+        }
+        for r in Refusal::ALL {
+            self.refused.remove(&reason_label(name, r.as_str()));
         }
         for s in STATES {
             self.runstate.remove(&StateLabel {
@@ -339,10 +421,10 @@ impl Metrics {
     }
 }
 
-fn reason_label(vm: &str, d: Disconnect) -> ReasonLabel {
+fn reason_label(vm: &str, reason: &str) -> ReasonLabel {
     ReasonLabel {
         vm: vm.into(),
-        reason: d.as_str().into(),
+        reason: reason.into(),
     }
 }
 
@@ -463,20 +545,29 @@ async fn serve_metrics_connection(
     }
 }
 
-/// `GET` (or `HEAD`) `/metrics`: the metrics; anything else an error.
+/// `GET` (or `HEAD`) `/metrics`: the metrics, in OpenMetrics if the request
+/// asks for it, else in Prometheus's text format; anything else an error.
 fn metrics_reply<B>(req: &Request<B>, metrics: &SharedMetrics) -> Response<String> {
+    let openmetrics = exposition::wants_openmetrics(req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok()));
     let (status, body) = match (req.method(), req.uri().path()) {
-        (&Method::GET | &Method::HEAD, "/metrics") => (StatusCode::OK, metrics.encode()),
+        (&Method::GET | &Method::HEAD, "/metrics") if openmetrics => (StatusCode::OK, metrics.encode()),
+        (&Method::GET | &Method::HEAD, "/metrics") => {
+            (StatusCode::OK, exposition::to_prometheus_text(&metrics.encode()))
+        }
         (_, "/metrics") => (StatusCode::METHOD_NOT_ALLOWED, String::new()),
         _ => (StatusCode::NOT_FOUND, String::new()),
     };
     let mut reply = Response::new(body);
     *reply.status_mut() = status;
     if status == StatusCode::OK {
-        reply.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-        );
+        let kind = if openmetrics {
+            exposition::OPENMETRICS
+        } else {
+            exposition::PROMETHEUS_TEXT
+        };
+        reply
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
     }
     reply
 }
@@ -555,8 +646,29 @@ mod tests {
             &text,
             "qmpmux_clients_disconnected_total{vm=\"web01\",reason=\"shutdown\"} 0",
         );
+        vm.refused(Refusal::MaxClients);
+        vm.refused(Refusal::TlsHandshakes);
+        vm.refused(Refusal::TlsHandshakes);
+        vm.responding.set(0);
+        let text = m.encode();
+        line(
+            &text,
+            "qmpmux_clients_refused_total{vm=\"web01\",reason=\"max_clients\"} 1",
+        );
+        line(
+            &text,
+            "qmpmux_clients_refused_total{vm=\"web01\",reason=\"tls_handshakes\"} 2",
+        );
+        line(
+            &text,
+            "qmpmux_clients_refused_total{vm=\"web01\",reason=\"not_allowed\"} 0",
+        );
+        line(&text, "qmpmux_responding{vm=\"web01\"} 0");
         m.remove_vm("web01");
         let text = m.encode();
         assert!(!text.contains("web01"), "{text}");
+        // A VM started again (a reload) counts as responding until probed.
+        let _again = m.vm("web01");
+        line(&m.encode(), "qmpmux_responding{vm=\"web01\"} 1");
     }
 }

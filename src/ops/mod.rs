@@ -1,6 +1,7 @@
 //! Operating qmpmux: what it offers operators beside the QMP sockets.
 //! - [`control`]: the control socket behind `qmpmux status`.
 //! - [`metrics`]: the Prometheus metrics and their HTTP endpoint.
+//! - `exposition`: its two text formats, OpenMetrics and Prometheus's 0.0.4.
 //! - [`gate`]: the connection cap both serve behind.
 //! - [`logging`]: journal priorities, and the reopenable `log_file`.
 //! - [`systemd`]: readiness notifications, and the watchdog, fed while the
@@ -10,6 +11,7 @@
 
 pub mod control;
 pub mod demo;
+mod exposition;
 mod gate;
 pub mod logging;
 pub mod metrics;

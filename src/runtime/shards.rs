@@ -12,6 +12,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::runtime::{Builder, Handle};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// The shard threads, stopped when dropped.
@@ -32,6 +33,9 @@ struct Shard {
 #[derive(Debug)]
 pub struct Lease {
     pub handle: Handle,
+    /// The shard's index, as in [`Liveness::unresponsive`] and the thread
+    /// name `qmpmux-vm-N`.
+    pub shard: usize,
     _load: Arc<()>,
 }
 
@@ -69,13 +73,15 @@ impl Shards {
 
     /// A place for one more VM: the shard with the fewest VMs.
     pub fn place(&self) -> Lease {
-        let shard = self
+        let (index, shard) = self
             .shards
             .iter()
-            .min_by_key(|s| Arc::strong_count(&s.load))
+            .enumerate()
+            .min_by_key(|(_, s)| Arc::strong_count(&s.load))
             .expect("at least one shard");
         Lease {
             handle: shard.handle.clone(),
+            shard: index,
             _load: shard.load.clone(),
         }
     }
@@ -117,6 +123,35 @@ impl Liveness {
             .filter(|(_, ok)| !**ok)
             .map(|(i, _)| i)
             .collect()
+    }
+}
+
+impl Liveness {
+    /// Probes every shard every `every` (each given `within`), publishing
+    /// the unresponsive ones on `to` after each round, changed or not, until
+    /// `stop` or until nobody listens.
+    pub async fn publish(
+        self,
+        every: Duration,
+        within: Duration,
+        to: watch::Sender<Vec<usize>>,
+        stop: CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            // Cancel-safe: a probe cut short is simply not published.
+            let stuck = tokio::select! {
+                () = stop.cancelled() => return,
+                stuck = async {
+                    tick.tick().await;
+                    self.unresponsive(within).await
+                } => stuck,
+            };
+            if to.send(stuck).is_err() {
+                return;
+            }
+        }
     }
 }
 
@@ -163,12 +198,8 @@ mod tests {
             std::thread::sleep(Duration::from_secs(3));
         });
         wait.recv_timeout(Duration::from_secs(5)).unwrap();
-        let blocked = shards
-            .shards
-            .iter()
-            .position(|s| Arc::strong_count(&s.load) == 2)
-            .unwrap();
-        assert_eq!(live.unresponsive(Duration::from_secs(1)).await, vec![blocked]);
+        // The lease names the shard the probe finds blocked.
+        assert_eq!(live.unresponsive(Duration::from_secs(1)).await, vec![stuck.shard]);
         // Once the thread is free again it answers.
         assert_eq!(live.unresponsive(Duration::from_secs(5)).await, Vec::<usize>::new());
     }

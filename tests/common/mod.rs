@@ -11,6 +11,7 @@
 //! - `fake/`: a scripted fake QMP server (`mod.rs`) and one answering every
 //!   request at once (`instant.rs`), for upstreams QEMU cannot imitate
 //! - `logs.rs`: qmpmux's log, captured
+//! - `http.rs`: scraping the metrics endpoint
 // Each test binary and the benchmark use a different part of the harness.
 #![allow(dead_code, unused_imports)]
 
@@ -19,6 +20,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod fake;
+pub mod http;
 pub mod logs;
 pub mod process;
 pub mod qemu;
