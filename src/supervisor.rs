@@ -439,6 +439,16 @@ impl Vm {
             errors: m.errors.get(),
             events: m.events.get(),
             last_error: s.last_error.clone(),
+            lease: s.lease.as_ref().map(|h| crate::ops::control::LeaseStatus {
+                client: h.client,
+                holder: h.who.clone(),
+                reason: h.reason.clone(),
+                seconds_left: h
+                    .until
+                    .saturating_duration_since(std::time::Instant::now())
+                    .as_secs_f64()
+                    .ceil() as u64,
+            }),
         }
     }
 }

@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::http::{metrics, sample};
 use common::qemu::Monitor;
 use common::{Client, Daemon, Qemu};
 use qmpmux::config::{Endpoint, ListenerConfig};
@@ -229,7 +230,11 @@ async fn an_overflowed_history_says_lost_and_replays_what_it_kept() {
     let dir = tempfile::tempdir().unwrap();
     let (up, sock) = (dir.path().join("q.sock"), dir.path().join("vm.sock"));
     let _qemu = Qemu::start(&up).await;
-    let daemon = Daemon::start_with(&[("vm", &up, &sock)], |c| c.upstream.event_history = 10).await;
+    let daemon = Daemon::start_with(&[("vm", &up, &sock)], |c| {
+        c.upstream.event_history = 10;
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
     let mut c = Client::ready(&sock).await;
     let next = subscribe(&mut c, "{}").await["next"].as_u64().unwrap();
     stop_cont(&mut c, 15).await;
@@ -249,6 +254,16 @@ async fn an_overflowed_history_says_lost_and_replays_what_it_kept() {
     // silent replay of the wrong events.
     let ret = subscribe(&mut r, &format!(r#"{{"since": {}}}"#, next + 1000)).await;
     assert_eq!(ret["lost"], true);
+    let body = metrics(daemon.metrics_addr.unwrap()).await;
+    assert_eq!(
+        sample(&body, "qmpmux_event_history_events{vm=\"vm\"}"),
+        Some(10.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample(&body, "qmpmux_event_history_evicted_total{vm=\"vm\"}"),
+        Some(20.0)
+    );
     daemon.stop().await;
 }
 

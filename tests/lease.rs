@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::http::{metrics, sample};
 use common::{Client, Daemon, Qemu};
 use qmpmux::config::{Endpoint, ListenerConfig};
 use qmpmux::policy::Glob;
@@ -23,7 +24,11 @@ async fn a_lease_blocks_others_changes_not_their_queries_and_ends_with_its_holde
     let dir = tempfile::tempdir().unwrap();
     let (up, sock) = (dir.path().join("q.sock"), dir.path().join("vm.sock"));
     let _qemu = Qemu::start(&up).await;
-    let daemon = Daemon::start(&[("web01", &up, &sock)]).await;
+    let daemon = Daemon::start_with(&[("web01", &up, &sock)], |c| {
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let addr = daemon.metrics_addr.unwrap();
     let mut holder = Client::ready(&sock).await;
     let mut other = Client::ready(&sock).await;
 
@@ -54,9 +59,12 @@ async fn a_lease_blocks_others_changes_not_their_queries_and_ends_with_its_holde
     // A second lease is refused at once.
     let r = lease(&mut other, 5, "backup").await;
     assert!(r["error"]["desc"].as_str().unwrap().contains("already leased"), "{r}");
-    // qmpmux's view names the holder.
+    // qmpmux's view names the holder, and the metrics count.
     let r = other.cmd(r#"{"execute":"__org.qmpmux_query-proxy"}"#).await;
     assert_eq!(r["return"]["lease"]["client"], holder_no, "{r}");
+    let body = metrics(addr).await;
+    assert_eq!(sample(&body, "qmpmux_lease_held{vm=\"web01\"}"), Some(1.0), "{body}");
+    assert_eq!(sample(&body, "qmpmux_lease_refusals_total{vm=\"web01\"}"), Some(1.0));
 
     // The holder itself works as ever, events flow to everyone.
     let r = holder.cmd(r#"{"execute":"stop","id":1}"#).await;
@@ -69,6 +77,8 @@ async fn a_lease_blocks_others_changes_not_their_queries_and_ends_with_its_holde
     assert_eq!(released["data"]["client"], holder_no);
     let r = other.cmd(r#"{"execute":"cont","id":2}"#).await;
     assert!(r.get("return").is_some(), "{r}");
+    let body = metrics(addr).await;
+    assert_eq!(sample(&body, "qmpmux_lease_held{vm=\"web01\"}"), Some(0.0), "{body}");
     daemon.stop().await;
 }
 

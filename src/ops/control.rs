@@ -44,6 +44,18 @@ pub struct VmStatus {
     pub errors: u64,
     pub events: u64,
     pub last_error: Option<String>,
+    /// Who holds the VM's lease (`__org.qmpmux_lease`), if anyone.
+    #[serde(default)]
+    pub lease: Option<LeaseStatus>,
+}
+
+/// A held lease, as `qmpmux status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LeaseStatus {
+    pub client: u64,
+    pub holder: String,
+    pub reason: String,
+    pub seconds_left: u64,
 }
 
 fn yes() -> bool {
@@ -185,6 +197,20 @@ pub fn render(report: &StatusReport) -> String {
         .filter(|vm| !vm.responding)
         .map(|vm| vm.name.as_str())
         .collect();
+    for vm in &report.vms {
+        if let Some(l) = &vm.lease {
+            let reason = if l.reason.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", l.reason)
+            };
+            let _ = writeln!(
+                out,
+                "LEASED: {} by {}{reason}, {} s left",
+                vm.name, l.holder, l.seconds_left
+            );
+        }
+    }
     if !stuck.is_empty() {
         let _ = writeln!(
             out,
@@ -240,6 +266,7 @@ mod tests {
             errors: 0,
             events: 0,
             last_error: None,
+            lease: None,
         }
     }
 
@@ -269,6 +296,26 @@ mod tests {
             ..StatusReport::default()
         };
         assert!(!render(&fine).contains("NOT RESPONDING"));
+    }
+
+    #[test]
+    fn a_held_lease_is_shown() {
+        let mut report = StatusReport::default();
+        let mut vm = vm("web01");
+        vm.lease = Some(LeaseStatus {
+            client: 12,
+            holder: "client 12 (pid 7, uid 0)".into(),
+            reason: "migration".into(),
+            seconds_left: 30,
+        });
+        report.vms.push(vm);
+        let text = render(&report);
+        assert!(
+            text.contains("LEASED: web01 by client 12 (pid 7, uid 0) (migration), 30 s left"),
+            "{text}"
+        );
+        let json: serde_json::Value = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["vms"][0]["lease"]["seconds_left"], 30);
     }
 
     #[test]

@@ -151,6 +151,10 @@ pub struct Metrics {
     disconnects: Family<ReasonLabel, Counter>,
     refused: Family<ReasonLabel, Counter>,
     responding: Family<VmLabel, Gauge>,
+    history: Family<VmLabel, Gauge>,
+    evicted: Family<VmLabel, Counter>,
+    lease_held: Family<VmLabel, Gauge>,
+    lease_refusals: Family<VmLabel, Counter>,
     commands: Family<VmLabel, Counter>,
     errors: Family<VmLabel, Counter>,
     events: Family<VmLabel, Counter>,
@@ -187,6 +191,14 @@ pub struct VmMetrics {
     /// Whether the VM's thread ran a probe task in time at the last check
     /// (set by the supervisor, which probes; 1 until the first check).
     pub responding: Gauge,
+    /// Events kept for consumers that resume.
+    pub history: Gauge,
+    /// Events that fell out of the history.
+    pub evicted: Counter,
+    /// 1 while a client holds the VM's lease.
+    pub lease_held: Gauge,
+    /// Commands refused because another client held the lease.
+    pub lease_refusals: Counter,
 }
 
 impl VmMetrics {
@@ -252,6 +264,10 @@ impl Metrics {
             disconnects: Family::default(),
             refused: Family::default(),
             responding: Family::default(),
+            history: Family::default(),
+            evicted: Family::default(),
+            lease_held: Family::default(),
+            lease_refusals: Family::default(),
             registry: Registry::default(),
         };
         m.process.register(&mut root);
@@ -325,6 +341,26 @@ impl Metrics {
             m.refused.clone(),
         );
         registry.register(
+            "event_history_events",
+            "Events kept for consumers that resume (__org.qmpmux_subscribe with since)",
+            m.history.clone(),
+        );
+        registry.register(
+            "event_history_evicted",
+            "Events that fell out of the history (event_history, event_history_bytes)",
+            m.evicted.clone(),
+        );
+        registry.register(
+            "lease_held",
+            "Whether a client holds the VM's lease (__org.qmpmux_lease)",
+            m.lease_held.clone(),
+        );
+        registry.register(
+            "lease_refusals",
+            "Commands refused because another client held the VM's lease",
+            m.lease_refusals.clone(),
+        );
+        registry.register(
             "responding",
             "Whether the thread serving the VM ran a probe task within a second at the last check, every second (0: it is blocked, and so are the VM's clients)",
             m.responding.clone(),
@@ -382,6 +418,10 @@ impl Metrics {
                 .map(|r| self.refused.get_or_create(&reason_label(name, r.as_str())).clone())
                 .collect(),
             responding,
+            history: self.history.get_or_create(&l).clone(),
+            evicted: self.evicted.get_or_create(&l).clone(),
+            lease_held: self.lease_held.get_or_create(&l).clone(),
+            lease_refusals: self.lease_refusals.get_or_create(&l).clone(),
         }
     }
 
@@ -398,6 +438,10 @@ impl Metrics {
         self.latency.remove(&l);
         self.refusals.remove(&l);
         self.responding.remove(&l);
+        self.history.remove(&l);
+        self.evicted.remove(&l);
+        self.lease_held.remove(&l);
+        self.lease_refusals.remove(&l);
         for d in Disconnect::ALL {
             self.disconnects.remove(&reason_label(name, d.as_str()));
         }

@@ -127,16 +127,20 @@ impl Hub {
         if request.exempt {
             return Ok(());
         }
-        self.lease
-            .check(client, now)
-            .map_err(|held| Answer::Leased(held.refusal(&self.vm, now)))
+        self.lease.check(client, now).map_err(|held| {
+            self.metrics.lease_refusals.inc();
+            Answer::Leased(held.refusal(&self.vm, now))
+        })
     }
 
     /// Numbers and keeps one event, and gives it to every client whose
     /// filter lets it through: QEMU's bytes to most, the numbered line
     /// (built once) to those that asked for numbers.
     pub fn event(&mut self, name: &str, line: Bytes) {
+        let evicted = self.history.evicted();
         let seq = self.history.push(name, line.clone());
+        self.metrics.history.set(self.history.len() as i64);
+        self.metrics.evicted.inc_by(self.history.evicted() - evicted);
         self.actions.fire(name, &line, Some(seq));
         let mut with_seq: Option<Bytes> = None;
         let mut gone = Vec::new();
@@ -366,6 +370,7 @@ impl Hub {
     fn lease_changed(&mut self, held: &Held, ended: Option<Ended>, seconds: u64) {
         self.status
             .send_modify(|s| s.lease = ended.is_none().then(|| held.clone()));
+        self.metrics.lease_held.set(i64::from(ended.is_none()));
         let common = format!(
             "\"vm\": {}, \"client\": {}, \"holder\": {}, \"reason\": {}",
             json_str(&self.vm),
