@@ -35,6 +35,7 @@ pub mod config;
 mod downstream;
 pub mod error;
 pub mod events;
+mod fleet;
 pub mod listen;
 pub mod ops;
 pub mod policy;

@@ -85,6 +85,10 @@ struct Supervisor {
     shards: Shards,
     started: std::time::Instant,
     last_reload: Option<ReloadStatus>,
+    /// The NATS side, with `[nats]`.
+    fleet: Option<crate::fleet::FleetHandle>,
+    /// The daemon's stop, which the fleet's tasks follow.
+    shutdown: CancellationToken,
 }
 
 /// Runs the daemon until `shutdown` is cancelled, then stops cleanly and
@@ -112,6 +116,8 @@ pub async fn run_with_reload(
         shards,
         started: std::time::Instant::now(),
         last_reload: None,
+        fleet: None,
+        shutdown: shutdown.clone(),
     };
     for vm in &config.vms {
         let started = match listeners.vms.remove(&vm.name) {
@@ -125,6 +131,7 @@ pub async fn run_with_reload(
             return Err(listeners.undo(e));
         }
     }
+    sup.sync_fleet().await;
     let services = TaskTracker::new();
     let (query_tx, mut queries) = mpsc::channel(16);
     // Removed at exit only if qmpmux bound it: when binding failed, the
@@ -171,6 +178,9 @@ pub async fn run_with_reload(
         }
     }
     info!("shutting down");
+    if let Some(fleet) = sup.fleet.take() {
+        fleet.stop().await;
+    }
     services.close();
     services.wait().await;
     for s in control_file.iter().flat_map(|c| &c.sockets) {
@@ -323,6 +333,7 @@ impl Supervisor {
                 error!(error = %crate::error::chain(&e), "cannot start VM after reload");
             }
         }
+        self.sync_fleet().await;
         info!(
             added = ?summary.added,
             removed = ?summary.removed,
@@ -399,6 +410,33 @@ impl Supervisor {
             uptime_seconds: self.started.elapsed().as_secs_f64(),
             last_reload: self.last_reload.clone(),
             vms,
+            nats: self.fleet.as_ref().map(|f| f.status()),
+        }
+    }
+
+    /// Starts, restarts (changed `[nats]`) or stops the fleet service to
+    /// match the configuration, and gives it the VMs running now.
+    async fn sync_fleet(&mut self) {
+        let wanted = self.config.nats.clone();
+        if self.fleet.as_ref().map(|f| f.config()) != wanted.as_ref() {
+            if let Some(old) = self.fleet.take() {
+                info!("[nats] changed: reconnecting");
+                old.stop().await;
+            }
+            if let Some(cfg) = wanted {
+                self.fleet = Some(crate::fleet::FleetHandle::spawn(cfg, self.metrics.nats(), &self.shutdown).await);
+            }
+        }
+        if let Some(fleet) = &self.fleet {
+            let vms = self
+                .vms
+                .values()
+                .map(|vm| crate::fleet::FleetVm {
+                    name: vm.config.name.clone(),
+                    session: vm.session.clone(),
+                })
+                .collect();
+            fleet.set_vms(vms).await;
         }
     }
 

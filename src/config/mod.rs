@@ -1,7 +1,10 @@
 //! The TOML configuration: parsed as [`RawConfig`], validated into [`Config`]
 //! (no `Option`s left where a value is needed at run time).
 
+mod nats;
 mod raw;
+
+pub use nats::is_token;
 
 use raw::RawConfig;
 
@@ -66,6 +69,72 @@ pub struct Config {
     pub upstream: UpstreamOptions,
     pub client: ClientOptions,
     pub vms: Vec<VmConfig>,
+    /// `[nats]`: events and commands for a fleet; off when `None`.
+    pub nats: Option<NatsConfig>,
+}
+
+/// `[nats]`: where and how qmpmux publishes its VMs' events and state, and
+/// whether it answers QMP commands, over NATS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatsConfig {
+    /// Server URLs (several for a cluster).
+    pub servers: Vec<String>,
+    pub auth: NatsAuth,
+    /// TLS: the CA to trust (else the system's), a client certificate.
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_required: bool,
+    /// This host's name in subjects and headers.
+    pub host: String,
+    /// Every subject starts with this (`qmpmux.<host>` by default).
+    pub prefix: String,
+    /// A JetStream stream that captures the events; plain NATS when `None`.
+    pub stream: Option<StreamConfig>,
+    /// Answer QMP commands on `<prefix>.<vm>.execute`.
+    pub commands: bool,
+    /// Which commands, as for a listener.
+    pub policy: Policy,
+}
+
+/// How qmpmux authenticates to NATS.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub enum NatsAuth {
+    #[default]
+    None,
+    /// A `.creds` file (JWT and nkey seed).
+    Credentials(PathBuf),
+    /// A file holding an nkey seed (`SU...`).
+    NkeyFile(PathBuf),
+    Token(String),
+    UserPassword { user: String, password: String },
+}
+
+impl std::fmt::Debug for NatsAuth {
+    /// Secrets stay out of logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NatsAuth::None => f.write_str("None"),
+            NatsAuth::Credentials(p) => f.debug_tuple("Credentials").field(p).finish(),
+            NatsAuth::NkeyFile(p) => f.debug_tuple("NkeyFile").field(p).finish(),
+            NatsAuth::Token(_) => f.write_str("Token(***)"),
+            NatsAuth::UserPassword { user, .. } => write!(f, "UserPassword {{ user: {user:?}, password: *** }}"),
+        }
+    }
+}
+
+/// The JetStream stream for events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamConfig {
+    pub name: String,
+    /// Retention: the first limit reached drops the oldest messages.
+    pub max_age: Option<Duration>,
+    pub max_msgs: Option<i64>,
+    pub max_bytes: Option<i64>,
+    pub replicas: usize,
+    /// How long JetStream remembers message ids, so that a retried publish
+    /// is stored once.
+    pub duplicate_window: Duration,
 }
 
 /// How qmpmux reaches a VM's QEMU monitor.
@@ -390,6 +459,7 @@ impl Default for Config {
             upstream: UpstreamOptions::default(),
             client: ClientOptions::default(),
             vms: Vec::new(),
+            nats: None,
         }
     }
 }

@@ -28,6 +28,7 @@ pub(super) struct RawConfig {
     client: RawClient,
     #[serde(default)]
     vm: Vec<RawVm>,
+    nats: Option<super::nats::RawNats>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -172,7 +173,7 @@ struct RawListener {
     events: Option<Vec<String>>,
 }
 
-pub(super) type Invalid = (String, String);
+pub(crate) type Invalid = (String, String);
 
 /// An `events` list: non-empty patterns.
 fn event_patterns(list: Option<Vec<String>>, field: String) -> Result<Option<Arc<[Glob]>>, Invalid> {
@@ -183,7 +184,7 @@ fn event_patterns(list: Option<Vec<String>>, field: String) -> Result<Option<Arc
     Ok(Some(list.into_iter().map(Glob::new).collect()))
 }
 
-fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Invalid {
+pub(super) fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Invalid {
     (field.into(), reason.into())
 }
 
@@ -265,6 +266,8 @@ impl RawConfig {
         if let Some(p) = &control_socket {
             check_socket_path(p).map_err(|r| invalid("control_socket", r))?;
         }
+        let names: Vec<&str> = vms.iter().map(|v| v.name.as_str()).collect();
+        let nats = self.nats.map(|n| n.validate(&names)).transpose()?;
         let threads = self.threads.unwrap_or(0);
         if threads > MAX_THREADS {
             return Err(invalid(
@@ -285,6 +288,7 @@ impl RawConfig {
             upstream,
             client,
             vms,
+            nats,
         })
     }
 }

@@ -24,6 +24,12 @@ use tracing::{error, warn, Instrument};
 /// Client ids are unique across the whole daemon, for logs.
 static NEXT_CLIENT: AtomicU64 = AtomicU64::new(1);
 
+/// A number for a new client (also for qmpmux's own, such as the NATS
+/// commander of a VM).
+pub fn next_client_id() -> u64 {
+    NEXT_CLIENT.fetch_add(1, Ordering::Relaxed)
+}
+
 /// Accepts clients until `ctx.stop`; each gets its own task on `tracker`
 /// and holds a slot (see [`slots`]) while connected.
 pub async fn accept_loop(listener: UnixListener, ctx: ClientContext, tracker: TaskTracker, slots: Slots) {
@@ -107,7 +113,7 @@ where
     F: FnOnce(u64, Arc<ClientContext>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let id = NEXT_CLIENT.fetch_add(1, Ordering::Relaxed);
+    let id = next_client_id();
     let counted = Counted::new(ctx.metrics.clients.clone(), slot);
     // A combinator, not `async move { client.await; .. }`: an async block
     // keeps room for the captured future beside the one it awaits, which

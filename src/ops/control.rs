@@ -94,6 +94,27 @@ pub struct StatusReport {
     #[serde(default)]
     pub last_reload: Option<ReloadStatus>,
     pub vms: Vec<VmStatus>,
+    /// The NATS connection, with `[nats]`.
+    #[serde(default)]
+    pub nats: Option<NatsStatus>,
+}
+
+/// The NATS side (`[nats]`) as `qmpmux status` shows it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct NatsStatus {
+    pub servers: Vec<String>,
+    /// `connected`, `disconnected` or `pending` (not connected yet).
+    pub state: String,
+    pub prefix: String,
+    pub stream: Option<String>,
+    pub commands: bool,
+    pub published: u64,
+    pub acknowledged: u64,
+    /// Events numbered and not acknowledged yet, over all VMs.
+    pub pending: i64,
+    /// Events that fell out of a history before they were published.
+    pub dropped: u64,
+    pub reconnects: u64,
 }
 
 /// The outcome of a configuration reload.
@@ -220,6 +241,21 @@ pub fn render(report: &StatusReport) -> String {
             if stuck.len() == 1 { "it" } else { "them" },
             RESPONSIVE_WITHIN.as_secs(),
             if stuck.len() == 1 { "its" } else { "their" },
+        );
+    }
+    if let Some(n) = &report.nats {
+        let _ = writeln!(
+            out,
+            "NATS: {} ({}), prefix {}{}, {} published, {} acknowledged, {} pending, {} dropped, {} reconnects",
+            n.state,
+            n.servers.join(", "),
+            n.prefix,
+            n.stream.as_ref().map(|s| format!(", stream {s}")).unwrap_or_default(),
+            n.published,
+            n.acknowledged,
+            n.pending,
+            n.dropped,
+            n.reconnects
         );
     }
     let up = report.uptime_seconds as u64;

@@ -155,6 +155,7 @@ pub struct Metrics {
     evicted: Family<VmLabel, Counter>,
     lease_held: Family<VmLabel, Gauge>,
     lease_refusals: Family<VmLabel, Counter>,
+    nats: NatsMetrics,
     commands: Family<VmLabel, Counter>,
     errors: Family<VmLabel, Counter>,
     events: Family<VmLabel, Counter>,
@@ -164,6 +165,25 @@ pub struct Metrics {
     queued: Family<VmLabel, Gauge>,
     runstate: Family<StateLabel, Gauge>,
     latency: Family<VmLabel, Histogram, fn() -> Histogram>,
+}
+
+/// The NATS connection's handles (`[nats]`), shared by the fleet's tasks.
+#[derive(Clone, Debug, Default)]
+pub struct NatsMetrics {
+    /// 1 while connected.
+    pub connected: Gauge,
+    pub reconnects: Counter,
+    /// Events and state messages sent.
+    pub published: Counter,
+    /// Events JetStream acknowledged (with `stream`), or flushed to the
+    /// server (without).
+    pub acknowledged: Counter,
+    /// Events numbered but not acknowledged yet, over all VMs.
+    pub pending: Gauge,
+    /// Events that fell out of a VM's history before they were published.
+    pub dropped: Counter,
+    /// Commands received over NATS.
+    pub commands: Counter,
 }
 
 /// One VM's handles.
@@ -268,6 +288,7 @@ impl Metrics {
             evicted: Family::default(),
             lease_held: Family::default(),
             lease_refusals: Family::default(),
+            nats: NatsMetrics::default(),
             registry: Registry::default(),
         };
         m.process.register(&mut root);
@@ -350,6 +371,29 @@ impl Metrics {
             "Events that fell out of the history (event_history, event_history_bytes)",
             m.evicted.clone(),
         );
+        for (name, help, metric) in [
+            ("nats_published", "Messages published to NATS", &m.nats.published),
+            (
+                "nats_acknowledged",
+                "Events JetStream acknowledged (or flushed to the server, without a stream)",
+                &m.nats.acknowledged,
+            ),
+            (
+                "nats_dropped",
+                "Events that fell out of a VM's history before they were published",
+                &m.nats.dropped,
+            ),
+            ("nats_reconnects", "Reconnections to NATS", &m.nats.reconnects),
+            ("nats_commands", "QMP commands received over NATS", &m.nats.commands),
+        ] {
+            registry.register(name, help, metric.clone());
+        }
+        registry.register("nats_connected", "Whether qmpmux is connected to NATS", m.nats.connected.clone());
+        registry.register(
+            "nats_pending",
+            "Events numbered but not yet acknowledged by NATS, over all VMs",
+            m.nats.pending.clone(),
+        );
         registry.register(
             "lease_held",
             "Whether a client holds the VM's lease (__org.qmpmux_lease)",
@@ -423,6 +467,11 @@ impl Metrics {
             lease_held: self.lease_held.get_or_create(&l).clone(),
             lease_refusals: self.lease_refusals.get_or_create(&l).clone(),
         }
+    }
+
+    /// The NATS connection's handles.
+    pub fn nats(&self) -> NatsMetrics {
+        self.nats.clone()
     }
 
     /// Forgets a VM that was removed from the configuration.

@@ -7,7 +7,7 @@
 use super::fdnames::FdNames;
 use super::lease::{Ended, Held, Lease};
 use super::mailbox::{MailboxSender, SendError};
-use super::{Answer, Extension, Request, Runstate, Status, ToClient, ToSession};
+use super::{Answer, Extension, Fetched, Request, Runstate, Status, ToClient, ToSession};
 use crate::events::actions::Actions;
 use crate::events::{EventFilter, History};
 use crate::ops::metrics::VmMetrics;
@@ -48,6 +48,8 @@ pub(super) struct Hub {
     pub metrics: VmMetrics,
     /// `[[vm.on_event]]` programs.
     actions: Actions,
+    /// The number the next event will get, for publishers waiting.
+    events_tx: watch::Sender<u64>,
 }
 
 impl Hub {
@@ -58,6 +60,7 @@ impl Hub {
         status: watch::Sender<Status>,
         metrics: VmMetrics,
         actions: Actions,
+        events_tx: watch::Sender<u64>,
     ) -> Hub {
         Hub {
             vm: vm.into(),
@@ -70,6 +73,7 @@ impl Hub {
             status,
             metrics,
             actions,
+            events_tx,
         }
     }
 
@@ -93,6 +97,15 @@ impl Hub {
             }
             ToSession::Detach { client } => self.detach(client),
             ToSession::Extension { client, seq, ext } => self.extension(client, seq, *ext),
+            ToSession::Fetch { since, limit, reply } => {
+                let r = self.history.since(since);
+                let _ = reply.send(Fetched {
+                    lost: r.lost,
+                    oldest: r.oldest,
+                    next: r.next,
+                    events: r.events.take(limit).cloned().collect(),
+                });
+            }
             other => return Some(other),
         }
         None
@@ -142,6 +155,7 @@ impl Hub {
         self.metrics.history.set(self.history.len() as i64);
         self.metrics.evicted.inc_by(self.history.evicted() - evicted);
         self.actions.fire(name, &line, Some(seq));
+        self.events_tx.send_replace(seq + 1);
         let mut with_seq: Option<Bytes> = None;
         let mut gone = Vec::new();
         for (&client, m) in &self.clients {

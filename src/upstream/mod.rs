@@ -47,6 +47,25 @@ enum ToSession {
         seq: u64,
         ext: Box<Extension>,
     },
+    /// Kept events numbered after `since`, at most `limit` (for publishers).
+    Fetch {
+        since: u64,
+        limit: usize,
+        reply: tokio::sync::oneshot::Sender<Fetched>,
+    },
+}
+
+/// Kept events, as [`SessionHandle::fetch_events`] returns them.
+#[derive(Debug)]
+pub struct Fetched {
+    /// Oldest first.
+    pub events: Vec<crate::events::history::Entry>,
+    /// Events after `since` are no longer kept (see `History::since`).
+    pub lost: bool,
+    /// The oldest number kept.
+    pub oldest: u64,
+    /// The number the next event will get.
+    pub next: u64,
 }
 
 /// A command of qmpmux's own, for the session, and who asks.
@@ -96,12 +115,41 @@ pub enum ToClient {
     Replay(Box<[Bytes]>),
 }
 
+impl ToClient {
+    /// The reply line a reply-like message becomes for a request whose id
+    /// was `id`, with its request's number; `None` for events.
+    pub fn into_reply_line(self, vm: &str, id: Option<&serde_json::value::RawValue>) -> Option<(u64, Bytes)> {
+        use crate::qmp::json::qemu_style;
+        use crate::qmp::outgoing::{error_line, return_raw_line};
+        let id = id.map(qemu_style);
+        let id = id.as_deref();
+        match self {
+            ToClient::Reply { seq, reply, .. } => Some((seq, reply.line(id))),
+            ToClient::Failed { seq, kind } => {
+                let (class, desc) = kind.to_qmp(vm);
+                Some((seq, error_line(id, class, &desc)))
+            }
+            ToClient::Answer { seq, answer } => Some((
+                seq,
+                match *answer {
+                    Answer::Return(raw) => return_raw_line(id, &raw),
+                    Answer::Error { class, desc } => error_line(id, class, &desc),
+                    Answer::Leased(desc) => error_line(id, "GenericError", &desc),
+                },
+            )),
+            ToClient::Event(_) | ToClient::Replay(_) => None,
+        }
+    }
+}
+
 /// A cloneable handle on one VM's session: the session's protocol with its
 /// clients, each rule of it in one place.
 #[derive(Debug, Clone)]
 pub struct SessionHandle {
     tx: mpsc::Sender<ToSession>,
     status: watch::Receiver<Status>,
+    /// The number the next event will get: changes with every event.
+    events: watch::Receiver<u64>,
 }
 
 /// The session is gone (the VM is stopping).
@@ -174,9 +222,31 @@ impl SessionHandle {
         let _ = self.tx.send(ToSession::Detach { client }).await;
     }
 
+    /// Whether both handles reach the same session (a VM restarted by a
+    /// reload has a new one).
+    pub fn same_session(&self, other: &SessionHandle) -> bool {
+        self.tx.same_channel(&other.tx)
+    }
+
     /// What the session publishes now.
     pub fn status(&self) -> watch::Ref<'_, Status> {
         self.status.borrow()
+    }
+
+    /// A receiver of the number the next event will get, to wait for
+    /// events.
+    pub fn watch_events(&self) -> watch::Receiver<u64> {
+        self.events.clone()
+    }
+
+    /// Kept events numbered after `since`, at most `limit`.
+    pub async fn fetch_events(&self, since: u64, limit: usize) -> Result<Fetched, SessionGone> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(ToSession::Fetch { since, limit, reply })
+            .await
+            .map_err(|_| SessionGone)?;
+        answer.await.map_err(|_| SessionGone)
     }
 
     /// A receiver of the session's status, to wait for changes.

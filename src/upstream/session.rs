@@ -106,10 +106,11 @@ pub fn spawn(spec: Spec, shutdown: CancellationToken, tracker: &TaskTracker) -> 
     });
     let span = tracing::info_span!("vm", vm = %vm.name);
     let history = History::new(History::first_number(), opts.event_history, opts.event_history_bytes);
+    let (events_tx, events_rx) = watch::channel(history.next());
     let router = Router::new(UPSTREAM_WINDOW, ahead);
     let session = Session {
         backoff: Backoff::new(opts.backoff),
-        hub: Hub::new(&vm.name, router, history, status, metrics.clone(), actions),
+        hub: Hub::new(&vm.name, router, history, status, metrics.clone(), actions, events_tx),
         vm,
         opts,
         rx,
@@ -121,7 +122,11 @@ pub fn spawn(spec: Spec, shutdown: CancellationToken, tracker: &TaskTracker) -> 
         metrics,
     };
     tracker.spawn(session.run().instrument(span));
-    SessionHandle { tx, status: status_rx }
+    SessionHandle {
+        tx,
+        status: status_rx,
+        events: events_rx,
+    }
 }
 
 impl Session {

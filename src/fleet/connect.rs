@@ -1,0 +1,96 @@
+//! The NATS connection: options from `[nats]`, connection events into
+//! the log and metrics.
+
+use crate::config::{NatsAuth, NatsConfig};
+use crate::ops::metrics::NatsMetrics;
+use async_nats::connection::State;
+use async_nats::{ConnectOptions, Event};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tracing::{info, warn};
+
+/// Connects in the background (qmpmux serves its VMs whether or not NATS
+/// is up), reconnecting for ever with async-nats's backoff.
+pub async fn connect(config: &NatsConfig, metrics: NatsMetrics) -> async_nats::Client {
+    let mut opts = options(config, metrics).await;
+    loop {
+        match opts.connect(config.servers.clone()).await {
+            Ok(client) => return client,
+            // Only a bad option fails with retry_on_initial_connect; there
+            // is nothing better to do than log it and keep trying.
+            Err(e) => {
+                warn!(error = %e, "cannot set up the NATS connection; retrying in 5 s");
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                opts = options(config, NatsMetrics::default()).await;
+            }
+        }
+    }
+}
+
+async fn options(config: &NatsConfig, metrics: NatsMetrics) -> ConnectOptions {
+    let mut opts = ConnectOptions::new()
+        .name(format!("qmpmux {}", config.host))
+        .retry_on_initial_connect()
+        .max_reconnects(None);
+    opts = match &config.auth {
+        NatsAuth::None => opts,
+        NatsAuth::Credentials(path) => match opts.clone().credentials_file(path).await {
+            Ok(o) => o,
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "cannot read the NATS credentials file");
+                opts
+            }
+        },
+        NatsAuth::NkeyFile(path) => match std::fs::read_to_string(path) {
+            Ok(seed) => opts.nkey(seed.trim().to_string()),
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "cannot read the NATS nkey seed file");
+                opts
+            }
+        },
+        NatsAuth::Token(t) => opts.token(t.clone()),
+        NatsAuth::UserPassword { user, password } => opts.user_and_password(user.clone(), password.clone()),
+    };
+    if let Some(ca) = &config.tls_ca {
+        opts = opts.add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
+        opts = opts.add_client_certificate(cert.clone(), key.clone());
+    }
+    if config.tls_required {
+        opts = opts.require_tls(true);
+    }
+    let seen = Arc::new(AtomicBool::new(false));
+    opts.event_callback(move |event| {
+        let (metrics, seen) = (metrics.clone(), seen.clone());
+        async move {
+            match event {
+                Event::Connected => {
+                    metrics.connected.set(1);
+                    if seen.swap(true, Ordering::Relaxed) {
+                        metrics.reconnects.inc();
+                        info!("reconnected to NATS");
+                    } else {
+                        info!("connected to NATS");
+                    }
+                }
+                Event::Disconnected => {
+                    metrics.connected.set(0);
+                    warn!("disconnected from NATS; reconnecting");
+                }
+                Event::Closed => {
+                    metrics.connected.set(0);
+                }
+                other => warn!(event = %other, "NATS"),
+            }
+        }
+    })
+}
+
+pub fn state_name(state: State) -> &'static str {
+    match state {
+        State::Connected => "connected",
+        State::Disconnected => "disconnected",
+        State::Pending => "pending",
+    }
+}

@@ -1,0 +1,246 @@
+//! Beyond one host, against a real nats-server (with JetStream) and real
+//! QEMU: events published, the stream holding each exactly once across a
+//! NATS restart, commands over NATS, the VM list, and local clients
+//! unaffected while NATS is down.
+
+mod common;
+
+use async_nats::jetstream;
+use common::nats::NatsServer;
+use common::{Client, Daemon, Qemu};
+use futures_util::StreamExt;
+use qmpmux::config::{NatsAuth, NatsConfig, StreamConfig};
+use qmpmux::policy::{Glob, Policy};
+use serde_json::Value;
+use std::time::Duration;
+
+const SEQ: &str = "__org.qmpmux_seq";
+const WAIT: Duration = Duration::from_secs(20);
+
+fn nats_config(url: &str, stream: Option<&str>, commands: bool) -> NatsConfig {
+    NatsConfig {
+        servers: vec![url.to_string()],
+        auth: NatsAuth::None,
+        tls_ca: None,
+        tls_cert: None,
+        tls_key: None,
+        tls_required: false,
+        host: "hv1".into(),
+        prefix: "qmpmux.hv1".into(),
+        stream: stream.map(|name| StreamConfig {
+            name: name.into(),
+            max_age: None,
+            max_msgs: None,
+            max_bytes: None,
+            replicas: 1,
+            duplicate_window: Duration::from_secs(120),
+        }),
+        commands,
+        policy: Policy {
+            allow: Vec::new(),
+            deny: vec![Glob::new("system_reset")],
+        },
+    }
+}
+
+async fn nats_client(url: &str) -> async_nats::Client {
+    async_nats::connect(url).await.expect("connect to nats-server")
+}
+
+/// Makes QEMU emit STOP then RESUME, `n` times, and waits for the replies.
+async fn stop_cont(c: &mut Client, n: usize) {
+    for _ in 0..n {
+        c.send(r#"{"execute":"stop"}"#).await;
+        c.send(r#"{"execute":"cont"}"#).await;
+    }
+    for _ in 0..2 * n {
+        let r = c.reply().await;
+        assert!(r.get("return").is_some(), "{r}");
+    }
+}
+
+async fn next_number(c: &mut Client) -> u64 {
+    let r = c
+        .cmd(r#"{"execute":"__org.qmpmux_subscribe","arguments":{}}"#)
+        .await;
+    r["return"]["next"].as_u64().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_of_a_real_qemu_reach_a_subscriber_and_the_vm_list_is_served() {
+    let nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (up, sock) = (dir.path().join("q.sock"), dir.path().join("vm.sock"));
+    let _qemu = Qemu::start(&up).await;
+    let url = nats.url();
+    let watcher = nats_client(&url).await;
+    let mut events = watcher.subscribe("qmpmux.hv1.*.event.>").await.unwrap();
+    watcher.flush().await.unwrap();
+    let daemon = Daemon::start_with(&[("web01", &up, &sock)], |c| c.nats = Some(nats_config(&url, None, false))).await;
+    let mut c = Client::ready(&sock).await;
+    let first = next_number(&mut c).await;
+    stop_cont(&mut c, 1).await;
+    for (i, name) in ["STOP", "RESUME"].iter().enumerate() {
+        let msg = tokio::time::timeout(WAIT, events.next()).await.expect("event over NATS").unwrap();
+        assert_eq!(msg.subject.as_str(), format!("qmpmux.hv1.web01.event.{name}"));
+        let h = msg.headers.as_ref().expect("headers");
+        assert_eq!(h.get("Qmpmux-Vm").unwrap().as_str(), "web01");
+        assert_eq!(h.get("Qmpmux-Host").unwrap().as_str(), "hv1");
+        assert_eq!(h.get("Qmpmux-Seq").unwrap().as_str(), (first + i as u64).to_string());
+        let v: Value = serde_json::from_slice(&msg.payload).unwrap();
+        assert_eq!(v["event"], *name);
+        assert!(v["timestamp"]["seconds"].is_u64(), "QEMU's event as it is: {v}");
+    }
+    // A fleet tool discovers the VMs.
+    let list = tokio::time::timeout(WAIT, watcher.request("qmpmux.hv1.vms", "".into()))
+        .await
+        .unwrap()
+        .unwrap();
+    let list: Value = serde_json::from_slice(&list.payload).unwrap();
+    assert_eq!(list["host"], "hv1");
+    assert_eq!(list["vms"], serde_json::json!(["web01"]));
+    daemon.stop().await;
+}
+
+/// A burst of events with NATS restarted in the middle: the stream ends up
+/// with each event exactly once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_holds_every_event_once_across_a_nats_restart() {
+    let mut nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (up, sock) = (dir.path().join("q.sock"), dir.path().join("vm.sock"));
+    let _qemu = Qemu::start(&up).await;
+    let url = nats.url();
+    let daemon = Daemon::start_with(&[("web01", &up, &sock)], |c| {
+        c.nats = Some(nats_config(&url, Some("QMPMUX"), false));
+    })
+    .await;
+    let js = jetstream::new(nats_client(&url).await);
+    // The stream exists once qmpmux has made it.
+    let mut stream = None;
+    for _ in 0..400 {
+        if let Ok(s) = js.get_stream("QMPMUX").await {
+            stream = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    stream.expect("qmpmux created the stream");
+    let mut c = Client::ready(&sock).await;
+    let first = next_number(&mut c).await;
+    let total = 200u64;
+    stop_cont(&mut c, 50).await;
+    nats.stop().await;
+    // Local clients do not notice: commands and events as ever.
+    stop_cont(&mut c, 25).await;
+    nats.restart().await;
+    stop_cont(&mut c, 25).await;
+
+    let js = jetstream::new(nats_client(&url).await);
+    let mut stream = js.get_stream("QMPMUX").await.unwrap();
+    let mut count = 0;
+    for _ in 0..800 {
+        count = stream.info().await.unwrap().state.messages;
+        if count >= total {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(count, total, "messages in the stream");
+    let mut seqs = Vec::new();
+    for n in 1..=count {
+        let m = stream.get_raw_message(n).await.unwrap();
+        let seq: u64 = m.headers.get("Qmpmux-Seq").unwrap().as_str().parse().unwrap();
+        let v: Value = serde_json::from_slice(&m.payload).unwrap();
+        assert!(v.get(SEQ).is_none(), "QEMU's event as it is: {v}");
+        seqs.push(seq);
+    }
+    assert_eq!(seqs, (first..first + total).collect::<Vec<_>>());
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_over_nats_run_are_refused_by_policy_and_unknown_vms_get_an_error() {
+    let nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (up, sock) = (dir.path().join("q.sock"), dir.path().join("vm.sock"));
+    let _qemu = Qemu::start(&up).await;
+    let url = nats.url();
+    let daemon = Daemon::start_with(&[("web01", &up, &sock)], |c| c.nats = Some(nats_config(&url, None, true))).await;
+    let client = nats_client(&url).await;
+    let request = |subject: &'static str, body: &'static str| {
+        let client = client.clone();
+        async move {
+            // The commander subscribes once qmpmux is connected: retry
+            // while nobody answers.
+            for _ in 0..200 {
+                match client.request(subject, body.into()).await {
+                    Ok(m) => return serde_json::from_slice::<Value>(&m.payload).unwrap(),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(25)).await,
+                }
+            }
+            panic!("no answer on {subject}");
+        }
+    };
+    let r = request("qmpmux.hv1.web01.execute", r#"{"execute":"query-status","id":"a"}"#).await;
+    assert_eq!(r["id"], "a");
+    assert_eq!(r["return"]["status"], "running", "{r}");
+    // A command that changes the VM, seen by a local client's events.
+    let mut local = Client::ready(&sock).await;
+    let r = request("qmpmux.hv1.web01.execute", r#"{"execute":"stop","id":1}"#).await;
+    assert!(r.get("return").is_some(), "{r}");
+    local.event("STOP").await;
+    let r = request("qmpmux.hv1.web01.execute", r#"{"execute":"system_reset","id":2}"#).await;
+    assert_eq!(r["id"], 2);
+    assert!(
+        r["error"]["desc"].as_str().unwrap().contains("not allowed"),
+        "policy refusal: {r}"
+    );
+    let r = request("qmpmux.hv1.nope.execute", r#"{"execute":"query-status","id":3}"#).await;
+    assert_eq!(r["id"], 3);
+    assert!(r["error"]["desc"].as_str().unwrap().contains("no VM 'nope'"), "{r}");
+    let r = request("qmpmux.hv1.web01.execute", r#"{"execute":"no-such-thing","id":4}"#).await;
+    assert_eq!(r["error"]["class"], "CommandNotFound", "QEMU's own answer: {r}");
+    let r = request("qmpmux.hv1.web01.execute", r#"not json"#).await;
+    assert!(r["error"].is_object(), "{r}");
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_clients_work_while_nats_is_down() {
+    let mut nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (up, sock) = (dir.path().join("q.sock"), dir.path().join("vm.sock"));
+    let _qemu = Qemu::start(&up).await;
+    let url = nats.url();
+    nats.stop().await;
+    // NATS down from the start: qmpmux serves all the same.
+    let daemon = Daemon::start_with(&[("web01", &up, &sock)], |c| {
+        c.nats = Some(nats_config(&url, Some("QMPMUX"), true));
+    })
+    .await;
+    let mut c = Client::ready(&sock).await;
+    let first = next_number(&mut c).await;
+    c.send(r#"{"execute":"stop"}"#).await;
+    c.event("STOP").await;
+    assert!(c.reply().await.get("return").is_some());
+    stop_cont(&mut c, 2).await;
+    // Once NATS is up, what happened meanwhile is published, in order.
+    nats.restart().await;
+    let js = jetstream::new(nats_client(&url).await);
+    let mut count = 0;
+    for _ in 0..800 {
+        if let Ok(mut s) = js.get_stream("QMPMUX").await {
+            count = s.info().await.unwrap().state.messages;
+            if count >= 5 {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(count, 5);
+    let mut stream = js.get_stream("QMPMUX").await.unwrap();
+    let last = stream.get_raw_message(5).await.unwrap();
+    assert_eq!(last.headers.get("Qmpmux-Seq").unwrap().as_str(), (first + 4).to_string());
+    daemon.stop().await;
+}
