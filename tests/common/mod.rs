@@ -12,6 +12,8 @@
 //!   request at once (`instant.rs`), for upstreams QEMU cannot imitate
 //! - `logs.rs`: qmpmux's log, captured
 //! - `http.rs`: scraping the metrics endpoint
+//! - `nats.rs`: a real nats-server (JetStream, random port, own store,
+//!   restartable on the same port), or a skip outside CI without one
 // Each test binary and the benchmark use a different part of the harness.
 #![allow(dead_code, unused_imports)]
 
@@ -22,6 +24,7 @@ pub mod daemon;
 pub mod fake;
 pub mod http;
 pub mod logs;
+pub mod nats;
 pub mod process;
 pub mod qemu;
 pub mod ready;
