@@ -431,10 +431,7 @@ impl Supervisor {
             let vms = self
                 .vms
                 .values()
-                .map(|vm| crate::fleet::FleetVm {
-                    name: vm.config.name.clone(),
-                    session: vm.session.clone(),
-                })
+                .map(|vm| crate::fleet::FleetVm::new(&vm.config.name, &vm.session))
                 .collect();
             fleet.set_vms(vms).await;
         }

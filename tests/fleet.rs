@@ -60,9 +60,7 @@ async fn stop_cont(c: &mut Client, n: usize) {
 }
 
 async fn next_number(c: &mut Client) -> u64 {
-    let r = c
-        .cmd(r#"{"execute":"__org.qmpmux_subscribe","arguments":{}}"#)
-        .await;
+    let r = c.cmd(r#"{"execute":"__org.qmpmux_subscribe","arguments":{}}"#).await;
     r["return"]["next"].as_u64().unwrap()
 }
 
@@ -76,12 +74,18 @@ async fn events_of_a_real_qemu_reach_a_subscriber_and_the_vm_list_is_served() {
     let watcher = nats_client(&url).await;
     let mut events = watcher.subscribe("qmpmux.hv1.*.event.>").await.unwrap();
     watcher.flush().await.unwrap();
-    let daemon = Daemon::start_with(&[("web01", &up, &sock)], |c| c.nats = Some(nats_config(&url, None, false))).await;
+    let daemon = Daemon::start_with(&[("web01", &up, &sock)], |c| {
+        c.nats = Some(nats_config(&url, None, false))
+    })
+    .await;
     let mut c = Client::ready(&sock).await;
     let first = next_number(&mut c).await;
     stop_cont(&mut c, 1).await;
     for (i, name) in ["STOP", "RESUME"].iter().enumerate() {
-        let msg = tokio::time::timeout(WAIT, events.next()).await.expect("event over NATS").unwrap();
+        let msg = tokio::time::timeout(WAIT, events.next())
+            .await
+            .expect("event over NATS")
+            .unwrap();
         assert_eq!(msg.subject.as_str(), format!("qmpmux.hv1.web01.event.{name}"));
         let h = msg.headers.as_ref().expect("headers");
         assert_eq!(h.get("Qmpmux-Vm").unwrap().as_str(), "web01");
@@ -166,7 +170,10 @@ async fn commands_over_nats_run_are_refused_by_policy_and_unknown_vms_get_an_err
     let (up, sock) = (dir.path().join("q.sock"), dir.path().join("vm.sock"));
     let _qemu = Qemu::start(&up).await;
     let url = nats.url();
-    let daemon = Daemon::start_with(&[("web01", &up, &sock)], |c| c.nats = Some(nats_config(&url, None, true))).await;
+    let daemon = Daemon::start_with(&[("web01", &up, &sock)], |c| {
+        c.nats = Some(nats_config(&url, None, true))
+    })
+    .await;
     let client = nats_client(&url).await;
     let request = |subject: &'static str, body: &'static str| {
         let client = client.clone();
@@ -224,6 +231,9 @@ async fn local_clients_work_while_nats_is_down() {
     c.send(r#"{"execute":"stop"}"#).await;
     c.event("STOP").await;
     assert!(c.reply().await.get("return").is_some());
+    c.send(r#"{"execute":"cont"}"#).await;
+    c.event("RESUME").await;
+    assert!(c.reply().await.get("return").is_some());
     stop_cont(&mut c, 2).await;
     // Once NATS is up, what happened meanwhile is published, in order.
     nats.restart().await;
@@ -232,15 +242,18 @@ async fn local_clients_work_while_nats_is_down() {
     for _ in 0..800 {
         if let Ok(mut s) = js.get_stream("QMPMUX").await {
             count = s.info().await.unwrap().state.messages;
-            if count >= 5 {
+            if count >= 6 {
                 break;
             }
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    assert_eq!(count, 5);
-    let mut stream = js.get_stream("QMPMUX").await.unwrap();
-    let last = stream.get_raw_message(5).await.unwrap();
-    assert_eq!(last.headers.get("Qmpmux-Seq").unwrap().as_str(), (first + 4).to_string());
+    assert_eq!(count, 6);
+    let stream = js.get_stream("QMPMUX").await.unwrap();
+    let last = stream.get_raw_message(6).await.unwrap();
+    assert_eq!(
+        last.headers.get("Qmpmux-Seq").unwrap().as_str(),
+        (first + 5).to_string()
+    );
     daemon.stop().await;
 }

@@ -107,7 +107,10 @@ pub enum NatsAuth {
     /// A file holding an nkey seed (`SU...`).
     NkeyFile(PathBuf),
     Token(String),
-    UserPassword { user: String, password: String },
+    UserPassword {
+        user: String,
+        password: String,
+    },
 }
 
 impl std::fmt::Debug for NatsAuth {

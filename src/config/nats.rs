@@ -57,7 +57,10 @@ impl RawNats {
     pub(super) fn validate(self, vm_names: &[&str]) -> Result<NatsConfig, Invalid> {
         let n = self;
         if n.servers.is_empty() || n.servers.iter().any(|s| s.trim().is_empty()) {
-            return Err(invalid("nats.servers", "needs at least one server URL, e.g. \"nats://127.0.0.1:4222\""));
+            return Err(invalid(
+                "nats.servers",
+                "needs at least one server URL, e.g. \"nats://127.0.0.1:4222\"",
+            ));
         }
         let auth = match (n.credentials, n.nkey_file, n.token, n.user, n.password) {
             (None, None, None, None, None) => NatsAuth::None,
@@ -113,7 +116,12 @@ impl RawNats {
                 replicas: n.stream_replicas.unwrap_or(1).max(1),
                 duplicate_window: Duration::from_secs(n.stream_duplicate_window_s.unwrap_or(120).max(1)),
             }),
-            Some(name) => return Err(invalid("nats.stream", format!("{name:?}: letters, digits, '-' and '_'"))),
+            Some(name) => {
+                return Err(invalid(
+                    "nats.stream",
+                    format!("{name:?}: letters, digits, '-' and '_'"),
+                ))
+            }
         };
         for (field, list) in [("nats.allow", &n.allow), ("nats.deny", &n.deny)] {
             if list.iter().any(|p| p.is_empty()) {

@@ -168,7 +168,11 @@ impl Task {
     async fn on_request(&mut self, msg: Message) {
         let subject = msg.subject.to_string();
         let Some(frame) = one_frame(&msg.payload) else {
-            let line = error_line(None, "GenericError", "qmpmux: a request's payload must be one QMP command");
+            let line = error_line(
+                None,
+                "GenericError",
+                "qmpmux: a request's payload must be one QMP command",
+            );
             return respond(&self.shared, msg.reply.as_ref(), line).await;
         };
         // Every request stands alone: negotiated, no out-of-band.

@@ -34,6 +34,22 @@ use tracing::{info, warn, Instrument};
 pub struct FleetVm {
     pub name: String,
     pub session: SessionHandle,
+    /// Publish events numbered after this one: those the VM had when the
+    /// fleet was told about it were not for NATS (its start, or a change
+    /// of `[nats]`), all later ones are, even if NATS is not reachable yet.
+    pub after: u64,
+}
+
+impl FleetVm {
+    /// VM `name` served by `session`, publishing from its next event on.
+    pub fn new(name: &str, session: &SessionHandle) -> FleetVm {
+        let next = *session.watch_events().borrow();
+        FleetVm {
+            name: name.into(),
+            session: session.clone(),
+            after: next.saturating_sub(1),
+        }
+    }
 }
 
 /// The running fleet service; stopped by [`FleetHandle::stop`] or when the
@@ -65,7 +81,10 @@ impl FleetHandle {
     pub async fn spawn(config: NatsConfig, metrics: NatsMetrics, parent: &CancellationToken) -> FleetHandle {
         let stop = parent.child_token();
         let client = connect::connect(&config, metrics.clone()).await;
-        let jetstream = config.stream.as_ref().map(|_| async_nats::jetstream::new(client.clone()));
+        let jetstream = config
+            .stream
+            .as_ref()
+            .map(|_| async_nats::jetstream::new(client.clone()));
         let shared = Shared {
             client: client.clone(),
             jetstream,
@@ -138,8 +157,10 @@ struct Served {
 /// Owns the set of served VMs; answers `<prefix>.vms` requests and routes
 /// `<prefix>.<vm>.execute` requests to the VM's commander.
 async fn run(shared: Shared, mut vms_rx: mpsc::Receiver<Vec<FleetVm>>, tasks: TaskTracker) {
-    if let (Some(js), Some(stream)) = (&shared.jetstream, &shared.config.stream) {
-        publish::ensure_stream(js, stream, &shared.subjects).await;
+    if let (Some(js), Some(stream)) = (shared.jetstream.clone(), shared.config.stream.clone()) {
+        // Not waited for: NATS may be down; publishers retry it.
+        let subjects = shared.subjects.clone();
+        tasks.spawn(async move { publish::ensure_stream(&js, &stream, &subjects).await });
     }
     let client = &shared.client;
     let mut list_requests = subscribe(client, shared.subjects.vms()).await;
@@ -190,7 +211,9 @@ async fn next(sub: &mut Option<async_nats::Subscriber>) -> Option<async_nats::Me
 async fn set_vms(shared: &Shared, tasks: &TaskTracker, served: &mut HashMap<String, Served>, vms: Vec<FleetVm>) {
     // Gone, or restarted by a reload (a new session): stop its tasks.
     served.retain(|name, s| {
-        let keep = vms.iter().any(|v| v.name == *name && v.session.same_session(&s.vm.session));
+        let keep = vms
+            .iter()
+            .any(|v| v.name == *name && v.session.same_session(&s.vm.session));
         if !keep {
             s.stop.cancel();
         }

@@ -68,11 +68,11 @@ struct Publisher {
 pub async fn run(shared: Shared, vm: FleetVm, stop: CancellationToken) {
     let mut events = vm.session.watch_events();
     let mut status = vm.session.watch_status();
-    let first = *events.borrow_and_update();
+    events.borrow_and_update();
     let mut p = Publisher {
         shared,
+        acked: vm.after,
         vm,
-        acked: first.saturating_sub(1),
         pending: 0,
         stop,
     };
@@ -81,6 +81,7 @@ pub async fn run(shared: Shared, vm: FleetVm, stop: CancellationToken) {
     loop {
         let next = *events.borrow_and_update();
         p.set_pending(next);
+        // `borrow_and_update` first: an event after it wakes `changed`.
         if next > p.acked + 1 && !p.publish_available().await {
             break;
         }
@@ -164,7 +165,9 @@ impl Publisher {
                             return false;
                         }
                         delay = (delay * 2).min(RETRY_MAX);
-                        if let (Some(stream), true) = (&self.shared.config.stream, why.contains("no responders")) {
+                        // Perhaps the stream is missing (not made yet, or
+                        // deleted): make sure of it before the next try.
+                        if let Some(stream) = &self.shared.config.stream {
                             ensure_stream(&js, stream, &self.shared.subjects).await;
                         }
                     }
@@ -223,7 +226,10 @@ impl Publisher {
         headers.insert("Qmpmux-Vm", self.vm.name.as_str());
         headers.insert("Qmpmux-Host", cfg.host.as_str());
         if with_id {
-            headers.insert("Nats-Msg-Id", format!("{}.{}.{}", cfg.host, self.vm.name, e.seq).as_str());
+            headers.insert(
+                "Nats-Msg-Id",
+                format!("{}.{}.{}", cfg.host, self.vm.name, e.seq).as_str(),
+            );
         }
         let payload = e.line.slice(..e.line.trim_ascii_end().len());
         (self.shared.subjects.event(&self.vm.name, &e.name), headers, payload)
@@ -245,7 +251,13 @@ impl Publisher {
         if let Some(e) = event {
             info!(runstate = %runstate, event = e, "publishing state");
         }
-        if self.shared.client.publish(subject, body.to_string().into()).await.is_ok() {
+        if self
+            .shared
+            .client
+            .publish(subject, body.to_string().into())
+            .await
+            .is_ok()
+        {
             self.shared.metrics.published.inc();
         }
     }

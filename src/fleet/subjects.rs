@@ -19,7 +19,13 @@ impl Subjects {
     pub fn event(&self, vm: &str, event: &str) -> String {
         let token: String = event
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect();
         format!("{}.{vm}.event.{token}", self.prefix)
     }

@@ -388,7 +388,11 @@ impl Metrics {
         ] {
             registry.register(name, help, metric.clone());
         }
-        registry.register("nats_connected", "Whether qmpmux is connected to NATS", m.nats.connected.clone());
+        registry.register(
+            "nats_connected",
+            "Whether qmpmux is connected to NATS",
+            m.nats.connected.clone(),
+        );
         registry.register(
             "nats_pending",
             "Events numbered but not yet acknowledged by NATS, over all VMs",
