@@ -3,7 +3,7 @@
 //! `minimal.toml` gets by default, so each was read); and every key that
 //! `qmpmux.toml`, the commented reference, mentions is set in `full.toml`.
 
-use qmpmux::config::{Config, Endpoint, LogFormat, LogRotation, UpstreamMode};
+use qmpmux::config::{Config, Endpoint, LogFormat, LogRotation, NatsAuth, UpstreamMode};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -194,6 +194,33 @@ fn full_sets_every_option_to_something_read() {
     };
     assert_eq!((*addr, tls.is_none()), ("127.0.0.1:4445".parse().unwrap(), true));
 
+    // [nats].
+    assert_eq!(d.nats, None);
+    let n = f.nats.as_ref().expect("[nats]");
+    assert_eq!(n.servers, ["nats://10.0.0.5:4222", "nats://10.0.0.6:4222"]);
+    assert_eq!(
+        n.auth,
+        NatsAuth::UserPassword {
+            user: "qmpmux".into(),
+            password: "s3cret".into()
+        }
+    );
+    assert!(!format!("{:?}", n.auth).contains("s3cret"), "secrets stay out of Debug");
+    assert_eq!(n.tls_ca.as_deref(), Some(Path::new("/etc/qmpmux/nats-ca.pem")));
+    assert_eq!(n.tls_cert.as_deref(), Some(Path::new("/etc/qmpmux/nats-client.pem")));
+    assert_eq!(n.tls_key.as_deref(), Some(Path::new("/etc/qmpmux/nats-client.key")));
+    assert!(n.tls_required && n.commands);
+    assert_eq!((n.host.as_str(), n.prefix.as_str()), ("hv01", "fleet.eu1.hv01"));
+    let st = n.stream.as_ref().unwrap();
+    assert_eq!(st.name, "QMPMUX");
+    assert_eq!(st.max_age, Some(Duration::from_secs(604800)));
+    assert_eq!(
+        (st.max_msgs, st.max_bytes, st.replicas),
+        (Some(1000000), Some(1 << 30), 3)
+    );
+    assert_eq!(st.duplicate_window, Duration::from_secs(300));
+    assert!(n.policy.check("stop", None).is_ok() && n.policy.check("quit", None).is_err());
+
     let db = &f.vms[1];
     assert_eq!(db.name, "db01");
     assert_eq!(db.upstream_mode, UpstreamMode::Accept);
@@ -257,13 +284,19 @@ fn full_sets_every_key_the_reference_mentions() {
         assert!(mentioned.contains(k), "scan of qmpmux.toml missed {k}: {mentioned:?}");
     }
     let set = keys_of(&full);
-    let missing: Vec<&String> = mentioned.iter().filter(|k| !set.contains(*k)).collect();
+    // Ways to authenticate to NATS that exclude each other: full.toml sets
+    // user and password; `nats_auth_alternatives_load` reads the others.
+    let alternatives = ["credentials", "nkey_file", "token"];
+    let missing: Vec<&String> = mentioned
+        .iter()
+        .filter(|k| !set.contains(*k) && !alternatives.contains(&k.as_str()))
+        .collect();
     assert!(
         missing.is_empty(),
         "keys in qmpmux.toml but not set in full.toml: {missing:?}"
     );
     // And the reference mentions every key full.toml sets (table names aside).
-    let tables = ["upstream", "client", "vm", "listener", "on_event", "on_connect"];
+    let tables = ["upstream", "client", "vm", "listener", "on_event", "on_connect", "nats"];
     let unmentioned: Vec<&String> = set
         .iter()
         .filter(|k| !mentioned.contains(*k) && !tables.contains(&k.as_str()))
@@ -278,4 +311,49 @@ fn full_sets_every_key_the_reference_mentions() {
 fn key_scan_reads_plain_and_commented_lines() {
     let keys = mentioned_keys("a_b = 1\n# c = 2\n#d=3\n  # e = 4\n# F = 5\n# g h = 6\n# i == 7\n[t]\n");
     assert_eq!(keys, ["a_b", "c", "d", "i"].map(String::from).into());
+}
+
+fn nats_toml(nats: &str, vm: &str) -> Result<Config, String> {
+    let text =
+        format!("[[vm]]\nname = \"{vm}\"\nupstream = \"/tmp/q.sock\"\nlisten = \"/tmp/l.sock\"\n[nats]\n{nats}\n");
+    Config::from_toml(&text, Path::new("t.toml")).map_err(|e| e.to_string())
+}
+
+#[test]
+fn nats_auth_alternatives_load() {
+    let auth = |extra: &str| {
+        nats_toml(&format!("servers = [\"nats://h:4222\"]\nhost = \"h\"\n{extra}"), "vm").map(|c| c.nats.unwrap().auth)
+    };
+    assert_eq!(auth(""), Ok(NatsAuth::None));
+    assert_eq!(
+        auth("credentials = \"/etc/q.creds\""),
+        Ok(NatsAuth::Credentials("/etc/q.creds".into()))
+    );
+    assert_eq!(
+        auth("nkey_file = \"/etc/q.nk\""),
+        Ok(NatsAuth::NkeyFile("/etc/q.nk".into()))
+    );
+    assert_eq!(auth("token = \"t\""), Ok(NatsAuth::Token("t".into())));
+    assert!(auth("token = \"t\"\nuser = \"u\"\npassword = \"p\"").is_err());
+    assert!(auth("user = \"u\"")
+        .unwrap_err()
+        .contains("user and password go together"));
+    let c = nats_toml("servers = [\"nats://h:4222\"]\nhost = \"hv7\"", "vm").unwrap();
+    assert_eq!(c.nats.unwrap().prefix, "qmpmux.hv7");
+}
+
+#[test]
+fn names_that_cannot_be_subject_tokens_are_rejected() {
+    let e = nats_toml("servers = [\"nats://h:4222\"]\nhost = \"h\"", "web.01").unwrap_err();
+    assert!(e.contains("vm[0].name") && e.contains("NATS subject token"), "{e}");
+    // Without [nats], such a name is fine.
+    let text = "[[vm]]\nname = \"web.01\"\nupstream = \"/tmp/q.sock\"\nlisten = \"/tmp/l.sock\"\n";
+    assert!(Config::from_toml(text, Path::new("t.toml")).is_ok());
+    let e = nats_toml("servers = [\"nats://h:4222\"]\nhost = \"hv01.example.com\"", "vm").unwrap_err();
+    assert!(e.contains("nats.host"), "{e}");
+    let e = nats_toml("servers = [\"nats://h:4222\"]\nhost = \"h\"\nprefix = \"a.*\"", "vm").unwrap_err();
+    assert!(e.contains("nats.prefix"), "{e}");
+    assert!(nats_toml("servers = []\nhost = \"h\"", "vm")
+        .unwrap_err()
+        .contains("nats.servers"));
 }

@@ -257,3 +257,118 @@ async fn local_clients_work_while_nats_is_down() {
     );
     daemon.stop().await;
 }
+
+/// The permissions docs/fleet.md shows, on a real server: qmpmux's own
+/// user, a monitoring user that may only watch, an orchestrator that may
+/// send commands. (Keep in step with the guide.)
+const PERMISSIONS: &str = r#"
+authorization {
+  users = [
+    { user: qmpmux, password: qmpmux-secret, permissions: {
+        publish: ["qmpmux.>", "$JS.API.>", "_INBOX.>"]
+        subscribe: ["qmpmux.*.*.execute", "qmpmux.*.vms", "_INBOX.>"] } }
+    { user: monitor, password: monitor-secret, permissions: {
+        publish: ["qmpmux.*.vms"]
+        subscribe: ["qmpmux.*.*.event.>", "qmpmux.*.*.state", "qmpmux.*.vms", "_INBOX.>"] } }
+    { user: orchestrator, password: orchestrator-secret, permissions: {
+        publish: ["qmpmux.*.*.execute", "qmpmux.*.vms"]
+        subscribe: ["_INBOX.>"] } }
+  ]
+}
+"#;
+
+async fn connect_as(url: &str, user: &str, password: &str) -> async_nats::Client {
+    async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+        .connect(url)
+        .await
+        .expect("connect")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accounts_decide_who_watches_and_who_commands() {
+    let nats = NatsServer::start_with_config(PERMISSIONS).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (up, sock) = (dir.path().join("q.sock"), dir.path().join("vm.sock"));
+    let _qemu = Qemu::start(&up).await;
+    let url = nats.url();
+    let monitor = connect_as(&url, "monitor", "monitor-secret").await;
+    let mut events = monitor.subscribe("qmpmux.*.*.event.>").await.unwrap();
+    monitor.flush().await.unwrap();
+    let daemon = Daemon::start_with(&[("web01", &up, &sock)], |c| {
+        let mut n = nats_config(&url, None, true);
+        n.auth = NatsAuth::UserPassword {
+            user: "qmpmux".into(),
+            password: "qmpmux-secret".into(),
+        };
+        c.nats = Some(n);
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let orchestrator = connect_as(&url, "orchestrator", "orchestrator-secret").await;
+    let mut answer = None;
+    for _ in 0..200 {
+        if let Ok(m) = orchestrator
+            .request("qmpmux.hv1.web01.execute", r#"{"execute":"stop","id":"o"}"#.into())
+            .await
+        {
+            answer = Some(m);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let r: Value = serde_json::from_slice(&answer.expect("orchestrator's command answered").payload).unwrap();
+    assert_eq!(r["id"], "o");
+    assert!(r.get("return").is_some(), "{r}");
+    // The monitor sees the event the orchestrator caused...
+    let msg = tokio::time::timeout(WAIT, events.next()).await.unwrap().unwrap();
+    assert_eq!(msg.subject.as_str(), "qmpmux.hv1.web01.event.STOP");
+    // ...but may not send commands: the server refuses its request.
+    let refused = monitor
+        .request("qmpmux.hv1.web01.execute", r#"{"execute":"cont"}"#.into())
+        .await;
+    assert!(refused.is_err(), "the monitor's command went through");
+    let mut c = Client::ready(&sock).await;
+    let r = c.cmd(r#"{"execute":"query-status"}"#).await;
+    assert_eq!(
+        r["return"]["status"], "paused",
+        "the monitor's `cont` must not have run: {r}"
+    );
+    // qmpmux counts what it did.
+    let body = common::http::metrics(daemon.metrics_addr.unwrap()).await;
+    let sample = |s: &str| common::http::sample(&body, s).unwrap_or(0.0);
+    assert_eq!(sample("qmpmux_nats_connected"), 1.0, "{body}");
+    assert!(sample("qmpmux_nats_published_total") >= 2.0, "{body}");
+    assert_eq!(sample("qmpmux_nats_commands_total"), 1.0, "{body}");
+    daemon.stop().await;
+}
+
+/// A reload that changes `[nats]` moves publishing to the new server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_applies_nats_changes() {
+    let (old, new) = (NatsServer::start().await, NatsServer::start().await);
+    let dir = tempfile::tempdir().unwrap();
+    let (up, sock) = (dir.path().join("q.sock"), dir.path().join("vm.sock"));
+    let _qemu = Qemu::start(&up).await;
+    let old_url = old.url();
+    let daemon = Daemon::start_with(&[("web01", &up, &sock)], |c| {
+        c.nats = Some(nats_config(&old_url, None, false))
+    })
+    .await;
+    let watcher = nats_client(&new.url()).await;
+    let mut events = watcher.subscribe("qmpmux.hv1.web01.event.>").await.unwrap();
+    let mut vms = watcher.subscribe("qmpmux.hv1.vms").await.unwrap();
+    watcher.flush().await.unwrap();
+    let mut config = daemon.config.clone();
+    config.nats = Some(nats_config(&new.url(), None, false));
+    let summary = daemon.reload(config).await.expect("reload");
+    assert_eq!(summary.unchanged, ["web01"]);
+    // The new connection announces the VMs, then carries their events.
+    let list = tokio::time::timeout(WAIT, vms.next()).await.unwrap().unwrap();
+    let list: Value = serde_json::from_slice(&list.payload).unwrap();
+    assert_eq!(list["vms"], serde_json::json!(["web01"]));
+    let mut c = Client::ready(&sock).await;
+    stop_cont(&mut c, 1).await;
+    let msg = tokio::time::timeout(WAIT, events.next()).await.unwrap().unwrap();
+    assert_eq!(msg.subject.as_str(), "qmpmux.hv1.web01.event.STOP");
+    daemon.stop().await;
+}
