@@ -338,8 +338,14 @@ fn nats_auth_alternatives_load() {
     assert!(auth("user = \"u\"")
         .unwrap_err()
         .contains("user and password go together"));
-    let c = nats_toml("servers = [\"nats://h:4222\"]\nhost = \"hv7\"", "vm").unwrap();
-    assert_eq!(c.nats.unwrap().prefix, "qmpmux.hv7");
+    let c = nats_toml(
+        "servers = [\"nats://h:4222\"]\nhost = \"hv7\"\nstream = \"Q_{host}\"",
+        "vm",
+    )
+    .unwrap();
+    let n = c.nats.unwrap();
+    assert_eq!(n.prefix, "qmpmux.hv7");
+    assert_eq!(n.stream.unwrap().name, "Q_hv7");
 }
 
 #[test]

@@ -106,7 +106,7 @@ impl RawNats {
                 ));
             }
         }
-        let stream = match n.stream {
+        let stream = match n.stream.map(|s| s.replace("{host}", &host)) {
             None => None,
             Some(name) if is_token(&name) => Some(StreamConfig {
                 name,

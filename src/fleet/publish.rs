@@ -43,7 +43,14 @@ pub async fn ensure_stream(js: &jetstream::Context, stream: &StreamConfig, subje
         ..Default::default()
     };
     match js.get_or_create_stream(config).await {
-        Ok(_) => {
+        Ok(s) => {
+            let ours = subjects.all_events();
+            if !s.cached_info().config.subjects.contains(&ours) {
+                warn!(stream = %stream.name, subjects = ?s.cached_info().config.subjects, %ours,
+                    "the JetStream stream exists but does not capture this host's events (another host's? \
+                     use a stream per host, e.g. stream = \"QMPMUX_{{host}}\"); they are not stored");
+                return false;
+            }
             debug!(stream = %stream.name, "JetStream stream ready");
             true
         }
