@@ -126,17 +126,17 @@ async fn fan_client(conn: Conn, st: Arc<FanState>) -> Vec<u64> {
     lat
 }
 
-struct FanRow {
-    clients: usize,
-    events: usize,
-    delivered: usize,
-    p50: u64,
-    p99: u64,
-    max: u64,
-    last_p50: u64,
+pub struct FanRow {
+    pub clients: usize,
+    pub events: usize,
+    pub delivered: usize,
+    pub p50: u64,
+    pub p99: u64,
+    pub max: u64,
+    pub last_p50: u64,
 }
 
-async fn fanout_once(plan: &Plan, path: &Path, fire: &Events, n: usize, events: usize) -> FanRow {
+pub async fn fanout_once(plan: &Plan, path: &Path, fire: &Events, n: usize, events: usize) -> FanRow {
     progress(&format!("event fan-out to {n} clients"));
     let conns = open_many(path, CAPS, n, 64).await;
     let st = Arc::new(FanState {

@@ -23,6 +23,11 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+/// How long after an event wakes it the publisher waits before it fetches:
+/// local clients get the VM's thread (and the machine's CPUs) first, and a
+/// burst goes out in batches. Events reach NATS this much later.
+const LOCAL_FIRST: Duration = Duration::from_millis(1);
+
 /// Events fetched from the history at a time.
 const BATCH: usize = 128;
 /// Retry delays while NATS does not acknowledge.
@@ -89,8 +94,11 @@ pub async fn run(shared: Shared, vm: FleetVm, stop: CancellationToken) {
         let next = *events.borrow_and_update();
         p.set_pending(next);
         // `borrow_and_update` first: an event after it wakes `changed`.
-        if next > p.acked + 1 && !p.publish_available().await {
-            break;
+        if next > p.acked + 1 {
+            if p.pause(LOCAL_FIRST).await || !p.publish_available().await {
+                break;
+            }
+            continue;
         }
         // Cancel-safe: watch::changed and a token.
         tokio::select! {
