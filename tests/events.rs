@@ -19,18 +19,6 @@ fn globs(p: &[&str]) -> Option<Arc<[Glob]>> {
     Some(p.iter().map(|s| Glob::new(*s)).collect())
 }
 
-/// Makes QEMU emit STOP then RESUME, `n` times, and waits for the replies.
-async fn stop_cont(driver: &mut Client, n: usize) {
-    for _ in 0..n {
-        driver.send(r#"{"execute":"stop"}"#).await;
-        driver.send(r#"{"execute":"cont"}"#).await;
-    }
-    for _ in 0..2 * n {
-        let r = driver.reply().await;
-        assert!(r.get("return").is_some(), "{r}");
-    }
-}
-
 /// Every event `c` receives until the reply to a `query-status` marker
 /// (sent after the events were caused, so all of them precede it).
 async fn events_until_marker(c: &mut Client) -> Vec<Value> {
@@ -87,7 +75,7 @@ async fn sockets_and_clients_filter_events() {
     let ret = subscribe(&mut on_socket, r#"{"events": ["RESUME", "STOP"]}"#).await;
     assert_eq!(ret["sequence"], false);
 
-    stop_cont(&mut driver, 2).await;
+    driver.stop_cont(2).await;
     assert_eq!(
         names(&events_until_marker(&mut all).await),
         ["STOP", "RESUME", "STOP", "RESUME"]
@@ -98,7 +86,7 @@ async fn sockets_and_clients_filter_events() {
 
     // `["*"]` restores the socket's set.
     subscribe(&mut narrowed, r#"{"events": ["*"]}"#).await;
-    stop_cont(&mut driver, 1).await;
+    driver.stop_cont(1).await;
     assert_eq!(names(&events_until_marker(&mut narrowed).await), ["STOP", "RESUME"]);
     daemon.stop().await;
 }
@@ -154,7 +142,7 @@ async fn a_consumer_resuming_mid_burst_gets_every_event_once_in_order() {
         let sock = sock.clone();
         async move {
             let mut driver = Client::ready(&sock).await;
-            stop_cont(&mut driver, 500).await;
+            driver.stop_cont(500).await;
         }
     });
     let mut seen = Vec::new();
@@ -202,7 +190,7 @@ async fn events_while_nobody_is_connected_are_delivered_on_resume() {
         .unwrap();
     drop(consumer);
     let mut driver = Client::ready(&direct).await;
-    stop_cont(&mut driver, 3).await;
+    driver.stop_cont(3).await;
     // qmpmux reads QEMU's events on its own monitor a moment after the
     // driver's replies: wait until it has numbered all six.
     let mut consumer = Client::ready(&sock).await;
@@ -237,7 +225,7 @@ async fn an_overflowed_history_says_lost_and_replays_what_it_kept() {
     .await;
     let mut c = Client::ready(&sock).await;
     let next = subscribe(&mut c, "{}").await["next"].as_u64().unwrap();
-    stop_cont(&mut c, 15).await;
+    c.stop_cont(15).await;
     let _ = events_until_marker(&mut c).await;
     let mut r = Client::ready(&sock).await;
     let ret = subscribe(&mut r, &format!(r#"{{"since": {}}}"#, next - 1)).await;
@@ -274,7 +262,7 @@ async fn query_events_returns_kept_events_without_subscribing() {
     let _qemu = Qemu::start(&up).await;
     let daemon = Daemon::start(&[("vm", &up, &sock)]).await;
     let mut c = Client::ready(&sock).await;
-    stop_cont(&mut c, 2).await;
+    c.stop_cont(2).await;
     let _ = events_until_marker(&mut c).await;
     let r = c
         .cmd(r#"{"execute":"__org.qmpmux_query-events","arguments":{"limit":3},"id":1}"#)
@@ -302,7 +290,7 @@ async fn query_events_returns_kept_events_without_subscribing() {
         "Invalid parameter type for 'since', expected: integer"
     );
     // query-events subscribes to nothing: the plain client gets no numbers.
-    stop_cont(&mut c, 1).await;
+    c.stop_cont(1).await;
     for e in events_until_marker(&mut c).await {
         assert!(e.get(SEQ).is_none(), "{e}");
     }

@@ -47,18 +47,6 @@ async fn nats_client(url: &str) -> async_nats::Client {
     async_nats::connect(url).await.expect("connect to nats-server")
 }
 
-/// Makes QEMU emit STOP then RESUME, `n` times, and waits for the replies.
-async fn stop_cont(c: &mut Client, n: usize) {
-    for _ in 0..n {
-        c.send(r#"{"execute":"stop"}"#).await;
-        c.send(r#"{"execute":"cont"}"#).await;
-    }
-    for _ in 0..2 * n {
-        let r = c.reply().await;
-        assert!(r.get("return").is_some(), "{r}");
-    }
-}
-
 async fn next_number(c: &mut Client) -> u64 {
     let r = c.cmd(r#"{"execute":"__org.qmpmux_subscribe","arguments":{}}"#).await;
     r["return"]["next"].as_u64().unwrap()
@@ -80,7 +68,7 @@ async fn events_of_a_real_qemu_reach_a_subscriber_and_the_vm_list_is_served() {
     .await;
     let mut c = Client::ready(&sock).await;
     let first = next_number(&mut c).await;
-    stop_cont(&mut c, 1).await;
+    c.stop_cont(1).await;
     for (i, name) in ["STOP", "RESUME"].iter().enumerate() {
         let msg = tokio::time::timeout(WAIT, events.next())
             .await
@@ -133,12 +121,12 @@ async fn the_stream_holds_every_event_once_across_a_nats_restart() {
     let mut c = Client::ready(&sock).await;
     let first = next_number(&mut c).await;
     let total = 200u64;
-    stop_cont(&mut c, 50).await;
+    c.stop_cont(50).await;
     nats.stop().await;
     // Local clients do not notice: commands and events as ever.
-    stop_cont(&mut c, 25).await;
+    c.stop_cont(25).await;
     nats.restart().await;
-    stop_cont(&mut c, 25).await;
+    c.stop_cont(25).await;
 
     let js = jetstream::new(nats_client(&url).await);
     let mut stream = js.get_stream("QMPMUX").await.unwrap();
@@ -234,7 +222,7 @@ async fn local_clients_work_while_nats_is_down() {
     c.send(r#"{"execute":"cont"}"#).await;
     c.event("RESUME").await;
     assert!(c.reply().await.get("return").is_some());
-    stop_cont(&mut c, 2).await;
+    c.stop_cont(2).await;
     // Once NATS is up, what happened meanwhile is published, in order.
     nats.restart().await;
     let js = jetstream::new(nats_client(&url).await);
@@ -367,7 +355,7 @@ async fn a_reload_applies_nats_changes() {
     let list: Value = serde_json::from_slice(&list.payload).unwrap();
     assert_eq!(list["vms"], serde_json::json!(["web01"]));
     let mut c = Client::ready(&sock).await;
-    stop_cont(&mut c, 1).await;
+    c.stop_cont(1).await;
     let msg = tokio::time::timeout(WAIT, events.next()).await.unwrap().unwrap();
     assert_eq!(msg.subject.as_str(), "qmpmux.hv1.web01.event.STOP");
     daemon.stop().await;

@@ -343,13 +343,7 @@ impl Session {
                 Some(Ok(Frame::Error(e) | Frame::Limit(e))) => return Err(Exit::Desync(e)),
             };
             match classify(&bytes) {
-                Ok(Incoming::Event(name)) => {
-                    let mut line = BytesMut::with_capacity(bytes.len() + 2);
-                    line.put_slice(&bytes);
-                    line.put_slice(b"\r\n");
-                    self.metrics.events.inc();
-                    self.hub.event(&name, line.freeze());
-                }
+                Ok(Incoming::Event(name)) => self.on_event(&name, &bytes),
                 Ok(Incoming::Stray(Some(got))) if got.get() == want => return Ok(lossy(&bytes)),
                 _ => warn!(message = %lossy(&bytes), "unexpected message while sending on_connect commands; dropped"),
             }
@@ -478,13 +472,7 @@ impl Session {
             Frame::Error(e) | Frame::Limit(e) => return Err(Exit::Desync(e)),
         };
         match classify(&bytes) {
-            Ok(Incoming::Event(name)) => {
-                let mut line = BytesMut::with_capacity(bytes.len() + 2);
-                line.put_slice(&bytes);
-                line.put_slice(b"\r\n");
-                self.metrics.events.inc();
-                self.hub.event(&name, line.freeze());
-            }
+            Ok(Incoming::Event(name)) => self.on_event(&name, &bytes),
             Ok(Incoming::Reply(reply)) => {
                 // One clock reading for the latency and the router's estimate
                 // of what the request cost QEMU.
@@ -514,6 +502,16 @@ impl Session {
             Err(e) => return Err(Exit::Desync(format!("{}: {}", e.desc(), lossy(&bytes)))),
         }
         Ok(())
+    }
+
+    /// An event from QEMU: as a line (its bytes, then `\r\n`) to the hub,
+    /// which numbers, keeps and fans it out.
+    fn on_event(&mut self, name: &str, bytes: &[u8]) {
+        let mut line = BytesMut::with_capacity(bytes.len() + 2);
+        line.put_slice(bytes);
+        line.put_slice(b"\r\n");
+        self.metrics.events.inc();
+        self.hub.event(name, line.freeze());
     }
 
     /// Answers commands QEMU has not answered within `timeout`.

@@ -117,6 +117,19 @@ impl Client {
         }
     }
 
+    /// Makes QEMU emit STOP then RESUME, `n` times (`stop`, `cont`,
+    /// pipelined), and checks every reply; events are skipped.
+    pub async fn stop_cont(&mut self, n: usize) {
+        for _ in 0..n {
+            self.send(r#"{"execute":"stop"}"#).await;
+            self.send(r#"{"execute":"cont"}"#).await;
+        }
+        for _ in 0..2 * n {
+            let r = self.reply().await;
+            assert!(r.get("return").is_some(), "{r}");
+        }
+    }
+
     /// Sends one command and returns its reply (events skipped).
     pub async fn cmd(&mut self, raw: &str) -> Value {
         self.send(raw).await;
