@@ -335,6 +335,32 @@ mod tests {
     }
 
     #[test]
+    fn the_nats_connection_is_shown() {
+        let mut report = StatusReport::default();
+        report.vms.push(vm("web01"));
+        assert!(!render(&report).contains("NATS"));
+        report.nats = Some(NatsStatus {
+            servers: vec!["nats://n1:4222".into()],
+            state: "disconnected".into(),
+            prefix: "qmpmux.hv01".into(),
+            stream: Some("QMPMUX".into()),
+            commands: true,
+            published: 10,
+            acknowledged: 8,
+            pending: 2,
+            dropped: 0,
+            reconnects: 1,
+        });
+        let text = render(&report);
+        assert!(
+            text.contains("NATS: disconnected (nats://n1:4222), prefix qmpmux.hv01, stream QMPMUX, 10 published, 8 acknowledged, 2 pending, 0 dropped, 1 reconnects"),
+            "{text}"
+        );
+        let back: StatusReport = serde_json::from_str(&serde_json::to_string(&report).unwrap()).unwrap();
+        assert_eq!(back, report);
+    }
+
+    #[test]
     fn a_held_lease_is_shown() {
         let mut report = StatusReport::default();
         let mut vm = vm("web01");
