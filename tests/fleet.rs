@@ -360,3 +360,105 @@ async fn a_reload_applies_nats_changes() {
     assert_eq!(msg.subject.as_str(), "qmpmux.hv1.web01.event.STOP");
     daemon.stop().await;
 }
+
+/// Runstate changes on `<prefix>.<vm>.state`, with qmpmux's losing and
+/// regaining QEMU's monitor named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_changes_are_published() {
+    let nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (up, sock) = (dir.path().join("q.sock"), dir.path().join("vm.sock"));
+    let mut qemu = Qemu::start(&up).await;
+    let url = nats.url();
+    let watcher = nats_client(&url).await;
+    let mut states = watcher.subscribe("qmpmux.hv1.web01.state").await.unwrap();
+    watcher.flush().await.unwrap();
+    let daemon = Daemon::start_with(&[("web01", &up, &sock)], |c| {
+        c.nats = Some(nats_config(&url, None, false))
+    })
+    .await;
+    let _c = Client::ready(&sock).await;
+    let mut next_state = async || {
+        let m = tokio::time::timeout(WAIT, states.next())
+            .await
+            .expect("a state message")
+            .unwrap();
+        serde_json::from_slice::<Value>(&m.payload).unwrap()
+    };
+    // Until it runs (it may have before the subscription took).
+    loop {
+        let v = next_state().await;
+        assert_eq!(
+            (v["vm"].as_str(), v["host"].as_str()),
+            (Some("web01"), Some("hv1")),
+            "{v}"
+        );
+        if v["runstate"] == "running" {
+            break;
+        }
+    }
+    qemu.kill9();
+    loop {
+        let v = next_state().await;
+        if v["event"] == "__org.qmpmux_UPSTREAM_LOST" {
+            assert_ne!(v["runstate"], "running");
+            break;
+        }
+    }
+    let _qemu2 = Qemu::start_watched(&up);
+    loop {
+        let v = next_state().await;
+        if v["runstate"] == "running" {
+            assert_eq!(v["event"], "__org.qmpmux_UPSTREAM_RESTORED", "{v}");
+            break;
+        }
+    }
+    daemon.stop().await;
+}
+
+/// Events that fall out of the history while NATS is away are counted and
+/// the rest published: never a silent gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_lost_to_a_long_outage_are_counted() {
+    let mut nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (up, sock) = (dir.path().join("q.sock"), dir.path().join("vm.sock"));
+    let _qemu = Qemu::start(&up).await;
+    let url = nats.url();
+    nats.stop().await;
+    let daemon = Daemon::start_with(&[("web01", &up, &sock)], |c| {
+        c.nats = Some(nats_config(&url, Some("QMPMUX"), false));
+        c.upstream.event_history = 4;
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let mut c = Client::ready(&sock).await;
+    let first = next_number(&mut c).await;
+    c.stop_cont(10).await;
+    nats.restart().await;
+    let js = jetstream::new(nats_client(&url).await);
+    let mut count = 0;
+    for _ in 0..800 {
+        if let Ok(mut s) = js.get_stream("QMPMUX").await {
+            count = s.info().await.unwrap().state.messages;
+            if count >= 4 {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(count, 4, "the four events still kept");
+    let stream = js.get_stream("QMPMUX").await.unwrap();
+    let oldest = stream.get_raw_message(1).await.unwrap();
+    assert_eq!(
+        oldest.headers.get("Qmpmux-Seq").unwrap().as_str(),
+        (first + 16).to_string()
+    );
+    let body = common::http::metrics(daemon.metrics_addr.unwrap()).await;
+    assert_eq!(
+        common::http::sample(&body, "qmpmux_nats_dropped_total"),
+        Some(16.0),
+        "{body}"
+    );
+    daemon.stop().await;
+}
