@@ -6,7 +6,7 @@ use crate::common::fake::instant::{now_ns, Events};
 use crate::common::fake::FakeServer;
 use crate::common::STEP;
 use crate::floors::Floor;
-use crate::stats::{pct, ratio, us};
+use crate::stats::{cpu_secs, pct, ratio, us};
 use crate::{progress, Plan, Rig};
 use serde_json::{json, Value};
 use std::path::Path;
@@ -21,12 +21,19 @@ use tokio::sync::Notify;
 pub fn run(plan: &Plan, rt: &Runtime, rig: &Rig) -> Value {
     let (fake_b, bcast) = (rig.path("fake-b.sock"), rig.path("broadcast.sock"));
     let fire_b = FakeServer::bind(&fake_b).answer_all();
-    let _bcast = Floor::start("--child-broadcast", &bcast, &fake_b);
+    let bcast_floor = Floor::start("--child-broadcast", &bcast, &fake_b);
     let mut fan: Vec<FanRow> = Vec::new();
     let mut floor: Vec<FanRow> = Vec::new();
     for &(n, ev) in &plan.fanout {
-        floor.push(rt.block_on(fanout_once(plan, &bcast, &fire_b, n, ev)));
-        fan.push(rt.block_on(fanout_once(plan, &rig.mux_fake, &rig.fire, n, ev)));
+        floor.push(rt.block_on(fanout_once(plan, &bcast, &fire_b, n, ev, Some(bcast_floor.pid()))));
+        fan.push(rt.block_on(fanout_once(
+            plan,
+            &rig.mux_fake,
+            &rig.fire,
+            n,
+            ev,
+            Some(rig.daemon.pid()),
+        )));
     }
     let fan_base = fan.first().map(|f| f.p50).unwrap_or(0) as f64;
     let floor_base = floor.first().map(|f| f.p50).unwrap_or(0) as f64;
@@ -42,6 +49,9 @@ pub fn run(plan: &Plan, rt: &Runtime, rig: &Rig) -> Value {
             "floor": {"p50_us": us(b.p50), "p99_us": us(b.p99), "max_us": us(b.max), "last_client_p50_us": us(b.last_p50)},
             "ratio_vs_floor_p50": ratio(f.p50 as f64, b.p50 as f64),
             "ratio_vs_floor_p99": ratio(f.p99 as f64, b.p99 as f64),
+            "cpu_us_per_delivery": f.cpu_per_delivery * 1e6,
+            "floor_cpu_us_per_delivery": b.cpu_per_delivery * 1e6,
+            "cpu_ratio_vs_floor": ratio(f.cpu_per_delivery, b.cpu_per_delivery),
         }))
         .collect::<Vec<_>>())
 }
@@ -77,12 +87,15 @@ fn print(fan: &[FanRow], floor: &[FanRow], fan_base: f64, floor_base: f64) {
             );
         }
         out!(
-            "   {:<8}{:>8}   p50 {:.2}x, p99 {:.2}x, last-client p50 {:.2}x",
+            "   {:<8}{:>8}   p50 {:.2}x, p99 {:.2}x, last-client p50 {:.2}x; CPU per delivered event {:.2} us vs the floor's {:.2} us: {:.2}x",
             "ratio",
             "",
             ratio(f.p50 as f64, b.p50 as f64),
             ratio(f.p99 as f64, b.p99 as f64),
-            ratio(f.last_p50 as f64, b.last_p50 as f64)
+            ratio(f.last_p50 as f64, b.last_p50 as f64),
+            f.cpu_per_delivery * 1e6,
+            b.cpu_per_delivery * 1e6,
+            ratio(f.cpu_per_delivery, b.cpu_per_delivery)
         );
     }
 }
@@ -134,9 +147,14 @@ pub struct FanRow {
     pub p99: u64,
     pub max: u64,
     pub last_p50: u64,
+    /// CPU seconds of the serving process per event per client (0 when
+    /// not measured).
+    pub cpu_per_delivery: f64,
 }
 
-pub async fn fanout_once(plan: &Plan, path: &Path, fire: &Events, n: usize, events: usize) -> FanRow {
+/// One fan-out run; `pid`: the serving process, whose CPU time is read
+/// around the events.
+pub async fn fanout_once(plan: &Plan, path: &Path, fire: &Events, n: usize, events: usize, pid: Option<u32>) -> FanRow {
     progress(&format!("event fan-out to {n} clients"));
     let conns = open_many(path, CAPS, n, 64).await;
     let st = Arc::new(FanState {
@@ -149,6 +167,7 @@ pub async fn fanout_once(plan: &Plan, path: &Path, fire: &Events, n: usize, even
         .map(|c| tokio::spawn(fan_client(c, st.clone())))
         .collect();
     let mut sent = 0;
+    let cpu0 = pid.map(cpu_secs);
     for i in 0..events {
         st.target.store((i + 1) * n, Ordering::Release);
         fire.send("BENCH").expect("fake upstream is gone");
@@ -159,6 +178,7 @@ pub async fn fanout_once(plan: &Plan, path: &Path, fire: &Events, n: usize, even
         }
         tokio::time::sleep(plan.event_gap).await;
     }
+    let cpu = pid.map(cpu_secs).zip(cpu0).map_or(0.0, |(b, a)| b - a);
     fire.send("BENCH_END").expect("fake upstream is gone");
     let mut per_client = Vec::with_capacity(n);
     for t in tasks {
@@ -184,5 +204,6 @@ pub async fn fanout_once(plan: &Plan, path: &Path, fire: &Events, n: usize, even
         p99: pct(&all, 99.0),
         max: all.last().copied().unwrap_or(0),
         last_p50: pct(&last, 50.0),
+        cpu_per_delivery: if sent > 0 { cpu / (sent * n) as f64 } else { 0.0 },
     }
 }

@@ -43,6 +43,12 @@ impl Floor {
     }
 }
 
+impl Floor {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 impl Drop for Floor {
     fn drop(&mut self) {
         let _ = self.child.kill();

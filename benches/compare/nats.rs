@@ -56,9 +56,9 @@ pub fn run(plan: &Plan, rt: &Runtime, rig: &Rig) -> Value {
         );
         progress(&format!("{label}: event latency to one local client"));
         // Alternated, so that drift on a shared machine hits both alike.
-        let without_a = rt.block_on(fanout_once(plan, &rig.mux_fake, &rig.fire, 1, rounds));
-        let with = rt.block_on(fanout_once(plan, &listen, &fire, 1, 2 * rounds));
-        let without_b = rt.block_on(fanout_once(plan, &rig.mux_fake, &rig.fire, 1, rounds));
+        let without_a = rt.block_on(fanout_once(plan, &rig.mux_fake, &rig.fire, 1, rounds, None));
+        let with = rt.block_on(fanout_once(plan, &listen, &fire, 1, 2 * rounds, None));
+        let without_b = rt.block_on(fanout_once(plan, &rig.mux_fake, &rig.fire, 1, rounds, None));
         let without = if without_a.p50 <= without_b.p50 {
             without_b
         } else {

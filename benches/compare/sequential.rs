@@ -32,21 +32,25 @@ pub fn run(plan: &Plan, rig: &Rig) -> Value {
     let (qr, relay) = (rig.path("qemu-r.sock"), rig.path("relay.sock"));
     let _qemu_r = Qemu::start_blocking(&[Monitor::Serve(&qr)], &rig.path("qemu-r.log"));
     let _relay = Floor::start("--child-relay", &relay, &qr);
+    let (qs, socat) = (rig.path("qemu-s.sock"), rig.path("socat.sock"));
+    let _qemu_s = Qemu::start_blocking(&[Monitor::Serve(&qs)], &rig.path("qemu-s.log"));
+    let _socat = SocatRelay::start(&socat, &qs);
     progress("sequential round trips");
     let mut clients = [
         SyncClient::open(&rig.qa, CAPS_OOB).expect("direct client"),
         SyncClient::open(&rig.mux_qemu, CAPS).expect("qmpmux client"),
         SyncClient::open(&relay, CAPS_OOB).expect("relay client"),
+        SyncClient::open(&socat, CAPS_OOB).expect("socat client"),
     ];
-    let mut samples = [Vec::new(), Vec::new(), Vec::new()];
-    let mut errors = [0u64; 3];
+    let mut samples = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+    let mut errors = [0u64; 4];
     for c in clients.iter_mut() {
         for _ in 0..plan.lat_warmup {
             c.cmd().expect("warm-up round trip");
         }
     }
     for round in 0..plan.lat_rounds {
-        let order = [[0, 1, 2], [1, 2, 0], [2, 0, 1]][round % 3];
+        let order = [[0, 1, 2, 3], [1, 2, 3, 0], [2, 3, 0, 1], [3, 0, 1, 2]][round % 4];
         for which in order {
             let c = &mut clients[which];
             for _ in 0..plan.lat_per_round {
@@ -57,11 +61,20 @@ pub fn run(plan: &Plan, rig: &Rig) -> Value {
             }
         }
     }
-    let [sd, sm, sr] = samples;
+    let [sd, sm, sr, ss] = samples;
     let d = lat_stats(sd, errors[0]);
     let m = lat_stats(sm, errors[1]);
     let f = lat_stats(sr, errors[2]);
+    let so = lat_stats(ss, errors[3]);
     print(plan, &d, &m, &f);
+    let added = |s: &LatStats| us(s.p50) - us(d.p50);
+    out!(
+        "   {:<22}{:>9.1} us added at p50 (qmpmux {:+.1} us: {:.2}x socat's; goal 1x or less)",
+        "floor: socat relay",
+        added(&so),
+        added(&m),
+        ratio(added(&m), added(&so))
+    );
     let j = |s: &LatStats| json!({"p50_us": us(s.p50), "p99_us": us(s.p99), "mean_us": s.mean / 1000.0, "errors": s.errors});
     json!({
         "rounds": plan.lat_rounds, "per_round": plan.lat_per_round,
@@ -71,6 +84,9 @@ pub fn run(plan: &Plan, rig: &Rig) -> Value {
         "ratio_mean": ratio(m.mean, d.mean),
         "ratio_relay_p50": ratio(f.p50 as f64, d.p50 as f64),
         "ratio_qmpmux_vs_relay_p50": ratio(m.p50 as f64, f.p50 as f64),
+        "socat": j(&so),
+        "added_us_p50": {"qmpmux": added(&m), "bare_relay": added(&f), "socat": added(&so)},
+        "added_ratio_qmpmux_vs_socat": ratio(added(&m), added(&so)),
     })
 }
 
@@ -123,4 +139,37 @@ fn print(plan: &Plan, d: &LatStats, m: &LatStats, f: &LatStats) {
         ratio(m.mean, f.mean),
         us(m.p50) - us(f.p50)
     );
+}
+
+/// `socat UNIX-LISTEN:LISTEN,fork UNIX-CONNECT:UPSTREAM`: the relay most
+/// operators would reach for, as a floor (a process per connection).
+struct SocatRelay {
+    child: std::process::Child,
+}
+
+impl SocatRelay {
+    fn start(listen: &std::path::Path, upstream: &std::path::Path) -> SocatRelay {
+        let _ = std::fs::remove_file(listen);
+        let mut cmd = std::process::Command::new("socat");
+        cmd.arg(format!("UNIX-LISTEN:{},fork", listen.display()))
+            .arg(format!("UNIX-CONNECT:{}", upstream.display()))
+            .stdin(std::process::Stdio::null());
+        crate::common::process::guard_child(&mut cmd, None);
+        let child = cmd
+            .spawn()
+            .expect("socat (apt-get install socat) for the socat floor of section 1");
+        let deadline = Instant::now() + crate::common::STEP;
+        while !listen.exists() {
+            assert!(Instant::now() < deadline, "socat did not listen");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        SocatRelay { child }
+    }
+}
+
+impl Drop for SocatRelay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
