@@ -27,8 +27,8 @@
 //! - [`error`]: formatting error chains; each module has its own errors.
 // The exceptions: `recvmsg` and taking ownership of the fds it receives
 // with SCM_RIGHTS, whatever the control data (downstream::fds),
-// `malloc_trim` (trim) and registering an inotify descriptor with tokio
-// (upstream::socketwatch), which have no safe API.
+// `malloc_trim` (trim) and registering descriptors with tokio
+// (upstream::socketwatch, runtime::sock), which have no safe API.
 #![deny(unsafe_code)]
 
 pub mod config;

@@ -13,13 +13,12 @@
 //! before reading further, so a request sees the fds that arrived with or
 //! before its closing brace, as in QEMU.
 
-use futures_util::FutureExt;
+use crate::runtime::sock::ReadHalf;
 use std::io::{self, IoSliceMut};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
-use tokio::io::{AsyncRead, Interest, ReadBuf};
-use tokio::net::unix::OwnedReadHalf;
+use tokio::io::{AsyncRead, ReadBuf};
 
 /// At most this many fds are accepted in one message. The kernel installs
 /// no more than fit in the control buffer and closes the rest (MSG_CTRUNC);
@@ -33,14 +32,14 @@ const CMSG_WORDS: usize = 10;
 
 /// A client's read half that also collects passed file descriptors.
 pub struct FdReader {
-    half: OwnedReadHalf,
+    half: ReadHalf,
     /// The first fd of the latest message that carried fds, until a
     /// command takes it.
     waiting: Option<OwnedFd>,
 }
 
 impl FdReader {
-    pub fn new(half: OwnedReadHalf) -> FdReader {
+    pub fn new(half: ReadHalf) -> FdReader {
         FdReader { half, waiting: None }
     }
 }
@@ -116,10 +115,9 @@ fn recvmsg_fds(sock: RawFd, buf: &mut [u8]) -> io::Result<Received> {
 /// drained: a unix stream `recvmsg` fills the whole buffer unless the queue
 /// ran dry or it stopped at a message that carried fds, so a short read
 /// without fds means empty.
-fn recv_into(half: &OwnedReadHalf, waiting: &mut Option<OwnedFd>, buf: &mut [u8]) -> io::Result<(usize, bool)> {
-    let stream: &tokio::net::UnixStream = half.as_ref();
+fn recv_into(sock: RawFd, waiting: &mut Option<OwnedFd>, buf: &mut [u8]) -> io::Result<(usize, bool)> {
     loop {
-        let got = recvmsg_fds(stream.as_raw_fd(), buf)?;
+        let got = recvmsg_fds(sock, buf)?;
         if got.truncated || got.fds.len() > MAX_FDS_PER_MESSAGE {
             // `got.fds` is dropped, closing every one.
             return Err(io::Error::new(io::ErrorKind::InvalidData, TooManyFds));
@@ -141,31 +139,12 @@ fn recv_into(half: &OwnedReadHalf, waiting: &mut Option<OwnedFd>, buf: &mut [u8]
 impl AsyncRead for FdReader {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let FdReader { half, waiting } = self.get_mut();
-        loop {
-            let stream: &tokio::net::UnixStream = half.as_ref();
-            ready!(stream.poll_read_ready(cx))?;
-            let unfilled = buf.initialize_unfilled();
-            // A drained socket reports WouldBlock to `try_io`, which then
-            // clears the readiness (unless an event came in meanwhile), as
-            // tokio's own `poll_read` does after a short read: this saves
-            // the `recvmsg` that would only say EAGAIN.
-            let mut short = None;
-            let result = stream.try_io(Interest::READABLE, || match recv_into(half, waiting, unfilled)? {
-                (n, true) => {
-                    short = Some(n);
-                    Err(io::ErrorKind::WouldBlock.into())
-                }
-                (n, false) => Ok(n),
-            });
-            match (result, short) {
-                (_, Some(n)) | (Ok(n), None) => {
-                    buf.advance(n);
-                    return Poll::Ready(Ok(()));
-                }
-                (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                (Err(e), None) => return Poll::Ready(Err(e)),
-            }
-        }
+        let unfilled = buf.initialize_unfilled();
+        // A drained socket clears the readiness, saving the `recvmsg` that
+        // would only say EAGAIN.
+        let n = ready!(half.poll_read_with(cx, |fd| recv_into(fd, waiting, unfilled)))?;
+        buf.advance(n);
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -197,15 +176,10 @@ impl ClientReader for FdReader {
         self.waiting.is_some()
     }
 
-    /// A unix socket whose peer closed entirely reports a hang-up (which
-    /// tokio records as write-closed); one whose peer only shut down its
-    /// sending side does not.
+    /// A unix socket whose peer closed entirely reports a hang-up; one
+    /// whose peer only shut down its sending side does not.
     fn peer_gone(&self) -> bool {
-        let stream: &tokio::net::UnixStream = self.half.as_ref();
-        matches!(
-            stream.ready(Interest::WRITABLE).now_or_never(),
-            Some(Ok(ready)) if ready.is_write_closed()
-        )
+        self.half.peer_gone()
     }
 }
 

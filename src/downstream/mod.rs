@@ -57,7 +57,14 @@ pub async fn accept_loop(listener: UnixListener, ctx: ClientContext, tracker: Ta
                 uid, gid, "client refused: its uid/gid is not allowed on this listener");
             continue;
         }
-        let (read, write) = stream.into_split();
+        // Registered for reading only (see `runtime::sock`).
+        let (read, write) = match crate::runtime::sock::split(stream) {
+            Ok(halves) => halves,
+            Err(e) => {
+                warn!(error = %e, "cannot set up a client's socket; refusing it");
+                continue;
+            }
+        };
         spawn_client(&tracker, &ctx, slot, |id, ctx| {
             client::run(fds::FdReader::new(read), write, id, peer, ctx)
         });

@@ -5,12 +5,12 @@ use crate::qmp::framing::{Frame, JsonFramer, Limits};
 use crate::qmp::incoming::{classify, Greeting, Incoming};
 use crate::qmp::json::compact_pretty;
 use crate::qmp::outgoing::{capabilities_request, lossy};
+use crate::runtime::sock::{ReadHalf, WriteHalf};
 use bytes::BytesMut;
 use futures_util::StreamExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::codec::{Decoder, FramedRead};
 
@@ -65,12 +65,12 @@ fn compact(frame: Frame) -> Frame {
     }
 }
 
-pub type UpstreamReader = FramedRead<OwnedReadHalf, UpstreamCodec>;
+pub type UpstreamReader = FramedRead<ReadHalf, UpstreamCodec>;
 
 /// A negotiated upstream connection.
 pub struct Connection {
     pub reader: UpstreamReader,
-    pub writer: OwnedWriteHalf,
+    pub writer: WriteHalf,
     pub greeting: Greeting,
 }
 
@@ -87,7 +87,7 @@ fn upstream_limits() -> Limits {
 /// then greeting and negotiation as usual.
 pub async fn accept(listener: &UnixListener, opts: &UpstreamOptions) -> Result<Connection, ConnectError> {
     let (stream, _) = listener.accept().await.map_err(ConnectError::Accept)?;
-    let (read, writer) = stream.into_split();
+    let (read, writer) = crate::runtime::sock::split(stream)?;
     let reader = FramedRead::new(read, UpstreamCodec(JsonFramer::new(upstream_limits())));
     tokio::time::timeout(opts.greeting_timeout, negotiate(reader, writer))
         .await
@@ -102,7 +102,7 @@ pub async fn connect(path: &Path, opts: &UpstreamOptions) -> Result<Connection, 
             path: path.to_owned(),
             source,
         })?;
-    let (read, writer) = stream.into_split();
+    let (read, writer) = crate::runtime::sock::split(stream)?;
     let reader = FramedRead::new(read, UpstreamCodec(JsonFramer::new(upstream_limits())));
     tokio::time::timeout(opts.greeting_timeout, negotiate(reader, writer))
         .await
@@ -118,7 +118,7 @@ async fn next_message(reader: &mut UpstreamReader) -> Result<bytes::Bytes, Conne
     }
 }
 
-async fn negotiate(mut reader: UpstreamReader, mut writer: OwnedWriteHalf) -> Result<Connection, ConnectError> {
+async fn negotiate(mut reader: UpstreamReader, mut writer: WriteHalf) -> Result<Connection, ConnectError> {
     let first = next_message(&mut reader).await?;
     let greeting = match classify(&first) {
         Ok(Incoming::Greeting(g)) => g,

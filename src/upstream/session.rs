@@ -14,6 +14,7 @@ use crate::qmp::framing::Frame;
 use crate::qmp::incoming::{classify, Incoming};
 use crate::qmp::outgoing::{json_str, lossy, on_connect_request};
 use crate::router::{Route, Router};
+use crate::runtime::sock::WriteHalf;
 use bytes::{BufMut, BytesMut};
 use futures_util::FutureExt;
 use futures_util::StreamExt;
@@ -22,7 +23,6 @@ use std::os::fd::OwnedFd;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -285,7 +285,7 @@ impl Session {
                     Some(Err(e)) => Some(Exit::Io(e)),
                     Some(Ok(frame)) => self.on_upstream(frame).err(),
                 },
-                r = write_some(&writer, &mut wbuf, &mut pending_fd), if !wbuf.is_empty() => r.err().map(Exit::Io),
+                r = write_some(&mut writer, &mut wbuf, &mut pending_fd), if !wbuf.is_empty() => r.err().map(Exit::Io),
                 msg = self.rx.recv() => self.on_inbox(msg),
                 () = self.hub.lease_timeout(), if self.hub.lease_held() => {
                     self.hub.expire_lease();
@@ -310,7 +310,7 @@ impl Session {
     /// `[[vm.on_connect]]`: qmpmux's own commands, sent one by one on a
     /// new connection before any client's; replies are logged, a failure
     /// does not stop the rest. Events meanwhile go to clients as ever.
-    async fn on_connect(&mut self, reader: &mut UpstreamReader, writer: &mut OwnedWriteHalf) -> Result<(), Exit> {
+    async fn on_connect(&mut self, reader: &mut UpstreamReader, writer: &mut WriteHalf) -> Result<(), Exit> {
         use tokio::io::AsyncWriteExt;
         let wait = self.opts.command_timeout.unwrap_or(ON_CONNECT_WAIT);
         for (i, cmd) in self.vm.on_connect.clone().iter().enumerate() {
@@ -563,19 +563,17 @@ async fn serve_down(rx: &mut mpsc::Receiver<ToSession>, hub: &mut Hub, state: Ru
 
 /// Writes some of `wbuf` to QEMU. The request a passed fd goes with starts
 /// a `sendmsg` of its own, carrying the fd (QEMU takes fds that arrive no
-/// later than the request's closing brace). Cancel-safe: waiting for
-/// writability is, and the write itself is synchronous.
+/// later than the request's closing brace). Cancel-safe: waiting for room
+/// is, and the write itself is synchronous.
 async fn write_some(
-    writer: &OwnedWriteHalf,
+    writer: &mut WriteHalf,
     wbuf: &mut BytesMut,
     pending_fd: &mut Option<(OwnedFd, usize)>,
 ) -> std::io::Result<()> {
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
     use std::os::fd::AsRawFd;
-    let stream: &tokio::net::UnixStream = writer.as_ref();
-    loop {
-        writer.writable().await?;
-        let result = stream.try_io(tokio::io::Interest::WRITABLE, || {
+    let n = writer
+        .write_with(|sock| {
             let (upto, fd) = match pending_fd.as_ref() {
                 Some((fd, 0)) => (wbuf.len(), Some(fd.as_raw_fd())),
                 Some((_, at)) => (*at, None),
@@ -584,21 +582,15 @@ async fn write_some(
             let iov = [std::io::IoSlice::new(&wbuf[..upto])];
             let fds = fd.map(|f| [f]);
             let cmsg: Vec<ControlMessage<'_>> = fds.iter().map(|f| ControlMessage::ScmRights(f)).collect();
-            sendmsg::<()>(stream.as_raw_fd(), &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None)
+            sendmsg::<()>(sock, &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None)
                 .map_err(|e| std::io::Error::from_raw_os_error(e as i32))
-        });
-        match result {
-            Ok(n) => {
-                let _ = wbuf.split_to(n);
-                *pending_fd = match pending_fd.take() {
-                    Some((_, 0)) => None,
-                    Some((fd, at)) => Some((fd, at - n.min(at))),
-                    None => None,
-                };
-                return Ok(());
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
-    }
+        })
+        .await?;
+    let _ = wbuf.split_to(n);
+    *pending_fd = match pending_fd.take() {
+        Some((_, 0)) => None,
+        Some((fd, at)) => Some((fd, at - n.min(at))),
+        None => None,
+    };
+    Ok(())
 }
