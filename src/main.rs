@@ -249,6 +249,16 @@ async fn async_main(args: Args) -> ExitCode {
         Ok(n) => info!(max_fds = n, "file descriptor limit"),
         Err(e) => warn!(error = %e, "cannot raise the file descriptor limit"),
     }
+    // Handlers first: once a socket exists, tools (and systemd, after
+    // READY=1) may signal qmpmux, and SIGHUP or SIGUSR1 would otherwise
+    // kill it. A signal that comes before the handling task runs waits.
+    let signals = match signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1]) {
+        Ok(s) => s,
+        Err(e) => {
+            error!(error = %e, "cannot install signal handlers");
+            return ExitCode::FAILURE;
+        }
+    };
     let listeners = match Listeners::bind(&config).await {
         Ok(l) => l,
         Err(e) => {
@@ -261,13 +271,6 @@ async fn async_main(args: Args) -> ExitCode {
     }
     notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
     let shutdown = CancellationToken::new();
-    let signals = match signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1]) {
-        Ok(s) => s,
-        Err(e) => {
-            error!(error = %e, "cannot install signal handlers");
-            return ExitCode::FAILURE;
-        }
-    };
     let (reload_tx, reload_rx) = mpsc::channel(1);
     let config_path = (!args.demo).then(|| args.config.clone());
     let signal_task = tokio::spawn(handle_signals(

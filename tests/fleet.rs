@@ -177,11 +177,13 @@ async fn commands_over_nats_run_are_refused_by_policy_and_unknown_vms_get_an_err
             panic!("no answer on {subject}");
         }
     };
+    // Once qmpmux has QEMU's greeting (a local client gets it), commands
+    // reach QEMU; before that they would get "not connected".
+    let mut local = Client::ready(&sock).await;
     let r = request("qmpmux.hv1.web01.execute", r#"{"execute":"query-status","id":"a"}"#).await;
     assert_eq!(r["id"], "a");
     assert_eq!(r["return"]["status"], "running", "{r}");
     // A command that changes the VM, seen by a local client's events.
-    let mut local = Client::ready(&sock).await;
     let r = request("qmpmux.hv1.web01.execute", r#"{"execute":"stop","id":1}"#).await;
     assert!(r.get("return").is_some(), "{r}");
     local.event("STOP").await;
@@ -292,6 +294,8 @@ async fn accounts_decide_who_watches_and_who_commands() {
         c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
     })
     .await;
+    // Commands reach QEMU once qmpmux has its greeting.
+    let mut c = Client::ready(&sock).await;
     let orchestrator = connect_as(&url, "orchestrator", "orchestrator-secret").await;
     let mut answer = None;
     for _ in 0..200 {
@@ -315,7 +319,6 @@ async fn accounts_decide_who_watches_and_who_commands() {
         .request("qmpmux.hv1.web01.execute", r#"{"execute":"cont"}"#.into())
         .await;
     assert!(refused.is_err(), "the monitor's command went through");
-    let mut c = Client::ready(&sock).await;
     let r = c.cmd(r#"{"execute":"query-status"}"#).await;
     assert_eq!(
         r["return"]["status"], "paused",
