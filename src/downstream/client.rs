@@ -17,6 +17,7 @@ use crate::qmp::json::qemu_style;
 use crate::qmp::outgoing::{error_line, return_line, return_raw_line};
 use crate::qmp::request::{decide, Caps, Decision, Session};
 use crate::runtime::quiet::Quiet;
+use crate::runtime::sock::Direct;
 use crate::upstream::fdnames::FdNameOp;
 use crate::upstream::mailbox::{mailbox, MailboxReceiver};
 use crate::upstream::{Answer, FailKind, Request, SessionHandle, ToClient};
@@ -151,14 +152,16 @@ enum End {
     Panic,
 }
 
-pub async fn run<R, W>(read: R, write: W, id: u64, peer: Peer, ctx: Arc<ClientContext>)
+/// Serves one client until it leaves; `direct`: its socket, for events the
+/// session writes itself (unix clients).
+pub async fn run<R, W>(read: R, write: W, direct: Option<Direct>, id: u64, peer: Peer, ctx: Arc<ClientContext>)
 where
     R: AsyncRead + Unpin + Send + ClientReader + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let (pid, uid, gid) = peer.ids();
     info!(client = id, listener = %ctx.listener.name, pid, uid, gid, remote = peer.remote(), "client connected");
-    let end = AssertUnwindSafe(serve(read, write, id, peer, ctx.clone()))
+    let end = AssertUnwindSafe(serve(read, write, direct, id, peer, ctx.clone()))
         .catch_unwind()
         .await
         .unwrap_or(End::Panic);
@@ -190,7 +193,7 @@ where
     }
 }
 
-async fn serve<R, W>(read: R, mut write: W, id: u64, peer: Peer, ctx: Arc<ClientContext>) -> End
+async fn serve<R, W>(read: R, mut write: W, direct: Option<Direct>, id: u64, peer: Peer, ctx: Arc<ClientContext>) -> End
 where
     R: AsyncRead + Unpin + ClientReader,
     W: AsyncWrite + Unpin,
@@ -210,6 +213,9 @@ where
     // buffer grows for the rare large request.
     let mut reader: Reader<R> = Quiet::new(FramedRead::with_capacity(read, JsonFramer::new(limits), 256));
     let (mailbox_tx, mut mailbox) = mailbox(ctx.opts.max_queue_bytes);
+    if let Some(direct) = direct {
+        mailbox.set_direct(direct);
+    }
     // The session must know this client before the client can negotiate:
     // every event after that reaches it.
     if ctx
@@ -262,6 +268,9 @@ impl Client {
             if (self.eof || self.closing.is_some()) && self.slots.is_empty() && self.outbuf.is_empty() {
                 return self.closing.take().unwrap_or(End::ClientClosed);
             }
+            // With nothing of its own to write, the session may write
+            // events to the socket itself (it runs only while this waits).
+            mailbox.allow_direct(self.qmp.negotiated && self.outbuf.is_empty());
             let can_read = !self.eof
                 && self.closing.is_none()
                 && self.slots.len() < self.ctx.opts.max_in_flight
@@ -345,6 +354,8 @@ impl Client {
     /// same: they are audited too. (The `getfd` names this client still owns
     /// are closed by the session when it sees the Detach.)
     async fn finish<W: AsyncWrite + Unpin>(&mut self, end: End, write: &mut W, mailbox: &mut MailboxReceiver) -> End {
+        // What is written from now on is this task's alone.
+        mailbox.allow_direct(false);
         if matches!(end, End::Shutdown) {
             while let Some(msg) = mailbox.try_recv() {
                 self.on_session(msg);

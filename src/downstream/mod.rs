@@ -65,8 +65,9 @@ pub async fn accept_loop(listener: UnixListener, ctx: ClientContext, tracker: Ta
                 continue;
             }
         };
+        let direct = write.direct();
         spawn_client(&tracker, &ctx, slot, |id, ctx| {
-            client::run(fds::FdReader::new(read), write, id, peer, ctx)
+            client::run(fds::FdReader::new(read), write, Some(direct), id, peer, ctx)
         });
     }
 }
@@ -178,7 +179,9 @@ pub async fn accept_tcp_loop(
             };
             let peer = tcp_peer(remote);
             let (read, write) = stream.into_split();
-            spawn_client(&tracker, &ctx, slot, |id, ctx| client::run(read, write, id, peer, ctx));
+            spawn_client(&tracker, &ctx, slot, |id, ctx| {
+                client::run(read, write, None, id, peer, ctx)
+            });
             continue;
         };
         let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
@@ -240,7 +243,9 @@ impl Admission {
         };
         let peer = tcp_peer(remote);
         let (read, write) = tokio::io::split(stream);
-        spawn_client(&tracker, &ctx, slot, |id, ctx| client::run(read, write, id, peer, ctx));
+        spawn_client(&tracker, &ctx, slot, |id, ctx| {
+            client::run(read, write, None, id, peer, ctx)
+        });
     }
 }
 

@@ -150,6 +150,26 @@ impl WriteHalf {
     }
 }
 
+/// A way for the VM's session to write to a client's socket itself,
+/// without waking the client's task (see `upstream::mailbox`). It keeps
+/// the socket open as long as it is held.
+#[derive(Debug, Clone)]
+pub struct Direct(Arc<Shared>);
+
+impl Direct {
+    /// One non-blocking write of `buf`; how much went.
+    pub fn try_send(&self, buf: &[u8]) -> io::Result<usize> {
+        send(self.0.fd.as_raw_fd(), buf)
+    }
+}
+
+impl WriteHalf {
+    /// A handle for writing to this socket from elsewhere.
+    pub fn direct(&self) -> Direct {
+        Direct(self.shared.clone())
+    }
+}
+
 fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     use nix::sys::socket::MsgFlags;
     nix::sys::socket::send(fd, buf, MsgFlags::MSG_NOSIGNAL).map_err(io::Error::from)

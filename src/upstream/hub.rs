@@ -167,7 +167,7 @@ impl Hub {
             } else {
                 line.clone()
             };
-            if let Err(e) = m.mailbox.send(ToClient::Event(line)) {
+            if let Err(e) = m.mailbox.send_event(line) {
                 gone.push((client, e == SendError::Full));
             }
         }

@@ -9,6 +9,8 @@
 //! its header), while this queue allocates nothing until a message comes.
 
 use super::{Answer, ToClient};
+use crate::runtime::sock::Direct;
+use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -33,6 +35,11 @@ pub enum SendError {
 
 #[derive(Debug, Default)]
 struct State {
+    /// The client's socket, for events written by the session itself.
+    direct: Option<Direct>,
+    /// The client has nothing to write and takes events: one that finds
+    /// the queue empty may go straight to its socket.
+    direct_on: bool,
     queue: VecDeque<ToClient>,
     /// Bytes waiting, by `cost`.
     queued: usize,
@@ -98,15 +105,45 @@ fn cost(msg: &ToClient) -> usize {
 
 impl MailboxSender {
     pub fn send(&self, msg: ToClient) -> Result<(), SendError> {
+        let state = self.shared.lock();
+        if state.receiver_gone {
+            return Err(SendError::Closed);
+        }
+        self.enqueue(state, msg)
+    }
+
+    /// An event line: written to the client's socket at once when the
+    /// client has nothing else to write and nothing is queued (no wake-up
+    /// of its task, no copy into its buffer), queued otherwise, and what
+    /// a short write left over is queued first.
+    pub fn send_event(&self, mut line: Bytes) -> Result<(), SendError> {
+        let mut state = self.shared.lock();
+        if state.receiver_gone {
+            return Err(SendError::Closed);
+        }
+        if state.direct_on && state.queue.is_empty() {
+            if let Some(direct) = &state.direct {
+                match direct.try_send(&line) {
+                    Ok(n) if n == line.len() => return Ok(()),
+                    Ok(n) => {
+                        let _ = line.split_to(n);
+                    }
+                    // Full, or broken: the client's task sees to it.
+                    Err(_) => {}
+                }
+            }
+            // The rest must reach the socket before anything else does.
+            state.direct_on = false;
+        }
+        self.enqueue(state, ToClient::Event(line))
+    }
+
+    fn enqueue(&self, mut state: MutexGuard<'_, State>, msg: ToClient) -> Result<(), SendError> {
         let c = cost(&msg);
         // Failures are small and must always get through: they are replies.
         let must = matches!(msg, ToClient::Failed { .. })
             || matches!(&msg, ToClient::Answer { answer, .. } if !matches!(**answer, Answer::Return(_)));
         {
-            let mut state = self.shared.lock();
-            if state.receiver_gone {
-                return Err(SendError::Closed);
-            }
             // The budget is for a backlog: one message larger than all of
             // it still goes to a client with (next to) nothing waiting.
             if !must && state.queued + c > self.limit && (c <= self.limit || state.queued > self.limit / 4) {
@@ -115,6 +152,7 @@ impl MailboxSender {
             state.queued += c;
             state.queue.push_back(msg);
         }
+        drop(state);
         self.shared.waker.wake();
         Ok(())
     }
@@ -128,6 +166,19 @@ impl Drop for MailboxSender {
 }
 
 impl MailboxReceiver {
+    /// Lets the session write events to the client's socket itself.
+    pub fn set_direct(&mut self, direct: Direct) {
+        self.shared.lock().direct = Some(direct);
+    }
+
+    /// Whether it may now: only while the client has nothing of its own
+    /// to write (its buffer is empty) and takes events. Set before every
+    /// wait; the session runs on the same thread, only while the client's
+    /// task waits.
+    pub fn allow_direct(&mut self, on: bool) {
+        self.shared.lock().direct_on = on;
+    }
+
     /// The next message; `None` once the sender is gone and the queue is
     /// empty. Cancel-safe: a message is taken only when it is returned.
     pub async fn recv(&mut self) -> Option<ToClient> {
@@ -199,6 +250,39 @@ mod tests {
 
     fn event(n: usize) -> ToClient {
         ToClient::Event(Bytes::from(vec![b'x'; n]))
+    }
+
+    #[tokio::test]
+    async fn events_go_straight_to_an_idle_client_s_socket_and_queue_otherwise() {
+        use tokio::io::AsyncReadExt;
+        let (a, mut b) = tokio::net::UnixStream::pair().unwrap();
+        let (_ar, aw) = crate::runtime::sock::split(a).unwrap();
+        let (tx, mut rx) = mailbox(1 << 20);
+        rx.set_direct(aw.direct());
+        // Not allowed yet (the client has not negotiated, or has output).
+        tx.send_event(Bytes::from_static(b"one\r\n")).unwrap();
+        assert!(matches!(rx.try_recv(), Some(ToClient::Event(_))));
+        rx.allow_direct(true);
+        tx.send_event(Bytes::from_static(b"two\r\n")).unwrap();
+        assert!(rx.try_recv().is_none(), "written, not queued");
+        let mut got = [0u8; 5];
+        b.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"two\r\n");
+        // Something queued goes first: later events queue behind it.
+        tx.send(failed(1)).unwrap();
+        tx.send_event(Bytes::from_static(b"three\r\n")).unwrap();
+        assert!(matches!(rx.try_recv(), Some(ToClient::Failed { .. })));
+        assert!(matches!(rx.try_recv(), Some(ToClient::Event(_))));
+        // A socket that is full: the rest of a short write is queued, and
+        // direct writes stop until the client has written it.
+        rx.allow_direct(true);
+        let big = Bytes::from(vec![b'x'; 16 << 20]);
+        tx.send_event(big.clone()).unwrap();
+        let Some(ToClient::Event(rest)) = rx.try_recv() else {
+            panic!("the rest of a short write is queued")
+        };
+        assert!(!rest.is_empty() && rest.len() < big.len());
+        assert!(!rx.shared.lock().direct_on);
     }
 
     #[tokio::test]
