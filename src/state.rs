@@ -50,18 +50,23 @@ pub struct LeaseHolder {
 }
 
 impl LeaseHolder {
-    /// The refusal another client's command gets, naming the VM, the
-    /// holder, the reason and the time left.
-    pub fn refusal(&self, vm: &str, now: std::time::Instant) -> String {
+    /// `<who> (<reason>) for N more seconds`, as errors name a held lease.
+    pub fn describe(&self, now: std::time::Instant) -> String {
         let left = self.until.saturating_duration_since(now).as_secs_f64().ceil();
         let reason = if self.reason.is_empty() {
             String::new()
         } else {
             format!(" ({})", self.reason)
         };
+        format!("{}{reason} for {left:.0} more seconds", self.who)
+    }
+
+    /// The refusal another client's command gets, naming the VM, the
+    /// holder, the reason and the time left.
+    pub fn refusal(&self, vm: &str, now: std::time::Instant) -> String {
         format!(
-            "qmpmux: VM '{vm}' is leased by {}{reason} for {left:.0} more seconds; only queries may run until it is released",
-            self.who
+            "qmpmux: VM '{vm}' is leased by {}; only queries may run until it is released",
+            self.describe(now)
         )
     }
 }

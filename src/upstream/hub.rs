@@ -267,10 +267,18 @@ impl Hub {
                 self.answer(client, seq, answer);
             }
             extensions::Extension::Lease { seconds, reason } => {
-                let answer = self.acquire(client, ext.who, reason, seconds, now);
-                self.answer(client, seq, answer);
-                if let Some(held) = self.lease.holder().filter(|h| h.client == client).cloned() {
-                    self.lease_changed(&held, None, seconds);
+                match self.lease.acquire(client, ext.who, reason, seconds, now) {
+                    Ok(held) => {
+                        let held = held.clone();
+                        self.lease_timer.as_mut().reset(held.until.into());
+                        self.answer(client, seq, Answer::Return(format!("{{\"seconds\": {seconds}}}")));
+                        self.lease_granted(&held, seconds);
+                    }
+                    Err(held) => {
+                        let desc = format!("qmpmux: VM '{}' is already leased by {}", self.vm, held.describe(now));
+                        let class = "GenericError";
+                        self.answer(client, seq, Answer::Error { class, desc });
+                    }
                 }
             }
             extensions::Extension::Release => match self.lease.release(client) {
@@ -356,59 +364,35 @@ impl Hub {
         ))
     }
 
-    fn acquire(&mut self, client: u64, who: String, reason: String, seconds: u64, now: Instant) -> Answer {
-        match self.lease.acquire(client, who, reason, seconds, now) {
-            Ok(held) => {
-                let until = held.until;
-                self.lease_timer.as_mut().reset(until.into());
-                Answer::Return(format!("{{\"seconds\": {seconds}}}"))
-            }
-            Err(held) => Answer::Error {
-                class: "GenericError",
-                desc: format!(
-                    "qmpmux: VM '{}' is already leased by {}{} for {:.0} more seconds",
-                    self.vm,
-                    held.who,
-                    if held.reason.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" ({})", held.reason)
-                    },
-                    held.until.saturating_duration_since(now).as_secs_f64().ceil()
-                ),
-            },
-        }
+    /// The lease was granted (or renewed): publish it and tell everyone.
+    fn lease_granted(&mut self, held: &Held, seconds: u64) {
+        self.status.send_modify(|s| s.lease = Some(held.clone()));
+        self.metrics.lease_held.set(1);
+        info!(target: "qmpmux::audit", vm = %self.vm, client = held.client, holder = %held.who,
+            reason = %held.reason, seconds, "lease acquired");
+        let data = format!("{{{}, \"seconds\": {seconds}}}", self.lease_members(held));
+        self.proxy_event("LEASE_ACQUIRED", &data, true);
     }
 
-    /// The lease was granted (or renewed): publish it and tell everyone.
-    fn lease_changed(&mut self, held: &Held, ended: Option<Ended>, seconds: u64) {
-        self.status
-            .send_modify(|s| s.lease = ended.is_none().then(|| held.clone()));
-        self.metrics.lease_held.set(i64::from(ended.is_none()));
-        let common = format!(
+    /// The lease ended (`how`): publish it and tell everyone.
+    fn lease_ended(&mut self, held: Held, how: Ended) {
+        self.status.send_modify(|s| s.lease = None);
+        self.metrics.lease_held.set(0);
+        info!(target: "qmpmux::audit", vm = %self.vm, client = held.client, holder = %held.who,
+            how = how.as_str(), "lease ended");
+        let data = format!("{{{}, \"how\": {}}}", self.lease_members(&held), json_str(how.as_str()));
+        self.proxy_event("LEASE_RELEASED", &data, true);
+    }
+
+    /// The members both lease events carry.
+    fn lease_members(&self, held: &Held) -> String {
+        format!(
             "\"vm\": {}, \"client\": {}, \"holder\": {}, \"reason\": {}",
             json_str(&self.vm),
             held.client,
             json_str(&held.who),
             json_str(&held.reason)
-        );
-        match ended {
-            None => {
-                info!(target: "qmpmux::audit", vm = %self.vm, client = held.client, holder = %held.who,
-                    reason = %held.reason, seconds, "lease acquired");
-                self.proxy_event("LEASE_ACQUIRED", &format!("{{{common}, \"seconds\": {seconds}}}"), true);
-            }
-            Some(how) => {
-                info!(target: "qmpmux::audit", vm = %self.vm, client = held.client, holder = %held.who,
-                    how = how.as_str(), "lease ended");
-                let data = format!("{{{common}, \"how\": {}}}", json_str(how.as_str()));
-                self.proxy_event("LEASE_RELEASED", &data, true);
-            }
-        }
-    }
-
-    fn lease_ended(&mut self, held: Held, how: Ended) {
-        self.lease_changed(&held, Some(how), 0);
+        )
     }
 
     /// Whether a lease is held (its timer is worth waiting for).
