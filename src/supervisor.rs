@@ -424,7 +424,9 @@ impl Supervisor {
                 old.stop().await;
             }
             if let Some(cfg) = wanted {
-                self.fleet = Some(crate::fleet::FleetHandle::spawn(cfg, self.metrics.nats(), &self.shutdown).await);
+                let exempt = &self.config.client.lease_exempt;
+                let fleet = crate::fleet::FleetHandle::spawn(cfg, exempt, self.metrics.nats(), &self.shutdown).await;
+                self.fleet = Some(fleet);
             }
         }
         if let Some(fleet) = &self.fleet {

@@ -14,13 +14,13 @@ use crate::qmp::extensions::{self, Extension};
 use crate::qmp::framing::{Frame, JsonFramer, Limits};
 use crate::qmp::incoming::Greeting;
 use crate::qmp::json::qemu_style;
-use crate::qmp::outgoing::{error_line, return_line, return_raw_line};
+use crate::qmp::outgoing::{error_line, return_line, NO_FD_PASSED};
 use crate::qmp::request::{decide, Caps, Decision, Session};
 use crate::runtime::quiet::Quiet;
 use crate::runtime::sock::Direct;
 use crate::upstream::fdnames::FdNameOp;
 use crate::upstream::mailbox::{mailbox, MailboxReceiver};
-use crate::upstream::{Answer, FailKind, Request, SessionHandle, ToClient};
+use crate::upstream::{failure_line, Answer, FailKind, Request, SessionHandle, ToClient};
 use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt, StreamExt};
 use serde_json::value::RawValue;
@@ -42,8 +42,6 @@ const OUTBUF_HIGH: usize = 1 << 20;
 
 /// How long a stopping qmpmux tries to write a client's last replies.
 const FINAL_FLUSH: std::time::Duration = std::time::Duration::from_millis(500);
-/// QEMU's error for `getfd`/`add-fd` with no fd passed (checked on 7.2).
-const NO_FD_PASSED: &str = "No file descriptor supplied via SCM_RIGHTS";
 
 /// How long after EOF to look again whether the client closed its whole
 /// connection rather than only its sending side.
@@ -436,8 +434,7 @@ impl Client {
                 });
                 // Queries change nothing: the audit log is for the rest, and
                 // they run even while another client holds the lease.
-                let exempt = fwd.command.starts_with("query-")
-                    || self.ctx.opts.lease_exempt.iter().any(|g| g.matches(&fwd.command));
+                let exempt = crate::upstream::lease::exempt(&fwd.command, &self.ctx.opts.lease_exempt);
                 let audit = (!fwd.command.starts_with("query-")).then(|| (fwd.command, Instant::now()));
                 let bytes = fwd.tail.len();
                 self.pending_bytes += bytes;
@@ -503,14 +500,7 @@ impl Client {
                     Answer::Error { .. } => Outcome::Error,
                     Answer::Leased(_) => Outcome::Leased,
                 };
-                self.fill(seq, outcome, |id| {
-                    let id = id.map(qemu_style);
-                    match *answer {
-                        Answer::Return(raw) => return_raw_line(id.as_deref(), &raw),
-                        Answer::Error { class, desc } => error_line(id.as_deref(), class, &desc),
-                        Answer::Leased(desc) => error_line(id.as_deref(), "GenericError", &desc),
-                    }
-                })
+                self.fill(seq, outcome, |id| answer.line(id))
             }
             // A resume: these come before any later event (the session
             // sent them at one point of the event stream). Written whole:
@@ -702,10 +692,4 @@ impl Outcome {
             Outcome::NoReply => "no reply: connection ended first",
         }
     }
-}
-
-fn failure_line(vm: &str, id: Option<&RawValue>, kind: FailKind) -> Bytes {
-    let (class, desc) = kind.to_qmp(vm);
-    let id = id.map(qemu_style);
-    error_line(id.as_deref(), class, &desc)
 }

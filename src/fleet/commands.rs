@@ -16,7 +16,7 @@ use crate::policy::Policy;
 use crate::qmp::extensions::{self, Extension};
 use crate::qmp::framing::{Frame, JsonFramer, Limits};
 use crate::qmp::json::qemu_style;
-use crate::qmp::outgoing::error_line;
+use crate::qmp::outgoing::{error_line, NO_FD_PASSED};
 use crate::qmp::request::{decide, Caps, Decision, Session};
 use crate::upstream::fdnames::FdNameOp;
 use crate::upstream::mailbox::{mailbox, MailboxReceiver};
@@ -37,8 +37,6 @@ use tracing::{info, warn, Instrument};
 const QUEUE: usize = 256;
 /// Requests one VM's commander has with the session at once.
 const IN_FLIGHT: usize = 64;
-/// QEMU's error for `getfd`/`add-fd` with no fd passed (none can be, here).
-const NO_FD_PASSED: &str = "No file descriptor supplied via SCM_RIGHTS";
 
 /// The handle on one VM's commander.
 pub struct Commander {
@@ -218,7 +216,7 @@ impl Task {
                         "getfd" => FdNameOp::Get(n),
                         _ => FdNameOp::Close(n),
                     });
-                    let exempt = fwd.command.starts_with("query-");
+                    let exempt = crate::upstream::lease::exempt(&fwd.command, &self.shared.lease_exempt);
                     let request = Request {
                         seq,
                         tail: fwd.tail,

@@ -70,6 +70,8 @@ struct Shared {
     client: async_nats::Client,
     jetstream: Option<async_nats::jetstream::Context>,
     config: Arc<NatsConfig>,
+    /// `[client] lease_exempt`: commands a lease does not hold up.
+    lease_exempt: Arc<[crate::policy::Glob]>,
     subjects: Subjects,
     metrics: NatsMetrics,
     stop: CancellationToken,
@@ -78,7 +80,12 @@ struct Shared {
 impl FleetHandle {
     /// Connects (in the background: qmpmux starts even while NATS is down)
     /// and starts publishing; `vms` follow with [`FleetHandle::set_vms`].
-    pub async fn spawn(config: NatsConfig, metrics: NatsMetrics, parent: &CancellationToken) -> FleetHandle {
+    pub async fn spawn(
+        config: NatsConfig,
+        lease_exempt: &[crate::policy::Glob],
+        metrics: NatsMetrics,
+        parent: &CancellationToken,
+    ) -> FleetHandle {
         let stop = parent.child_token();
         let client = connect::connect(&config, metrics.clone()).await;
         let jetstream = config
@@ -90,6 +97,7 @@ impl FleetHandle {
             jetstream,
             subjects: Subjects::new(&config.prefix),
             config: Arc::new(config.clone()),
+            lease_exempt: lease_exempt.into(),
             metrics: metrics.clone(),
             stop: stop.clone(),
         };

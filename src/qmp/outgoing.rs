@@ -9,6 +9,9 @@ use serde_json::value::RawValue;
 /// "Downstream extension of QMP", `__RFQDN_`).
 pub const EXTENSION_PREFIX: &str = "__org.qmpmux_";
 
+/// QEMU's error for `getfd`/`add-fd` with no fd passed (checked on 7.2).
+pub const NO_FD_PASSED: &str = "No file descriptor supplied via SCM_RIGHTS";
+
 /// One QMP error class and text, as it goes on the wire.
 pub fn error_line(id: Option<&str>, class: &str, desc: &str) -> Bytes {
     let mut out = String::with_capacity(desc.len() + 64);

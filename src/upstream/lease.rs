@@ -24,6 +24,12 @@ impl Ended {
     }
 }
 
+/// Whether `command` runs even while another client holds the lease:
+/// queries, and what `[client] lease_exempt` names.
+pub fn exempt(command: &str, lease_exempt: &[crate::policy::Glob]) -> bool {
+    command.starts_with("query-") || lease_exempt.iter().any(|g| g.matches(command))
+}
+
 #[derive(Debug, Default)]
 pub struct Lease {
     held: Option<Held>,

@@ -115,28 +115,39 @@ pub enum ToClient {
     Replay(Box<[Bytes]>),
 }
 
+impl Answer {
+    /// The reply line for a request whose id was `id`.
+    pub fn line(self, id: Option<&serde_json::value::RawValue>) -> Bytes {
+        use crate::qmp::outgoing::{error_line, return_raw_line};
+        let id = id.map(crate::qmp::json::qemu_style);
+        let id = id.as_deref();
+        match self {
+            Answer::Return(raw) => return_raw_line(id, &raw),
+            Answer::Error { class, desc } => error_line(id, class, &desc),
+            Answer::Leased(desc) => error_line(id, "GenericError", &desc),
+        }
+    }
+}
+
+/// The error reply qmpmux gives for VM `vm` when a forwarded request
+/// whose id was `id` failed without a reply from QEMU.
+pub fn failure_line(vm: &str, id: Option<&serde_json::value::RawValue>, kind: FailKind) -> Bytes {
+    let (class, desc) = kind.to_qmp(vm);
+    let id = id.map(crate::qmp::json::qemu_style);
+    crate::qmp::outgoing::error_line(id.as_deref(), class, &desc)
+}
+
 impl ToClient {
     /// The reply line a reply-like message becomes for a request whose id
     /// was `id`, with its request's number; `None` for events.
     pub fn into_reply_line(self, vm: &str, id: Option<&serde_json::value::RawValue>) -> Option<(u64, Bytes)> {
-        use crate::qmp::json::qemu_style;
-        use crate::qmp::outgoing::{error_line, return_raw_line};
-        let id = id.map(qemu_style);
-        let id = id.as_deref();
         match self {
-            ToClient::Reply { seq, reply, .. } => Some((seq, reply.line(id))),
-            ToClient::Failed { seq, kind } => {
-                let (class, desc) = kind.to_qmp(vm);
-                Some((seq, error_line(id, class, &desc)))
+            ToClient::Reply { seq, reply, .. } => {
+                let id = id.map(crate::qmp::json::qemu_style);
+                Some((seq, reply.line(id.as_deref())))
             }
-            ToClient::Answer { seq, answer } => Some((
-                seq,
-                match *answer {
-                    Answer::Return(raw) => return_raw_line(id, &raw),
-                    Answer::Error { class, desc } => error_line(id, class, &desc),
-                    Answer::Leased(desc) => error_line(id, "GenericError", &desc),
-                },
-            )),
+            ToClient::Failed { seq, kind } => Some((seq, failure_line(vm, id, kind))),
+            ToClient::Answer { seq, answer } => Some((seq, answer.line(id))),
             ToClient::Event(_) | ToClient::Replay(_) => None,
         }
     }
