@@ -13,6 +13,7 @@ use crate::runtime::sock::Direct;
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
 
@@ -37,9 +38,6 @@ pub enum SendError {
 struct State {
     /// The client's socket, for events written by the session itself.
     direct: Option<Direct>,
-    /// The client has nothing to write and takes events: one that finds
-    /// the queue empty may go straight to its socket.
-    direct_on: bool,
     queue: VecDeque<ToClient>,
     /// Bytes waiting, by `cost`.
     queued: usize,
@@ -50,6 +48,10 @@ struct State {
 #[derive(Debug, Default)]
 struct Shared {
     state: Mutex<State>,
+    /// The client has nothing to write and takes events: one that finds
+    /// the queue empty may go straight to its socket. Outside the lock: the
+    /// client sets it before every wait.
+    direct_on: AtomicBool,
     /// The client task, when it waits for a message.
     waker: AtomicWaker,
 }
@@ -117,11 +119,11 @@ impl MailboxSender {
     /// of its task, no copy into its buffer), queued otherwise, and what
     /// a short write left over is queued first.
     pub fn send_event(&self, mut line: Bytes) -> Result<(), SendError> {
-        let mut state = self.shared.lock();
+        let state = self.shared.lock();
         if state.receiver_gone {
             return Err(SendError::Closed);
         }
-        if state.direct_on && state.queue.is_empty() {
+        if self.shared.direct_on.load(Ordering::Relaxed) && state.queue.is_empty() {
             if let Some(direct) = &state.direct {
                 match direct.try_send(&line) {
                     Ok(n) if n == line.len() => return Ok(()),
@@ -133,7 +135,7 @@ impl MailboxSender {
                 }
             }
             // The rest must reach the socket before anything else does.
-            state.direct_on = false;
+            self.shared.direct_on.store(false, Ordering::Relaxed);
         }
         self.enqueue(state, ToClient::Event(line))
     }
@@ -176,7 +178,7 @@ impl MailboxReceiver {
     /// wait; the session runs on the same thread, only while the client's
     /// task waits.
     pub fn allow_direct(&mut self, on: bool) {
-        self.shared.lock().direct_on = on;
+        self.shared.direct_on.store(on, Ordering::Relaxed);
     }
 
     /// The next message; `None` once the sender is gone and the queue is
@@ -282,7 +284,7 @@ mod tests {
             panic!("the rest of a short write is queued")
         };
         assert!(!rest.is_empty() && rest.len() < big.len());
-        assert!(!rx.shared.lock().direct_on);
+        assert!(!rx.shared.direct_on.load(Ordering::Relaxed));
     }
 
     #[tokio::test]
