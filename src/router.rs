@@ -12,12 +12,15 @@
 //! always has at least one. A client pipelining slow commands thus has one
 //! in QEMU at a time, and a newcomer waits behind at most that one, as on a
 //! monitor of its own; one pipelining cheap commands keeps several there,
-//! and QEMU busy. Each request then gets a unique upstream number `N`; the
-//! reply carrying `N` is routed back to the client and request that sent
-//! it.
+//! and QEMU busy. Each request then gets an upstream number `N`, the
+//! smallest not in flight (QEMU reads its input a byte at a time, a few µs
+//! a byte, and with at most 8 in-band requests in QEMU `N` stays one digit);
+//! the reply carrying `N` is routed back to the client and request that
+//! sent it, and frees `N`.
 
 use bytes::Bytes;
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
@@ -99,7 +102,9 @@ struct Sent {
 
 #[derive(Debug)]
 pub struct Router {
+    /// Upstream numbers are `0..next_n`; those in `free` are not in use.
     next_n: u64,
+    free: BinaryHeap<Reverse<u64>>,
     next_order: u64,
     window: usize,
     ahead: Duration,
@@ -128,7 +133,8 @@ impl Router {
     /// there (see the module's documentation; `Duration::MAX`: no limit).
     pub fn new(window: usize, ahead: Duration) -> Self {
         Router {
-            next_n: 1,
+            next_n: 0,
+            free: BinaryHeap::new(),
             next_order: 0,
             window: window.max(1),
             ahead,
@@ -231,8 +237,13 @@ impl Router {
     }
 
     fn send(&mut self, q: Queued, oob: bool, now: Instant) -> (u64, Bytes, Option<OwnedFd>) {
-        let n = self.next_n;
-        self.next_n += 1;
+        let n = match self.free.pop() {
+            Some(Reverse(n)) => n,
+            None => {
+                self.next_n += 1;
+                self.next_n - 1
+            }
+        };
         if !oob {
             self.in_band += 1;
         }
@@ -266,6 +277,7 @@ impl Router {
             self.fd_in_flight = None;
         }
         let sent = self.sent.remove(&n)?;
+        self.free.push(Reverse(n));
         if !sent.oob {
             self.in_band -= 1;
             // QEMU worked on it from when it arrived or finished the one
@@ -339,6 +351,9 @@ impl Router {
         self.fd_in_flight = None;
         self.in_band = 0;
         self.last_done = None;
+        // A new connection: QEMU knows none of the old numbers.
+        self.next_n = 0;
+        self.free.clear();
         self.turns.clear();
         let mut sent: Vec<(u64, Route)> = self
             .sent
@@ -466,15 +481,43 @@ mod tests {
     }
 
     #[test]
-    fn numbers_are_unique_across_many_requests() {
+    fn numbers_in_flight_are_unique_and_the_smallest_free() {
         let mut rt = Router::new(8, Duration::MAX);
-        let mut seen = std::collections::HashSet::new();
+        for s in 0..20 {
+            rt.submit(r(s % 3, s), Bytes::new(), now());
+        }
+        // Eight in flight: 0 to 7, each once.
+        let sent = drain(&mut rt);
+        assert_eq!(
+            sent.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+            (0..8).collect::<Vec<_>>()
+        );
+        // Replies free their numbers; the next requests take the smallest.
+        for n in [5, 2, 6] {
+            assert!(rt.complete(n).is_some());
+        }
+        assert_eq!(drain(&mut rt).iter().map(|(n, _)| *n).collect::<Vec<_>>(), [2, 5, 6]);
+        // An expired request keeps its number until QEMU answers it.
+        let gone = rt.expire(now() + Duration::from_secs(10), Duration::from_secs(1));
+        assert_eq!(gone.in_flight.len(), 8);
+        assert!(rt.complete(3).is_none());
+        rt.submit(r(9, 0), Bytes::new(), now());
+        assert_eq!(drain(&mut rt).iter().map(|(n, _)| *n).collect::<Vec<_>>(), [3]);
+        // Routing stays right over many reuses.
+        let mut rt = Router::new(8, Duration::MAX);
         for s in 0..1000 {
             rt.submit(r(s % 3, s), Bytes::new(), now());
             let (n, _) = rt.next_to_send().unwrap();
-            assert!(seen.insert(n));
+            assert_eq!(n, 0);
             assert_eq!(rt.complete(n).map(|(r, _)| r), Some(r(s % 3, s)));
         }
+        // A new connection starts again from 0.
+        rt.submit(r(1, 0), Bytes::new(), now());
+        rt.submit(r(2, 0), Bytes::new(), now());
+        assert_eq!(drain(&mut rt).len(), 2);
+        rt.abandon();
+        rt.submit(r(1, 1), Bytes::new(), now());
+        assert_eq!(rt.next_to_send().map(|(n, _)| n), Some(0));
     }
 
     #[test]
@@ -564,26 +607,32 @@ mod tests {
         assert_eq!((rt.in_flight(), rt.queued()), (2, 61));
     }
 
+    /// [`drain`], every request leaving at `at`.
+    fn drain_at(rt: &mut Router, at: Instant) -> Vec<u64> {
+        std::iter::from_fn(|| rt.next_with_fd(at).map(|(n, _, _)| n)).collect()
+    }
+
     #[test]
     fn a_client_of_cheap_commands_keeps_several_in_qemu() {
         let us = Duration::from_micros;
+        let t0 = Instant::now();
         let mut rt = Router::new(8, us(1000));
         for s in 0..64 {
-            rt.submit(r(1, s), Bytes::from(format!("a{s}")), now());
+            rt.submit(r(1, s), Bytes::from(format!("a{s}")), t0);
         }
-        let first = drain(&mut rt);
+        let first = drain_at(&mut rt, t0);
         assert_eq!(first.len(), 1);
         // 200 us each: five fit in 1 ms of QEMU's time.
-        rt.complete_at(first[0].0, Instant::now() + us(200));
-        assert_eq!(drain(&mut rt).len(), 5);
+        rt.complete_at(first[0], t0 + us(200));
+        assert_eq!(drain_at(&mut rt, t0 + us(200)).len(), 5);
         // 10 us each: the window is the limit.
         let mut rt = Router::new(8, us(1000));
         for s in 0..64 {
-            rt.submit(r(1, s), Bytes::new(), now());
+            rt.submit(r(1, s), Bytes::new(), t0);
         }
-        let (n, _) = rt.next_to_send().unwrap();
-        rt.complete_at(n, Instant::now() + us(10));
-        assert_eq!(drain(&mut rt).len(), 8);
+        let n = drain_at(&mut rt, t0)[0];
+        rt.complete_at(n, t0 + us(10));
+        assert_eq!(drain_at(&mut rt, t0 + us(10)).len(), 8);
     }
 
     #[test]

@@ -27,14 +27,17 @@ async fn oob_skips_a_full_window_and_its_reply_overtakes() {
     let mut clients = Vec::new();
     for c in 0..9 {
         let mut client = oob_client(&sock).await;
-        client.send(&format!(r#"{{"execute":"slow","id":{c}}}"#)).await;
+        client.send(&format!(r#"{{"execute":"slow","id":"c{c}"}}"#)).await;
         clients.push(client);
     }
     let mut held = Vec::new();
-    for i in 0..8 {
+    for _ in 0..8 {
         let req = conn.read().await.unwrap();
         assert_eq!(req["execute"], "slow", "{req}");
-        assert_ne!(req["id"], json!(i), "qmpmux's own ids go upstream, not the client's");
+        assert!(
+            req["id"].is_u64(),
+            "qmpmux's own ids go upstream, not the client's: {req}"
+        );
         held.push(req);
     }
     let c = &mut clients[0];
@@ -53,7 +56,7 @@ async fn oob_skips_a_full_window_and_its_reply_overtakes() {
     let ninth = conn.read().await.unwrap();
     conn.reply(&ninth, json!("done")).await;
     for (n, c) in clients.iter_mut().enumerate() {
-        assert_eq!(c.reply().await, json!({"return": "done", "id": n}));
+        assert_eq!(c.reply().await, json!({"return": "done", "id": format!("c{n}")}));
     }
     daemon.stop().await;
 }

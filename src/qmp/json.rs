@@ -32,6 +32,48 @@ impl<'a> Members<'a> {
         }
         out.push('}');
     }
+
+    /// [`Members::write_tail_without_id`] for QEMU's input: `,"key":value`
+    /// with the whitespace between tokens left out. QEMU reads its monitor
+    /// one byte per main-loop turn (about 4-5 µs a byte on these machines),
+    /// so every byte a request does not need is latency saved.
+    pub fn write_compact_tail_without_id(&self, out: &mut String) {
+        for (k, v) in self.0.iter().filter(|(k, _)| k != "id") {
+            out.push(',');
+            write_str(out, k);
+            out.push(':');
+            push_compact(out, v.get());
+        }
+        out.push('}');
+    }
+}
+
+/// Appends a valid JSON value without the whitespace between its tokens
+/// (valid JSON never needs any: no two scalars stand side by side), and
+/// with strings untouched.
+pub fn push_compact(out: &mut String, value: &str) {
+    let bytes = value.as_bytes();
+    if !bytes.iter().any(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r')) {
+        out.push_str(value);
+        return;
+    }
+    let (mut in_string, mut escaped, mut run) = (false, false, 0);
+    for (i, &b) in bytes.iter().enumerate() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+        } else if matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
+            out.push_str(&value[run..i]);
+            run = i + 1;
+        } else if b == b'"' {
+            in_string = true;
+        }
+    }
+    out.push_str(&value[run..]);
 }
 
 /// Why a message is not a usable object.
@@ -465,6 +507,42 @@ mod tests {
     fn qemu(json: &str) -> String {
         let raw: Box<RawValue> = serde_json::from_str(json).unwrap();
         qemu_style(&raw)
+    }
+
+    fn compact(json: &str) -> String {
+        let mut out = String::new();
+        push_compact(&mut out, json);
+        out
+    }
+
+    #[test]
+    fn compact_values_lose_only_the_whitespace_between_tokens() {
+        let input = concat!(
+            r#"{ "a b" :"#,
+            "\t[ 1 , -2.5e3,\r\n",
+            r#""x \" y\\" ] ,"c": { "\u00e9 ":null } }"#
+        );
+        let got = compact(input);
+        assert_eq!(got, r#"{"a b":[1,-2.5e3,"x \" y\\"],"c":{"\u00e9 ":null}}"#);
+        // The same value, as any JSON parser reads it.
+        let parse = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap();
+        assert_eq!(parse(&got), parse(input));
+        // Nothing to take out: the very same text.
+        assert_eq!(compact(r#"{"k":"v w"}"#), r#"{"k":"v w"}"#);
+        assert_eq!(compact(" 7 "), "7");
+    }
+
+    #[test]
+    fn the_upstream_tail_is_compact_and_keeps_member_order() {
+        let text =
+            r#"{ "execute" : "human-monitor-command", "id": "x y", "arguments": { "command-line": "info  status" } }"#;
+        let m = members(text.as_bytes()).unwrap();
+        let mut tail = String::new();
+        m.write_compact_tail_without_id(&mut tail);
+        assert_eq!(
+            tail,
+            r#","execute":"human-monitor-command","arguments":{"command-line":"info  status"}}"#
+        );
     }
 
     #[test]

@@ -109,10 +109,11 @@ pub fn on_connect_request(execute: &str, arguments: Option<&str>, id: &str) -> S
     )
 }
 
-/// What follows `{"id": N` in a `closefd` of `name` sent upstream.
+/// What follows `{"id":N` in a `closefd` of `name` sent upstream (compact,
+/// as every request qmpmux sends QEMU).
 pub fn closefd_tail(name: &str) -> Bytes {
     Bytes::from(format!(
-        ", \"execute\": \"closefd\", \"arguments\": {{\"fdname\": {}}}}}",
+        ",\"execute\":\"closefd\",\"arguments\":{{\"fdname\":{}}}}}",
         json_str(name)
     ))
 }
@@ -167,7 +168,7 @@ mod tests {
         );
         assert_eq!(
             &closefd_tail("x")[..],
-            br#", "execute": "closefd", "arguments": {"fdname": "x"}}"#
+            br#","execute":"closefd","arguments":{"fdname":"x"}}"#
         );
         let ev = proxy_event("UPSTREAM_LOST", "{}");
         let v: serde_json::Value = serde_json::from_slice(&ev).unwrap();

@@ -414,7 +414,7 @@ impl Session {
     }
 
     /// Moves requests the window has room for into the write buffer, each
-    /// as `{"id": N` + its tail + `\n`: one line per message (QEMU does not
+    /// as `{"id":N` + its tail + `\n`: one line per message (QEMU does not
     /// need the newline; line-based QMP servers and proxies do). A passed
     /// fd is recorded at its request's first byte, after the previous
     /// request's newline.
@@ -424,7 +424,7 @@ impl Session {
             if let Some(fd) = fd {
                 *pending_fd = Some((fd, wbuf.len()));
             }
-            wbuf.put_slice(b"{\"id\": ");
+            wbuf.put_slice(b"{\"id\":");
             let _ = write!(wbuf, "{n}");
             wbuf.put_slice(&tail);
             wbuf.put_slice(b"\n");
