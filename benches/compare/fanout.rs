@@ -1,5 +1,5 @@
 //! Section 4, event fan-out: events from the instant fake upstream through
-//! qmpmux to N clients, against a bare broadcaster process in its place.
+//! qmpmux to N clients, against a minimal send loop in its place.
 
 use crate::clients::{open_many, Conn, CAPS};
 use crate::common::fake::instant::{now_ns, Events};
@@ -19,9 +19,9 @@ use tokio::sync::Notify;
 /// Measures and prints section 4: each client count through the floor
 /// (on a second fake upstream), then through qmpmux.
 pub fn run(plan: &Plan, rt: &Runtime, rig: &Rig) -> Value {
-    let (fake_b, bcast) = (rig.path("fake-b.sock"), rig.path("broadcast.sock"));
+    let (fake_b, bcast) = (rig.path("fake-b.sock"), rig.path("sendloop.sock"));
     let fire_b = FakeServer::bind(&fake_b).answer_all();
-    let bcast_floor = Floor::start("--child-broadcast", &bcast, &fake_b);
+    let bcast_floor = Floor::start("--child-sendloop", &bcast, &fake_b);
     let mut fan: Vec<FanRow> = Vec::new();
     let mut floor: Vec<FanRow> = Vec::new();
     for &(n, ev) in &plan.fanout {
@@ -58,7 +58,7 @@ pub fn run(plan: &Plan, rt: &Runtime, rig: &Rig) -> Value {
 
 fn print(fan: &[FanRow], floor: &[FanRow], fan_base: f64, floor_base: f64) {
     out!("\n4. Event fan-out latency: fake upstream -> qmpmux -> N clients (stamped before the upstream write, read by each client)");
-    out!("   floor: a bare broadcaster process in qmpmux's place (one thread: read a line, write it to each client in turn)");
+    out!("   floor: a minimal send loop in qmpmux's place (one thread: read a line, one blocking write of it to each client in turn)");
     out!(
         "   {:<8}{:>8}{:>8}{:>11}{:>10}{:>10}{:>10}{:>17}{:>14}",
         "path",

@@ -7,16 +7,14 @@ use crate::common::STEP;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::mpsc;
 
 /// A floor process: `--child-relay LISTEN UPSTREAM` copies bytes both ways
 /// between each client and its own upstream connection (one task per
-/// client, tokio's `copy_bidirectional`); `--child-broadcast LISTEN
+/// client, tokio's `copy_bidirectional`); `--child-sendloop LISTEN
 /// UPSTREAM` reads lines from one upstream connection and writes each to
-/// every client (after a fake greeting and negotiation).
+/// every client in turn, one blocking `write` per client and nothing else
+/// (after a fake greeting and negotiation, on a thread of their own).
 pub struct Floor {
     child: Child,
 }
@@ -61,11 +59,21 @@ pub fn child_mode(args: &[String]) -> bool {
     let Some(i) = args.iter().position(|a| a.starts_with("--child-")) else {
         return false;
     };
+    if args[i] == "--child-spin" {
+        let mut x = 0u64;
+        loop {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        }
+    }
     let (mode, listen, upstream) = (
         args[i].clone(),
         PathBuf::from(&args[i + 1]),
         PathBuf::from(&args[i + 2]),
     );
+    if mode == "--child-sendloop" {
+        send_loop(&listen, &upstream);
+        return true;
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -81,58 +89,65 @@ pub fn child_mode(args: &[String]) -> bool {
                     });
                 }
             }
-            "--child-broadcast" => broadcast(listener, &upstream).await,
             other => panic!("unknown child mode {other}"),
         }
     });
     true
 }
 
-async fn broadcast(listener: UnixListener, upstream: &Path) {
+/// The least a broadcaster can do: per line, one `write` to each client,
+/// blocking sockets, no event loop.
+fn send_loop(listen: &Path, upstream: &Path) {
+    use std::io::{BufRead, Read, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    use std::sync::{Arc, Mutex};
+    let listener = UnixListener::bind(listen).expect("bind");
     let up = loop {
-        match UnixStream::connect(upstream).await {
+        match UnixStream::connect(upstream) {
             Ok(s) => break s,
-            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
         }
     };
-    let mut lines = BufReader::new(up).lines();
-    let _greeting = lines.next_line().await;
-    let (join_tx, mut joined) = mpsc::unbounded_channel::<OwnedWriteHalf>();
-    tokio::spawn(async move {
-        let greeting = format!("{GREETING}\r\n");
-        while let Ok((stream, _)) = listener.accept().await {
-            let (join_tx, greeting) = (join_tx.clone(), greeting.clone());
-            tokio::spawn(async move {
-                let (rd, mut wr) = stream.into_split();
-                let mut rd = BufReader::new(rd);
-                let mut req = Vec::new();
-                if wr.write_all(greeting.as_bytes()).await.is_err()
-                    || rd.read_until(b'}', &mut req).await.is_err()
-                    || wr.write_all(b"{\"return\": {}}\r\n").await.is_err()
-                {
-                    return;
-                }
-                let _ = join_tx.send(wr);
-                // Keep the read half until the client leaves.
-                let _ = rd.read_to_end(&mut req).await;
-            });
-        }
-    });
-    let mut clients: Vec<OwnedWriteHalf> = Vec::new();
-    loop {
-        tokio::select! {
-            Some(wr) = joined.recv() => clients.push(wr),
-            line = lines.next_line() => {
-                let Ok(Some(mut line)) = line else { return };
-                line.push_str("\r\n");
-                let mut kept = Vec::with_capacity(clients.len());
-                for mut wr in clients.drain(..) {
-                    if wr.write_all(line.as_bytes()).await.is_ok() {
-                        kept.push(wr);
+    let clients: Arc<Mutex<Vec<UnixStream>>> = Arc::default();
+    let joined = clients.clone();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            // Greeting, then one message (the negotiation) answered.
+            let mut depth = 0;
+            let mut byte = [0u8];
+            let ok = stream.write_all(format!("{GREETING}\r\n").as_bytes()).is_ok()
+                && loop {
+                    match stream.read(&mut byte) {
+                        Ok(1) if byte[0] == b'{' => depth += 1,
+                        Ok(1) if byte[0] == b'}' => {
+                            depth -= 1;
+                            if depth == 0 {
+                                break true;
+                            }
+                        }
+                        Ok(1) => {}
+                        _ => break false,
                     }
                 }
-                clients = kept;
+                && stream.write_all(b"{\"return\": {}}\r\n").is_ok();
+            if ok {
+                joined.lock().unwrap().push(stream);
             }
         }
+    });
+    let mut lines = std::io::BufReader::new(up);
+    let _greeting = lines.read_line(&mut String::new());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match lines.read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let line = format!("{}\r\n", line.trim_end());
+        clients
+            .lock()
+            .unwrap()
+            .retain_mut(|c| c.write_all(line.as_bytes()).is_ok());
     }
 }

@@ -1,5 +1,6 @@
 //! Section 1, sequential round trips: one client, one command in flight,
-//! direct QEMU against qmpmux against a bare byte relay.
+//! direct QEMU against qmpmux against two relays (a bare tokio one and
+//! socat), on a quiet machine and with one CPU kept busy.
 
 use crate::clients::{SyncClient, CAPS, CAPS_OOB};
 use crate::common::qemu::{Monitor, Qemu};
@@ -42,13 +43,62 @@ pub fn run(plan: &Plan, rig: &Rig) -> Value {
         SyncClient::open(&relay, CAPS_OOB).expect("relay client"),
         SyncClient::open(&socat, CAPS_OOB).expect("socat client"),
     ];
-    let mut samples = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
-    let mut errors = [0u64; 4];
     for c in clients.iter_mut() {
         for _ in 0..plan.lat_warmup {
             c.cmd().expect("warm-up round trip");
         }
     }
+    let quiet = measure(plan, &mut clients);
+    print(plan, &quiet, "");
+    // The same again with one of the machine's CPUs kept busy by a
+    // spinning process: wake-ups then find that CPU taken.
+    progress("sequential round trips, one CPU busy");
+    let loaded = {
+        let _spin = Spinner::start();
+        measure(plan, &mut clients)
+    };
+    print(plan, &loaded, ", one CPU kept busy by a spinning process");
+    let mut j = quiet.json(plan);
+    j["loaded"] = loaded.json(plan);
+    j
+}
+
+/// One measurement of the four paths.
+struct Paths {
+    /// Direct, via qmpmux, bare relay, socat.
+    d: LatStats,
+    m: LatStats,
+    f: LatStats,
+    so: LatStats,
+}
+
+impl Paths {
+    /// What a path adds over direct QEMU at p50, in µs.
+    fn added(&self, s: &LatStats) -> f64 {
+        us(s.p50) - us(self.d.p50)
+    }
+
+    fn json(&self, plan: &Plan) -> Value {
+        let (d, m, f, so) = (&self.d, &self.m, &self.f, &self.so);
+        let j = |s: &LatStats| json!({"p50_us": us(s.p50), "p99_us": us(s.p99), "mean_us": s.mean / 1000.0, "errors": s.errors});
+        json!({
+            "rounds": plan.lat_rounds, "per_round": plan.lat_per_round,
+            "direct": j(d), "qmpmux": j(m), "bare_relay": j(f),
+            "ratio_p50": ratio(m.p50 as f64, d.p50 as f64),
+            "ratio_p99": ratio(m.p99 as f64, d.p99 as f64),
+            "ratio_mean": ratio(m.mean, d.mean),
+            "ratio_relay_p50": ratio(f.p50 as f64, d.p50 as f64),
+            "ratio_qmpmux_vs_relay_p50": ratio(m.p50 as f64, f.p50 as f64),
+            "socat": j(so),
+            "added_us_p50": {"qmpmux": self.added(m), "bare_relay": self.added(f), "socat": self.added(so)},
+            "added_ratio_qmpmux_vs_socat": ratio(self.added(m), self.added(so)),
+        })
+    }
+}
+
+fn measure(plan: &Plan, clients: &mut [SyncClient; 4]) -> Paths {
+    let mut samples = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+    let mut errors = [0u64; 4];
     for round in 0..plan.lat_rounds {
         let order = [[0, 1, 2, 3], [1, 2, 3, 0], [2, 3, 0, 1], [3, 0, 1, 2]][round % 4];
         for which in order {
@@ -62,38 +112,42 @@ pub fn run(plan: &Plan, rig: &Rig) -> Value {
         }
     }
     let [sd, sm, sr, ss] = samples;
-    let d = lat_stats(sd, errors[0]);
-    let m = lat_stats(sm, errors[1]);
-    let f = lat_stats(sr, errors[2]);
-    let so = lat_stats(ss, errors[3]);
-    print(plan, &d, &m, &f);
-    let added = |s: &LatStats| us(s.p50) - us(d.p50);
-    out!(
-        "   {:<22}{:>9.1} us added at p50 (qmpmux {:+.1} us: {:.2}x socat's; goal 1x or less)",
-        "floor: socat relay",
-        added(&so),
-        added(&m),
-        ratio(added(&m), added(&so))
-    );
-    let j = |s: &LatStats| json!({"p50_us": us(s.p50), "p99_us": us(s.p99), "mean_us": s.mean / 1000.0, "errors": s.errors});
-    json!({
-        "rounds": plan.lat_rounds, "per_round": plan.lat_per_round,
-        "direct": j(&d), "qmpmux": j(&m), "bare_relay": j(&f),
-        "ratio_p50": ratio(m.p50 as f64, d.p50 as f64),
-        "ratio_p99": ratio(m.p99 as f64, d.p99 as f64),
-        "ratio_mean": ratio(m.mean, d.mean),
-        "ratio_relay_p50": ratio(f.p50 as f64, d.p50 as f64),
-        "ratio_qmpmux_vs_relay_p50": ratio(m.p50 as f64, f.p50 as f64),
-        "socat": j(&so),
-        "added_us_p50": {"qmpmux": added(&m), "bare_relay": added(&f), "socat": added(&so)},
-        "added_ratio_qmpmux_vs_socat": ratio(added(&m), added(&so)),
-    })
+    Paths {
+        d: lat_stats(sd, errors[0]),
+        m: lat_stats(sm, errors[1]),
+        f: lat_stats(sr, errors[2]),
+        so: lat_stats(ss, errors[3]),
+    }
 }
 
-/// `d`irect, via qmpmu`x`, bare relay (`f`loor).
-fn print(plan: &Plan, d: &LatStats, m: &LatStats, f: &LatStats) {
+/// A process that keeps one CPU busy until dropped.
+struct Spinner {
+    child: std::process::Child,
+}
+
+impl Spinner {
+    fn start() -> Spinner {
+        let mut cmd = std::process::Command::new(std::env::current_exe().expect("own path"));
+        cmd.arg("--child-spin").stdin(std::process::Stdio::null());
+        crate::common::process::guard_child(&mut cmd, None);
+        let child = cmd.spawn().expect("spawn the spinning process");
+        // Let it get going.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        Spinner { child }
+    }
+}
+
+impl Drop for Spinner {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn print(plan: &Plan, p: &Paths, load: &str) {
+    let (d, m, f, so) = (&p.d, &p.m, &p.f, &p.so);
     out!(
-        "\n1. Sequential query-status round trips, one client, 1 in flight ({} rounds x {}, rotating which path goes first)",
+        "\n1. Sequential query-status round trips, one client, 1 in flight ({} rounds x {}, rotating which path goes first{load})",
         plan.lat_rounds,
         plan.lat_per_round
     );
@@ -105,7 +159,12 @@ fn print(plan: &Plan, d: &LatStats, m: &LatStats, f: &LatStats) {
         "mean us",
         "errors"
     );
-    for (name, s) in [("direct QEMU", d), ("via qmpmux", m), ("floor: bare relay", f)] {
+    for (name, s) in [
+        ("direct QEMU", d),
+        ("via qmpmux", m),
+        ("floor: bare relay", f),
+        ("floor: socat relay", so),
+    ] {
         out!(
             "   {:<22}{:>10.1}{:>10.1}{:>10.1}{:>8}",
             name,
@@ -121,23 +180,28 @@ fn print(plan: &Plan, d: &LatStats, m: &LatStats, f: &LatStats) {
         ratio(m.p50 as f64, d.p50 as f64),
         ratio(m.p99 as f64, d.p99 as f64),
         ratio(m.mean, d.mean),
-        us(m.p50) - us(d.p50)
+        p.added(m)
     );
     out!(
-        "   {:<22}{:>9.2}x{:>9.2}x{:>9.2}x    (a bare byte relay adds {:+.1} us at p50: any proxy hop costs that here)",
+        "   {:<22}{:>9.2}x{:>9.2}x{:>9.2}x    (a bare byte relay adds {:+.1} us at p50)",
         "ratio relay/direct",
         ratio(f.p50 as f64, d.p50 as f64),
         ratio(f.p99 as f64, d.p99 as f64),
         ratio(f.mean, d.mean),
-        us(f.p50) - us(d.p50)
+        p.added(f)
     );
     out!(
-        "   {:<22}{:>9.2}x{:>9.2}x{:>9.2}x    (qmpmux's own share: {:+.1} us at p50)",
-        "ratio qmpmux/relay",
-        ratio(m.p50 as f64, f.p50 as f64),
-        ratio(m.p99 as f64, f.p99 as f64),
-        ratio(m.mean, f.mean),
-        us(m.p50) - us(f.p50)
+        "   {:<22}{:>9.2}x{:>9.2}x{:>9.2}x    (socat adds {:+.1} us at p50)",
+        "ratio socat/direct",
+        ratio(so.p50 as f64, d.p50 as f64),
+        ratio(so.p99 as f64, d.p99 as f64),
+        ratio(so.mean, d.mean),
+        p.added(so)
+    );
+    out!(
+        "   {:<22}{:>9.2}x socat's added latency at p50 (goal 1x or less)",
+        "qmpmux added / socat",
+        ratio(p.added(m), p.added(so))
     );
 }
 
