@@ -157,10 +157,20 @@ impl WriteHalf {
 pub struct Direct(Arc<Shared>);
 
 impl Direct {
-    /// One non-blocking write of `buf`; how much went.
-    pub fn try_send(&self, buf: &[u8]) -> io::Result<usize> {
-        send(self.0.fd.as_raw_fd(), buf)
+    /// The socket's descriptor, open for as long as this handle lives:
+    /// for a caller that keeps the handle and the number side by side (see
+    /// [`try_send`]).
+    pub fn raw_fd(&self) -> RawFd {
+        self.0.fd.as_raw_fd()
     }
+}
+
+/// One non-blocking write of `buf` to `fd`, a socket that a [`Direct`]
+/// keeps open; how much went. A stale number would fail (EBADF) or reach
+/// another socket of this process, which is why the caller must hold the
+/// `Direct` for as long as it may call this.
+pub fn try_send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    send(fd, buf)
 }
 
 impl WriteHalf {
