@@ -6,7 +6,7 @@ use crate::common::fake::instant::{now_ns, Events};
 use crate::common::fake::FakeServer;
 use crate::common::STEP;
 use crate::floors::Floor;
-use crate::stats::{cpu_secs, pct, ratio, us};
+use crate::stats::{cpu_secs, cpu_user_sys, pct, ratio, us};
 use crate::{progress, Plan, Rig};
 use serde_json::{json, Value};
 use std::path::Path;
@@ -38,7 +38,35 @@ pub fn run(plan: &Plan, rt: &Runtime, rig: &Rig) -> Value {
     let fan_base = fan.first().map(|f| f.p50).unwrap_or(0) as f64;
     let floor_base = floor.first().map(|f| f.p50).unwrap_or(0) as f64;
     print(&fan, &floor, fan_base, floor_base);
-    json!(fan
+    // What batching the system calls would save: the same send loop
+    // submitting each line's sends in one io_uring_enter, at the largest
+    // client count only (on a third fake upstream).
+    drop(bcast_floor);
+    let (fake_c, uring) = (rig.path("fake-c.sock"), rig.path("uring.sock"));
+    let fire_c = FakeServer::bind(&fake_c).answer_all();
+    let uring_floor = Floor::start("--child-uring-sendloop", &uring, &fake_c);
+    let (n, ev) = plan.fanout[plan.fanout.len() - 1];
+    let batched = rt.block_on(fanout_once(plan, &uring, &fire_c, n, ev, Some(uring_floor.pid())));
+    let (f, b) = (&fan[fan.len() - 1], &floor[floor.len() - 1]);
+    out!(
+        "   {:<8}{:>8}   CPU per delivered event {:.2} us: {:.2}x the send loop's; p50 {:.1} us, p99 {:.1} us (qmpmux: {:.2}x of this floor's CPU)",
+        "io_uring",
+        n,
+        batched.cpu_per_delivery * 1e6,
+        ratio(batched.cpu_per_delivery, b.cpu_per_delivery),
+        us(batched.p50),
+        us(batched.p99),
+        ratio(f.cpu_per_delivery, batched.cpu_per_delivery)
+    );
+    out!(
+        "   {:<8}{:>8}   share of CPU in the kernel: send loop {:.0}%, io_uring send loop {:.0}%, qmpmux {:.0}%",
+        "kernel",
+        n,
+        b.sys_share * 100.0,
+        batched.sys_share * 100.0,
+        f.sys_share * 100.0
+    );
+    let mut rows = json!(fan
         .iter()
         .zip(&floor)
         .map(|(f, b)| json!({
@@ -52,8 +80,19 @@ pub fn run(plan: &Plan, rt: &Runtime, rig: &Rig) -> Value {
             "cpu_us_per_delivery": f.cpu_per_delivery * 1e6,
             "floor_cpu_us_per_delivery": b.cpu_per_delivery * 1e6,
             "cpu_ratio_vs_floor": ratio(f.cpu_per_delivery, b.cpu_per_delivery),
+            "kernel_share": f.sys_share,
+            "floor_kernel_share": b.sys_share,
         }))
-        .collect::<Vec<_>>())
+        .collect::<Vec<_>>());
+    if let Some(last) = rows.as_array_mut().and_then(|r| r.last_mut()) {
+        last["uring_floor"] = json!({
+            "cpu_us_per_delivery": batched.cpu_per_delivery * 1e6,
+            "cpu_ratio_vs_send_loop": ratio(batched.cpu_per_delivery, b.cpu_per_delivery),
+            "kernel_share": batched.sys_share,
+            "p50_us": us(batched.p50), "p99_us": us(batched.p99),
+        });
+    }
+    rows
 }
 
 fn print(fan: &[FanRow], floor: &[FanRow], fan_base: f64, floor_base: f64) {
@@ -150,6 +189,8 @@ pub struct FanRow {
     /// CPU seconds of the serving process per event per client (0 when
     /// not measured).
     pub cpu_per_delivery: f64,
+    /// The share of that CPU time spent in the kernel (in clock ticks).
+    pub sys_share: f64,
 }
 
 /// One fan-out run; `pid`: the serving process, whose CPU time is read
@@ -168,6 +209,7 @@ pub async fn fanout_once(plan: &Plan, path: &Path, fire: &Events, n: usize, even
         .collect();
     let mut sent = 0;
     let cpu0 = pid.map(cpu_secs);
+    let split0 = pid.map(cpu_user_sys);
     for i in 0..events {
         st.target.store((i + 1) * n, Ordering::Release);
         fire.send("BENCH").expect("fake upstream is gone");
@@ -179,6 +221,10 @@ pub async fn fanout_once(plan: &Plan, path: &Path, fire: &Events, n: usize, even
         tokio::time::sleep(plan.event_gap).await;
     }
     let cpu = pid.map(cpu_secs).zip(cpu0).map_or(0.0, |(b, a)| b - a);
+    let (user, sys) = pid
+        .map(cpu_user_sys)
+        .zip(split0)
+        .map_or((0.0, 0.0), |(b, a)| (b.0 - a.0, b.1 - a.1));
     fire.send("BENCH_END").expect("fake upstream is gone");
     let mut per_client = Vec::with_capacity(n);
     for t in tasks {
@@ -205,5 +251,6 @@ pub async fn fanout_once(plan: &Plan, path: &Path, fire: &Events, n: usize, even
         max: all.last().copied().unwrap_or(0),
         last_p50: pct(&last, 50.0),
         cpu_per_delivery: if sent > 0 { cpu / (sent * n) as f64 } else { 0.0 },
+        sys_share: if user + sys > 0.0 { sys / (user + sys) } else { 0.0 },
     }
 }

@@ -114,3 +114,21 @@ pub fn cpu_secs(pid: u32) -> f64 {
         .sum();
     ns as f64 / 1e9
 }
+
+/// A process's user and system CPU time so far, in seconds (from
+/// `/proc/PID/stat`, in clock ticks: for shares over a long enough window).
+pub fn cpu_user_sys(pid: u32) -> (f64, f64) {
+    // SAFETY: sysconf has no memory effects.
+    let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return (0.0, 0.0);
+    };
+    let Some(rest) = s.rfind(')').map(|i| &s[i + 1..]) else {
+        return (0.0, 0.0);
+    };
+    // Fields after the command name start at field 3 (state); utime and
+    // stime are fields 14 and 15.
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) as f64 / tck;
+    (ticks(11), ticks(12))
+}

@@ -2,7 +2,9 @@
 //! - [`shards`]: the threads VMs run on, one VM wholly on one thread.
 //! - [`quiet`]: futures polled again only once their own waker fired.
 //! - [`sock`]: unix sockets that wake their thread only to be read.
+//! - [`fanout`]: one buffer to many sockets in one system call.
 
+pub mod fanout;
 pub mod quiet;
 pub mod shards;
 pub mod sock;

@@ -15,16 +15,31 @@ use crate::policy::Glob;
 use crate::qmp::extensions::{self, Subscribe};
 use crate::qmp::outgoing::{closefd_tail, json_str, numbered, proxy_event};
 use crate::router::{Route, Router};
+use crate::runtime::fanout::{self, Sent};
 use crate::state::FailKind;
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::os::fd::RawFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::watch;
 use tokio::time::Sleep;
 use tracing::{info, warn};
+
+/// An event's way to the clients that wait for one, reused event after
+/// event (its vectors keep their room).
+#[derive(Default)]
+struct Fanout {
+    /// Direct writes: a client's socket and its line.
+    sends: Vec<(RawFd, Bytes)>,
+    /// Their outcomes.
+    outcomes: Vec<Sent>,
+    /// Whose socket each is.
+    to: Vec<u64>,
+    fanout: fanout::Fanout,
+}
 
 /// One attached client.
 struct Member {
@@ -37,6 +52,7 @@ struct Member {
 pub(super) struct Hub {
     vm: Arc<str>,
     clients: HashMap<u64, Member>,
+    fanout: Fanout,
     pub router: Router,
     /// Who owns each `getfd` name in QEMU's monitor.
     pub fd_names: FdNames,
@@ -65,6 +81,7 @@ impl Hub {
         Hub {
             vm: vm.into(),
             clients: HashMap::new(),
+            fanout: Fanout::default(),
             router,
             fd_names: FdNames::default(),
             history,
@@ -158,6 +175,14 @@ impl Hub {
         self.events_tx.send_replace(seq + 1);
         let mut with_seq: Option<Bytes> = None;
         let mut gone = Vec::new();
+        // Idle clients get the event straight on their sockets, all in one
+        // go (`Fanout`); the others in their mailboxes.
+        let Fanout {
+            sends,
+            outcomes,
+            to,
+            fanout,
+        } = &mut self.fanout;
         for (&client, m) in &self.clients {
             if !m.filter.matches(name) {
                 continue;
@@ -167,7 +192,35 @@ impl Hub {
             } else {
                 line.clone()
             };
-            if let Err(e) = m.mailbox.send_event(line) {
+            match m.mailbox.direct_fd() {
+                Some(fd) => {
+                    sends.push((fd, line));
+                    to.push(client);
+                }
+                None => {
+                    if let Err(e) = m.mailbox.queue_event(line) {
+                        gone.push((client, e == SendError::Full));
+                    }
+                }
+            }
+        }
+        fanout.send_all(sends, outcomes);
+        for ((client, (_, line)), sent) in to.drain(..).zip(sends.drain(..)).zip(outcomes.drain(..)) {
+            let rest = match sent {
+                Sent::All => continue,
+                Sent::Part(n) => line.slice(n..),
+                Sent::Nothing => line,
+                Sent::Unknown => {
+                    warn!(
+                        client,
+                        "the kernel did not complete a send to the client; disconnecting it"
+                    );
+                    gone.push((client, false));
+                    continue;
+                }
+            };
+            let Some(m) = self.clients.get(&client) else { continue };
+            if let Err(e) = m.mailbox.queue_event(rest) {
                 gone.push((client, e == SendError::Full));
             }
         }

@@ -131,25 +131,22 @@ impl MailboxSender {
         self.enqueue(state, msg)
     }
 
-    /// An event line: written to the client's socket at once when the
-    /// client has nothing else to write and nothing is queued (no wake-up
-    /// of its task, no copy into its buffer, not even the lock), queued
-    /// otherwise, and what a short write left over is queued first.
-    pub fn send_event(&self, mut line: Bytes) -> Result<(), SendError> {
-        if self.shared.direct_on.load(Ordering::Relaxed) {
+    /// The client's socket, if an event may go straight to it now: the
+    /// client has nothing else to write and nothing is queued. The caller
+    /// then writes the event there itself (no wake-up of the client's
+    /// task, no copy into its buffer), and hands what did not go to
+    /// [`MailboxSender::queue_event`] before anything else is sent.
+    pub fn direct_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.shared
+            .direct_on
+            .load(Ordering::Relaxed)
             // Open: `State::direct` holds it for as long as `shared` lives.
-            let fd = self.shared.direct_fd.load(Ordering::Relaxed);
-            match crate::runtime::sock::try_send(fd, &line) {
-                Ok(n) if n == line.len() => return Ok(()),
-                Ok(n) => {
-                    let _ = line.split_to(n);
-                }
-                // Full, or broken: the client's task sees to it.
-                Err(_) => {}
-            }
-            // The rest must reach the socket before anything else does
-            // (`enqueue` turns direct writes off).
-        }
+            .then(|| self.shared.direct_fd.load(Ordering::Relaxed))
+    }
+
+    /// Queues an event line (or what a direct write left of it) for the
+    /// client's task to write; direct writes stop until it has.
+    pub fn queue_event(&self, line: Bytes) -> Result<(), SendError> {
         let state = self.shared.lock();
         if state.receiver_gone {
             return Err(SendError::Closed);
@@ -280,41 +277,37 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn events_go_straight_to_an_idle_client_s_socket_and_queue_otherwise() {
-        use tokio::io::AsyncReadExt;
-        let (a, mut b) = tokio::net::UnixStream::pair().unwrap();
+    async fn events_may_go_straight_to_an_idle_client_s_socket_only() {
+        let (a, _b) = tokio::net::UnixStream::pair().unwrap();
         let (_ar, aw) = crate::runtime::sock::split(a).unwrap();
         let (tx, mut rx) = mailbox(1 << 20);
+        // No socket yet (a TLS client has none).
+        rx.allow_direct(true);
+        assert_eq!(tx.direct_fd(), None);
         rx.set_direct(aw.direct());
         // Not allowed yet (the client has not negotiated, or has output).
-        tx.send_event(Bytes::from_static(b"one\r\n")).unwrap();
-        assert!(matches!(rx.try_recv(), Some(ToClient::Event(_))));
+        rx.allow_direct(false);
+        assert_eq!(tx.direct_fd(), None);
         rx.allow_direct(true);
-        tx.send_event(Bytes::from_static(b"two\r\n")).unwrap();
-        assert!(rx.try_recv().is_none(), "written, not queued");
-        let mut got = [0u8; 5];
-        b.read_exact(&mut got).await.unwrap();
-        assert_eq!(&got, b"two\r\n");
-        // Something queued goes first: later events queue behind it.
+        assert_eq!(tx.direct_fd(), Some(aw.as_raw_fd()));
+        // Something queued goes first: direct writes stop until the client
+        // has taken it, and are allowed again only with the queue empty.
         tx.send(failed(1)).unwrap();
-        tx.send_event(Bytes::from_static(b"three\r\n")).unwrap();
+        assert_eq!(tx.direct_fd(), None);
+        tx.queue_event(Bytes::from_static(b"three\r\n")).unwrap();
+        rx.allow_direct(true);
+        assert_eq!(tx.direct_fd(), None);
         assert!(matches!(rx.try_recv(), Some(ToClient::Failed { .. })));
-        // Allowed only once the queue is empty.
+        assert!(matches!(rx.try_recv(), Some(ToClient::Event(e)) if e == b"three\r\n"[..]));
         rx.allow_direct(true);
-        tx.send_event(Bytes::from_static(b"four\r\n")).unwrap();
-        for want in [&b"three\r\n"[..], b"four\r\n"] {
-            assert!(matches!(rx.try_recv(), Some(ToClient::Event(e)) if e == want));
-        }
-        // A socket that is full: the rest of a short write is queued, and
-        // direct writes stop until the client has written it.
-        rx.allow_direct(true);
-        let big = Bytes::from(vec![b'x'; 16 << 20]);
-        tx.send_event(big.clone()).unwrap();
-        let Some(ToClient::Event(rest)) = rx.try_recv() else {
-            panic!("the rest of a short write is queued")
-        };
-        assert!(!rest.is_empty() && rest.len() < big.len());
-        assert!(!rx.shared.direct_on.load(Ordering::Relaxed));
+        assert_eq!(tx.direct_fd(), Some(aw.as_raw_fd()));
+        // The rest of a short direct write is queued: direct writes stop.
+        tx.queue_event(Bytes::from_static(b"rest")).unwrap();
+        assert_eq!(tx.direct_fd(), None);
+        // A client that is gone takes nothing.
+        drop(rx);
+        assert_eq!(tx.direct_fd(), None);
+        assert_eq!(tx.queue_event(Bytes::from_static(b"x")), Err(SendError::Closed));
     }
 
     #[tokio::test]
