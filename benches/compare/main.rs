@@ -78,6 +78,9 @@ struct Plan {
     reconnects: usize,
     /// Rounds of the fairness measurement (section 7).
     fair_rounds: usize,
+    /// Extra runs of the largest fan-out, floor and qmpmux alternated, for
+    /// a median CPU ratio (section 4).
+    fan_pairs: usize,
 }
 
 impl Plan {
@@ -103,6 +106,7 @@ impl Plan {
                 mem_clients: 10_000,
                 reconnects: 3,
                 fair_rounds: 3,
+                fan_pairs: 0,
             }
         } else {
             Plan {
@@ -119,6 +123,7 @@ impl Plan {
                 mem_clients: 10_000,
                 reconnects: 5,
                 fair_rounds: 5,
+                fan_pairs: 4,
             }
         }
     }
