@@ -14,7 +14,8 @@
 //! before its closing brace, as in QEMU.
 
 use crate::runtime::sock::ReadHalf;
-use std::io::{self, IoSliceMut};
+use std::io;
+use std::mem::MaybeUninit;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -63,15 +64,21 @@ struct Received {
 /// would then leak (200 over-full messages: 1,600 leaked fds). Every
 /// SCM_RIGHTS fd of every control message is taken into an `OwnedFd`
 /// before anything else can fail.
+///
+/// `buf` need not be initialised (the kernel only writes into it): zeroing
+/// a read buffer before each read was a third of qmpmux's instructions.
 #[allow(unsafe_code)]
-fn recvmsg_fds(sock: RawFd, buf: &mut [u8]) -> io::Result<Received> {
+fn recvmsg_fds(sock: RawFd, buf: &mut [MaybeUninit<u8>]) -> io::Result<Received> {
     let mut space = [0u64; CMSG_WORDS];
-    let mut iov = [IoSliceMut::new(buf)];
+    let mut iov = [libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    }];
     // SAFETY: an all-zero msghdr is a valid empty one; the pointers set
-    // below point at `iov` and `space`, which outlive the call. IoSliceMut
-    // is ABI-compatible with iovec.
+    // below point at `iov` and `space`, which outlive the call, and `iov`
+    // at `buf`, which the kernel may write `buf.len()` bytes into.
     let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
-    hdr.msg_iov = iov.as_mut_ptr().cast();
+    hdr.msg_iov = iov.as_mut_ptr();
     hdr.msg_iovlen = 1;
     hdr.msg_control = space.as_mut_ptr().cast();
     hdr.msg_controllen = std::mem::size_of_val(&space) as _;
@@ -115,7 +122,7 @@ fn recvmsg_fds(sock: RawFd, buf: &mut [u8]) -> io::Result<Received> {
 /// drained: a unix stream `recvmsg` fills the whole buffer unless the queue
 /// ran dry or it stopped at a message that carried fds, so a short read
 /// without fds means empty.
-fn recv_into(sock: RawFd, waiting: &mut Option<OwnedFd>, buf: &mut [u8]) -> io::Result<(usize, bool)> {
+fn recv_into(sock: RawFd, waiting: &mut Option<OwnedFd>, buf: &mut [MaybeUninit<u8>]) -> io::Result<(usize, bool)> {
     loop {
         let got = recvmsg_fds(sock, buf)?;
         if got.truncated || got.fds.len() > MAX_FDS_PER_MESSAGE {
@@ -139,10 +146,18 @@ fn recv_into(sock: RawFd, waiting: &mut Option<OwnedFd>, buf: &mut [u8]) -> io::
 impl AsyncRead for FdReader {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let FdReader { half, waiting } = self.get_mut();
-        let unfilled = buf.initialize_unfilled();
+        // SAFETY: `recvmsg` only writes into the unfilled part, which is
+        // read only as far as `assume_init` says it wrote.
+        #[allow(unsafe_code)]
+        let unfilled = unsafe { buf.unfilled_mut() };
         // A drained socket clears the readiness, saving the `recvmsg` that
         // would only say EAGAIN.
         let n = ready!(half.poll_read_with(cx, |fd| recv_into(fd, waiting, unfilled)))?;
+        // SAFETY: the kernel wrote `n` bytes at the start of the unfilled part.
+        #[allow(unsafe_code)]
+        unsafe {
+            buf.assume_init(n)
+        };
         buf.advance(n);
         Poll::Ready(Ok(()))
     }
