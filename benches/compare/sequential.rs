@@ -91,7 +91,7 @@ impl Paths {
             "ratio_qmpmux_vs_relay_p50": ratio(m.p50 as f64, f.p50 as f64),
             "socat": j(so),
             "added_us_p50": {"qmpmux": self.added(m), "bare_relay": self.added(f), "socat": self.added(so)},
-            "added_ratio_qmpmux_vs_socat": ratio(self.added(m), self.added(so)),
+            "added_ratio_qmpmux_vs_socat": (self.added(so) > 0.0).then(|| self.added(m) / self.added(so)),
         })
     }
 }
@@ -198,11 +198,19 @@ fn print(plan: &Plan, p: &Paths, load: &str) {
         ratio(so.mean, d.mean),
         p.added(so)
     );
-    out!(
-        "   {:<22}{:>9.2}x socat's added latency at p50 (goal 1x or less)",
-        "qmpmux added / socat",
-        ratio(p.added(m), p.added(so))
-    );
+    let (mine, socat) = (p.added(m), p.added(so));
+    if socat > 0.0 {
+        out!(
+            "   {:<22}{:>9.2}x socat's added latency at p50 (qmpmux {mine:+.1} us, socat {socat:+.1} us; goal 1x or less)",
+            "qmpmux added / socat",
+            mine / socat
+        );
+    } else {
+        out!(
+            "   {:<22} socat adds nothing measurable at p50 here ({socat:+.1} us); qmpmux {mine:+.1} us",
+            "qmpmux added / socat"
+        );
+    }
 }
 
 /// `socat UNIX-LISTEN:LISTEN,fork UNIX-CONNECT:UPSTREAM`: the relay most
