@@ -3,8 +3,10 @@
 //! instant fake upstream (section 3, qmpmux's own ceiling).
 
 use crate::clients::{is_event, is_ok, open_many, Conn, CAPS, CAPS_OOB, CMD};
+use crate::common::fake::FakeServer;
 use crate::common::STEP;
-use crate::stats::{cpu_secs, median_f, thousands};
+use crate::floors::Floor;
+use crate::stats::{cpu_secs, median_f, ratio, thousands};
 use crate::{progress, Plan, Rig, DEPTH};
 use serde_json::{json, Value};
 use std::io;
@@ -85,11 +87,41 @@ pub fn run_fake(plan: &Plan, rt: &Runtime, rig: &Rig, base: f64) -> Value {
         ],
         rig.daemon.pid(),
     ));
+    // The floor: a bare relay in qmpmux's place, each client with an
+    // upstream connection of its own to a fake that serves them all at once
+    // (more than qmpmux gets: one connection, 8 in flight).
+    let (fake_each, relay) = (rig.path("fake-each.sock"), rig.path("relay-fake.sock"));
+    rt.block_on(async { FakeServer::bind(&fake_each).answer_each() });
+    let floor = Floor::start("--child-relay", &relay, &fake_each);
+    let floor_rows = rt.block_on(tput_group(
+        plan,
+        &[
+            scenario("floor: bare relay", &relay, CAPS, 16, true, me),
+            scenario("floor: bare relay", &relay, CAPS, 64, true, me),
+        ],
+        floor.pid(),
+    ));
     out!("\n3. qmpmux ceiling: instant-reply fake upstream (in the bench process), one upstream session (window 8)");
+    out!("   floor: a bare relay process in qmpmux's place, one upstream connection per client (its CPU in the qmpmux column)");
     print_tput(&rows, base, "vs QEMU", "bench CPU");
+    for r in &floor_rows {
+        print_tput_row(r, base);
+    }
+    let of_floor = |clients: usize| {
+        let rate = |rs: &[TputRow]| rs.iter().find(|r| r.clients == clients).map_or(0.0, |r| r.median.rate);
+        ratio(rate(&rows), rate(&floor_rows))
+    };
+    out!(
+        "   {:<22}qmpmux at 16 clients {:.2}x the relay's rate, at 64 clients {:.2}x (goal: 150,000 cmds/s)",
+        "ratio qmpmux/floor",
+        of_floor(16),
+        of_floor(64)
+    );
     json!({
         "note": "ratio is vs the direct-QEMU baseline of section 2; upstream CPU is this bench process (fake + clients)",
         "rows": rows.iter().map(|r| tput_json(r, base)).collect::<Vec<_>>(),
+        "floor_bare_relay": floor_rows.iter().map(|r| tput_json(r, base)).collect::<Vec<_>>(),
+        "ratio_vs_floor": {"16": of_floor(16), "64": of_floor(64)},
     })
 }
 
@@ -265,22 +297,26 @@ fn print_tput(rows: &[TputRow], base: f64, base_name: &str, upstream_name: &str)
         "errors"
     );
     for r in rows {
-        let m = &r.median;
-        out!(
-            "   {:<22}{:>8}{:>12}  {:<21}{:>9.2}x{:>12}{:>11}{:>11}{:>8}",
-            r.label,
-            r.clients,
-            thousands(m.rate),
-            format!("[{} - {}]", thousands(r.min), thousands(r.max)),
-            if base > 0.0 { m.rate / base } else { 0.0 },
-            if r.via_mux { pct_cpu(m.mux_cpu) } else { "-".into() },
-            pct_cpu(m.upstream_cpu),
-            if r.via_mux {
-                format!("{:.1}", m.mux_cpu * 1e6 / m.rate.max(1.0))
-            } else {
-                "-".into()
-            },
-            m.errors
-        );
+        print_tput_row(r, base);
     }
+}
+
+fn print_tput_row(r: &TputRow, base: f64) {
+    let m = &r.median;
+    out!(
+        "   {:<22}{:>8}{:>12}  {:<21}{:>9.2}x{:>12}{:>11}{:>11}{:>8}",
+        r.label,
+        r.clients,
+        thousands(m.rate),
+        format!("[{} - {}]", thousands(r.min), thousands(r.max)),
+        if base > 0.0 { m.rate / base } else { 0.0 },
+        if r.via_mux { pct_cpu(m.mux_cpu) } else { "-".into() },
+        pct_cpu(m.upstream_cpu),
+        if r.via_mux {
+            format!("{:.1}", m.mux_cpu * 1e6 / m.rate.max(1.0))
+        } else {
+            "-".into()
+        },
+        m.errors
+    );
 }

@@ -39,6 +39,24 @@ impl FakeServer {
     }
 }
 
+impl FakeServer {
+    /// Serves every connection at once, each answered at once; no events
+    /// (the benchmark's relay floor opens one connection per client).
+    #[allow(dead_code)]
+    pub fn answer_each(self) {
+        epoch();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = self.listener.accept().await {
+                tokio::spawn(async move {
+                    // Held open: no events, and no end of them either.
+                    let (_keep, mut none) = mpsc::unbounded_channel();
+                    serve(stream, &mut none).await;
+                });
+            }
+        });
+    }
+}
+
 #[derive(serde::Deserialize)]
 struct Request<'a> {
     #[serde(borrow)]
