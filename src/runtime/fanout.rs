@@ -118,35 +118,37 @@ impl Fanout {
         }
     }
 
-    /// Sets up the ring if not tried yet.
     /// Sets up the ring if not tried yet, or a larger one for `n` sends.
     fn try_ring(&mut self, n: usize) {
         let want = (n.min(MAX_RING as usize) as u32).next_power_of_two().max(MIN_RING);
         match &self.ring {
-            Ring::Untried => {}
+            Ring::Untried => self.ring = new_ring(want),
+            // Idle between calls (every send completed): replaced at once.
             Ring::Ready(ring) if ring.params().sq_entries() < want => {
-                // Idle between calls (every send completed): replaced at once.
                 if let Ok(bigger) = io_uring::IoUring::new(want) {
                     self.ring = Ring::Ready(Box::new(bigger));
                 }
-                return;
             }
-            _ => return,
+            _ => {}
         }
-        self.ring = match io_uring::IoUring::new(want) {
-            Ok(ring) if ring.params().is_feature_ext_arg() => {
-                info!("events for many clients go out through io_uring");
-                Ring::Ready(Box::new(ring))
-            }
-            Ok(_) => {
-                info!("io_uring lacks timed waits (kernel before 5.11); sending events with plain sends");
-                Ring::Unavailable
-            }
-            Err(e) => {
-                info!(error = %e, "io_uring unavailable; sending events with plain sends");
-                Ring::Unavailable
-            }
-        };
+    }
+}
+
+/// The first ring, or why there is none.
+fn new_ring(entries: u32) -> Ring {
+    match io_uring::IoUring::new(entries) {
+        Ok(ring) if ring.params().is_feature_ext_arg() => {
+            info!("events for many clients go out through io_uring");
+            Ring::Ready(Box::new(ring))
+        }
+        Ok(_) => {
+            info!("io_uring lacks timed waits (kernel before 5.11); sending events with plain sends");
+            Ring::Unavailable
+        }
+        Err(e) => {
+            info!(error = %e, "io_uring unavailable; sending events with plain sends");
+            Ring::Unavailable
+        }
     }
 }
 
@@ -190,19 +192,11 @@ fn submit(
     let ts = types::Timespec::from(COMPLETION_WAIT);
     let args = types::SubmitArgs::new().timespec(&ts);
     let mut result = Ok(());
-    let mut submitted = false;
     while missing > 0 {
-        let r = if submitted {
-            ring.submitter().submit_with_args(missing, &args)
-        } else {
-            ring.submitter().submit_with_args(batch.len(), &args)
-        };
-        match r {
-            Ok(_) => submitted = true,
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {
-                submitted = true;
-                continue;
-            }
+        // Submits the batch (the first time) and waits for what is missing.
+        match ring.submitter().submit_with_args(missing, &args) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
             Err(e) if e.raw_os_error() == Some(libc::ETIME) => {
                 result = Err(io::Error::other("sends not completed in time"));
             }
