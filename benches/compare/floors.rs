@@ -15,33 +15,56 @@ use tokio::net::{UnixListener, UnixStream};
 /// UPSTREAM` reads lines from one upstream connection and writes each to
 /// every client in turn, one blocking `write` per client and nothing else
 /// (after a fake greeting and negotiation, on a thread of their own).
+/// Also socat as a relay, and a process that only keeps a CPU busy.
+/// Killed when dropped.
 pub struct Floor {
     child: Child,
 }
 
 impl Floor {
+    /// This binary in child mode `mode`, once it listens on `listen`.
     pub fn start(mode: &str, listen: &Path, upstream: &Path) -> Floor {
-        let _ = std::fs::remove_file(listen);
         let mut cmd = Command::new(std::env::current_exe().expect("own path"));
-        cmd.arg(mode)
-            .arg(listen)
-            .arg(upstream)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
+        cmd.arg(mode).arg(listen).arg(upstream);
+        Floor::spawn(cmd, Some(listen), mode)
+    }
+
+    /// `socat UNIX-LISTEN:LISTEN,fork UNIX-CONNECT:UPSTREAM`: the relay most
+    /// operators would reach for (a process per connection).
+    pub fn socat(listen: &Path, upstream: &Path) -> Floor {
+        let mut cmd = Command::new("socat");
+        cmd.arg(format!("UNIX-LISTEN:{},fork", listen.display()))
+            .arg(format!("UNIX-CONNECT:{}", upstream.display()));
+        Floor::spawn(cmd, Some(listen), "socat (apt-get install socat)")
+    }
+
+    /// A process that keeps one CPU busy.
+    pub fn spinner() -> Floor {
+        let mut cmd = Command::new(std::env::current_exe().expect("own path"));
+        cmd.arg("--child-spin");
+        let spinner = Floor::spawn(cmd, None, "spinner");
+        // Let it get going.
+        std::thread::sleep(Duration::from_millis(50));
+        spinner
+    }
+
+    fn spawn(mut cmd: Command, listen: Option<&Path>, what: &str) -> Floor {
+        if let Some(listen) = listen {
+            let _ = std::fs::remove_file(listen);
+        }
+        cmd.stdin(Stdio::null()).stdout(Stdio::null());
         guard_child(&mut cmd, None);
         let f = Floor {
-            child: cmd.spawn().expect("spawn floor process"),
+            child: cmd.spawn().unwrap_or_else(|e| panic!("spawn {what}: {e}")),
         };
         let deadline = Instant::now() + STEP;
-        while !listen.exists() {
-            assert!(Instant::now() < deadline, "{mode} did not listen");
+        while listen.is_some_and(|l| !l.exists()) {
+            assert!(Instant::now() < deadline, "{what} did not listen");
             std::thread::sleep(Duration::from_millis(5));
         }
         f
     }
-}
 
-impl Floor {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

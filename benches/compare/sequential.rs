@@ -35,7 +35,7 @@ pub fn run(plan: &Plan, rig: &Rig) -> Value {
     let _relay = Floor::start("--child-relay", &relay, &qr);
     let (qs, socat) = (rig.path("qemu-s.sock"), rig.path("socat.sock"));
     let _qemu_s = Qemu::start_blocking(&[Monitor::Serve(&qs)], &rig.path("qemu-s.log"));
-    let _socat = SocatRelay::start(&socat, &qs);
+    let _socat = Floor::socat(&socat, &qs);
     progress("sequential round trips");
     let mut clients = [
         SyncClient::open(&rig.qa, CAPS_OOB).expect("direct client"),
@@ -54,7 +54,7 @@ pub fn run(plan: &Plan, rig: &Rig) -> Value {
     // spinning process: wake-ups then find that CPU taken.
     progress("sequential round trips, one CPU busy");
     let loaded = {
-        let _spin = Spinner::start();
+        let _spin = Floor::spinner();
         measure(plan, &mut clients)
     };
     print(plan, &loaded, ", one CPU kept busy by a spinning process");
@@ -120,30 +120,6 @@ fn measure(plan: &Plan, clients: &mut [SyncClient; 4]) -> Paths {
     }
 }
 
-/// A process that keeps one CPU busy until dropped.
-struct Spinner {
-    child: std::process::Child,
-}
-
-impl Spinner {
-    fn start() -> Spinner {
-        let mut cmd = std::process::Command::new(std::env::current_exe().expect("own path"));
-        cmd.arg("--child-spin").stdin(std::process::Stdio::null());
-        crate::common::process::guard_child(&mut cmd, None);
-        let child = cmd.spawn().expect("spawn the spinning process");
-        // Let it get going.
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        Spinner { child }
-    }
-}
-
-impl Drop for Spinner {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn print(plan: &Plan, p: &Paths, load: &str) {
     let (d, m, f, so) = (&p.d, &p.m, &p.f, &p.so);
     out!(
@@ -174,30 +150,20 @@ fn print(plan: &Plan, p: &Paths, load: &str) {
             s.errors
         );
     }
-    out!(
-        "   {:<22}{:>9.2}x{:>9.2}x{:>9.2}x    (qmpmux adds {:+.1} us at p50)",
-        "ratio qmpmux/direct",
-        ratio(m.p50 as f64, d.p50 as f64),
-        ratio(m.p99 as f64, d.p99 as f64),
-        ratio(m.mean, d.mean),
-        p.added(m)
-    );
-    out!(
-        "   {:<22}{:>9.2}x{:>9.2}x{:>9.2}x    (a bare byte relay adds {:+.1} us at p50)",
-        "ratio relay/direct",
-        ratio(f.p50 as f64, d.p50 as f64),
-        ratio(f.p99 as f64, d.p99 as f64),
-        ratio(f.mean, d.mean),
-        p.added(f)
-    );
-    out!(
-        "   {:<22}{:>9.2}x{:>9.2}x{:>9.2}x    (socat adds {:+.1} us at p50)",
-        "ratio socat/direct",
-        ratio(so.p50 as f64, d.p50 as f64),
-        ratio(so.p99 as f64, d.p99 as f64),
-        ratio(so.mean, d.mean),
-        p.added(so)
-    );
+    for (name, s, who) in [
+        ("ratio qmpmux/direct", m, "qmpmux"),
+        ("ratio relay/direct", f, "a bare byte relay"),
+        ("ratio socat/direct", so, "socat"),
+    ] {
+        out!(
+            "   {:<22}{:>9.2}x{:>9.2}x{:>9.2}x    ({who} adds {:+.1} us at p50)",
+            name,
+            ratio(s.p50 as f64, d.p50 as f64),
+            ratio(s.p99 as f64, d.p99 as f64),
+            ratio(s.mean, d.mean),
+            p.added(s)
+        );
+    }
     let (mine, socat) = (p.added(m), p.added(so));
     if socat > 0.0 {
         out!(
@@ -210,38 +176,5 @@ fn print(plan: &Plan, p: &Paths, load: &str) {
             "   {:<22} socat adds nothing measurable at p50 here ({socat:+.1} us); qmpmux {mine:+.1} us",
             "qmpmux added / socat"
         );
-    }
-}
-
-/// `socat UNIX-LISTEN:LISTEN,fork UNIX-CONNECT:UPSTREAM`: the relay most
-/// operators would reach for, as a floor (a process per connection).
-struct SocatRelay {
-    child: std::process::Child,
-}
-
-impl SocatRelay {
-    fn start(listen: &std::path::Path, upstream: &std::path::Path) -> SocatRelay {
-        let _ = std::fs::remove_file(listen);
-        let mut cmd = std::process::Command::new("socat");
-        cmd.arg(format!("UNIX-LISTEN:{},fork", listen.display()))
-            .arg(format!("UNIX-CONNECT:{}", upstream.display()))
-            .stdin(std::process::Stdio::null());
-        crate::common::process::guard_child(&mut cmd, None);
-        let child = cmd
-            .spawn()
-            .expect("socat (apt-get install socat) for the socat floor of section 1");
-        let deadline = Instant::now() + crate::common::STEP;
-        while !listen.exists() {
-            assert!(Instant::now() < deadline, "socat did not listen");
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        SocatRelay { child }
-    }
-}
-
-impl Drop for SocatRelay {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
