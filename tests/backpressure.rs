@@ -104,6 +104,34 @@ async fn a_reply_bigger_than_the_queue_budget_reaches_a_reading_client() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_larger_than_the_socket_reaches_an_idle_client_whole_and_before_what_follows() {
+    let dir = tempfile::tempdir().unwrap();
+    let (up, sock) = (dir.path().join("q.sock"), dir.path().join("vm.sock"));
+    let _qemu = Qemu::start(&up).await;
+    let daemon = Daemon::start(&[("vm", &up, &sock)]).await;
+    let mut c = Client::ready(&sock).await;
+    // The schema (~200 KB) is more than the client's socket holds: qmpmux
+    // writes what fits at once and the rest as the client reads, before
+    // the events and replies that come after it.
+    c.send(r#"{"execute":"query-qmp-schema","id":"big"}"#).await;
+    c.send(r#"{"execute":"stop","id":"s"}"#).await;
+    c.send(r#"{"execute":"cont","id":"c"}"#).await;
+    // Not reading for a moment: the socket is full when qmpmux writes.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = c.recv().await;
+    assert_eq!(r["id"], "big", "the reply first, whole");
+    assert!(r["return"].as_array().is_some_and(|a| a.len() > 100));
+    let mut rest = Vec::new();
+    for _ in 0..4 {
+        let m = c.recv().await;
+        rest.push(m["event"].as_str().or(m["id"].as_str()).unwrap_or_default().to_string());
+    }
+    assert_eq!(rest, ["STOP", "s", "RESUME", "c"]);
+    assert_eq!(c.cmd(r#"{"execute":"query-status","id":2}"#).await["id"], 2);
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_above_max_reply_bytes_is_an_error_with_its_id_and_the_client_stays() {
     let dir = tempfile::tempdir().unwrap();
     let (up, sock) = (dir.path().join("q.sock"), dir.path().join("vm.sock"));

@@ -6,6 +6,11 @@
 //! forwarded ones when the session routes the reply back; slots leave the
 //! FIFO only from the front, so every client sees its replies in request
 //! order whatever answered them. Events go out as they come.
+//!
+//! While the task waits with nothing of its own to write, the session may
+//! write to its socket itself (see `upstream::mailbox`): events, and the
+//! reply to the request at the front of the FIFO, which the task then takes
+//! off the FIFO when it next wakes (a `ToClient::Written`).
 
 use super::fds::ClientReader;
 use crate::config::{ClientOptions, ListenerConfig};
@@ -19,7 +24,7 @@ use crate::qmp::request::{decide, Caps, Decision, Session};
 use crate::runtime::quiet::Quiet;
 use crate::runtime::sock::Direct;
 use crate::upstream::fdnames::FdNameOp;
-use crate::upstream::mailbox::{mailbox, MailboxReceiver};
+use crate::upstream::mailbox::{mailbox, Expect, MailboxReceiver};
 use crate::upstream::{failure_line, Answer, FailKind, Request, SessionHandle, ToClient};
 use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt, StreamExt};
@@ -133,6 +138,9 @@ struct Client {
     /// After EOF with commands outstanding: one more look, a moment later,
     /// at whether the client closed its whole connection.
     recheck: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// The request whose reply the mailbox knows this client waits for
+    /// first (see `Expect`).
+    expecting: Option<u64>,
 }
 
 /// Why the client's connection ended.
@@ -239,6 +247,7 @@ where
         pending_bytes: 0,
         eof: false,
         recheck: None,
+        expecting: None,
     };
     let end = client.run(&mut reader, &mut write, &mut mailbox).await;
     client.finish(end, &mut write, &mut mailbox).await
@@ -266,14 +275,16 @@ impl Client {
             if (self.eof || self.closing.is_some()) && self.slots.is_empty() && self.outbuf.is_empty() {
                 return self.closing.take().unwrap_or(End::ClientClosed);
             }
-            // With nothing of its own to write, the session may write
-            // events to the socket itself (it runs only while this waits).
-            mailbox.allow_direct(self.qmp.negotiated && self.outbuf.is_empty());
             let can_read = !self.eof
                 && self.closing.is_none()
                 && self.slots.len() < self.ctx.opts.max_in_flight
                 && self.pending_bytes < self.ctx.opts.max_pending_bytes
                 && self.outbuf.len() < outbuf_high;
+            // With nothing of its own to write, the session may write
+            // events to the socket itself (it runs only while this waits),
+            // and the reply this client waits for first.
+            self.expect(mailbox, can_read);
+            mailbox.allow_direct(self.qmp.negotiated && self.outbuf.is_empty());
             // Cancel-safe branches only: FramedRead::next, Mailbox::recv, one
             // write, a sleep. Polled in this order, stopping at the first
             // ready one: a wake-up for a reply or event polls only the
@@ -300,6 +311,29 @@ impl Client {
                 return end;
             }
         }
+    }
+
+    /// Tells the mailbox which reply this client waits for first: the one
+    /// to the request at the front of its list. A direct reply does not
+    /// wake the client, so only while it reads (`reading`: one that waits
+    /// for room or is leaving must be woken by its replies), and not for a
+    /// command the audit log records (its line is due when it ends).
+    fn expect(&mut self, mailbox: &mut MailboxReceiver, reading: bool) {
+        let first = match self.slots.front() {
+            Some(Slot::Waiting {
+                seq, id, audit: None, ..
+            }) if reading => Some((*seq, id)),
+            _ => None,
+        };
+        if first.map(|(seq, _)| seq) == self.expecting {
+            return;
+        }
+        self.expecting = first.map(|(seq, _)| seq);
+        mailbox.expect(first.map(|(seq, id)| Expect {
+            seq,
+            id: id.as_deref().map(qemu_style),
+            max_reply: self.ctx.opts.max_reply_bytes,
+        }));
     }
 
     /// A message from the session, and any others already waiting, to be
@@ -354,10 +388,15 @@ impl Client {
     async fn finish<W: AsyncWrite + Unpin>(&mut self, end: End, write: &mut W, mailbox: &mut MailboxReceiver) -> End {
         // What is written from now on is this task's alone.
         mailbox.allow_direct(false);
-        if matches!(end, End::Shutdown) {
-            while let Some(msg) = mailbox.try_recv() {
+        // What waits is written when qmpmux stops; replies the session
+        // wrote itself were delivered in any case.
+        let shutdown = matches!(end, End::Shutdown);
+        while let Some(msg) = mailbox.try_recv() {
+            if shutdown || matches!(msg, ToClient::Written(_)) {
                 self.on_session(msg);
             }
+        }
+        if shutdown {
             self.stop_waiting();
             if !self.outbuf.is_empty() {
                 let _ = tokio::time::timeout(FINAL_FLUSH, write.write_all_buf(&mut self.outbuf)).await;
@@ -494,6 +533,8 @@ impl Client {
                     self.outbuf.extend_from_slice(&line);
                 }
             }
+            // Never an audited command's (see `expect`).
+            ToClient::Written(w) => self.fill(w.seq, Outcome::Ok, |_| w.rest),
             ToClient::Answer { seq, answer } => {
                 let outcome = match *answer {
                     Answer::Return(_) => Outcome::Ok,

@@ -13,6 +13,7 @@ use crate::events::{EventFilter, History};
 use crate::ops::metrics::VmMetrics;
 use crate::policy::Glob;
 use crate::qmp::extensions::{self, Subscribe};
+use crate::qmp::incoming::ReplyBytes;
 use crate::qmp::outgoing::{closefd_tail, json_str, numbered, proxy_event};
 use crate::router::{Route, Router};
 use crate::runtime::fanout::{self, Sent};
@@ -28,16 +29,17 @@ use tokio::sync::watch;
 use tokio::time::Sleep;
 use tracing::{info, warn};
 
-/// An event's way to the clients that wait for one, reused event after
-/// event (its vectors keep their room).
+/// Direct writes to idle clients' sockets, gathered and then made in one
+/// go (`Hub::flush`): an event's to every client that waits for one, the
+/// replies to one read from QEMU. Reused (its vectors keep their room).
 #[derive(Default)]
 struct Fanout {
-    /// Direct writes: a client's socket and its line.
+    /// A client's socket and its line.
     sends: Vec<(RawFd, Bytes)>,
     /// Their outcomes.
     outcomes: Vec<Sent>,
-    /// Whose socket each is.
-    to: Vec<u64>,
+    /// Whose socket each is, and for a reply, the client's request.
+    to: Vec<(u64, Option<u64>)>,
     fanout: fanout::Fanout,
 }
 
@@ -177,12 +179,7 @@ impl Hub {
         let mut gone = Vec::new();
         // Idle clients get the event straight on their sockets, all in one
         // go (`Fanout`); the others in their mailboxes.
-        let Fanout {
-            sends,
-            outcomes,
-            to,
-            fanout,
-        } = &mut self.fanout;
+        let Fanout { sends, to, .. } = &mut self.fanout;
         for (&client, m) in &self.clients {
             if !m.filter.matches(name) {
                 continue;
@@ -195,7 +192,7 @@ impl Hub {
             match m.mailbox.direct_fd() {
                 Some(fd) => {
                     sends.push((fd, line));
-                    to.push(client);
+                    to.push((client, None));
                 }
                 None => {
                     if let Err(e) = m.mailbox.queue_event(line) {
@@ -204,8 +201,44 @@ impl Hub {
                 }
             }
         }
+        self.flush();
+        for (client, full) in gone {
+            self.drop_client(client, full);
+        }
+    }
+
+    /// QEMU's reply to `client`'s request `seq`: straight to the client's
+    /// socket if the client is idle and waits for this reply first (written
+    /// at the next [`Hub::flush`], with the others), else to its mailbox.
+    pub fn reply(&mut self, client: u64, seq: u64, reply: ReplyBytes, error: bool) {
+        let direct = self
+            .clients
+            .get(&client)
+            .and_then(|m| m.mailbox.direct_reply(seq, &reply));
+        let Some((fd, line)) = direct else {
+            let reply = Box::new(reply);
+            return self.deliver(client, ToClient::Reply { seq, reply, error });
+        };
+        self.finished(client, seq, !error);
+        self.fanout.sends.push((fd, line));
+        self.fanout.to.push((client, Some(seq)));
+    }
+
+    /// Makes the direct writes gathered so far, all in one go; what did
+    /// not go goes to the client's mailbox, to be written first.
+    pub fn flush(&mut self) {
+        let Fanout {
+            sends,
+            outcomes,
+            to,
+            fanout,
+        } = &mut self.fanout;
+        if sends.is_empty() {
+            return;
+        }
         fanout.send_all(sends, outcomes);
-        for ((client, (_, line)), sent) in to.drain(..).zip(sends.drain(..)).zip(outcomes.drain(..)) {
+        let mut gone = Vec::new();
+        for (((client, reply), (_, line)), sent) in to.drain(..).zip(sends.drain(..)).zip(outcomes.drain(..)) {
             let rest = match sent {
                 Sent::All => continue,
                 Sent::Part(n) => line.slice(n..),
@@ -220,8 +253,13 @@ impl Hub {
                 }
             };
             let Some(m) = self.clients.get(&client) else { continue };
-            if let Err(e) = m.mailbox.queue_event(rest) {
-                gone.push((client, e == SendError::Full));
+            match reply {
+                Some(seq) => m.mailbox.written_rest(seq, rest),
+                None => {
+                    if let Err(e) = m.mailbox.queue_event(rest) {
+                        gone.push((client, e == SendError::Full));
+                    }
+                }
             }
         }
         for (client, full) in gone {
@@ -250,18 +288,23 @@ impl Hub {
         let outcome = match &msg {
             ToClient::Reply { seq, error, .. } => Some((*seq, !error)),
             ToClient::Failed { seq, kind } => Some((*seq, kind.may_have_run())),
-            ToClient::Event(_) | ToClient::Answer { .. } | ToClient::Replay(_) => None,
+            ToClient::Event(_) | ToClient::Answer { .. } | ToClient::Replay(_) | ToClient::Written(_) => None,
         };
         if let Some((seq, done)) = outcome {
-            if let Some(name) = self.fd_names.finished(Route { client, seq }, done) {
-                self.close_fd_names([name]);
-            }
+            self.finished(client, seq, done);
         }
         let Some(member) = self.clients.get(&client) else {
             return;
         };
         if let Err(e) = member.mailbox.send(msg) {
             self.drop_client(client, e == SendError::Full);
+        }
+    }
+
+    /// `client`'s request `seq` is over (`done`: it may have run).
+    fn finished(&mut self, client: u64, seq: u64, done: bool) {
+        if let Some(name) = self.fd_names.finished(Route { client, seq }, done) {
+            self.close_fd_names([name]);
         }
     }
 

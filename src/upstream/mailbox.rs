@@ -7,12 +7,20 @@
 //! tokio channel because an idle client must stay small: tokio's unbounded
 //! channel allocates a 32-message block up front (1.8 KiB per client with
 //! its header), while this queue allocates nothing until a message comes.
+//!
+//! While the client waits with nothing to write and nothing queued, the
+//! session may skip the queue and write to the client's socket itself: an
+//! event, or the reply the client waits for first (see [`Expect`]), without
+//! waking the client's task. What a full socket does not take is queued
+//! first, and direct writes stop until the client has written it.
 
-use super::{Answer, ToClient};
+use super::{Answer, ToClient, Written};
+use crate::qmp::incoming::ReplyBytes;
 use crate::runtime::sock::Direct;
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use std::collections::VecDeque;
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
@@ -34,11 +42,26 @@ pub enum SendError {
     Closed,
 }
 
+/// The reply a client waits for first: the one to its oldest request still
+/// unanswered, with nothing answered after it waiting to be written. While
+/// the client is idle (see [`MailboxReceiver::allow_direct`]) the session
+/// may write that reply to the client's socket itself.
+#[derive(Debug)]
+pub struct Expect {
+    /// The client's number for the request.
+    pub seq: u64,
+    /// Its id, as QEMU would echo it.
+    pub id: Option<String>,
+    /// Larger replies take the client's own path (an error instead).
+    pub max_reply: usize,
+}
+
 #[derive(Debug, Default)]
 struct State {
-    /// The client's socket, for events written by the session itself:
-    /// held here so that `Shared::direct_fd` stays open.
+    /// The client's socket, for events and replies written by the session
+    /// itself: held here so that `Shared::direct_fd` stays open.
     direct: Option<Direct>,
+    expect: Option<Expect>,
     queue: VecDeque<ToClient>,
     /// Bytes waiting, by `cost`.
     queued: usize,
@@ -119,6 +142,7 @@ fn cost(msg: &ToClient) -> usize {
                 Answer::Error { desc, .. } => desc.len(),
             },
             ToClient::Replay(lines) => lines.iter().map(|l| l.len() + PER_MESSAGE).sum(),
+            ToClient::Written(w) => w.rest.len(),
         }
 }
 
@@ -136,7 +160,7 @@ impl MailboxSender {
     /// then writes the event there itself (no wake-up of the client's
     /// task, no copy into its buffer), and hands what did not go to
     /// [`MailboxSender::queue_event`] before anything else is sent.
-    pub fn direct_fd(&self) -> Option<std::os::fd::RawFd> {
+    pub fn direct_fd(&self) -> Option<RawFd> {
         self.shared
             .direct_on
             .load(Ordering::Relaxed)
@@ -152,6 +176,49 @@ impl MailboxSender {
             return Err(SendError::Closed);
         }
         self.enqueue(state, ToClient::Event(line))
+    }
+
+    /// The socket and line for QEMU's reply to request `seq`, if the client
+    /// is idle and waits for that reply first (see [`Expect`]): the caller
+    /// then writes the line there itself, and hands what did not go to
+    /// [`MailboxSender::written_rest`] before anything else is sent. The
+    /// client learns of it (a [`ToClient::Written`]) when it next wakes,
+    /// without being woken for it; direct writes stop until then.
+    pub fn direct_reply(&self, seq: u64, reply: &ReplyBytes) -> Option<(RawFd, Bytes)> {
+        let fd = self.direct_fd()?;
+        let mut state = self.shared.lock();
+        if state.receiver_gone {
+            return None;
+        }
+        let expect = state.expect.take_if(|e| e.seq == seq && reply.len() <= e.max_reply)?;
+        let line = reply.line(expect.id.as_deref());
+        // Nothing is queued (`direct_on`): this is the client's next message.
+        let written = ToClient::Written(Box::new(Written {
+            seq,
+            rest: Bytes::new(),
+        }));
+        state.queued += cost(&written);
+        state.queue.push_back(written);
+        self.shared.direct_on.store(false, Ordering::Relaxed);
+        Some((fd, line))
+    }
+
+    /// What a direct write of reply `seq` left unwritten, for the client's
+    /// task to write first.
+    pub fn written_rest(&self, seq: u64, rest: Bytes) {
+        let mut state = self.shared.lock();
+        state.queued += rest.len();
+        match state
+            .queue
+            .iter_mut()
+            .find(|m| matches!(m, ToClient::Written(w) if w.seq == seq))
+        {
+            Some(ToClient::Written(w)) => w.rest = rest,
+            // The client is gone (its queue with it).
+            _ => return,
+        }
+        drop(state);
+        self.shared.waker.wake();
     }
 
     fn enqueue(&self, mut state: MutexGuard<'_, State>, msg: ToClient) -> Result<(), SendError> {
@@ -188,6 +255,12 @@ impl MailboxReceiver {
         let fd = direct.raw_fd();
         self.shared.lock().direct = Some(direct);
         self.shared.direct_fd.store(fd, Ordering::Relaxed);
+    }
+
+    /// The reply the client now waits for first, if any. A stale one is
+    /// harmless: its reply has come (the client's numbers are never reused).
+    pub fn expect(&mut self, expect: Option<Expect>) {
+        self.shared.lock().expect = expect;
     }
 
     /// Whether it may now: only while the client has nothing of its own
@@ -308,6 +381,75 @@ mod tests {
         drop(rx);
         assert_eq!(tx.direct_fd(), None);
         assert_eq!(tx.queue_event(Bytes::from_static(b"x")), Err(SendError::Closed));
+    }
+
+    fn reply(n: u64) -> ReplyBytes {
+        let msg = Bytes::from(format!("{{\"return\": {{}}, \"id\": {n}}}"));
+        match crate::qmp::incoming::classify(&msg) {
+            Ok(crate::qmp::incoming::Incoming::Reply(r)) => r.bytes,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn expect(seq: u64, id: &str) -> Option<Expect> {
+        Some(Expect {
+            seq,
+            id: Some(id.into()),
+            max_reply: 100,
+        })
+    }
+
+    #[tokio::test]
+    async fn the_reply_an_idle_client_waits_for_first_may_go_straight_to_its_socket() {
+        let (a, _b) = tokio::net::UnixStream::pair().unwrap();
+        let (_ar, aw) = crate::runtime::sock::split(a).unwrap();
+        let (tx, mut rx) = mailbox(1 << 20);
+        rx.set_direct(aw.direct());
+        let fd = aw.as_raw_fd();
+        // Not idle, or not waiting for that reply: the mailbox's way.
+        rx.expect(expect(3, "\"a\""));
+        rx.allow_direct(false);
+        assert!(tx.direct_reply(3, &reply(0)).is_none());
+        rx.allow_direct(true);
+        assert!(tx.direct_reply(4, &reply(0)).is_none());
+        // Too large for the client: its own way, which says so.
+        rx.expect(Some(Expect {
+            seq: 3,
+            id: None,
+            max_reply: 5,
+        }));
+        assert!(tx.direct_reply(3, &reply(0)).is_none());
+        // The one: the line carries the client's id; the client learns of
+        // it when it next looks, and until then nothing else goes direct.
+        rx.expect(expect(3, "\"a\""));
+        let (to, line) = tx.direct_reply(3, &reply(0)).unwrap();
+        assert_eq!((to, &line[..]), (fd, &b"{\"return\": {}, \"id\": \"a\"}\r\n"[..]));
+        assert_eq!(tx.direct_fd(), None);
+        assert!(tx.direct_reply(3, &reply(0)).is_none(), "taken once");
+        // What the socket had no room for is written first, before what
+        // came after it.
+        tx.queue_event(Bytes::from_static(b"event")).unwrap();
+        tx.written_rest(3, line.slice(10..));
+        match rx.try_recv() {
+            Some(ToClient::Written(w)) => assert_eq!((w.seq, &w.rest[..]), (3, &line[10..])),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(rx.try_recv(), Some(ToClient::Event(_))));
+        assert_eq!(rx.shared.lock().queued, 0, "its bytes were counted, and freed");
+        // Allowed again once the client has taken it all; an expectation
+        // it replaced (or cleared) is gone.
+        rx.allow_direct(true);
+        rx.expect(None);
+        assert!(tx.direct_reply(3, &reply(0)).is_none());
+        rx.expect(expect(5, "7"));
+        let (_, line) = tx.direct_reply(5, &reply(1)).unwrap();
+        assert_eq!(&line[..], b"{\"return\": {}, \"id\": 7}\r\n");
+        // A client that is gone takes nothing.
+        let _ = rx.try_recv();
+        rx.allow_direct(true);
+        rx.expect(expect(6, "8"));
+        drop(rx);
+        assert!(tx.direct_reply(6, &reply(0)).is_none());
     }
 
     #[tokio::test]

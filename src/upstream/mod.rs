@@ -113,6 +113,18 @@ pub enum ToClient {
     /// Kept events a resuming client asked for, numbered, oldest first:
     /// written as they are, before anything later in the mailbox.
     Replay(Box<[Bytes]>),
+    /// A reply the session wrote to the client's socket itself.
+    Written(Box<Written>),
+}
+
+/// QEMU's reply to request `seq`, which the session wrote to the client's
+/// socket itself (see `mailbox::Expect`): the client takes the request off
+/// its list, and writes `rest`, what the socket had no room for, before
+/// anything else.
+#[derive(Debug)]
+pub struct Written {
+    pub seq: u64,
+    pub rest: Bytes,
 }
 
 impl Answer {
@@ -148,7 +160,7 @@ impl ToClient {
             }
             ToClient::Failed { seq, kind } => Some((seq, failure_line(vm, id, kind))),
             ToClient::Answer { seq, answer } => Some((seq, answer.line(id))),
-            ToClient::Event(_) | ToClient::Replay(_) => None,
+            ToClient::Event(_) | ToClient::Replay(_) | ToClient::Written(_) => None,
         }
     }
 }

@@ -37,6 +37,11 @@ const INBOX: usize = 1024;
 /// Messages taken from the inbox in one go before writing upstream, so
 /// that a burst of commands from many clients leaves in one write.
 const INBOX_BATCH: usize = 64;
+
+/// At most this many messages from QEMU are handled before the direct
+/// writes to clients they made go out (QEMU has at most 8 in-band
+/// requests, and so replies, at a time; events come between).
+const UPSTREAM_BATCH: usize = 32;
 /// After QEMU's socket appears, QEMU may take a moment to listen on it:
 /// this many attempts, this far apart, before the backoff resumes.
 const QUICK_RETRIES: u32 = 10;
@@ -273,6 +278,14 @@ impl Session {
         tokio::pin!(cancelled);
         let exit = loop {
             self.pump(&mut wbuf, &mut pending_fd);
+            // Requests to QEMU first, so that it works on them meanwhile;
+            // then the replies and events gathered for idle clients.
+            if !wbuf.is_empty() {
+                if let Some(Err(e)) = write_some(&mut writer, &mut wbuf, &mut pending_fd).now_or_never() {
+                    break Exit::Io(e);
+                }
+            }
+            self.hub.flush();
             // All branches are cancel-safe: FramedRead::next, mpsc::recv and a
             // single write_buf either complete or leave their state untouched.
             // Polled in order, stopping at the first ready one; shutdown,
@@ -280,11 +293,7 @@ impl Session {
             // waits, and tokio's budget makes every task wait now and then).
             let ended = tokio::select! {
                 biased;
-                frame = reader.next() => match frame {
-                    None => Some(Exit::Eof),
-                    Some(Err(e)) => Some(Exit::Io(e)),
-                    Some(Ok(frame)) => self.on_upstream(frame).err(),
-                },
+                frame = reader.next() => self.on_read(frame, &mut reader),
                 r = write_some(&mut writer, &mut wbuf, &mut pending_fd), if !wbuf.is_empty() => r.err().map(Exit::Io),
                 msg = self.rx.recv() => self.on_inbox(msg),
                 () = self.hub.lease_timeout(), if self.hub.lease_held() => {
@@ -301,6 +310,8 @@ impl Session {
                 break exit;
             }
         };
+        // Replies QEMU gave before the end.
+        self.hub.flush();
         drop(writer);
         drop(reader);
         self.disconnected(&exit);
@@ -466,6 +477,32 @@ impl Session {
         }
     }
 
+    /// What QEMU sent: this frame and those already read with it (up to
+    /// [`UPSTREAM_BATCH`]); the direct writes to clients they made go out
+    /// together, at the top of the loop.
+    fn on_read(&mut self, first: Option<std::io::Result<Frame>>, reader: &mut UpstreamReader) -> Option<Exit> {
+        let mut frame = first;
+        let mut taken = 0;
+        loop {
+            match frame {
+                None => return Some(Exit::Eof),
+                Some(Err(e)) => return Some(Exit::Io(e)),
+                Some(Ok(f)) => {
+                    if let Err(exit) = self.on_upstream(f) {
+                        return Some(exit);
+                    }
+                }
+            }
+            taken += 1;
+            // Only what needs no waiting: a frame already in the buffer,
+            // or one more read if the socket has something.
+            match (taken < UPSTREAM_BATCH).then(|| reader.next().now_or_never()).flatten() {
+                Some(next) => frame = next,
+                None => return None,
+            }
+        }
+    }
+
     fn on_upstream(&mut self, frame: Frame) -> Result<(), Exit> {
         let bytes = match frame {
             Frame::Message(b) => b,
@@ -484,12 +521,7 @@ impl Session {
                         if reply.error {
                             self.metrics.errors.inc();
                         }
-                        let msg = ToClient::Reply {
-                            seq: route.seq,
-                            reply: Box::new(reply.bytes),
-                            error: reply.error,
-                        };
-                        self.hub.deliver(route.client, msg);
+                        self.hub.reply(route.client, route.seq, reply.bytes, reply.error);
                     }
                     None => warn!(n = reply.n, "reply to no pending request; dropped"),
                 }
