@@ -2,14 +2,13 @@
 //! runtime between the syscall and the clock) and an async one for many
 //! clients at once. Bare on purpose: what they cost is part of every figure.
 
+use crate::common::rosock;
 use crate::common::STEP;
 use std::io::{self, BufRead, Write};
 use std::os::unix::net::UnixStream as StdStream;
 use std::path::Path;
 use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::UnixStream;
 use tokio::sync::Semaphore;
 
 /// The command measured everywhere; the id rides through qmpmux as QEMU's
@@ -81,15 +80,16 @@ impl SyncClient {
     }
 }
 
-/// An async QMP client, negotiated.
+/// An async QMP client, negotiated; its socket is registered for reading
+/// only, as an asyncio client's is (see `rosock`).
 pub struct Conn {
-    pub reader: BufReader<OwnedReadHalf>,
-    pub writer: OwnedWriteHalf,
+    pub reader: BufReader<rosock::ReadHalf>,
+    pub writer: rosock::WriteHalf,
 }
 
 pub async fn open(path: &Path, caps: &[u8]) -> io::Result<Conn> {
     let go = async {
-        let (r, w) = UnixStream::connect(path).await?.into_split();
+        let (r, w) = rosock::connect(path).await?;
         let mut c = Conn {
             reader: BufReader::with_capacity(4096, r),
             writer: w,

@@ -102,7 +102,10 @@ fn event_line(name: &str) -> String {
 /// `select!` branches are cancel-safe (`read`, `recv`): the one that loses
 /// the race loses nothing.
 async fn serve(stream: UnixStream, events: &mut mpsc::UnboundedReceiver<&'static str>) {
-    let (mut rd, mut wr) = stream.into_split();
+    // Registered for reading only, as QEMU watches its monitor socket.
+    let Ok((mut rd, mut wr)) = crate::common::rosock::split(stream) else {
+        return;
+    };
     if wr.write_all(format!("{GREETING}\r\n").as_bytes()).await.is_err() {
         return;
     }
