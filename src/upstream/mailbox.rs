@@ -207,7 +207,7 @@ impl MailboxSender {
     /// task to write first.
     pub fn written_rest(&self, seq: u64, rest: Bytes) {
         let mut state = self.shared.lock();
-        state.queued += rest.len();
+        let len = rest.len();
         match state
             .queue
             .iter_mut()
@@ -217,6 +217,7 @@ impl MailboxSender {
             // The client is gone (its queue with it).
             _ => return,
         }
+        state.queued += len;
         drop(state);
         self.shared.waker.wake();
     }
