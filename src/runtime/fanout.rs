@@ -5,7 +5,9 @@
 //! moment later would have found several messages waiting. Through
 //! io_uring, all of an event's sends go to the kernel in one
 //! `io_uring_enter`: the benchmark's send loop costs 0.63-0.86x the CPU of
-//! the same loop made of `send` calls (section 4 of `cargo bench`).
+//! the same loop made of `send` calls (section 4 of `cargo bench`). The
+//! replies from one read of QEMU's socket to clients waiting idle go out
+//! the same way.
 //!
 //! Every send is non-blocking (`MSG_DONTWAIT`): io_uring then completes it
 //! at once, sent, cut short or refused for want of room, and never parks it
@@ -106,7 +108,7 @@ impl Fanout {
                     if let Err(e) = submit(ring, batch, out, &mut self.stranded) {
                         // The ring misbehaved: plain sends from now on, the
                         // rest of this batch included.
-                        warn!(error = %e, "io_uring failed; sending events with plain sends from now on");
+                        warn!(error = %e, "io_uring failed; sending events and replies with plain sends from now on");
                         self.ring = Ring::Unavailable;
                         break;
                     }
@@ -138,15 +140,15 @@ impl Fanout {
 fn new_ring(entries: u32) -> Ring {
     match io_uring::IoUring::new(entries) {
         Ok(ring) if ring.params().is_feature_ext_arg() => {
-            info!("events for many clients go out through io_uring");
+            info!("events and replies for idle clients go out through io_uring");
             Ring::Ready(Box::new(ring))
         }
         Ok(_) => {
-            info!("io_uring lacks timed waits (kernel before 5.11); sending events with plain sends");
+            info!("io_uring lacks timed waits (kernel before 5.11); sending events and replies with plain sends");
             Ring::Unavailable
         }
         Err(e) => {
-            info!(error = %e, "io_uring unavailable; sending events with plain sends");
+            info!(error = %e, "io_uring unavailable; sending events and replies with plain sends");
             Ring::Unavailable
         }
     }
