@@ -50,4 +50,7 @@ mod wildcard;
 
 pub use downstream::{fds::MAX_FDS_PER_MESSAGE, MAX_HANDSHAKES};
 pub use listen::{ListenError, Listeners};
+/// Unix sockets registered for reading only; also the benchmark's clients
+/// and fake upstream, which must not wake qmpmux's peers for nothing.
+pub use runtime::sock;
 pub use supervisor::{run, run_with_reload, Reload, ReloadSummary, RunError, STOP_GRACE};

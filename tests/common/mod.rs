@@ -12,8 +12,6 @@
 //!   request at once (`instant.rs`), for upstreams QEMU cannot imitate
 //! - `logs.rs`: qmpmux's log, captured
 //! - `http.rs`: scraping the metrics endpoint
-//! - `rosock.rs`: a socket registered for reading only, as asyncio
-//!   clients and QEMU register theirs (the benchmark's clients and fake)
 //! - `nats.rs`: a real nats-server (JetStream, random port, own store,
 //!   restartable on the same port), or a skip outside CI without one
 // Each test binary and the benchmark use a different part of the harness.
@@ -30,7 +28,6 @@ pub mod nats;
 pub mod process;
 pub mod qemu;
 pub mod ready;
-pub mod rosock;
 
 pub use client::Client;
 pub use daemon::Daemon;

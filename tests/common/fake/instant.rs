@@ -102,8 +102,9 @@ fn event_line(name: &str) -> String {
 /// `select!` branches are cancel-safe (`read`, `recv`): the one that loses
 /// the race loses nothing.
 async fn serve(stream: UnixStream, events: &mut mpsc::UnboundedReceiver<&'static str>) {
-    // Registered for reading only, as QEMU watches its monitor socket.
-    let Ok((mut rd, mut wr)) = crate::common::rosock::split(stream) else {
+    // Registered for reading only, as QEMU watches its monitor socket
+    // (see `clients::Conn` in the benchmark).
+    let Ok((mut rd, mut wr)) = qmpmux::sock::split(stream) else {
         return;
     };
     if wr.write_all(format!("{GREETING}\r\n").as_bytes()).await.is_err() {
