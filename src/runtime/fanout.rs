@@ -236,6 +236,14 @@ mod tests {
     use std::os::fd::AsRawFd;
     use std::os::unix::net::UnixStream;
 
+    /// `line` to the first socket of each pair.
+    fn to_each(socks: &[(UnixStream, UnixStream)], line: &'static [u8]) -> Vec<(RawFd, Bytes)> {
+        socks
+            .iter()
+            .map(|(a, _)| (a.as_raw_fd(), Bytes::from_static(line)))
+            .collect()
+    }
+
     fn pairs(n: usize) -> Vec<(UnixStream, UnixStream)> {
         (0..n)
             .map(|_| {
@@ -296,10 +304,7 @@ mod tests {
     fn the_ring_grows_with_the_batches() {
         let socks = pairs(400);
         let mut fanout = Fanout::default();
-        let sends: Vec<_> = socks
-            .iter()
-            .map(|(a, _)| (a.as_raw_fd(), Bytes::from_static(b"x\n")))
-            .collect();
+        let sends = to_each(&socks, b"x\n");
         let size = |f: &Fanout| match &f.ring {
             Ring::Ready(r) => r.params().sq_entries(),
             _ => 0,
@@ -326,10 +331,7 @@ mod tests {
         // CI runs where io_uring works; the fallback is tested above.
         let socks = pairs(2);
         let mut fanout = Fanout::default();
-        let sends: Vec<_> = socks
-            .iter()
-            .map(|(a, _)| (a.as_raw_fd(), Bytes::from_static(b"x")))
-            .collect();
+        let sends = to_each(&socks, b"x");
         fanout.send_all(&sends, &mut Vec::new());
         if std::env::var_os("CI").is_some() {
             assert!(fanout.uses_io_uring(), "{fanout:?}");
