@@ -97,7 +97,7 @@ impl ReplyBytes {
     /// Rebuilds the reply as `{"id": N, ...}` when it could not be located.
     fn canonical(n: u64, m: &Members<'_>) -> ReplyBytes {
         let mut out = format!("{{\"id\": {n}");
-        m.write_tail_without_id(&mut out);
+        m.write_tail_without_id(&mut out, false);
         let digits = n.to_string().len();
         ReplyBytes {
             id_value: 7..7 + digits,

@@ -276,7 +276,7 @@ fn fdname(arguments: Option<&RawValue>) -> Option<String> {
 fn forward_tail(m: &Members<'_>) -> Bytes {
     let size: usize = m.0.iter().map(|(k, v)| k.len() + v.get().len() + 4).sum();
     let mut out = String::with_capacity(size + 2);
-    m.write_compact_tail_without_id(&mut out);
+    m.write_tail_without_id(&mut out, true);
     Bytes::from(out)
 }
 
