@@ -5,7 +5,7 @@ use clap::Parser;
 use futures_util::StreamExt;
 use qmpmux::config::{Config, LogFormat};
 use qmpmux::ops::demo;
-use qmpmux::ops::logging::{self, Journal, LogFile};
+use qmpmux::ops::logging::{self, Journal, LogFile, TextFields};
 use qmpmux::ops::systemd::notify;
 use qmpmux::{run_with_reload, Listeners, Reload};
 use sd_notify::NotifyState;
@@ -119,12 +119,14 @@ fn log_layer(config: &Config, writer: NonBlocking, output: Output) -> BoxedLayer
         .with_writer(writer)
         .with_ansi(output == Output::Terminal);
     match (config.log_format, output) {
+        // Text fields escaped: what clients send cannot forge a line.
         (LogFormat::Text, Output::Journal) => layer
+            .fmt_fields(TextFields)
             .without_time()
             .map_event_format(Journal)
             .with_filter(filter)
             .boxed(),
-        (LogFormat::Text, _) => layer.with_filter(filter).boxed(),
+        (LogFormat::Text, _) => layer.fmt_fields(TextFields).with_filter(filter).boxed(),
         // The timestamp stays: it is one of the object's fields.
         (LogFormat::Json, Output::Journal) => layer.json().map_event_format(Journal).with_filter(filter).boxed(),
         (LogFormat::Json, _) => layer.json().with_filter(filter).boxed(),
@@ -192,7 +194,8 @@ async fn status(args: &Args, control: Option<PathBuf>, json: bool) -> ExitCode {
     match qmpmux::ops::control::query_status(&path).await {
         Ok(report) => {
             let text = if json {
-                serde_json::to_string_pretty(&report).unwrap_or_default() + "\n"
+                // Escaped beyond JSON's needs: it goes to a terminal.
+                qmpmux::ops::escape::to_json(&report, true) + "\n"
             } else {
                 qmpmux::ops::control::render(&report)
             };

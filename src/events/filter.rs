@@ -2,7 +2,15 @@
 //! allow, narrowed by the client's own `__org.qmpmux_subscribe`.
 
 use crate::policy::Glob;
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::sync::Arc;
+
+/// Distinct event names whose outcome a narrowed filter remembers. QEMU
+/// has about a hundred kinds of events and a VM emits a few of them; past
+/// this, names are matched each time (the memory stays bounded whatever
+/// names come).
+const REMEMBERED_NAMES: usize = 128;
 
 /// A client's event filter. Applied by the session before an event goes
 /// into the client's mailbox, so an event filtered out costs the client
@@ -13,8 +21,28 @@ pub struct EventFilter {
     /// all the socket's clients.
     socket: Option<Arc<[Glob]>>,
     /// The client's own narrowing; `None`: the socket's whole set.
-    client: Option<Box<[Glob]>>,
+    client: Option<Narrowing>,
 }
+
+/// A client's own patterns, and the outcome of each event name already
+/// matched: each name is matched against them once, so an event costs
+/// every client one lookup, however many patterns it (or another client)
+/// gave. The session owns the filter and is single-threaded, hence the
+/// `RefCell` behind `&self`.
+#[derive(Debug, Clone)]
+struct Narrowing {
+    patterns: Box<[Glob]>,
+    /// Event name: whether it passes (the socket's set included).
+    seen: RefCell<HashMap<Box<str>, bool>>,
+}
+
+impl PartialEq for Narrowing {
+    fn eq(&self, other: &Narrowing) -> bool {
+        self.patterns == other.patterns
+    }
+}
+
+impl Eq for Narrowing {}
 
 impl EventFilter {
     /// The filter of a client on a socket whose set is `socket`.
@@ -29,22 +57,40 @@ impl EventFilter {
         self.client = if patterns.iter().any(|g| g.as_str() == "*") {
             None
         } else {
-            Some(patterns.into_boxed_slice())
+            Some(Narrowing {
+                patterns: patterns.into_boxed_slice(),
+                seen: RefCell::default(),
+            })
         };
     }
 
     pub fn matches(&self, event: &str) -> bool {
-        let any = |set: &[Glob]| set.iter().any(|g| g.matches(event));
-        self.socket.as_deref().is_none_or(any) && self.client.as_deref().is_none_or(any)
+        let Some(narrowing) = &self.client else {
+            // Not narrowed (most clients): the socket's few patterns.
+            return self.socket.as_deref().is_none_or(|set| any(set, event));
+        };
+        if let Some(&known) = narrowing.seen.borrow().get(event) {
+            return known;
+        }
+        let passes = self.socket.as_deref().is_none_or(|set| any(set, event)) && any(&narrowing.patterns, event);
+        let mut seen = narrowing.seen.borrow_mut();
+        if seen.len() < REMEMBERED_NAMES {
+            seen.insert(event.into(), passes);
+        }
+        passes
     }
 
     /// The client's own patterns, `["*"]` when it has not narrowed.
     pub fn client_patterns(&self) -> Vec<String> {
         match &self.client {
             None => vec!["*".to_string()],
-            Some(p) => p.iter().map(|g| g.as_str().to_string()).collect(),
+            Some(n) => n.patterns.iter().map(|g| g.as_str().to_string()).collect(),
         }
     }
+}
+
+fn any(set: &[Glob], event: &str) -> bool {
+    set.iter().any(|g| g.matches(event))
 }
 
 #[cfg(test)]
@@ -77,6 +123,27 @@ mod tests {
         assert!(f.matches("STOP") && !f.matches("SHUTDOWN"));
         assert_eq!(f.client_patterns(), vec!["*"]);
         f.narrow(Vec::new());
+        assert!(!f.matches("STOP"));
+    }
+
+    #[test]
+    fn remembered_outcomes_are_those_of_the_patterns_and_bounded() {
+        let socket: Arc<[Glob]> = globs(&["*_JOB_*", "STOP"]).into();
+        let mut f = EventFilter::new(Some(socket));
+        f.narrow(globs(&["BLOCK_*", "STOP", "RESUME"]));
+        for _ in 0..2 {
+            assert!(f.matches("BLOCK_JOB_READY") && f.matches("STOP"));
+            assert!(!f.matches("RESUME") && !f.matches("BLOCK_IO_ERROR"));
+        }
+        // Many distinct names: each still right, the memory bounded.
+        for i in 0..1000 {
+            assert!(f.matches(&format!("BLOCK_JOB_{i}")));
+            assert!(!f.matches(&format!("X_{i}")));
+        }
+        let n = f.client.as_ref().unwrap().seen.borrow().len();
+        assert_eq!(n, REMEMBERED_NAMES);
+        // A new narrowing forgets the old outcomes.
+        f.narrow(globs(&["RESUME"]));
         assert!(!f.matches("STOP"));
     }
 }

@@ -6,6 +6,7 @@
 //! at once and gives each a time limit ([`Gate`]), so that idle peers cannot
 //! use up qmpmux's file descriptors.
 
+use super::escape::{escaped, quoted};
 use super::gate::Gate;
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
@@ -159,7 +160,7 @@ async fn answer(stream: UnixStream, queries: mpsc::Sender<StatusQuery>) -> std::
                 return Ok(());
             }
             match rx.await {
-                Ok(report) => serde_json::to_string(&report).unwrap_or_default(),
+                Ok(report) => super::escape::to_json(&report, false),
                 Err(_) => return Ok(()),
             }
         }
@@ -190,7 +191,10 @@ pub async fn query_status(path: &Path) -> Result<StatusReport, QueryError> {
     serde_json::from_str(text.trim()).map_err(|_| QueryError::Answer(text))
 }
 
-/// A table for humans, then a line about the daemon.
+/// A table for humans, then a line about the daemon. Text from elsewhere
+/// (a lease's reason and holder, QEMU's errors) is escaped, so that no
+/// value can pass for a line or reach the terminal as control characters;
+/// the lease's reason, free text, is quoted.
 pub fn render(report: &StatusReport) -> String {
     let mut out = String::new();
     let _ = writeln!(
@@ -202,33 +206,35 @@ pub fn render(report: &StatusReport) -> String {
         let _ = writeln!(
             out,
             "{:<16} {:<13} {:>7} {:>9} {:>10} {:>10} {:>8}  {}",
-            vm.name,
-            vm.runstate,
+            escaped(&vm.name),
+            escaped(&vm.runstate),
             vm.clients,
             vm.in_flight,
             vm.connections.saturating_sub(1),
             vm.commands,
             vm.errors,
-            vm.last_error.as_deref().unwrap_or("-")
+            vm.last_error.as_deref().map_or("-".into(), escaped)
         );
     }
-    let stuck: Vec<&str> = report
+    let stuck: Vec<String> = report
         .vms
         .iter()
         .filter(|vm| !vm.responding)
-        .map(|vm| vm.name.as_str())
+        .map(|vm| escaped(&vm.name))
         .collect();
     for vm in &report.vms {
         if let Some(l) = &vm.lease {
             let reason = if l.reason.is_empty() {
                 String::new()
             } else {
-                format!(" ({})", l.reason)
+                format!(", reason {}", quoted(&l.reason))
             };
             let _ = writeln!(
                 out,
                 "LEASED: {} by {}{reason}, {} s left",
-                vm.name, l.holder, l.seconds_left
+                escaped(&vm.name),
+                escaped(&l.holder),
+                l.seconds_left
             );
         }
     }
@@ -247,10 +253,13 @@ pub fn render(report: &StatusReport) -> String {
         let _ = writeln!(
             out,
             "NATS: {} ({}), prefix {}{}, {} published, {} acknowledged, {} pending, {} dropped, {} reconnects",
-            n.state,
-            n.servers.join(", "),
-            n.prefix,
-            n.stream.as_ref().map(|s| format!(", stream {s}")).unwrap_or_default(),
+            escaped(&n.state),
+            escaped(&n.servers.join(", ")),
+            escaped(&n.prefix),
+            n.stream
+                .as_ref()
+                .map(|s| format!(", stream {}", escaped(s)))
+                .unwrap_or_default(),
             n.published,
             n.acknowledged,
             n.pending,
@@ -262,7 +271,7 @@ pub fn render(report: &StatusReport) -> String {
     let _ = write!(
         out,
         "qmpmux {}, up {}d {:02}:{:02}:{:02}; last reload: ",
-        report.version,
+        escaped(&report.version),
         up / 86400,
         up / 3600 % 24,
         up / 60 % 60,
@@ -274,7 +283,7 @@ pub fn render(report: &StatusReport) -> String {
             let ago = (report.started_at + report.uptime_seconds - r.at).max(0.0) as u64;
             match &r.error {
                 None => writeln!(out, "ok, {ago} s ago"),
-                Some(e) => writeln!(out, "FAILED, {ago} s ago: {e}"),
+                Some(e) => writeln!(out, "FAILED, {ago} s ago: {}", escaped(e)),
             }
         }
     };
@@ -373,11 +382,38 @@ mod tests {
         report.vms.push(vm);
         let text = render(&report);
         assert!(
-            text.contains("LEASED: web01 by client 12 (pid 7, uid 0) (migration), 30 s left"),
+            text.contains("LEASED: web01 by client 12 (pid 7, uid 0), reason \"migration\", 30 s left"),
             "{text}"
         );
         let json: serde_json::Value = serde_json::to_value(&report).unwrap();
         assert_eq!(json["vms"][0]["lease"]["seconds_left"], 30);
+    }
+
+    #[test]
+    fn text_from_clients_and_qemu_is_escaped() {
+        let mut report = StatusReport::default();
+        let mut vm = vm("web01");
+        let forged = "x\"), 1 s left\nLEASED: db01 by root\u{1b}[31m\u{7}\u{9b}";
+        vm.last_error = Some("QEMU said\r\nweb02 running".into());
+        vm.lease = Some(LeaseStatus {
+            client: 12,
+            holder: "client 12 (tls:CN=a\nb)".into(),
+            reason: forged.into(),
+            seconds_left: 30,
+        });
+        report.vms.push(vm);
+        let text = render(&report);
+        assert!(
+            !text.chars().any(|c| super::super::escape::is_unsafe(c) && c != '\n'),
+            "{text:?}"
+        );
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert!(lines[1].ends_with("QEMU said\\r\\nweb02 running"), "{text}");
+        assert_eq!(
+            lines[2],
+            r#"LEASED: web01 by client 12 (tls:CN=a\nb), reason "x\"), 1 s left\nLEASED: db01 by root\u001b[31m\u0007\u009b", 30 s left"#
+        );
     }
 
     #[test]

@@ -2,6 +2,9 @@
 //! - [`Journal`]: under systemd, each line carries its syslog priority as
 //!   the sd-daemon prefix (`<4>`), so that `journalctl -p warning` finds the
 //!   warnings, and no timestamp of its own (the journal has one).
+//! - [`TextFields`]: text lines in which no value can pass for another
+//!   field or line: every value and the message escaped, quoted when
+//!   they are not one plain word (see [`crate::ops::escape`]).
 //! - [`LogFile`]: `log_file`, rotated and pruned by tracing-appender, and
 //!   reopened on request (SIGUSR1) after an external rotation.
 //!
@@ -11,14 +14,17 @@
 //! it to; nothing changes outside systemd; no extra socket or dependency.
 
 use crate::config::LogRotation;
+use crate::ops::escape;
 use std::fmt::Write as _;
 use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
+use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
 use tracing_appender::rolling::{RollingFileAppender, Rotation};
+use tracing_subscriber::field::RecordFields;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
@@ -75,6 +81,86 @@ where
         let mut line = String::new();
         self.0.format_event(ctx, Writer::new(&mut line), event)?;
         writer.write_str(&journal_lines(priority(event.metadata().level()), &line))
+    }
+}
+
+/// The fields of a text line (events and spans), so that whatever a
+/// client, a guest or QEMU sent cannot forge a line or a field, nor reach
+/// a terminal as control characters. One place for all call sites, so
+/// none can forget:
+/// - the message as it is when it is plain text (no `=`, quote,
+///   backslash or control character), else quoted;
+/// - `name=value`: string values (`name = s`) always quoted, as
+///   tracing's default does; others (`%x`, `?x`, numbers) as they are
+///   when they are one word, else quoted.
+///
+/// Quoted means a JSON string literal: in double quotes, with `"`, `\`
+/// and control characters escaped (see [`escape`]).
+pub struct TextFields;
+
+impl<'w> FormatFields<'w> for TextFields {
+    fn format_fields<R: RecordFields>(&self, writer: Writer<'w>, fields: R) -> std::fmt::Result {
+        let mut visitor = TextVisitor {
+            italic: writer.has_ansi_escapes(),
+            writer,
+            first: true,
+            result: Ok(()),
+        };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+}
+
+struct TextVisitor<'w> {
+    writer: Writer<'w>,
+    /// Field names in italics, as tracing's default does on a terminal.
+    italic: bool,
+    first: bool,
+    result: std::fmt::Result,
+}
+
+impl TextVisitor<'_> {
+    /// One field: `string` when it was recorded as a string.
+    fn field(&mut self, field: &Field, text: &str, string: bool) -> std::fmt::Result {
+        let name = field.name();
+        // `log` crate records carry their metadata as fields; tracing's
+        // format shows it elsewhere.
+        if name.starts_with("log.") {
+            return Ok(());
+        }
+        if !std::mem::take(&mut self.first) {
+            self.writer.write_char(' ')?;
+        }
+        let w = &mut self.writer;
+        if name == "message" {
+            return match escape::is_plain_message(text) {
+                true => w.write_str(text),
+                false => escape::write_quoted(w, text),
+            };
+        }
+        let name = name.strip_prefix("r#").unwrap_or(name);
+        match self.italic {
+            true => write!(w, "\x1b[3m{name}\x1b[0m\x1b[2m=\x1b[0m")?,
+            false => write!(w, "{name}=")?,
+        }
+        match !string && escape::is_word(text) {
+            true => w.write_str(text),
+            false => escape::write_quoted(w, text),
+        }
+    }
+}
+
+impl Visit for TextVisitor<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if self.result.is_ok() {
+            self.result = self.field(field, value, true);
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if self.result.is_ok() {
+            self.result = self.field(field, &format!("{value:?}"), false);
+        }
     }
 }
 
@@ -200,6 +286,41 @@ mod tests {
                 format!("<7>TRACE {target}: more detail"),
                 format!("<4>WARN {target}: two"),
                 "<4>lines".to_owned(),
+            ]
+        );
+    }
+
+    #[test]
+    fn text_fields_escape_what_could_forge_a_line_or_a_field() {
+        let out = Capture::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .without_time()
+            .with_ansi(false)
+            .fmt_fields(TextFields)
+            .with_writer(move || writer.clone())
+            .finish();
+        let forged = "ok\"\nINFO qmpmux::audit: command command=\"quit\" outcome=\"ok\"\u{1b}[2J\u{7}";
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("client", id = 2);
+            let _in = span.enter();
+            tracing::info!(vm = %"web01", path = %"/run/a b.sock", command = "stop", n = 3, ok = true, "plain words");
+            tracing::info!(reason = %forged, holder = ?"x", "lease acquired");
+            tracing::warn!("sent {forged}");
+            tracing::warn!(message = %forged, "two messages");
+        });
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let target = module_path!();
+        let q = crate::ops::escape::quoted(forged);
+        assert_eq!(
+            text.lines().collect::<Vec<_>>(),
+            [
+                format!(
+                    " INFO client{{id=2}}: {target}: plain words vm=web01 path=\"/run/a b.sock\" command=\"stop\" n=3 ok=true"
+                ),
+                format!(" INFO client{{id=2}}: {target}: lease acquired reason={q} holder=\"\\\"x\\\"\""),
+                format!(" WARN client{{id=2}}: {target}: {}", crate::ops::escape::quoted(&format!("sent {forged}"))),
+                format!(" WARN client{{id=2}}: {target}: two messages {q}"),
             ]
         );
     }

@@ -3,7 +3,9 @@
 //! - [`metrics`]: the Prometheus metrics and their HTTP endpoint.
 //! - `exposition`: its two text formats, OpenMetrics and Prometheus's 0.0.4.
 //! - [`gate`]: the connection cap both serve behind.
-//! - [`logging`]: journal priorities, and the reopenable `log_file`.
+//! - [`logging`]: journal priorities, escaped text fields, and the
+//!   reopenable `log_file`.
+//! - [`escape`]: text others control, made safe to show (logs, status).
 //! - [`systemd`]: readiness notifications, and the watchdog, fed while the
 //!   VM threads answer.
 //! - [`trim`]: freed memory handed back after many clients leave.
@@ -11,6 +13,7 @@
 
 pub mod control;
 pub mod demo;
+pub mod escape;
 mod exposition;
 mod gate;
 pub mod logging;

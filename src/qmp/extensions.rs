@@ -1,6 +1,7 @@
 //! qmpmux's own QMP commands (`__org.qmpmux_*`): their names and the checks
 //! on their arguments, with QEMU's wording for bad ones. Pure code.
 
+use super::measure;
 use super::outgoing::EXTENSION_PREFIX;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
@@ -10,6 +11,12 @@ pub const MAX_LEASE_SECONDS: u64 = 86_400;
 
 /// `limit` of `query-events` when not given.
 pub const DEFAULT_QUERY_LIMIT: usize = 100;
+
+/// Most patterns one `subscribe` may give, and most bytes they may hold
+/// together: the session keeps them for the client's life, and an event
+/// name is matched against them (once per name).
+pub const MAX_SUBSCRIBE_PATTERNS: usize = 256;
+pub const MAX_SUBSCRIBE_PATTERN_BYTES: usize = 16 << 10;
 
 /// One of qmpmux's commands, its arguments checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +67,9 @@ pub fn is_extension(command: &str) -> bool {
 /// [`is_extension`]).
 pub fn parse(command: &str, arguments: Option<&RawValue>) -> Result<Extension, Refusal> {
     let name = command.strip_prefix(EXTENSION_PREFIX).unwrap_or(command);
+    if name == "subscribe" {
+        bounded(arguments, "events", MAX_SUBSCRIBE_PATTERNS, MAX_SUBSCRIBE_PATTERN_BYTES)?;
+    }
     let args = Args::new(arguments)?;
     let ext = match name {
         "query-proxy" => Extension::QueryProxy,
@@ -105,6 +115,27 @@ pub fn parse(command: &str, arguments: Option<&RawValue>) -> Result<Extension, R
         _ => &[],
     })?;
     Ok(ext)
+}
+
+/// Refuses a member `key` of more than `max` items or `max_bytes` of
+/// text, before the arguments are read into memory (see [`measure`]).
+fn bounded(arguments: Option<&RawValue>, key: &str, max: usize, max_bytes: usize) -> Result<(), Refusal> {
+    let Some(size) = arguments.and_then(|a| measure::member(a.get(), key)) else {
+        return Ok(());
+    };
+    if size.items > max {
+        return Err(generic(format!(
+            "Parameter '{key}' has {} items; at most {max} are allowed",
+            size.items
+        )));
+    }
+    if size.bytes > max_bytes {
+        return Err(generic(format!(
+            "Parameter '{key}' has {} bytes of text; at most {max_bytes} are allowed",
+            size.bytes
+        )));
+    }
+    Ok(())
 }
 
 /// A command's arguments object.
@@ -212,6 +243,18 @@ mod tests {
             desc(p("subscribe", r#"{"bogus": 1}"#)),
             "Parameter 'bogus' is unexpected"
         );
+        let many = serde_json::to_string(&vec!["STOP"; MAX_SUBSCRIBE_PATTERNS + 1]).unwrap();
+        assert_eq!(
+            desc(p("subscribe", &format!(r#"{{"events": {many}}}"#))),
+            "Parameter 'events' has 257 items; at most 256 are allowed"
+        );
+        let long = serde_json::to_string(&vec!["X".repeat(100); 200]).unwrap();
+        assert_eq!(
+            desc(p("subscribe", &format!(r#"{{"events": {long}}}"#))),
+            "Parameter 'events' has 20000 bytes of text; at most 16384 are allowed"
+        );
+        let most = serde_json::to_string(&vec!["X".repeat(64); MAX_SUBSCRIBE_PATTERNS]).unwrap();
+        assert!(p("subscribe", &format!(r#"{{"events": {most}}}"#)).is_ok());
         assert_eq!(desc(p("lease", "{}")), "Parameter 'seconds' is missing");
         assert!(desc(p("lease", r#"{"seconds": 0}"#)).contains("between 1 and"));
         assert_eq!(desc(p("release", r#"{"x": 1}"#)), "Parameter 'x' is unexpected");

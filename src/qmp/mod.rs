@@ -4,5 +4,6 @@ pub mod extensions;
 pub mod framing;
 pub mod incoming;
 pub mod json;
+mod measure;
 pub mod outgoing;
 pub mod request;
