@@ -12,6 +12,10 @@ use std::sync::Arc;
 /// names come).
 const REMEMBERED_NAMES: usize = 128;
 
+/// Up to this many patterns, matching them is as quick as a lookup: a
+/// filter this small is matched each time, as it always was.
+const MATCHED_EACH_TIME: usize = 8;
+
 /// A client's event filter. Applied by the session before an event goes
 /// into the client's mailbox, so an event filtered out costs the client
 /// only this match.
@@ -25,9 +29,9 @@ pub struct EventFilter {
 }
 
 /// A client's own patterns, and the outcome of each event name already
-/// matched: each name is matched against them once, so an event costs
-/// every client one lookup, however many patterns it (or another client)
-/// gave. The session owns the filter and is single-threaded, hence the
+/// matched: past [`MATCHED_EACH_TIME`] patterns, each name is matched
+/// against them once, so an event costs every client at most one lookup,
+/// however many patterns it (or another client) gave. The session owns the filter and is single-threaded, hence the
 /// `RefCell` behind `&self`.
 #[derive(Debug, Clone)]
 struct Narrowing {
@@ -69,10 +73,14 @@ impl EventFilter {
             // Not narrowed (most clients): the socket's few patterns.
             return self.socket.as_deref().is_none_or(|set| any(set, event));
         };
+        let passes = || self.socket.as_deref().is_none_or(|set| any(set, event)) && any(&narrowing.patterns, event);
+        if narrowing.patterns.len() <= MATCHED_EACH_TIME {
+            return passes();
+        }
         if let Some(&known) = narrowing.seen.borrow().get(event) {
             return known;
         }
-        let passes = self.socket.as_deref().is_none_or(|set| any(set, event)) && any(&narrowing.patterns, event);
+        let passes = passes();
         let mut seen = narrowing.seen.borrow_mut();
         if seen.len() < REMEMBERED_NAMES {
             seen.insert(event.into(), passes);
@@ -130,7 +138,9 @@ mod tests {
     fn remembered_outcomes_are_those_of_the_patterns_and_bounded() {
         let socket: Arc<[Glob]> = globs(&["*_JOB_*", "STOP"]).into();
         let mut f = EventFilter::new(Some(socket));
-        f.narrow(globs(&["BLOCK_*", "STOP", "RESUME"]));
+        let mut patterns = globs(&["BLOCK_*", "STOP", "RESUME"]);
+        patterns.extend((0..MATCHED_EACH_TIME).map(|i| Glob::new(format!("NONE_{i}"))));
+        f.narrow(patterns);
         for _ in 0..2 {
             assert!(f.matches("BLOCK_JOB_READY") && f.matches("STOP"));
             assert!(!f.matches("RESUME") && !f.matches("BLOCK_IO_ERROR"));
