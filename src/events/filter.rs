@@ -31,8 +31,9 @@ pub struct EventFilter {
 /// A client's own patterns, and the outcome of each event name already
 /// matched: past [`MATCHED_EACH_TIME`] patterns, each name is matched
 /// against them once, so an event costs every client at most one lookup,
-/// however many patterns it (or another client) gave. The session owns the filter and is single-threaded, hence the
-/// `RefCell` behind `&self`.
+/// however many patterns it (or another client) gave. The session task
+/// owns the filter and uses it from one thread, hence a `RefCell` behind
+/// `&self`.
 #[derive(Debug, Clone)]
 struct Narrowing {
     patterns: Box<[Glob]>,
