@@ -7,7 +7,7 @@ use qmpmux::config::{Config, LogFormat};
 use qmpmux::ops::demo;
 use qmpmux::ops::logging::{self, Journal, LogFile};
 use qmpmux::ops::systemd::notify;
-use qmpmux::{run_with_reload, Listeners, Reload};
+use qmpmux::{run_from_file, Listeners, Reload};
 use sd_notify::NotifyState;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use std::io::IsTerminal;
@@ -56,6 +56,24 @@ enum Cmd {
         /// Print the raw JSON report.
         #[arg(long)]
         json: bool,
+    },
+    /// Make the running daemon reload its configuration file, wait for the
+    /// outcome and print it (what `systemctl reload qmpmux` runs). Exit
+    /// status: 0 applied; 1 the reload failed (a socket could not be bound:
+    /// the running configuration stays); 2 the file was rejected (unreadable
+    /// or invalid: nothing changed); 3 the daemon cannot be reached.
+    Reload {
+        /// The daemon's control socket (default: `control_socket` from
+        /// --config, else /run/qmpmux/qmpmux.ctl).
+        #[arg(long)]
+        control: Option<PathBuf>,
+        /// Print the daemon's answer as JSON.
+        #[arg(long)]
+        json: bool,
+        /// The daemon's pid: when its control socket cannot be reached,
+        /// send it SIGHUP instead (the outcome is then only in its log).
+        #[arg(long)]
+        pid: Option<i32>,
     },
     /// Print the man page (roff) or shell completions, generated from this
     /// command line's own definition, for packaging.
@@ -185,10 +203,67 @@ fn main() -> ExitCode {
     runtime.block_on(async_main(args))
 }
 
+/// The control socket: `--control`, else the config file's (read even
+/// when the file is otherwise invalid, as a reload of a broken file must
+/// still reach the daemon to be judged), else the default.
+fn control_path(args: &Args, control: Option<PathBuf>) -> PathBuf {
+    control
+        .or_else(|| match Config::load(&args.config) {
+            Ok(c) => c.control_socket,
+            Err(_) => qmpmux::config::control_socket_of(&args.config),
+        })
+        .unwrap_or_else(|| PathBuf::from(qmpmux::config::DEFAULT_DIR).join("qmpmux.ctl"))
+}
+
+/// `qmpmux reload`.
+async fn reload_command(args: &Args, control: Option<PathBuf>, json: bool, pid: Option<i32>) -> ExitCode {
+    use qmpmux::ops::control::{request_reload, QueryError};
+    let path = control_path(args, control);
+    let reply = match request_reload(&path).await {
+        Ok(r) => r,
+        Err(QueryError::Connect(..)) if pid.is_some() => return sighup(pid.unwrap_or_default(), &path),
+        Err(e) => {
+            fail(&qmpmux::error::chain(&e));
+            return ExitCode::from(3);
+        }
+    };
+    let text = if json {
+        serde_json::to_string_pretty(&reply).unwrap_or_default() + "\n"
+    } else {
+        qmpmux::ops::control::render_reload(&reply)
+    };
+    if reply.ok {
+        let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
+        ExitCode::SUCCESS
+    } else {
+        let _ = std::io::Write::write_all(&mut std::io::stderr(), text.as_bytes());
+        ExitCode::from(if reply.rejected { 2 } else { 1 })
+    }
+}
+
+/// `qmpmux reload --pid`, without a control socket to ask.
+fn sighup(pid: i32, control: &std::path::Path) -> ExitCode {
+    use nix::sys::signal::{kill, Signal};
+    match kill(nix::unistd::Pid::from_raw(pid), Signal::SIGHUP) {
+        Ok(()) => {
+            println!(
+                "control socket {} unreachable: sent SIGHUP to pid {pid}; the outcome is in qmpmux's log and `qmpmux status`",
+                control.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            fail(&format!(
+                "cannot reach the control socket {} nor signal pid {pid}: {e}",
+                control.display()
+            ));
+            ExitCode::from(3)
+        }
+    }
+}
+
 async fn status(args: &Args, control: Option<PathBuf>, json: bool) -> ExitCode {
-    let path = control
-        .or_else(|| Config::load(&args.config).ok().and_then(|c| c.control_socket))
-        .unwrap_or_else(|| PathBuf::from(qmpmux::config::DEFAULT_DIR).join("qmpmux.ctl"));
+    let path = control_path(args, control);
     match qmpmux::ops::control::query_status(&path).await {
         Ok(report) => {
             let text = if json {
@@ -208,8 +283,10 @@ async fn status(args: &Args, control: Option<PathBuf>, json: bool) -> ExitCode {
 }
 
 async fn async_main(args: Args) -> ExitCode {
-    if let Some(Cmd::Status { control, json }) = &args.command {
-        return status(&args, control.clone(), *json).await;
+    match &args.command {
+        Some(Cmd::Status { control, json }) => return status(&args, control.clone(), *json).await,
+        Some(Cmd::Reload { control, json, pid }) => return reload_command(&args, control.clone(), *json, *pid).await,
+        _ => {}
     }
     let mut demo_vm = None;
     let config = if args.demo {
@@ -269,7 +346,7 @@ async fn async_main(args: Args) -> ExitCode {
     if let Some(vm) = config.vms.first().filter(|_| demo_vm.is_some()) {
         info!("demo VM ready: try `socat - UNIX-CONNECT:{}`", vm.listen().display());
     }
-    notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
+    qmpmux::ops::systemd::notify_ready();
     let shutdown = CancellationToken::new();
     let (reload_tx, reload_rx) = mpsc::channel(1);
     let config_path = (!args.demo).then(|| args.config.clone());
@@ -280,7 +357,8 @@ async fn async_main(args: Args) -> ExitCode {
         config_path,
         log_file,
     ));
-    let result = run_with_reload(config, listeners, shutdown, reload_rx).await;
+    let source = (!args.demo).then(|| args.config.clone());
+    let result = run_from_file(config, source, listeners, shutdown, reload_rx).await;
     signal_task.abort();
     drop(demo_vm);
     match result {
@@ -324,13 +402,9 @@ async fn handle_signals(
             warn!("SIGHUP: nothing to reload in demo mode");
             continue;
         };
-        let mut states = vec![NotifyState::Reloading];
-        if let Ok(now) = NotifyState::monotonic_usec_now() {
-            states.push(now);
-        }
-        notify(&states);
+        qmpmux::ops::systemd::notify_reloading();
         reload(path, &reloads).await;
-        notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
+        qmpmux::ops::systemd::notify_ready();
     }
 }
 
@@ -346,19 +420,12 @@ fn reopen_log(log_file: Option<&LogFile>) {
     }
 }
 
+/// SIGHUP: the supervisor applies the file and logs the outcome.
 async fn reload(path: &std::path::Path, reloads: &mpsc::Sender<Reload>) {
     info!(path = %path.display(), "SIGHUP: reloading configuration");
     let config = Config::load(path).map_err(|e| qmpmux::error::chain(&e).replace('\n', " "));
-    if let Err(error) = &config {
-        error!(%error, "new configuration rejected; keeping the running one");
-    }
     let (done, answer) = oneshot::channel();
-    let rejected = config.is_err();
-    if reloads.send(Reload { config, done }).await.is_err() {
-        return;
-    }
-    match answer.await {
-        Ok(Err(e)) if !rejected => error!(error = %qmpmux::error::chain(&e), "reload failed; running VMs unchanged"),
-        _ => {}
+    if reloads.send(Reload { config, done }).await.is_ok() {
+        let _ = answer.await;
     }
 }
