@@ -26,7 +26,7 @@ const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("QMPM
 
 /// Multiplex QEMU's QMP monitor: many clients, one upstream session per VM.
 #[derive(Debug, Parser)]
-#[command(name = "qmpmux", version = VERSION, about)]
+#[command(name = "qmpmux", version = VERSION, about, disable_help_subcommand = true)]
 struct Args {
     /// Configuration file.
     #[arg(short, long, global = true, default_value = "/etc/qmpmux/qmpmux.toml")]
@@ -85,8 +85,13 @@ enum Cmd {
 
 #[derive(Debug, clap::Subcommand)]
 enum Generate {
-    /// The man page, qmpmux(1): `qmpmux generate man > qmpmux.1`.
-    Man,
+    /// The man page, qmpmux(1): `qmpmux generate man > qmpmux.1`; with
+    /// --dir, it and a page for each subcommand (qmpmux-status(1), ...).
+    Man {
+        /// Write every page into this directory (NAME.1) instead.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Completions for a shell: `qmpmux generate completions bash`.
     Completions {
         #[arg(value_enum)]
@@ -94,13 +99,14 @@ enum Generate {
     },
 }
 
-/// Writes the man page or completions to stdout.
+/// Writes the man page(s) or completions.
 fn generate(what: &Generate) -> ExitCode {
     use clap::CommandFactory;
     let mut cmd = Args::command();
     let mut out = std::io::stdout();
     let written = match what {
-        Generate::Man => clap_mangen::Man::new(cmd).render(&mut out),
+        Generate::Man { dir: None } => man_page(&cmd, &mut out),
+        Generate::Man { dir: Some(dir) } => man_pages(cmd, dir),
         Generate::Completions { shell } => {
             clap_complete::generate(*shell, &mut cmd, "qmpmux", &mut out);
             Ok(())
@@ -116,6 +122,87 @@ fn generate(what: &Generate) -> ExitCode {
         }
     }
 }
+
+/// qmpmux(1): clap's sections, then what a daemon's page needs besides.
+fn man_page(cmd: &clap::Command, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    let man = clap_mangen::Man::new(cmd.clone());
+    man.render_title(out)?;
+    man.render_name_section(out)?;
+    man.render_synopsis_section(out)?;
+    man.render_description_section(out)?;
+    man.render_options_section(out)?;
+    man.render_subcommands_section(out)?;
+    out.write_all(MAN_SECTIONS.as_bytes())?;
+    man.render_version_section(out)
+}
+
+/// qmpmux.1 and a page for every subcommand (and theirs), which qmpmux.1's
+/// SUBCOMMANDS section refers to, into `dir`.
+fn man_pages(mut cmd: clap::Command, dir: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    cmd.build();
+    let mut main = std::fs::File::create(dir.join("qmpmux.1"))?;
+    man_page(&cmd, &mut main)?;
+    let mut subs: Vec<clap::Command> = cmd.get_subcommands().cloned().collect();
+    while let Some(sub) = subs.pop() {
+        if sub.is_hide_set() {
+            continue;
+        }
+        let name = sub.get_display_name().unwrap_or(sub.get_name()).to_string();
+        subs.extend(sub.get_subcommands().cloned());
+        let mut file = std::fs::File::create(dir.join(format!("{name}.1")))?;
+        clap_mangen::Man::new(sub).render(&mut file)?;
+    }
+    Ok(())
+}
+
+/// The sections of qmpmux(1) that clap does not make (roff).
+const MAN_SECTIONS: &str = r#".SH FILES
+.TP
+\fI/etc/qmpmux/qmpmux.toml\fR
+The configuration (\fB\-\-config\fR): the VMs, their sockets and policies, limits, logging, NATS. Examples in \fI/usr/share/doc/qmpmux/examples/\fR.
+.TP
+\fI/run/qmpmux/\fR
+The VMs' client sockets (\fBlisten\fR, \fBsocket_dir\fR) and the control socket \fIqmpmux.ctl\fR (\fBcontrol_socket\fR), through which \fBqmpmux status\fR and \fBqmpmux reload\fR reach the daemon.
+.TP
+\fI/usr/lib/systemd/system/qmpmux.service\fR
+The systemd unit (\fBsystemctl reload qmpmux\fR runs \fBqmpmux reload\fR).
+.TP
+\fI/usr/share/doc/qmpmux/docs/\fR
+The documentation: behaviour, configuration, operations, security, fleet, performance.
+.SH SIGNALS
+.TP
+\fBSIGTERM\fR, \fBSIGINT\fR
+Stop gracefully: sockets removed at once, clients get up to 5 s for replies to commands in flight, then qmpmux exits 0. QEMU keeps running.
+.TP
+\fBSIGHUP\fR
+Reload the configuration file, as \fBqmpmux reload\fR does (whose exit status tells the outcome).
+.TP
+\fBSIGUSR1\fR
+Reopen \fBlog_file\fR (after logrotate moved it).
+.SH "EXIT STATUS"
+.TP
+\fB0\fR
+A clean stop; a valid \fB\-\-check\-config\fR; a subcommand that succeeded.
+.TP
+\fB1\fR
+Start\-up failed (a socket could not be created or bound, \fBlog_file\fR could not be opened, ...); \fBstatus\fR could not reach the daemon; \fBreload\fR failed (a socket could not be bound; the running configuration stays).
+.TP
+\fB2\fR
+The configuration file is unreadable or invalid (at start, with \fB\-\-check\-config\fR, or rejected by \fBreload\fR), or bad command\-line arguments.
+.TP
+\fB3\fR
+\fBreload\fR could not reach the daemon.
+.SH ENVIRONMENT
+.TP
+\fBRUST_LOG\fR
+A log filter (e.g. \fIqmpmux=debug\fR) that overrides \fBlog_level\fR.
+.TP
+\fBNOTIFY_SOCKET\fR, \fBWATCHDOG_USEC\fR, \fBJOURNAL_STREAM\fR
+Set by systemd: readiness and reload notifications, the watchdog, and log lines with priorities for the journal.
+.SH "SEE ALSO"
+\fBqemu\-system\-x86_64\fR(1), \fBsystemctl\fR(1), \fBjournalctl\fR(1), \fBsocat\fR(1); QEMU's QMP reference: \fIhttps://www.qemu.org/docs/master/interop/qemu\-qmp\-ref.html\fR
+"#;
 
 type BoxedLayer = Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync>;
 
