@@ -7,7 +7,7 @@ use qmpmux::config::{Config, LogFormat};
 use qmpmux::ops::demo;
 use qmpmux::ops::logging::{self, Journal, LogFile, TextFields};
 use qmpmux::ops::systemd::notify;
-use qmpmux::{run_with_reload, Listeners, Reload};
+use qmpmux::{run_from_file, Listeners, Reload};
 use sd_notify::NotifyState;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use std::io::IsTerminal;
@@ -26,7 +26,7 @@ const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("QMPM
 
 /// Multiplex QEMU's QMP monitor: many clients, one upstream session per VM.
 #[derive(Debug, Parser)]
-#[command(name = "qmpmux", version = VERSION, about)]
+#[command(name = "qmpmux", version = VERSION, about, disable_help_subcommand = true)]
 struct Args {
     /// Configuration file.
     #[arg(short, long, global = true, default_value = "/etc/qmpmux/qmpmux.toml")]
@@ -57,6 +57,24 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Make the running daemon reload its configuration file, wait for the
+    /// outcome and print it (what `systemctl reload qmpmux` runs). Exit
+    /// status: 0 applied; 1 the reload failed (a socket could not be bound:
+    /// the running configuration stays); 2 the file was rejected (unreadable
+    /// or invalid: nothing changed); 3 the daemon cannot be reached.
+    Reload {
+        /// The daemon's control socket (default: `control_socket` from
+        /// --config, else /run/qmpmux/qmpmux.ctl).
+        #[arg(long)]
+        control: Option<PathBuf>,
+        /// Print the daemon's answer as JSON.
+        #[arg(long)]
+        json: bool,
+        /// The daemon's pid: when its control socket cannot be reached,
+        /// send it SIGHUP instead (the outcome is then only in its log).
+        #[arg(long)]
+        pid: Option<i32>,
+    },
     /// Print the man page (roff) or shell completions, generated from this
     /// command line's own definition, for packaging.
     Generate {
@@ -67,8 +85,13 @@ enum Cmd {
 
 #[derive(Debug, clap::Subcommand)]
 enum Generate {
-    /// The man page, qmpmux(1): `qmpmux generate man > qmpmux.1`.
-    Man,
+    /// The man page, qmpmux(1): `qmpmux generate man > qmpmux.1`; with
+    /// --dir, it and a page for each subcommand (qmpmux-status(1), ...).
+    Man {
+        /// Write every page into this directory (NAME.1) instead.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Completions for a shell: `qmpmux generate completions bash`.
     Completions {
         #[arg(value_enum)]
@@ -76,13 +99,14 @@ enum Generate {
     },
 }
 
-/// Writes the man page or completions to stdout.
+/// Writes the man page(s) or completions.
 fn generate(what: &Generate) -> ExitCode {
     use clap::CommandFactory;
     let mut cmd = Args::command();
     let mut out = std::io::stdout();
     let written = match what {
-        Generate::Man => clap_mangen::Man::new(cmd).render(&mut out),
+        Generate::Man { dir: None } => man_page(&cmd, &mut out),
+        Generate::Man { dir: Some(dir) } => man_pages(cmd, dir),
         Generate::Completions { shell } => {
             clap_complete::generate(*shell, &mut cmd, "qmpmux", &mut out);
             Ok(())
@@ -98,6 +122,87 @@ fn generate(what: &Generate) -> ExitCode {
         }
     }
 }
+
+/// qmpmux(1): clap's sections, then what a daemon's page needs besides.
+fn man_page(cmd: &clap::Command, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    let man = clap_mangen::Man::new(cmd.clone());
+    man.render_title(out)?;
+    man.render_name_section(out)?;
+    man.render_synopsis_section(out)?;
+    man.render_description_section(out)?;
+    man.render_options_section(out)?;
+    man.render_subcommands_section(out)?;
+    out.write_all(MAN_SECTIONS.as_bytes())?;
+    man.render_version_section(out)
+}
+
+/// qmpmux.1 and a page for every subcommand (and theirs), which qmpmux.1's
+/// SUBCOMMANDS section refers to, into `dir`.
+fn man_pages(mut cmd: clap::Command, dir: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    cmd.build();
+    let mut main = std::fs::File::create(dir.join("qmpmux.1"))?;
+    man_page(&cmd, &mut main)?;
+    let mut subs: Vec<clap::Command> = cmd.get_subcommands().cloned().collect();
+    while let Some(sub) = subs.pop() {
+        if sub.is_hide_set() {
+            continue;
+        }
+        let name = sub.get_display_name().unwrap_or(sub.get_name()).to_string();
+        subs.extend(sub.get_subcommands().cloned());
+        let mut file = std::fs::File::create(dir.join(format!("{name}.1")))?;
+        clap_mangen::Man::new(sub).render(&mut file)?;
+    }
+    Ok(())
+}
+
+/// The sections of qmpmux(1) that clap does not make (roff).
+const MAN_SECTIONS: &str = r#".SH FILES
+.TP
+\fI/etc/qmpmux/qmpmux.toml\fR
+The configuration (\fB\-\-config\fR): the VMs, their sockets and policies, limits, logging, NATS. Examples in \fI/usr/share/doc/qmpmux/examples/\fR.
+.TP
+\fI/run/qmpmux/\fR
+The VMs' client sockets (\fBlisten\fR, \fBsocket_dir\fR) and the control socket \fIqmpmux.ctl\fR (\fBcontrol_socket\fR), through which \fBqmpmux status\fR and \fBqmpmux reload\fR reach the daemon.
+.TP
+\fI/usr/lib/systemd/system/qmpmux.service\fR
+The systemd unit (\fBsystemctl reload qmpmux\fR runs \fBqmpmux reload\fR).
+.TP
+\fI/usr/share/doc/qmpmux/docs/\fR
+The documentation: behaviour, configuration, operations, security, fleet, performance.
+.SH SIGNALS
+.TP
+\fBSIGTERM\fR, \fBSIGINT\fR
+Stop gracefully: sockets removed at once, clients get up to 5 s for replies to commands in flight, then qmpmux exits 0. QEMU keeps running.
+.TP
+\fBSIGHUP\fR
+Reload the configuration file, as \fBqmpmux reload\fR does (whose exit status tells the outcome).
+.TP
+\fBSIGUSR1\fR
+Reopen \fBlog_file\fR (after logrotate moved it).
+.SH "EXIT STATUS"
+.TP
+\fB0\fR
+A clean stop; a valid \fB\-\-check\-config\fR; a subcommand that succeeded.
+.TP
+\fB1\fR
+Start\-up failed (a socket could not be created or bound, \fBlog_file\fR could not be opened, ...); \fBstatus\fR could not reach the daemon; \fBreload\fR failed (a socket could not be bound; the running configuration stays).
+.TP
+\fB2\fR
+The configuration file is unreadable or invalid (at start, with \fB\-\-check\-config\fR, or rejected by \fBreload\fR), or bad command\-line arguments.
+.TP
+\fB3\fR
+\fBreload\fR could not reach the daemon.
+.SH ENVIRONMENT
+.TP
+\fBRUST_LOG\fR
+A log filter (e.g. \fIqmpmux=debug\fR) that overrides \fBlog_level\fR.
+.TP
+\fBNOTIFY_SOCKET\fR, \fBWATCHDOG_USEC\fR, \fBJOURNAL_STREAM\fR
+Set by systemd: readiness and reload notifications, the watchdog, and log lines with priorities for the journal.
+.SH "SEE ALSO"
+\fBqemu\-system\-x86_64\fR(1), \fBsystemctl\fR(1), \fBjournalctl\fR(1), \fBsocat\fR(1); QEMU's QMP reference: \fIhttps://www.qemu.org/docs/master/interop/qemu\-qmp\-ref.html\fR
+"#;
 
 type BoxedLayer = Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync>;
 
@@ -187,10 +292,67 @@ fn main() -> ExitCode {
     runtime.block_on(async_main(args))
 }
 
+/// The control socket: `--control`, else the config file's (read even
+/// when the file is otherwise invalid, as a reload of a broken file must
+/// still reach the daemon to be judged), else the default.
+fn control_path(args: &Args, control: Option<PathBuf>) -> PathBuf {
+    control
+        .or_else(|| match Config::load(&args.config) {
+            Ok(c) => c.control_socket,
+            Err(_) => qmpmux::config::control_socket_of(&args.config),
+        })
+        .unwrap_or_else(|| PathBuf::from(qmpmux::config::DEFAULT_DIR).join("qmpmux.ctl"))
+}
+
+/// `qmpmux reload`.
+async fn reload_command(args: &Args, control: Option<PathBuf>, json: bool, pid: Option<i32>) -> ExitCode {
+    use qmpmux::ops::control::{request_reload, QueryError};
+    let path = control_path(args, control);
+    let reply = match request_reload(&path).await {
+        Ok(r) => r,
+        Err(QueryError::Connect(..)) if pid.is_some() => return sighup(pid.unwrap_or_default(), &path),
+        Err(e) => {
+            fail(&qmpmux::error::chain(&e));
+            return ExitCode::from(3);
+        }
+    };
+    let text = if json {
+        qmpmux::ops::escape::to_json(&reply, true) + "\n"
+    } else {
+        qmpmux::ops::control::render_reload(&reply)
+    };
+    if reply.ok {
+        let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
+        ExitCode::SUCCESS
+    } else {
+        let _ = std::io::Write::write_all(&mut std::io::stderr(), text.as_bytes());
+        ExitCode::from(if reply.rejected { 2 } else { 1 })
+    }
+}
+
+/// `qmpmux reload --pid`, without a control socket to ask.
+fn sighup(pid: i32, control: &std::path::Path) -> ExitCode {
+    use nix::sys::signal::{kill, Signal};
+    match kill(nix::unistd::Pid::from_raw(pid), Signal::SIGHUP) {
+        Ok(()) => {
+            println!(
+                "control socket {} unreachable: sent SIGHUP to pid {pid}; the outcome is in qmpmux's log and `qmpmux status`",
+                control.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            fail(&format!(
+                "cannot reach the control socket {} nor signal pid {pid}: {e}",
+                control.display()
+            ));
+            ExitCode::from(3)
+        }
+    }
+}
+
 async fn status(args: &Args, control: Option<PathBuf>, json: bool) -> ExitCode {
-    let path = control
-        .or_else(|| Config::load(&args.config).ok().and_then(|c| c.control_socket))
-        .unwrap_or_else(|| PathBuf::from(qmpmux::config::DEFAULT_DIR).join("qmpmux.ctl"));
+    let path = control_path(args, control);
     match qmpmux::ops::control::query_status(&path).await {
         Ok(report) => {
             let text = if json {
@@ -211,8 +373,10 @@ async fn status(args: &Args, control: Option<PathBuf>, json: bool) -> ExitCode {
 }
 
 async fn async_main(args: Args) -> ExitCode {
-    if let Some(Cmd::Status { control, json }) = &args.command {
-        return status(&args, control.clone(), *json).await;
+    match &args.command {
+        Some(Cmd::Status { control, json }) => return status(&args, control.clone(), *json).await,
+        Some(Cmd::Reload { control, json, pid }) => return reload_command(&args, control.clone(), *json, *pid).await,
+        _ => {}
     }
     let mut demo_vm = None;
     let config = if args.demo {
@@ -272,7 +436,7 @@ async fn async_main(args: Args) -> ExitCode {
     if let Some(vm) = config.vms.first().filter(|_| demo_vm.is_some()) {
         info!("demo VM ready: try `socat - UNIX-CONNECT:{}`", vm.listen().display());
     }
-    notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
+    qmpmux::ops::systemd::notify_ready();
     let shutdown = CancellationToken::new();
     let (reload_tx, reload_rx) = mpsc::channel(1);
     let config_path = (!args.demo).then(|| args.config.clone());
@@ -283,7 +447,8 @@ async fn async_main(args: Args) -> ExitCode {
         config_path,
         log_file,
     ));
-    let result = run_with_reload(config, listeners, shutdown, reload_rx).await;
+    let source = (!args.demo).then(|| args.config.clone());
+    let result = run_from_file(config, source, listeners, shutdown, reload_rx).await;
     signal_task.abort();
     drop(demo_vm);
     match result {
@@ -327,13 +492,9 @@ async fn handle_signals(
             warn!("SIGHUP: nothing to reload in demo mode");
             continue;
         };
-        let mut states = vec![NotifyState::Reloading];
-        if let Ok(now) = NotifyState::monotonic_usec_now() {
-            states.push(now);
-        }
-        notify(&states);
+        qmpmux::ops::systemd::notify_reloading();
         reload(path, &reloads).await;
-        notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
+        qmpmux::ops::systemd::notify_ready();
     }
 }
 
@@ -349,19 +510,12 @@ fn reopen_log(log_file: Option<&LogFile>) {
     }
 }
 
+/// SIGHUP: the supervisor applies the file and logs the outcome.
 async fn reload(path: &std::path::Path, reloads: &mpsc::Sender<Reload>) {
     info!(path = %path.display(), "SIGHUP: reloading configuration");
     let config = Config::load(path).map_err(|e| qmpmux::error::chain(&e).replace('\n', " "));
-    if let Err(error) = &config {
-        error!(%error, "new configuration rejected; keeping the running one");
-    }
     let (done, answer) = oneshot::channel();
-    let rejected = config.is_err();
-    if reloads.send(Reload { config, done }).await.is_err() {
-        return;
-    }
-    match answer.await {
-        Ok(Err(e)) if !rejected => error!(error = %qmpmux::error::chain(&e), "reload failed; running VMs unchanged"),
-        _ => {}
+    if reloads.send(Reload { config, done }).await.is_ok() {
+        let _ = answer.await;
     }
 }

@@ -8,13 +8,15 @@ use crate::downstream::slots::VmSlots;
 use crate::downstream::{accept_loop, accept_tcp_loop};
 use crate::listen::sockfile::SocketFile;
 use crate::listen::{bind_or_undo, bind_vm, shares_a_path, Bound, ListenError, Listeners, VmSockets};
-use crate::ops::control::{serve_control, ReloadStatus, StatusQuery, StatusReport, VmStatus, RESPONSIVE_WITHIN};
+use crate::ops::control::{
+    serve_control, ControlRequest, ReloadReply, ReloadStatus, StatusQuery, StatusReport, VmStatus, RESPONSIVE_WITHIN,
+};
 use crate::ops::metrics::serve_metrics;
 use crate::ops::metrics::{Metrics, SharedMetrics, VmMetrics};
 use crate::runtime::shards::{Lease, Shards};
 use crate::upstream::{self, SessionHandle};
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -89,6 +91,9 @@ struct Supervisor {
     fleet: Option<crate::fleet::FleetHandle>,
     /// The daemon's stop, which the fleet's tasks follow.
     shutdown: CancellationToken,
+    /// The file the configuration came from: what `reload` on the control
+    /// socket reads (`None`: the demo, or a test's configuration).
+    source: Option<PathBuf>,
 }
 
 /// Runs the daemon until `shutdown` is cancelled, then stops cleanly and
@@ -101,6 +106,18 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
 /// [`run`], also applying configurations received on `reloads`.
 pub async fn run_with_reload(
     config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+    reloads: mpsc::Receiver<Reload>,
+) -> Result<(), RunError> {
+    run_from_file(config, None, listeners, shutdown, reloads).await
+}
+
+/// [`run_with_reload`] for a configuration read from `source`, which a
+/// `reload` request on the control socket reads again.
+pub async fn run_from_file(
+    config: Config,
+    source: Option<PathBuf>,
     mut listeners: Listeners,
     shutdown: CancellationToken,
     mut reloads: mpsc::Receiver<Reload>,
@@ -118,6 +135,7 @@ pub async fn run_with_reload(
         last_reload: None,
         fleet: None,
         shutdown: shutdown.clone(),
+        source,
     };
     for vm in &config.vms {
         let started = match listeners.vms.remove(&vm.name) {
@@ -133,13 +151,13 @@ pub async fn run_with_reload(
     }
     sup.sync_fleet().await;
     let services = TaskTracker::new();
-    let (query_tx, mut queries) = mpsc::channel(16);
+    let (request_tx, mut requests) = mpsc::channel(16);
     // Removed at exit only if qmpmux bound it: when binding failed, the
     // file there is another's (a running instance's, or not a socket).
     let mut control_file = None;
     if let Some((l, created)) = listeners.control.take() {
         control_file = Some(created);
-        services.spawn(serve_control(l, query_tx, shutdown.clone()));
+        services.spawn(serve_control(l, request_tx, shutdown.clone()));
     }
     if let Some(l) = listeners.metrics.take() {
         services.spawn(serve_metrics(l, sup.metrics.clone(), shutdown.clone()));
@@ -166,14 +184,16 @@ pub async fn run_with_reload(
             () = shutdown.cancelled() => break,
             _ = trim_tick.tick() => clients_mark.observe(sup.clients()),
             Some(reload) = reloads.recv() => {
-                let result = match reload.config {
-                    Ok(config) => sup.reload(config).await,
-                    Err(why) => Err(RunError::Rejected(why)),
-                };
-                sup.record_reload(&result);
+                let result = sup.apply(reload.config).await;
                 let _ = reload.done.send(result);
             }
-            Some(query) = queries.recv() => sup.answer(query, &services),
+            Some(request) = requests.recv() => match request {
+                ControlRequest::Status(query) => sup.answer(query, &services),
+                ControlRequest::Reload(done) => {
+                    let reply = sup.reload_file().await;
+                    let _ = done.send(reply);
+                }
+            },
             Ok(()) = stuck.changed() => sup.mark_responding(&stuck.borrow_and_update()),
         }
     }
@@ -436,6 +456,71 @@ impl Supervisor {
                 .map(|vm| crate::fleet::FleetVm::new(&vm.config.name, &vm.session))
                 .collect();
             fleet.set_vms(vms).await;
+        }
+    }
+
+    /// Applies a configuration (or records why its file was rejected), as
+    /// SIGHUP and the control socket's `reload` both do; logs the outcome.
+    async fn apply(&mut self, config: Result<Config, String>) -> Result<ReloadSummary, RunError> {
+        let result = match config {
+            Ok(config) => {
+                for setting in self.config.need_restart(&config) {
+                    warn!(
+                        setting,
+                        "reload: this setting changed; it takes effect only when qmpmux restarts"
+                    );
+                }
+                self.reload(config).await
+            }
+            Err(why) => Err(RunError::Rejected(why)),
+        };
+        match &result {
+            Err(RunError::Rejected(error)) => error!(%error, "new configuration rejected; keeping the running one"),
+            Err(e) => error!(error = %crate::error::chain(e), "reload failed; running VMs unchanged"),
+            Ok(_) => {}
+        }
+        self.record_reload(&result);
+        result
+    }
+
+    /// `reload` on the control socket: reads the configuration file again
+    /// and applies it, with systemd told as for SIGHUP.
+    async fn reload_file(&mut self) -> ReloadReply {
+        let Some(path) = self.source.clone() else {
+            let error = "this qmpmux has no configuration file to reload (demo mode)".to_string();
+            warn!("reload requested on the control socket: {error}");
+            return ReloadReply {
+                error: Some(error),
+                ..ReloadReply::default()
+            };
+        };
+        info!(path = %path.display(), "reload requested on the control socket: reloading configuration");
+        crate::ops::systemd::notify_reloading();
+        let config = Config::load(&path).map_err(|e| crate::error::chain(&e).replace('\n', " "));
+        let need_restart = match &config {
+            Ok(new) => self.config.need_restart(new),
+            Err(_) => Vec::new(),
+        };
+        let result = self.apply(config).await;
+        crate::ops::systemd::notify_ready();
+        match result {
+            Ok(s) => ReloadReply {
+                ok: true,
+                added: s.added,
+                removed: s.removed,
+                restarted: s.restarted,
+                unchanged: s.unchanged,
+                need_restart: need_restart.into_iter().map(String::from).collect(),
+                ..ReloadReply::default()
+            },
+            Err(e) => ReloadReply {
+                rejected: matches!(e, RunError::Rejected(_)),
+                error: Some(match e {
+                    RunError::Rejected(why) => why,
+                    other => crate::error::chain(&other),
+                }),
+                ..ReloadReply::default()
+            },
         }
     }
 

@@ -173,6 +173,98 @@ async fn binary_reloads_on_sighup_keeps_running_on_bad_config_and_stops_on_sigte
     );
 }
 
+/// `qmpmux reload` (the unit's `ExecReload=`): the daemon judges the file
+/// and the command prints its verdict, with an exit status for each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_command_prints_what_changed_or_the_daemon_s_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    // QEMU serves one monitor client at a time: a QEMU per VM.
+    let _qemus = [Qemu::start(&p("one.qmp")).await, Qemu::start(&p("two.qmp")).await];
+    let config = p("qmpmux.toml");
+    let head = format!("control_socket = \"{}\"\n", p("ctl").display());
+    let write = |vms: &[&str]| {
+        let mut text = head.clone();
+        for n in vms {
+            text.push_str(&format!(
+                "[[vm]]\nname = \"{n}\"\nupstream = \"{}\"\nlisten = \"{}\"\n",
+                p(&format!("{n}.qmp")).display(),
+                p(&format!("{n}.sock")).display()
+            ));
+        }
+        std::fs::write(&config, text).unwrap();
+    };
+    let reload = |extra: &[&str]| {
+        let out = qmpmux()
+            .arg("reload")
+            .arg("--config")
+            .arg(&config)
+            .args(extra)
+            .output()
+            .unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    };
+    write(&["one"]);
+    let mut child = qmpmux()
+        .arg("--config")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    common::eventually("qmpmux to serve", async || {
+        tokio::net::UnixStream::connect(p("one.sock")).await.is_ok()
+    })
+    .await;
+
+    write(&["one", "two"]);
+    let (code, out, err) = reload(&[]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(out, "reloaded; added: two; 1 VM(s) unchanged\n", "{err}");
+    // Done when the command returns: no waiting.
+    let mut two = Client::ready(&p("two.sock")).await;
+
+    // Valid TOML, invalid configuration: rejected by the daemon (the
+    // control socket is found in the file all the same), exit status 2.
+    std::fs::write(&config, format!("{head}[[vm]]\nname = \"bad\"\n")).unwrap();
+    let (code, out, err) = reload(&[]);
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(
+        err.starts_with("qmpmux: configuration rejected; the running one is kept: ") && err.contains("qmpmux.toml"),
+        "{err}"
+    );
+    let report = qmpmux::ops::control::query_status(&p("ctl")).await.unwrap();
+    assert!(!report.last_reload.as_ref().unwrap().ok, "{report:?}");
+    assert_eq!(two.cmd(r#"{"execute":"query-status","id":1}"#).await["id"], 1);
+
+    // Not TOML at all: --control says where the daemon is.
+    std::fs::write(&config, "this is = not [valid toml").unwrap();
+    let ctl = p("ctl").display().to_string();
+    let (code, _, err) = reload(&["--control", &ctl]);
+    assert_eq!(code, Some(2), "{err}");
+
+    // No control socket there: exit status 3, or with --pid, SIGHUP (sent
+    // by qmpmux itself: no kill(1) needed).
+    write(&["one"]);
+    let nowhere = p("nowhere.ctl").display().to_string();
+    let (code, _, err) = reload(&["--control", &nowhere]);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("cannot reach qmpmux's control socket"), "{err}");
+    let (code, out, err) = reload(&["--control", &nowhere, "--pid", &pid.to_string()]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains(&format!("sent SIGHUP to pid {pid}")), "{out}");
+    common::eventually("the SIGHUP reload to remove VM two", async || !p("two.sock").exists()).await;
+    two.expect_eof().await;
+
+    signal(pid, libc::SIGTERM);
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+}
+
 /// What systemd hears on `NOTIFY_SOCKET` with `Type=notify` and
 /// `WatchdogSec=`: ready once serving, watchdog pings while the VM threads
 /// answer, reloading/ready around SIGHUP, stopping on SIGTERM.

@@ -503,7 +503,47 @@ impl Default for ClientOptions {
     }
 }
 
+/// The control socket a configuration file names, read from its top-level
+/// `control_socket` and `socket_dir` alone: for reaching the daemon when the
+/// rest of the file is invalid. `None` when it cannot be read as TOML or the
+/// control socket is turned off (`""`).
+pub fn control_socket_of(path: &Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let table: toml::Table = toml::from_str(&text).ok()?;
+    match table.get("control_socket") {
+        Some(toml::Value::String(p)) if p.is_empty() => None,
+        Some(toml::Value::String(p)) => Some(PathBuf::from(p)),
+        _ => {
+            let dir = match table.get("socket_dir") {
+                Some(toml::Value::String(d)) => PathBuf::from(d),
+                _ => PathBuf::from(DEFAULT_DIR),
+            };
+            Some(dir.join("qmpmux.ctl"))
+        }
+    }
+}
+
 impl Config {
+    /// The settings that differ in `new` but are read only at start: a
+    /// reload leaves them as they are (and says so).
+    pub fn need_restart(&self, new: &Config) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        let mut check = |name, differs: bool| {
+            if differs {
+                changed.push(name);
+            }
+        };
+        check("log_level", self.log_level != new.log_level);
+        check("log_format", self.log_format != new.log_format);
+        check("log_file", self.log_file != new.log_file);
+        check("log_rotation", self.log_rotation != new.log_rotation);
+        check("log_keep", self.log_keep != new.log_keep);
+        check("control_socket", self.control_socket != new.control_socket);
+        check("metrics_listen", self.metrics_listen != new.metrics_listen);
+        check("threads", self.threads != new.threads);
+        changed
+    }
+
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -533,6 +573,14 @@ mod tests {
 
     fn load(text: &str) -> Result<Config, String> {
         Config::from_toml(text, Path::new("test.toml")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_reload_names_the_settings_read_only_at_start() {
+        let old = load("").unwrap();
+        let new = load("metrics_listen = \"127.0.0.1:9100\"\nthreads = 3\nlog_level = \"debug\"\n").unwrap();
+        assert_eq!(old.need_restart(&new), ["log_level", "metrics_listen", "threads"]);
+        assert!(old.need_restart(&old.clone()).is_empty());
     }
 
     #[test]

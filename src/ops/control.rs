@@ -1,10 +1,13 @@
 //! The control socket, through which `qmpmux status` asks the running
-//! daemon how its VMs are.
+//! daemon how its VMs are, and `qmpmux reload` has it reload its
+//! configuration file.
 //!
-//! Protocol: the client sends `status\n`; the daemon answers one JSON line
-//! ([`StatusReport`]) and closes. It serves a limited number of connections
-//! at once and gives each a time limit ([`Gate`]), so that idle peers cannot
-//! use up qmpmux's file descriptors.
+//! Protocol: the client sends one request line, `status` or `reload`; the
+//! daemon answers one JSON line ([`StatusReport`], [`ReloadReply`]) and
+//! closes. It serves a limited number of connections at once and gives
+//! each a time limit ([`Gate`]), so that idle peers cannot use up qmpmux's
+//! file descriptors. Whoever may connect may reload: the socket has the
+//! same permissions as the VMs' sockets, whose clients control the VMs.
 
 use super::escape::{escaped, quoted};
 use super::gate::Gate;
@@ -131,42 +134,112 @@ pub struct ReloadStatus {
 /// Asks the supervisor for a report.
 pub type StatusQuery = oneshot::Sender<StatusReport>;
 
+/// What the control socket asks of the supervisor.
+#[derive(Debug)]
+pub enum ControlRequest {
+    Status(StatusQuery),
+    /// Reload the configuration file the daemon was started with, as
+    /// SIGHUP does, and say how it went.
+    Reload(oneshot::Sender<ReloadReply>),
+}
+
+/// The outcome of `reload` on the control socket.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ReloadReply {
+    pub ok: bool,
+    /// The file was rejected (unreadable or invalid): nothing changed.
+    #[serde(default)]
+    pub rejected: bool,
+    /// Why it failed, as the daemon logged it.
+    #[serde(default)]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub added: Vec<String>,
+    #[serde(default)]
+    pub removed: Vec<String>,
+    #[serde(default)]
+    pub restarted: Vec<String>,
+    #[serde(default)]
+    pub unchanged: Vec<String>,
+    /// Settings that changed in the file but take effect only when qmpmux
+    /// restarts (`control_socket`, `metrics_listen`, `threads`, logging).
+    #[serde(default)]
+    pub need_restart: Vec<String>,
+}
+
 /// Control connections served at once; more are closed at once.
 pub const CONTROL_MAX_CONNECTIONS: usize = 16;
 
-/// How long a control connection may take, request and answer together.
+/// How long a control connection may take to send its request, and a
+/// status report to be made and written.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a reload may take: restarting a VM waits up to
+/// [`crate::STOP_GRACE`] for its clients' replies. Below systemd's default
+/// `TimeoutSec=` for `ExecReload=` (90 s).
+pub const RELOAD_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Serves the control socket until `stop`.
-pub async fn serve_control(listener: UnixListener, queries: mpsc::Sender<StatusQuery>, stop: CancellationToken) {
+pub async fn serve_control(listener: UnixListener, requests: mpsc::Sender<ControlRequest>, stop: CancellationToken) {
     let mut gate = Gate::new("control socket", CONTROL_MAX_CONNECTIONS);
     while let Some(((stream, _), permit)) = gate.accept(&stop, || listener.accept()).await {
-        let queries = queries.clone();
+        let requests = requests.clone();
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(CONTROL_TIMEOUT, answer(stream, queries)).await;
+            let _ = answer(stream, requests).await;
             drop(permit);
         });
     }
 }
 
-async fn answer(stream: UnixStream, queries: mpsc::Sender<StatusQuery>) -> std::io::Result<()> {
+async fn answer(stream: UnixStream, requests: mpsc::Sender<ControlRequest>) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    BufReader::new(read.take(1024)).read_line(&mut line).await?;
-    let reply = match line.trim() {
+    let timed_out = || std::io::Error::from(std::io::ErrorKind::TimedOut);
+    tokio::time::timeout(CONTROL_TIMEOUT, BufReader::new(read.take(1024)).read_line(&mut line))
+        .await
+        .map_err(|_| timed_out())??;
+    let (request, pending) = match line.trim() {
         "status" => {
             let (tx, rx) = oneshot::channel();
-            if queries.send(tx).await.is_err() {
-                return Ok(());
-            }
-            match rx.await {
-                Ok(report) => super::escape::to_json(&report, false),
-                Err(_) => return Ok(()),
-            }
+            (ControlRequest::Status(tx), Reply::Status(rx))
         }
-        other => serde_json::json!({ "error": format!("unknown request {other:?}; try \"status\"") }).to_string(),
+        "reload" => {
+            let (tx, rx) = oneshot::channel();
+            (ControlRequest::Reload(tx), Reply::Reload(rx))
+        }
+        other => {
+            let other = escaped(other);
+            let reply =
+                serde_json::json!({ "error": format!("unknown request \"{other}\"; try \"status\" or \"reload\"") });
+            return write_line(&mut write, &reply.to_string()).await;
+        }
     };
-    write.write_all(reply.as_bytes()).await?;
+    if requests.send(request).await.is_err() {
+        return Ok(());
+    }
+    let reply = match pending {
+        Reply::Status(rx) => match tokio::time::timeout(CONTROL_TIMEOUT, rx).await {
+            Ok(Ok(report)) => super::escape::to_json(&report, false),
+            _ => return Ok(()),
+        },
+        Reply::Reload(rx) => match tokio::time::timeout(RELOAD_TIMEOUT, rx).await {
+            Ok(Ok(reply)) => super::escape::to_json(&reply, false),
+            _ => return Ok(()),
+        },
+    };
+    tokio::time::timeout(CONTROL_TIMEOUT, write_line(&mut write, &reply))
+        .await
+        .map_err(|_| timed_out())?
+}
+
+/// Where the supervisor's answer comes from.
+enum Reply {
+    Status(oneshot::Receiver<StatusReport>),
+    Reload(oneshot::Receiver<ReloadReply>),
+}
+
+async fn write_line(write: &mut (impl AsyncWriteExt + Unpin), line: &str) -> std::io::Result<()> {
+    write.write_all(line.as_bytes()).await?;
     write.write_all(b"\n").await
 }
 
@@ -182,13 +255,54 @@ pub enum QueryError {
 
 /// The client side of `qmpmux status`.
 pub async fn query_status(path: &Path) -> Result<StatusReport, QueryError> {
+    ask(path, "status").await
+}
+
+/// The client side of `qmpmux reload`: waits for the outcome.
+pub async fn request_reload(path: &Path) -> Result<ReloadReply, QueryError> {
+    ask(path, "reload").await
+}
+
+async fn ask<T: serde::de::DeserializeOwned>(path: &Path, request: &str) -> Result<T, QueryError> {
     let mut stream = UnixStream::connect(path)
         .await
         .map_err(|e| QueryError::Connect(path.display().to_string(), e))?;
-    stream.write_all(b"status\n").await?;
+    stream.write_all(format!("{request}\n").as_bytes()).await?;
     let mut text = String::new();
     stream.read_to_string(&mut text).await?;
-    serde_json::from_str(text.trim()).map_err(|_| QueryError::Answer(text))
+    serde_json::from_str(text.trim()).map_err(|_| QueryError::Answer(escaped(&text)))
+}
+
+/// A reload's outcome for humans: what changed, or why nothing did.
+pub fn render_reload(reply: &ReloadReply) -> String {
+    if !reply.ok {
+        let what = if reply.rejected {
+            "configuration rejected; the running one is kept"
+        } else {
+            "reload failed; running VMs unchanged"
+        };
+        let why = reply.error.as_deref().unwrap_or("no reason given");
+        return format!("qmpmux: {what}: {}\n", escaped(why));
+    }
+    let list = |names: &[String]| names.iter().map(|n| escaped(n)).collect::<Vec<_>>().join(", ");
+    let mut out = String::from("reloaded");
+    for (label, names) in [
+        ("added", &reply.added),
+        ("removed", &reply.removed),
+        ("restarted", &reply.restarted),
+    ] {
+        if !names.is_empty() {
+            let _ = write!(out, "; {label}: {}", list(names));
+        }
+    }
+    let _ = writeln!(out, "; {} VM(s) unchanged", reply.unchanged.len());
+    for setting in &reply.need_restart {
+        let _ = writeln!(
+            out,
+            "note: {setting} changed; it takes effect only when qmpmux restarts"
+        );
+    }
+    out
 }
 
 /// A table for humans, then a line about the daemon. Text from elsewhere

@@ -21,6 +21,20 @@ pub fn notify(state: &[NotifyState]) {
     }
 }
 
+/// `RELOADING=1` with the time, before a reload.
+pub fn notify_reloading() {
+    let mut states = vec![NotifyState::Reloading];
+    if let Ok(now) = NotifyState::monotonic_usec_now() {
+        states.push(now);
+    }
+    notify(&states);
+}
+
+/// `READY=1`, serving: after start and after each reload.
+pub fn notify_ready() {
+    notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
+}
+
 /// The watchdog interval systemd asked for, if it asked this process.
 pub fn interval() -> Option<Duration> {
     let mut usec = 0;
