@@ -7,7 +7,8 @@
 //!
 //! The figures are printed (`-- --nocapture`); the abuse can be made larger
 //! with `QMPMUX_BUDGET_REASON` (lease reason bytes) and
-//! `QMPMUX_BUDGET_STOPS` (requests per abusing client).
+//! `QMPMUX_BUDGET_STOPS` (requests per abusing client) and
+//! `QMPMUX_BUDGET_CLIENTS` (abusing clients).
 
 mod common;
 
@@ -74,8 +75,8 @@ async fn round_trip(c: &mut Client) -> Duration {
 /// holder's commands go on as ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_count_against_the_budget_of_a_client_that_does_not_read() {
-    const ABUSERS: usize = 4;
     const BUDGET: usize = 256 << 10;
+    let abusers_n = env_or("QMPMUX_BUDGET_CLIENTS", 4);
     let stops = env_or("QMPMUX_BUDGET_STOPS", 64);
     let dir = tempfile::tempdir().unwrap();
     let (up, sock) = (dir.path().join("q.sock"), dir.path().join("vm.sock"));
@@ -103,7 +104,7 @@ async fn refusals_count_against_the_budget_of_a_client_that_does_not_read() {
 
     let mut abusers = Vec::new();
     let one = r#"{"execute":"stop"}"#.repeat(stops);
-    for _ in 0..ABUSERS {
+    for _ in 0..abusers_n {
         let mut c = Client::ready(&sock).await;
         // Fits in the socket's buffers: never blocks.
         c.send(&one).await;
@@ -118,12 +119,12 @@ async fn refusals_count_against_the_budget_of_a_client_that_does_not_read() {
         peak = peak.max(rss_kib(pid));
         let log = std::fs::read_to_string(&qmpmux.log).unwrap_or_default();
         let cut = log.matches("client is not reading").count();
-        if cut == ABUSERS && busy_rt.len() >= 20 {
+        if cut == abusers_n && busy_rt.len() >= 20 {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "{cut} of {ABUSERS} non-reading clients cut off; qmpmux RSS {before} -> {peak} KiB"
+            "{cut} of {abusers_n} non-reading clients cut off; qmpmux RSS {before} -> {peak} KiB"
         );
     }
     let median = |v: &mut Vec<Duration>| {
@@ -131,7 +132,7 @@ async fn refusals_count_against_the_budget_of_a_client_that_does_not_read() {
         v[v.len() / 2]
     };
     println!(
-        "{ABUSERS} clients x {stops} refused stops (reason {} B), not reading: qmpmux RSS {before} -> peak {peak} KiB \
+        "{abusers_n} clients x {stops} refused stops (reason {} B), not reading: qmpmux RSS {before} -> peak {peak} KiB \
          (+{} KiB); holder's stop+cont {:?} quiet, {:?} meanwhile (median of {})",
         reason.len(),
         peak - before,
@@ -141,7 +142,7 @@ async fn refusals_count_against_the_budget_of_a_client_that_does_not_read() {
     );
     // Each costs at most about 1.5 x its budget, the socket buffers and one
     // refusal: far below what they asked for.
-    let bound = (ABUSERS * (2 * BUDGET + 2 * reason.len() + (1 << 20)) / 1024) as u64;
+    let bound = (abusers_n * (2 * BUDGET + 2 * reason.len() + (1 << 20)) / 1024) as u64;
     assert!(
         peak - before < bound,
         "qmpmux grew by {} KiB (bound {bound} KiB)",

@@ -475,8 +475,11 @@ mod tests {
             answer: Box::new(Answer::Leased("x".repeat(n))),
         };
         assert_eq!(tx.send(refusal(400)), Err(SendError::Full));
+        // A refused command's fd goes back to the client whatever waits.
+        let fd = std::fs::File::open("/dev/null").unwrap().into();
+        assert_eq!(tx.send(ToClient::FdBack(fd)), Ok(()));
         rx.recv().await.unwrap();
-        assert_eq!(tx.send(event(400)), Ok(()));
+        assert_eq!(tx.send(refusal(300)), Ok(()), "room again");
         drop(rx);
         assert_eq!(tx.send(failed(2)), Err(SendError::Closed));
     }
