@@ -25,9 +25,14 @@ fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-/// qmpmux's binary for one VM with `client` added to its `[client]` table.
+/// qmpmux's binary for one VM with `client` added to its `[client]` table,
+/// keeping up to 10,000 events (1 MiB of them, as by default).
 fn start(dir: &Path, up: &Path, sock: &Path, client: &str) -> Binary {
-    let config = config_toml(&[("vm", up, sock)], 4096).replacen("[client]\n", &format!("[client]\n{client}"), 1);
+    let config = config_toml(&[("vm", up, sock)], 4096).replacen(
+        "[client]\n",
+        &format!("[upstream]\nevent_history = 10000\n[client]\n{client}"),
+        1,
+    );
     Binary::start(
         &dir.join("qmpmux.toml"),
         &config,
@@ -175,19 +180,19 @@ async fn a_reading_client_may_pipeline_qmpmux_s_large_replies() {
     let qmpmux = start(dir.path(), &up, &sock, "");
     let pid = qmpmux.pid();
     let mut c = Client::ready(&sock).await;
-    // A full history: 1000 events of ~1 KiB.
-    lease_events(&mut c, 1000, &"h".repeat(900)).await;
+    // A full history: 1 MiB of events of ~400 bytes.
+    lease_events(&mut c, 3000, &"h".repeat(200)).await;
     let before = rss_kib(pid);
     let mut peak = before;
 
-    let query = r#"{"execute":"__org.qmpmux_query-events","arguments":{"limit":1000}}"#;
+    let query = r#"{"execute":"__org.qmpmux_query-events","arguments":{"limit":10000}}"#;
     c.send(&query.repeat(N)).await;
     let t = Instant::now();
     let mut bytes = 0;
     for i in 0..N {
         let r = c.reply().await;
         let events = r["return"]["events"].as_array().map_or(0, Vec::len);
-        assert!(events > 800, "reply {i}: {events} events");
+        assert!(events > 2000, "reply {i}: {events} events");
         bytes += r.to_string().len();
         peak = peak.max(rss_kib(pid));
     }
@@ -218,7 +223,7 @@ async fn a_reading_client_may_pipeline_qmpmux_s_large_replies() {
         }
     }
     assert_eq!(replies, N);
-    assert!(events > N * 800, "{events} events replayed");
+    assert!(events > N * 2000, "{events} events replayed");
     println!("{N} pipelined subscribe since 0: {events} events replayed; qmpmux RSS peak {peak} KiB");
 }
 
@@ -231,7 +236,7 @@ async fn max_reply_bytes_applies_to_qmpmux_s_own_replies() {
     let _qemu = Qemu::start(&up).await;
     let daemon = Daemon::start_with(&[("vm", &up, &sock)], |c| c.client.max_reply_bytes = 64 << 10).await;
     let mut c = Client::ready(&sock).await;
-    lease_events(&mut c, 400, &"h".repeat(900)).await;
+    lease_events(&mut c, 400, &"h".repeat(200)).await;
     let r = c
         .cmd(r#"{"execute":"__org.qmpmux_query-events","arguments":{"limit":400},"id":"big"}"#)
         .await;
