@@ -165,6 +165,19 @@ async fn refusals_count_against_the_budget_of_a_client_that_does_not_read() {
         }
         assert!(bytes < 4 * BUDGET + 2 * reason.len() + (1 << 20), "{bytes} bytes");
     }
+    // A client that reads may pipeline as many refused commands: they are
+    // refused as it reads, and it gets every refusal.
+    let mut reader = Client::ready(&sock).await;
+    reader.send(&one).await;
+    for _ in 0..stops {
+        let r = reader.reply().await;
+        assert_eq!(
+            r["error"]["class"],
+            "GenericError",
+            "{}",
+            r.to_string().chars().take(300).collect::<String>()
+        );
+    }
     assert!(holder.cmd(r#"{"execute":"query-status","id":1}"#).await["return"].is_object());
 }
 

@@ -149,8 +149,9 @@ struct Client {
     /// No request is read until request `seq` is answered: one of
     /// qmpmux's commands the session answers (at once, and up to the
     /// whole event history: one at a time keeps a client that pipelines
-    /// them within its budget), or a command that took a passed fd (which
-    /// may come back, refused, for the next `getfd`).
+    /// them within its budget), a command the lease will likely refuse
+    /// (likewise), or a command that took a passed fd (which may come
+    /// back, refused, for the next `getfd`).
     hold: Option<u64>,
     /// A passed fd that came back with a refusal, for the next request.
     returned_fd: Option<std::os::fd::OwnedFd>,
@@ -467,6 +468,16 @@ impl Client {
         self.qmp.negotiated || self.subscribed_early
     }
 
+    /// Whether another client holds the VM's lease: this client's next
+    /// command that is not exempt will most likely be refused, by the
+    /// session, at once, with a text the holder chose. Such refusals are
+    /// then made one at a time, as the client reads, like the answers to
+    /// qmpmux's own commands (see `hold`). Read per such command only.
+    fn leased_by_another(&self) -> bool {
+        let status = self.ctx.session.status();
+        status.lease.as_ref().is_some_and(|h| h.client != self.id)
+    }
+
     /// A reply line made by qmpmux, ready to go in this client's order.
     fn push_ready(&mut self, line: Bytes) {
         let line = bounded(&self.ctx.vm, self.ctx.opts.max_reply_bytes, line);
@@ -508,16 +519,16 @@ impl Client {
                 // Otherwise (exec-oob, other commands, arguments QEMU
                 // rejects) QEMU would keep the fd for the next one.
                 let fd = if fwd.takes_fd { passed.take_fd() } else { None };
-                if fd.is_some() {
+                // Queries change nothing: the audit log is for the rest, and
+                // they run even while another client holds the lease.
+                let exempt = crate::upstream::lease::exempt(&fwd.command, &self.ctx.opts.lease_exempt);
+                if fd.is_some() || (!exempt && self.leased_by_another()) {
                     self.hold = Some(seq);
                 }
                 let fdname = fwd.fdname.map(|n| match fwd.command.as_str() {
                     "getfd" => FdNameOp::Get(n),
                     _ => FdNameOp::Close(n),
                 });
-                // Queries change nothing: the audit log is for the rest, and
-                // they run even while another client holds the lease.
-                let exempt = crate::upstream::lease::exempt(&fwd.command, &self.ctx.opts.lease_exempt);
                 let audit = (!fwd.command.starts_with("query-")).then(|| (fwd.command, Instant::now()));
                 let bytes = fwd.tail.len();
                 self.pending_bytes += bytes;
