@@ -86,6 +86,9 @@ pub enum FailKind {
     Stopping { sent: bool },
     /// The reply exceeds `max_reply_bytes`.
     ReplyTooLarge { bytes: usize, max: usize },
+    /// qmpmux's own reply (to one of its commands, or an error it gives
+    /// itself) exceeds `max_reply_bytes`: the same rule as for QEMU's.
+    OwnReplyTooLarge { bytes: usize, max: usize },
 }
 
 impl FailKind {
@@ -94,7 +97,7 @@ impl FailKind {
         match self {
             FailKind::Lost | FailKind::ReplyTooLarge { .. } => true,
             FailKind::TimedOut { sent, .. } | FailKind::Stopping { sent } => sent,
-            FailKind::NotSent | FailKind::Down(_) => false,
+            FailKind::NotSent | FailKind::Down(_) | FailKind::OwnReplyTooLarge { .. } => false,
         }
     }
 
@@ -126,6 +129,9 @@ impl FailKind {
             ),
             FailKind::ReplyTooLarge { bytes, max } => format!(
                 "QEMU's reply ({bytes} bytes) is larger than this client may receive (max_reply_bytes = {max}); the command was executed"
+            ),
+            FailKind::OwnReplyTooLarge { bytes, max } => format!(
+                "qmpmux's reply ({bytes} bytes) is larger than this client may receive (max_reply_bytes = {max}); with __org.qmpmux_query-events, ask for fewer events ('limit')"
             ),
         };
         ("GenericError", format!("qmpmux: {desc}"))

@@ -296,3 +296,60 @@ async fn query_events_returns_kept_events_without_subscribing() {
     }
     daemon.stop().await;
 }
+
+/// A consumer that subscribes with `since` before `qmp_capabilities` (the
+/// one command qmpmux takes then) gets no unnumbered event first: every
+/// event after its number exactly once, numbered and in order, also those
+/// QEMU emits while it switches over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_subscribing_before_negotiation_gets_every_event_once_numbered() {
+    let dir = tempfile::tempdir().unwrap();
+    let (up, sock) = (dir.path().join("q.sock"), dir.path().join("vm.sock"));
+    let _qemu = Qemu::start(&up).await;
+    let daemon = Daemon::start(&[("vm", &up, &sock)]).await;
+    let mut driver = Client::ready(&sock).await;
+    driver.stop_cont(10).await;
+    let kept = driver
+        .cmd(r#"{"execute":"__org.qmpmux_query-events","arguments":{"limit":1000},"id":"q"}"#)
+        .await;
+    let since = kept["return"]["events"][5][SEQ].as_u64().expect("a kept event");
+    // QEMU emits events all through the consumer's switch.
+    let burst = tokio::spawn(async move {
+        driver.stop_cont(200).await;
+        driver
+    });
+    let (mut c, _) = Client::open(&sock).await;
+    c.send(&format!(
+        r#"{{"execute":"__org.qmpmux_subscribe","arguments":{{"since":{since}}},"id":"sub"}}{{"execute":"qmp_capabilities","id":"cap"}}"#
+    ))
+    .await;
+    let mut seen = Vec::new();
+    let mut replies = Vec::new();
+    while replies.len() < 2 {
+        let v = c.recv().await;
+        match v.get("event") {
+            Some(_) => seen.push(v[SEQ].as_u64().unwrap_or_else(|| panic!("unnumbered event {v}"))),
+            None => replies.push(v),
+        }
+    }
+    assert_eq!(replies[0]["id"], "sub", "{}", replies[0]);
+    assert_eq!(replies[0]["return"]["lost"], false, "{}", replies[0]);
+    assert_eq!(replies[1], serde_json::json!({"return": {}, "id": "cap"}));
+    let mut driver = burst.await.unwrap();
+    let next = driver
+        .cmd(r#"{"execute":"__org.qmpmux_query-events","arguments":{"limit":1},"id":"n"}"#)
+        .await["return"]["next"]
+        .as_u64()
+        .unwrap();
+    for v in events_until_marker(&mut c).await {
+        seen.push(v[SEQ].as_u64().unwrap_or_else(|| panic!("unnumbered event {v}")));
+    }
+    let want: Vec<u64> = (since + 1..next).collect();
+    assert_eq!(seen, want);
+    // Other commands still wait for negotiation, as with QEMU: checked on
+    // a fresh connection.
+    let (mut early, _) = Client::open(&sock).await;
+    let r = early.cmd(r#"{"execute":"__org.qmpmux_query-events","id":1}"#).await;
+    assert_eq!(r["error"]["class"], "CommandNotFound", "{r}");
+    daemon.stop().await;
+}

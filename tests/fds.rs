@@ -394,3 +394,43 @@ async fn a_getfd_without_an_fd_never_takes_another_client_s() {
     assert_eq!(c.reply().await["id"], "slow");
     daemon.stop().await;
 }
+
+/// An fd passed with a command the lease refuses waits for the next
+/// `getfd`/`add-fd`, as one refused by policy does (QEMU keeps an fd no
+/// command took). Before, it was closed with the refused command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_fd_sent_with_a_command_the_lease_refuses_waits_for_the_next_getfd() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (up, sock) = (dir.path().join("q.sock"), dir.path().join("vm.sock"));
+    let qemu = Qemu::start(&up).await;
+    let daemon = Daemon::start(&[("vm", &up, &sock)]).await;
+    let mut holder = Client::ready(&sock).await;
+    let r = holder
+        .cmd(r#"{"execute":"__org.qmpmux_lease","arguments":{"seconds":60},"id":"l"}"#)
+        .await;
+    assert!(r.get("return").is_some(), "{r}");
+    let c = Client::ready(&sock).await;
+    let (p1, _w1) = pipe();
+    let (r, w) = c.into_inner();
+    // Refused by the lease, and so is the fd-less one right behind it,
+    // which finds the fd back (it is read only after the first's answer).
+    let two = r#"{"execute":"add-fd","id":1}{"execute":"add-fd","id":2}"#;
+    send_fds(&w, two.as_bytes(), &[&[p1.as_raw_fd()]]);
+    let mut c = Client::from_parts(r, w);
+    for id in 1..=2 {
+        let r = c.reply().await;
+        assert_eq!(r["id"], id, "{r}");
+        assert!(r["error"]["desc"].as_str().unwrap().contains("is leased by"), "{r}");
+    }
+    let r = holder.cmd(r#"{"execute":"__org.qmpmux_release","id":"r"}"#).await;
+    assert!(r.get("return").is_some(), "{r}");
+    // The lease is gone: the next add-fd gets the fd passed with the first.
+    let r = c.cmd(r#"{"execute":"add-fd","id":3}"#).await;
+    assert_eq!(fd_target(qemu.pid(), &r["return"]["fd"]), self_target(&p1), "{r}");
+    // And it was taken: nothing waits now.
+    let r = c.cmd(r#"{"execute":"add-fd","id":4}"#).await;
+    assert_eq!(r["error"]["desc"], "No file descriptor supplied via SCM_RIGHTS", "{r}");
+    drop((c, holder));
+    daemon.stop().await;
+}

@@ -42,7 +42,9 @@ use tracing::{debug, error, info, warn};
 /// waiting to be written (or half the client's queue budget, if smaller);
 /// the mailbox then fills and the session drops a client that does not
 /// read. A client that stops reading thus costs at most about 1.5 times
-/// `max_queue_bytes`, plus the kernel's socket buffer.
+/// `max_queue_bytes`, plus the kernel's socket buffer. Requests are not
+/// read while this much output waits, answered ones behind an unanswered
+/// one included: whatever answers them, QEMU, the session or this task.
 const OUTBUF_HIGH: usize = 1 << 20;
 
 /// How long a stopping qmpmux tries to write a client's last replies.
@@ -141,6 +143,22 @@ struct Client {
     /// The request whose reply the mailbox knows this client waits for
     /// first (see `Expect`).
     expecting: Option<u64>,
+    /// Bytes of the `Slot::Ready` lines, counted with `outbuf` against
+    /// reading more requests.
+    ready_bytes: usize,
+    /// No request is read until request `seq` is answered: one of
+    /// qmpmux's commands the session answers (at once, and up to the
+    /// whole event history: one at a time keeps a client that pipelines
+    /// them within its budget), a command the lease will likely refuse
+    /// (likewise), or a command that took a passed fd (which may come
+    /// back, refused, for the next `getfd`).
+    hold: Option<u64>,
+    /// A passed fd that came back with a refusal, for the next request.
+    returned_fd: Option<std::os::fd::OwnedFd>,
+    /// An `__org.qmpmux_subscribe` sent before `qmp_capabilities`: events
+    /// reach the client from its answer on (see `takes_events`).
+    early_subscribe: Option<u64>,
+    subscribed_early: bool,
 }
 
 /// Why the client's connection ended.
@@ -248,6 +266,11 @@ where
         eof: false,
         recheck: None,
         expecting: None,
+        ready_bytes: 0,
+        hold: None,
+        returned_fd: None,
+        early_subscribe: None,
+        subscribed_early: false,
     };
     let end = client.run(&mut reader, &mut write, &mut mailbox).await;
     client.finish(end, &mut write, &mut mailbox).await
@@ -277,14 +300,15 @@ impl Client {
             }
             let can_read = !self.eof
                 && self.closing.is_none()
+                && self.hold.is_none()
                 && self.slots.len() < self.ctx.opts.max_in_flight
                 && self.pending_bytes < self.ctx.opts.max_pending_bytes
-                && self.outbuf.len() < outbuf_high;
+                && self.outbuf.len() + self.ready_bytes < outbuf_high;
             // With nothing of its own to write, the session may write
             // events to the socket itself (it runs only while this waits),
             // and the reply this client waits for first.
             self.expect(mailbox, can_read);
-            mailbox.allow_direct(self.qmp.negotiated && self.outbuf.is_empty());
+            mailbox.allow_direct(self.takes_events() && self.outbuf.is_empty());
             // Cancel-safe branches only: FramedRead::next, Mailbox::recv, one
             // write, a sleep. Polled in this order, stopping at the first
             // ready one: a wake-up for a reply or event polls only the
@@ -438,17 +462,45 @@ async fn wait_for_greeting(ctx: &ClientContext) -> Option<Arc<Greeting>> {
 }
 
 impl Client {
+    /// Whether events reach the client: once it has negotiated, or
+    /// subscribed before that (from its subscription's point on).
+    fn takes_events(&self) -> bool {
+        self.qmp.negotiated || self.subscribed_early
+    }
+
+    /// Whether another client holds the VM's lease: this client's next
+    /// command that is not exempt will most likely be refused, by the
+    /// session, at once, with a text the holder chose. Such refusals are
+    /// then made one at a time, as the client reads, like the answers to
+    /// qmpmux's own commands (see `hold`). Read per such command only.
+    fn leased_by_another(&self) -> bool {
+        let status = self.ctx.session.status();
+        status.lease.as_ref().is_some_and(|h| h.client != self.id)
+    }
+
+    /// A reply line made by qmpmux, ready to go in this client's order.
+    fn push_ready(&mut self, line: Bytes) {
+        let line = bounded(&self.ctx.vm, self.ctx.opts.max_reply_bytes, line);
+        self.ready_bytes += line.len();
+        self.slots.push_back(Slot::Ready(line));
+    }
+
     async fn on_frame(&mut self, frame: Frame, passed: &mut impl ClientReader) {
         if matches!(frame, Frame::Limit(_)) {
             self.closing = Some(End::Limit);
         }
+        // Refused before QEMU saw it: it waits as if no command had come
+        // (nothing was read meanwhile, see `hold`).
+        if let Some(fd) = self.returned_fd.take() {
+            passed.restore_fd(fd);
+        }
         let policy = &self.ctx.listener.policy;
         match decide(frame, &mut self.qmp, self.offered, |c, a| policy.admit(c, a)) {
-            Decision::Local(line) => self.slots.push_back(Slot::Ready(line)),
+            Decision::Local(line) => self.push_ready(line),
             Decision::Denied { line, command } => {
                 self.ctx.metrics.refusals.inc();
                 self.audit(&command, Outcome::Denied, Instant::now());
-                self.slots.push_back(Slot::Ready(line));
+                self.push_ready(line);
             }
             // QEMU's own answer, given here: forwarded, it could take
             // another client's fd, one that reaches QEMU's shared
@@ -457,7 +509,7 @@ impl Client {
                 let id = fwd.id.as_deref().map(qemu_style);
                 let line = error_line(id.as_deref(), "GenericError", NO_FD_PASSED);
                 self.audit(&fwd.command, Outcome::Error, Instant::now());
-                self.slots.push_back(Slot::Ready(line));
+                self.push_ready(line);
             }
             Decision::Forward(fwd) if extensions::is_extension(&fwd.command) => self.extension(fwd).await,
             Decision::Forward(fwd) => {
@@ -467,13 +519,16 @@ impl Client {
                 // Otherwise (exec-oob, other commands, arguments QEMU
                 // rejects) QEMU would keep the fd for the next one.
                 let fd = if fwd.takes_fd { passed.take_fd() } else { None };
+                // Queries change nothing: the audit log is for the rest, and
+                // they run even while another client holds the lease.
+                let exempt = crate::upstream::lease::exempt(&fwd.command, &self.ctx.opts.lease_exempt);
+                if fd.is_some() || (!exempt && self.leased_by_another()) {
+                    self.hold = Some(seq);
+                }
                 let fdname = fwd.fdname.map(|n| match fwd.command.as_str() {
                     "getfd" => FdNameOp::Get(n),
                     _ => FdNameOp::Close(n),
                 });
-                // Queries change nothing: the audit log is for the rest, and
-                // they run even while another client holds the lease.
-                let exempt = crate::upstream::lease::exempt(&fwd.command, &self.ctx.opts.lease_exempt);
                 let audit = (!fwd.command.starts_with("query-")).then(|| (fwd.command, Instant::now()));
                 let bytes = fwd.tail.len();
                 self.pending_bytes += bytes;
@@ -529,7 +584,7 @@ impl Client {
                 self.fill(seq, outcome, |id| failure_line(&vm, id, kind))
             }
             ToClient::Event(line) => {
-                if self.qmp.negotiated {
+                if self.takes_events() {
                     self.outbuf.extend_from_slice(&line);
                 }
             }
@@ -541,8 +596,17 @@ impl Client {
                     Answer::Error { .. } => Outcome::Error,
                     Answer::Leased(_) => Outcome::Leased,
                 };
-                self.fill(seq, outcome, |id| answer.line(id))
+                // Events from here on in the mailbox come after the
+                // subscription's point, numbered.
+                if self.early_subscribe == Some(seq) {
+                    self.early_subscribe = None;
+                    self.subscribed_early = true;
+                }
+                let (vm, max) = (self.ctx.vm.clone(), self.ctx.opts.max_reply_bytes);
+                self.fill(seq, outcome, |id| bounded(&vm, max, answer.line(id)))
             }
+            // Answered next (a refusal); nothing is read before that.
+            ToClient::FdBack(fd) => self.returned_fd = Some(fd),
             // A resume: these come before any later event (the session
             // sent them at one point of the event stream). Written whole:
             // their size is bounded by the VM's `event_history_bytes`.
@@ -572,11 +636,15 @@ impl Client {
             return;
         };
         self.pending_bytes -= bytes;
+        if self.hold == Some(seq) {
+            self.hold = None;
+        }
         let line = make(id.as_deref());
         if oob {
             self.slots.remove(at);
             self.outbuf.extend_from_slice(&line);
         } else {
+            self.ready_bytes += line.len();
             self.slots[at] = Slot::Ready(line);
         }
         if let Some((command, start)) = audit {
@@ -592,18 +660,23 @@ impl Client {
         let ext = match extensions::parse(&fwd.command, fwd.ext_arguments.as_deref()) {
             Ok(Extension::QueryProxy) => {
                 let line = self.query_proxy(fwd.id.as_deref());
-                self.slots.push_back(Slot::Ready(line));
+                self.push_ready(line);
                 return;
             }
             Ok(ext) => ext,
             Err(refusal) => {
                 let line = error_line(id.as_deref(), refusal.class, &refusal.desc);
-                self.slots.push_back(Slot::Ready(line));
+                self.push_ready(line);
                 return;
             }
         };
         let seq = self.next_seq;
         self.next_seq += 1;
+        self.hold = Some(seq);
+        // Only a subscription is taken before negotiation (see `decide`).
+        if !self.qmp.negotiated {
+            self.early_subscribe = Some(seq);
+        }
         let audit = matches!(ext, Extension::Lease { .. } | Extension::Release).then(|| (fwd.command, Instant::now()));
         self.slots.push_back(Slot::Waiting {
             seq,
@@ -698,10 +771,30 @@ impl Client {
     fn flush_ready(&mut self) {
         while let Some(Slot::Ready(_)) = self.slots.front() {
             if let Some(Slot::Ready(line)) = self.slots.pop_front() {
+                self.ready_bytes -= line.len();
                 self.outbuf.extend_from_slice(&line);
             }
         }
     }
+}
+
+/// One rule for every reply a client gets, QEMU's or qmpmux's own: one
+/// larger than `max` (`max_reply_bytes`), not counting the id the client
+/// chose, is replaced by an error with that id saying so. QEMU's replies
+/// are measured before their line is made (`on_session`); this measures
+/// the lines qmpmux makes itself, and looks for the id only in one that is
+/// too long.
+fn bounded(vm: &str, max: usize, line: Bytes) -> Bytes {
+    if line.len() <= max {
+        return line;
+    }
+    let text = line.trim_ascii_end();
+    let id = crate::qmp::json::members(text).ok().and_then(|m| m.get("id"));
+    let bytes = text.len() - id.map_or(0, |v| v.get().len());
+    if bytes <= max {
+        return line;
+    }
+    failure_line(vm, id, FailKind::OwnReplyTooLarge { bytes, max })
 }
 
 /// A command's outcome, as the audit log says it.

@@ -8,7 +8,8 @@
 //! rest are closed. So at most one fd waits per client, and qmpmux keeps
 //! only that one: the others of a message are closed as they arrive.
 //! Commands that do not take an fd (refused by policy, `exec-oob`, any
-//! other) leave it waiting, as QEMU does. The fds of one message go with
+//! other) leave it waiting, as QEMU does; so does a command that took it
+//! but was refused before QEMU saw it (the lease): it comes back. The fds of one message go with
 //! the bytes of that message: the framer hands out every complete request
 //! before reading further, so a request sees the fds that arrived with or
 //! before its closing brace, as in QEMU.
@@ -175,6 +176,13 @@ pub trait ClientReader {
         false
     }
 
+    /// An fd taken for a command that never reached QEMU waits again,
+    /// unless a newer one has come meanwhile (which replaces it, as in
+    /// QEMU); dropped (closed) then.
+    fn restore_fd(&mut self, fd: OwnedFd) {
+        drop(fd);
+    }
+
     /// After EOF: whether the peer closed its whole connection (not just
     /// its sending side), so that nothing can reach it any more.
     fn peer_gone(&self) -> bool {
@@ -189,6 +197,10 @@ impl ClientReader for FdReader {
 
     fn has_fd(&self) -> bool {
         self.waiting.is_some()
+    }
+
+    fn restore_fd(&mut self, fd: OwnedFd) {
+        self.waiting.get_or_insert(fd);
     }
 
     /// A unix socket whose peer closed entirely reports a hang-up; one

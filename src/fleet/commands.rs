@@ -249,7 +249,7 @@ impl Task {
         let error = matches!(&msg, ToClient::Reply { error: true, .. } | ToClient::Failed { .. });
         let seq = match &msg {
             ToClient::Reply { seq, .. } | ToClient::Failed { seq, .. } | ToClient::Answer { seq, .. } => *seq,
-            ToClient::Event(_) | ToClient::Replay(_) | ToClient::Written(_) => return,
+            ToClient::Event(_) | ToClient::Replay(_) | ToClient::Written(_) | ToClient::FdBack(_) => return,
         };
         let Some(w) = self.waiting.remove(&seq) else { return };
         let Some((_, line)) = msg.into_reply_line(&self.vm.name, w.id.as_deref()) else {

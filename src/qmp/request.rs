@@ -11,6 +11,9 @@ use super::outgoing::{empty_return_line, error_line};
 use bytes::Bytes;
 use serde_json::value::RawValue;
 
+/// The one command a client may send before `qmp_capabilities`.
+pub const EARLY_COMMAND: &str = "__org.qmpmux_subscribe";
+
 /// Capabilities a client may enable; QEMU knows only `oob`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Caps {
@@ -199,7 +202,10 @@ pub fn decide(
         session.enabled = caps;
         return Decision::Local(empty_return_line(id.map(qemu_style).as_deref()));
     }
-    if !session.negotiated {
+    // The one exception: a subscription before negotiation, so that a
+    // resuming client gets no unnumbered event first. Stock clients never
+    // send it (QEMU would refuse it, as it does anything else here).
+    if !session.negotiated && command != EARLY_COMMAND {
         return reject(command_not_found(
             "Expecting capabilities negotiation with 'qmp_capabilities'",
         ));
@@ -329,6 +335,10 @@ mod tests {
             run(&mut s, no, r#"{"execute":"qmp_capabilities","arguments":{"enable":[1]}}"#),
             "{\"error\": {\"class\": \"GenericError\", \"desc\": \"Invalid parameter type for 'enable[0]', expected: string\"}}\r\n"
         );
+        // qmpmux's subscription alone is taken before negotiation (other
+        // extensions are refused as QEMU refuses everything here).
+        assert!(run(&mut s, no, r#"{"execute":"__org.qmpmux_subscribe","id":3}"#).starts_with("FORWARD"));
+        assert!(run(&mut s, no, r#"{"execute":"__org.qmpmux_query-events","id":4}"#).contains("CommandNotFound"));
         assert!(!s.negotiated);
         assert_eq!(
             run(&mut s, no, r#"{"execute":"qmp_capabilities","id":null}"#),

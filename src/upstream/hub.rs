@@ -288,7 +288,11 @@ impl Hub {
         let outcome = match &msg {
             ToClient::Reply { seq, error, .. } => Some((*seq, !error)),
             ToClient::Failed { seq, kind } => Some((*seq, kind.may_have_run())),
-            ToClient::Event(_) | ToClient::Answer { .. } | ToClient::Replay(_) | ToClient::Written(_) => None,
+            ToClient::Event(_)
+            | ToClient::Answer { .. }
+            | ToClient::Replay(_)
+            | ToClient::Written(_)
+            | ToClient::FdBack(_) => None,
         };
         if let Some((seq, done)) = outcome {
             self.finished(client, seq, done);
@@ -334,9 +338,9 @@ impl Hub {
 
     /// A command while QEMU is not connected: an error at once (after the
     /// lease's, which says more).
-    pub fn refuse_down(&mut self, client: u64, request: &Request, state: Runstate) {
+    pub fn refuse_down(&mut self, client: u64, request: Request, state: Runstate) {
         let seq = request.seq;
-        let msg = match self.admit(client, request, Instant::now()) {
+        let msg = match self.admit(client, &request, Instant::now()) {
             Err(answer) => ToClient::Answer {
                 seq,
                 answer: Box::new(answer),
@@ -346,6 +350,16 @@ impl Hub {
                 kind: FailKind::Down(state),
             },
         };
+        self.refuse(client, request, msg);
+    }
+
+    /// Answers `client`'s `request` with `msg` without sending it to QEMU.
+    /// Its passed fd goes back to the client first, to wait for its next
+    /// `getfd`/`add-fd`: QEMU keeps an fd that no command took.
+    pub fn refuse(&mut self, client: u64, request: Request, msg: ToClient) {
+        if let Some(fd) = request.fd {
+            self.deliver(client, ToClient::FdBack(fd));
+        }
         self.deliver(client, msg);
     }
 

@@ -136,7 +136,7 @@ fn cost(msg: &ToClient) -> usize {
         + match msg {
             ToClient::Reply { reply, .. } => reply.len(),
             ToClient::Event(line) => line.len(),
-            ToClient::Failed { .. } => 0,
+            ToClient::Failed { .. } | ToClient::FdBack(_) => 0,
             ToClient::Answer { answer, .. } => match &**answer {
                 Answer::Return(text) | Answer::Leased(text) => text.len(),
                 Answer::Error { desc, .. } => desc.len(),
@@ -224,9 +224,17 @@ impl MailboxSender {
 
     fn enqueue(&self, mut state: MutexGuard<'_, State>, msg: ToClient) -> Result<(), SendError> {
         let c = cost(&msg);
-        // Failures are small and must always get through: they are replies.
-        let must = matches!(msg, ToClient::Failed { .. })
-            || matches!(&msg, ToClient::Answer { answer, .. } if !matches!(**answer, Answer::Return(_)));
+        // Failure notices must always get through: they are replies, of a
+        // fixed size (`cost` counts none of their text), and there are at
+        // most as many as the client has requests in flight. Everything
+        // else, qmpmux's own answers included (a lease refusal carries the
+        // holder's reason, `query-events` up to the whole history), counts
+        // against the budget like QEMU's replies: a client that lets them
+        // pile up is not reading. (The client task reads no request while
+        // its output is over budget, and has at most one of qmpmux's own
+        // commands answered by the session at a time, so one that reads is
+        // never refused here for pipelining them.)
+        let must = matches!(msg, ToClient::Failed { .. } | ToClient::FdBack(_));
         {
             // The budget is for a backlog: one message larger than all of
             // it still goes to a client with (next to) nothing waiting.
@@ -461,8 +469,17 @@ mod tests {
         assert_eq!(tx.send(event(400)), Err(SendError::Full));
         // A failure notice is a reply: never refused for space.
         assert_eq!(tx.send(failed(1)), Ok(()));
+        // qmpmux's own answers count like anything else, refusals too.
+        let refusal = |n| ToClient::Answer {
+            seq: 2,
+            answer: Box::new(Answer::Leased("x".repeat(n))),
+        };
+        assert_eq!(tx.send(refusal(400)), Err(SendError::Full));
+        // A refused command's fd goes back to the client whatever waits.
+        let fd = std::fs::File::open("/dev/null").unwrap().into();
+        assert_eq!(tx.send(ToClient::FdBack(fd)), Ok(()));
         rx.recv().await.unwrap();
-        assert_eq!(tx.send(event(400)), Ok(()));
+        assert_eq!(tx.send(refusal(300)), Ok(()), "room again");
         drop(rx);
         assert_eq!(tx.send(failed(2)), Err(SendError::Closed));
     }

@@ -115,6 +115,11 @@ pub enum ToClient {
     Replay(Box<[Bytes]>),
     /// A reply the session wrote to the client's socket itself.
     Written(Box<Written>),
+    /// The fd passed with a command the session refused (the lease, QEMU
+    /// not connected) before QEMU saw it: it waits for the client's next
+    /// `getfd`/`add-fd` again, as QEMU keeps an fd no command took. Sent
+    /// just before the refusal.
+    FdBack(std::os::fd::OwnedFd),
 }
 
 /// QEMU's reply to request `seq`, which the session wrote to the client's
@@ -160,7 +165,7 @@ impl ToClient {
             }
             ToClient::Failed { seq, kind } => Some((seq, failure_line(vm, id, kind))),
             ToClient::Answer { seq, answer } => Some((seq, answer.line(id))),
-            ToClient::Event(_) | ToClient::Replay(_) | ToClient::Written(_) => None,
+            ToClient::Event(_) | ToClient::Replay(_) | ToClient::Written(_) | ToClient::FdBack(_) => None,
         }
     }
 }

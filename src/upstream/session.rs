@@ -454,7 +454,7 @@ impl Session {
         let now = std::time::Instant::now();
         if let Err(answer) = self.hub.admit(client, &request, now) {
             let (seq, answer) = (request.seq, Box::new(answer));
-            self.hub.deliver(client, ToClient::Answer { seq, answer });
+            self.hub.refuse(client, request, ToClient::Answer { seq, answer });
             return;
         }
         let Request {
@@ -588,7 +588,7 @@ async fn serve_down(rx: &mut mpsc::Receiver<ToSession>, hub: &mut Hub, state: Ru
         };
         let Some(msg) = msg else { return };
         if let Some(ToSession::Execute { client, request }) = hub.membership(msg) {
-            hub.refuse_down(client, &request, state);
+            hub.refuse_down(client, request, state);
         }
     }
 }
