@@ -19,9 +19,11 @@ const NEGOTIATE_ID: &str = "qmpmux-negotiate";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("cannot connect to {path}")]
+    #[error("cannot connect to {path}{hint}")]
     Connect {
         path: PathBuf,
+        /// The likely cause, when qmpmux can tell (see [`hidden_by_unit`]).
+        hint: &'static str,
         #[source]
         source: std::io::Error,
     },
@@ -94,12 +96,37 @@ pub async fn accept(listener: &UnixListener, opts: &UpstreamOptions) -> Result<C
         .map_err(|_| ConnectError::GreetingTimeout(opts.greeting_timeout))?
 }
 
+/// Whether this process is a systemd service (systemd sets
+/// `INVOCATION_ID` for every unit it starts).
+fn under_systemd() -> bool {
+    std::env::var_os("INVOCATION_ID").is_some()
+}
+
+/// Why a socket that QEMU created may not exist for qmpmux: the shipped
+/// unit gives it a /tmp of its own (`PrivateTmp=yes`) and hides home
+/// directories (`ProtectHome=yes`). Empty when that is not the likely cause.
+pub fn hidden_by_unit(path: &Path, error: &std::io::Error, service: bool) -> &'static str {
+    if !service || error.kind() != std::io::ErrorKind::NotFound {
+        return "";
+    }
+    if path.starts_with("/tmp") || path.starts_with("/var/tmp") {
+        " (qmpmux runs as a systemd service, and the shipped unit's PrivateTmp=yes gives it a /tmp of its own: \
+         move QEMU's socket, e.g. under /run or /var/lib/qemu, or set PrivateTmp=no in a drop-in)"
+    } else if ["/home", "/root", "/run/user"].iter().any(|d| path.starts_with(d)) {
+        " (qmpmux runs as a systemd service, and the shipped unit's ProtectHome=yes hides /home, /root and \
+         /run/user: move QEMU's socket, e.g. under /run or /var/lib/qemu, or set ProtectHome=no in a drop-in)"
+    } else {
+        ""
+    }
+}
+
 pub async fn connect(path: &Path, opts: &UpstreamOptions) -> Result<Connection, ConnectError> {
     let stream = tokio::time::timeout(opts.connect_timeout, UnixStream::connect(path))
         .await
         .map_err(|_| ConnectError::ConnectTimeout(opts.connect_timeout))?
         .map_err(|source| ConnectError::Connect {
             path: path.to_owned(),
+            hint: hidden_by_unit(path, &source, under_systemd()),
             source,
         })?;
     let (read, writer) = crate::runtime::sock::split(stream)?;
@@ -143,5 +170,27 @@ async fn negotiate(mut reader: UpstreamReader, mut writer: WriteHalf) -> Result<
             writer,
             greeting,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hidden_by_unit;
+    use std::io::{Error, ErrorKind};
+    use std::path::Path;
+
+    #[test]
+    fn a_socket_the_unit_hides_is_named_as_the_likely_cause() {
+        let missing = Error::from(ErrorKind::NotFound);
+        let tmp = hidden_by_unit(Path::new("/tmp/vm/qmp.sock"), &missing, true);
+        assert!(tmp.contains("PrivateTmp=yes"), "{tmp}");
+        let home = hidden_by_unit(Path::new("/home/ann/vm.sock"), &missing, true);
+        assert!(home.contains("ProtectHome=yes"), "{home}");
+        // Not a service, another error, another place: no guess.
+        assert_eq!(hidden_by_unit(Path::new("/tmp/q.sock"), &missing, false), "");
+        let refused = Error::from(ErrorKind::ConnectionRefused);
+        assert_eq!(hidden_by_unit(Path::new("/tmp/q.sock"), &refused, true), "");
+        assert_eq!(hidden_by_unit(Path::new("/var/lib/qemu/q.sock"), &missing, true), "");
+        assert_eq!(hidden_by_unit(Path::new("/tmpfoo/q.sock"), &missing, true), "");
     }
 }
