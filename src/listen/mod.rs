@@ -11,7 +11,7 @@ use sockfile::{bind, BindError, Created};
 use std::collections::HashMap;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_rustls::TlsAcceptor;
-use tracing::warn;
+use tracing::{error, warn};
 
 /// Why binding the daemon's sockets failed.
 #[derive(Debug, thiserror::Error)]
@@ -44,20 +44,20 @@ pub enum ListenError {
     },
 }
 
-/// What to say about a TCP bind the system refused outright: the shipped
-/// systemd unit allows unix sockets only (`RestrictAddressFamilies=AF_UNIX`:
-/// EAFNOSUPPORT), and a port below 1024 needs `CAP_NET_BIND_SERVICE`
-/// (EACCES).
+/// What to say about a TCP bind the system refused outright: a systemd unit
+/// that allows unix sockets only (`RestrictAddressFamilies=AF_UNIX`:
+/// EAFNOSUPPORT; the shipped one allows loopback too), and a port below
+/// 1024 needs `CAP_NET_BIND_SERVICE` (EACCES).
 fn network_hint(e: &std::io::Error) -> &'static str {
     macro_rules! unit {
         ($why:literal) => {
             concat!(
                 " (",
                 $why,
-                "; if qmpmux runs under the shipped systemd unit, which allows unix sockets only, ",
+                "; if qmpmux runs under a systemd unit that allows unix sockets only, ",
                 "allow the network in a drop-in (`systemctl edit qmpmux`): ",
-                "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6, PrivateNetwork=no, IPAddressDeny= ",
-                "(see docs/operations.md, systemd))"
+                "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6, PrivateNetwork=no, ",
+                "and IPAddressAllow= for addresses beyond localhost (see docs/operations.md, systemd))"
             )
         };
     }
@@ -133,7 +133,8 @@ impl Listeners {
 
     /// Binds every VM's `listen` path, the control socket and the metrics
     /// endpoint. On failure, the socket files and directories already
-    /// created are removed.
+    /// created are removed; the control socket and the metrics endpoint are
+    /// not worth failing for (each is logged and left out).
     pub async fn bind(config: &Config) -> Result<Listeners, ListenError> {
         let mut out = Listeners::default();
         for vm in &config.vms {
@@ -151,9 +152,15 @@ impl Listeners {
             }
         }
         if let Some(addr) = config.metrics_listen {
+            // Nor are metrics: the VMs' sockets are what clients need, and a
+            // restart after `metrics_listen` was set must not take them all
+            // down. The error says what is not served, and why.
             match TcpListener::bind(addr).await {
                 Ok(l) => out.metrics = Some(l),
-                Err(source) => return Err(out.undo(ListenError::Metrics { addr, source })),
+                Err(source) => error!(
+                    error = %crate::error::chain(&ListenError::Metrics { addr, source }),
+                    "serving the VMs without the metrics endpoint: fix metrics_listen, then restart qmpmux"
+                ),
             }
         }
         Ok(out)
