@@ -12,6 +12,7 @@
 
 mod commands;
 mod connect;
+mod lanes;
 mod publish;
 pub mod subjects;
 
