@@ -218,8 +218,9 @@ impl Task {
         }
     }
 
-    /// The session dropped lane `lane` (detached, or its mailbox full):
-    /// its requests still waiting get an error, its requester a new lane.
+    /// The session dropped lane `lane` (the VM stops, or the lane's
+    /// mailbox was full): its requests still waiting get an error (their
+    /// outcome is unknown), its requester a new lane next time.
     async fn lane_ended(&mut self, lane: u64) {
         self.lanes.remove(lane);
         let lost: Vec<u64> = self
@@ -229,7 +230,7 @@ impl Task {
             .map(|(seq, _)| *seq)
             .collect();
         for seq in lost {
-            let kind = crate::upstream::FailKind::Lost;
+            let kind = crate::upstream::FailKind::Stopping { sent: true };
             self.on_session(ToClient::Failed { seq, kind }).await;
         }
     }

@@ -5,7 +5,7 @@
 //! inbox, and it answers them through their mailboxes.
 
 use super::fdnames::FdNames;
-use super::lease::{Claim, Ended, Held, Lease, NotGranted, Refused};
+use super::lease::{Ask, Claim, Ended, Held, Lease, NotGranted, Refused};
 use super::mailbox::{MailboxSender, SendError};
 use super::{Answer, Extension, Fetched, Request, Runstate, Status, ToClient, ToSession};
 use crate::events::actions::Actions;
@@ -381,16 +381,13 @@ impl Hub {
                     client,
                     token: ext.token.as_ref(),
                 };
-                let connection = !self.clients.get(&client).is_some_and(|m| m.requester);
-                let acquired = self.lease.acquire(
-                    claim,
-                    connection,
-                    ext.who,
+                let ask = Ask {
+                    connection: !self.clients.get(&client).is_some_and(|m| m.requester),
+                    who: ext.who,
                     reason,
                     seconds,
-                    now,
-                    super::lease::random_bytes,
-                );
+                };
+                let acquired = self.lease.acquire(claim, ask, now, super::lease::random_bytes);
                 match acquired {
                     Ok(held) => {
                         let held = held.clone();

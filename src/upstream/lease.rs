@@ -44,6 +44,18 @@ pub struct Claim<'a> {
     pub token: Option<&'a LeaseToken>,
 }
 
+/// A request for the lease.
+#[derive(Debug, Clone)]
+pub struct Ask {
+    /// The claiming client's connection identifies the holder too (a
+    /// socket client; not a NATS requester).
+    pub connection: bool,
+    /// The holder as people know it.
+    pub who: String,
+    pub reason: String,
+    pub seconds: u64,
+}
+
 /// Why a command may not run now.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Refused<'a> {
@@ -71,21 +83,23 @@ pub struct Lease {
 }
 
 impl Lease {
-    /// `claim` asks for the lease for `seconds` (`connection`: the
-    /// claiming client's connection identifies the holder too). Granted
-    /// when free (with a new token from `random`, 16 random bytes), or
-    /// renewed when `claim` is the holder (same token and holder, new
-    /// reason and time); `Err` with the holder when someone else holds it.
+    /// `claim` asks for the lease. Granted when free (with a new token
+    /// from `random`, 16 random bytes), or renewed when `claim` is the
+    /// holder (same token and holder, new reason and time); `Err` with the
+    /// holder when someone else holds it.
     pub fn acquire(
         &mut self,
         claim: Claim<'_>,
-        connection: bool,
-        who: String,
-        reason: String,
-        seconds: u64,
+        ask: Ask,
         now: Instant,
         random: impl FnOnce() -> std::io::Result<[u8; 16]>,
     ) -> Result<&Held, NotGranted> {
+        let Ask {
+            connection,
+            who,
+            reason,
+            seconds,
+        } = ask;
         let until = now + Duration::from_secs(seconds);
         match &mut self.held {
             Some(h) if h.is_holder(claim) => {
@@ -183,16 +197,13 @@ mod tests {
     }
 
     fn take(l: &mut Lease, claim: Claim<'_>, connection: bool, seconds: u64, t: Instant) -> Result<Held, NotGranted> {
-        l.acquire(
-            claim,
+        let ask = Ask {
             connection,
-            format!("client {}", claim.client),
-            "migration".into(),
+            who: format!("client {}", claim.client),
+            reason: "migration".into(),
             seconds,
-            t,
-            random,
-        )
-        .cloned()
+        };
+        l.acquire(claim, ask, t, random).cloned()
     }
 
     #[test]
@@ -277,7 +288,13 @@ mod tests {
     #[test]
     fn no_token_no_lease() {
         let mut l = Lease::default();
-        let failed = l.acquire(socket(1), true, "a".into(), String::new(), 5, Instant::now(), || {
+        let ask = Ask {
+            connection: true,
+            who: "a".into(),
+            reason: String::new(),
+            seconds: 5,
+        };
+        let failed = l.acquire(socket(1), ask, Instant::now(), || {
             Err(std::io::Error::other("no entropy"))
         });
         assert!(matches!(failed, Err(NotGranted::NoToken(_))));
