@@ -43,7 +43,7 @@ const QUEUE: usize = 256;
 /// Requests one requester (lane) may have with the session at once; its
 /// bytes are bounded by `[client] max_pending_bytes`'s default, as a
 /// socket client's. More get an error at once.
-const LANE_REQUESTS: usize = 64;
+const LANE_REQUESTS: usize = 256;
 /// How often idle lanes are looked for.
 const SWEEP: std::time::Duration = std::time::Duration::from_secs(5);
 /// The header whose value is the lease token a command carries.
