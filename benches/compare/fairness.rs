@@ -10,9 +10,9 @@ use crate::common::config::config_toml;
 use crate::common::nats::NatsServer;
 use crate::common::qemu::{Monitor, Qemu};
 use crate::common::STEP;
-use futures_util::stream::{FuturesUnordered, StreamExt};
 use crate::stats::{median_f, ms, ratio};
 use crate::{progress, Plan, Rig};
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -183,7 +183,10 @@ fn run_nats(plan: &Plan, rt: &Runtime, rig: &Rig) -> Value {
     let listen = rig.path("mux-fn.sock");
     let _qemu = Qemu::start_blocking(&[Monitor::Serve(&up)], &rig.path("qemu-fn.log"));
     let mut config = config_toml(&[("fair", &up, &listen)], 64);
-    config += &format!("[nats]\nservers = [\"{}\"]\nhost = \"bench\"\ncommands = true\n", nats.url());
+    config += &format!(
+        "[nats]\nservers = [\"{}\"]\nhost = \"bench\"\ncommands = true\n",
+        nats.url()
+    );
     let _mux = Binary::start(
         &rig.path("qmpmux-fn.toml"),
         &config,
@@ -264,11 +267,7 @@ fn run_nats(plan: &Plan, rt: &Runtime, rig: &Rig) -> Value {
 async fn wait_commands(c: &async_nats::Client) {
     let deadline = Instant::now() + STEP * 3;
     loop {
-        let r = tokio::time::timeout(
-            Duration::from_millis(500),
-            c.request(NATS_EXECUTE, CMD.to_vec().into()),
-        )
-        .await;
+        let r = tokio::time::timeout(Duration::from_millis(500), c.request(NATS_EXECUTE, CMD.to_vec().into())).await;
         if matches!(r, Ok(Ok(m)) if m.payload.starts_with(b"{\"return\"")) {
             return;
         }
@@ -287,7 +286,11 @@ async fn nats_round(a: &async_nats::Client, b: &async_nats::Client) -> FairRound
         let mut bytes = 0;
         while let Some(r) = burst.next().await {
             let m = r.expect("A's reply");
-            assert!(m.payload.starts_with(b"{\"return\""), "A: {:?}", &m.payload[..m.payload.len().min(200)]);
+            assert!(
+                m.payload.starts_with(b"{\"return\""),
+                "A: {:?}",
+                &m.payload[..m.payload.len().min(200)]
+            );
             bytes += m.payload.len();
         }
         (a_start.elapsed(), bytes)
