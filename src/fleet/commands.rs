@@ -254,7 +254,8 @@ impl Task {
         match decide(frame, &mut session, Caps::default(), |c, a| policy.admit(c, a)) {
             Decision::Local(line) => respond(&self.shared, msg.reply.as_ref(), line).await,
             Decision::Denied { line, command } => {
-                self.audit(&subject, &command, "denied by policy", Instant::now());
+                let lane = self.lanes.find(lanes::key(msg.reply.as_deref())).unwrap_or(0);
+                self.audit_lane(lane, &subject, &command, "denied by policy", Instant::now());
                 respond(&self.shared, msg.reply.as_ref(), line).await
             }
             Decision::Forward(fwd) => self.forward(msg, subject, fwd).await,
@@ -365,11 +366,8 @@ impl Task {
         respond(&self.shared, w.reply.as_ref(), line).await;
     }
 
-    fn audit(&self, subject: &str, command: &str, outcome: &str, start: Instant) {
-        self.audit_lane(0, subject, command, outcome, start)
-    }
-
-    /// `lane`: the requester's client number (0: none yet).
+    /// `lane`: the requester's client number (0: it has no lane, having
+    /// had nothing for the session).
     fn audit_lane(&self, lane: u64, subject: &str, command: &str, outcome: &str, start: Instant) {
         info!(
             target: "qmpmux::audit",

@@ -108,6 +108,11 @@ impl Lanes {
         self.lanes.insert(key, lane);
     }
 
+    /// The lane serving `key`, if any.
+    pub fn find(&self, key: &str) -> Option<u64> {
+        self.lanes.get(key).map(|l| l.id)
+    }
+
     /// Lane `id`, if attached.
     pub fn get(&self, id: u64) -> Option<&Lane> {
         self.lanes.values().find(|l| l.id == id)
@@ -195,6 +200,7 @@ mod tests {
         let (a, _) = open(&mut lanes, "a");
         let (b, _) = open(&mut lanes, "b");
         assert_eq!(open(&mut lanes, "a"), (a, None));
+        assert_eq!((lanes.find("a"), lanes.find("x")), (Some(a), None));
         lanes.started(a, 10, t0);
         // Full: the idle one (b) makes room for c.
         let (c, evicted) = open(&mut lanes, "c");
