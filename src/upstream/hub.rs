@@ -17,7 +17,7 @@ use crate::qmp::incoming::ReplyBytes;
 use crate::qmp::outgoing::{closefd_tail, json_str, numbered, proxy_event};
 use crate::router::{Route, Router};
 use crate::runtime::fanout::{self, Sent};
-use crate::state::FailKind;
+use crate::state::{FailKind, LeaseToken};
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -377,70 +377,82 @@ impl Hub {
                 self.answer(client, seq, answer);
             }
             extensions::Extension::Lease { seconds, reason } => {
-                let claim = Claim {
-                    client,
-                    token: ext.token.as_ref(),
-                };
                 let ask = Ask {
-                    connection: !self.clients.get(&client).is_some_and(|m| m.requester),
+                    connection: !self.is_requester(client),
                     who: ext.who,
                     reason,
                     seconds,
                 };
-                let acquired = self.lease.acquire(claim, ask, now, super::lease::random_bytes);
-                match acquired {
-                    Ok(held) => {
-                        let held = held.clone();
-                        self.lease_timer.as_mut().reset(held.until.into());
-                        let ret = format!(
-                            "{{\"seconds\": {seconds}, \"token\": {}}}",
-                            json_str(held.token.as_str())
-                        );
-                        self.answer(client, seq, Answer::Return(ret));
-                        self.lease_granted(&held, seconds);
-                    }
-                    Err(NotGranted::Held(held)) => {
-                        let desc = format!("qmpmux: VM '{}' is already leased by {}", self.vm, held.describe(now));
-                        let class = "GenericError";
-                        self.answer(client, seq, Answer::Error { class, desc });
-                    }
-                    Err(NotGranted::NoToken(e)) => {
-                        warn!(error = %e, "cannot make a lease token");
-                        let desc = format!(
-                            "qmpmux: cannot make a lease token ({e}); VM '{}' is not leased",
-                            self.vm
-                        );
-                        let class = "GenericError";
-                        self.answer(client, seq, Answer::Error { class, desc });
-                    }
-                }
+                self.take_lease(client, seq, ext.token, ask, now)
             }
-            extensions::Extension::Release => {
-                let claim = Claim {
-                    client,
-                    token: ext.token.as_ref(),
-                };
-                match self.lease.release(claim) {
-                    Some(held) => {
-                        self.answer(client, seq, Answer::Return("{}".into()));
-                        self.lease_ended(held, Ended::Released);
-                    }
-                    None => {
-                        let desc = self.not_holder(client);
-                        let class = "GenericError";
-                        self.answer(client, seq, Answer::Error { class, desc });
-                    }
-                }
-            }
+            extensions::Extension::Release => self.release_lease(client, seq, ext.token),
             // Answered by the client task itself.
             extensions::Extension::QueryProxy => {}
         }
     }
 
+    /// `__org.qmpmux_lease`: granted (or renewed) with the token in the
+    /// answer, or refused.
+    fn take_lease(&mut self, client: u64, seq: u64, token: Option<LeaseToken>, ask: Ask, now: Instant) {
+        let seconds = ask.seconds;
+        let claim = Claim {
+            client,
+            token: token.as_ref(),
+        };
+        let desc = match self.lease.acquire(claim, ask, now, super::lease::random_bytes) {
+            Ok(held) => {
+                let held = held.clone();
+                self.lease_timer.as_mut().reset(held.until.into());
+                let ret = format!(
+                    "{{\"seconds\": {seconds}, \"token\": {}}}",
+                    json_str(held.token.as_str())
+                );
+                self.answer(client, seq, Answer::Return(ret));
+                return self.lease_granted(&held, seconds);
+            }
+            Err(NotGranted::Held(held)) => {
+                format!("qmpmux: VM '{}' is already leased by {}", self.vm, held.describe(now))
+            }
+            Err(NotGranted::NoToken(e)) => {
+                warn!(error = %e, "cannot make a lease token");
+                format!(
+                    "qmpmux: cannot make a lease token ({e}); VM '{}' is not leased",
+                    self.vm
+                )
+            }
+        };
+        let class = "GenericError";
+        self.answer(client, seq, Answer::Error { class, desc });
+    }
+
+    /// `__org.qmpmux_release`: by the holding connection, or with the
+    /// lease's token.
+    fn release_lease(&mut self, client: u64, seq: u64, token: Option<LeaseToken>) {
+        let claim = Claim {
+            client,
+            token: token.as_ref(),
+        };
+        match self.lease.release(claim) {
+            Some(held) => {
+                self.answer(client, seq, Answer::Return("{}".into()));
+                self.lease_ended(held, Ended::Released);
+            }
+            None => {
+                let desc = self.not_holder(client);
+                let class = "GenericError";
+                self.answer(client, seq, Answer::Error { class, desc });
+            }
+        }
+    }
+
+    fn is_requester(&self, client: u64) -> bool {
+        self.clients.get(&client).is_some_and(|m| m.requester)
+    }
+
     /// Why `client` may not release the lease: over NATS, only the token
     /// makes a requester the holder.
     fn not_holder(&self, client: u64) -> String {
-        match self.clients.get(&client).is_some_and(|m| m.requester) {
+        match self.is_requester(client) {
             true => format!(
                 "qmpmux: this request does not hold the lease of VM '{}' (over NATS, send the lease's token in the Qmpmux-Lease header)",
                 self.vm
