@@ -42,11 +42,48 @@ pub struct Status {
 /// The holder of a VM's lease, why, and until when.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaseHolder {
+    /// The client that took it (a socket connection, or a NATS
+    /// requester's lane).
     pub client: u64,
+    /// Whether `client`'s connection is the holder (a socket client), as
+    /// well as whoever presents `token`; a NATS requester is the holder
+    /// only with the token (its lane is no identity: others may share it).
+    pub connection: bool,
     /// The holder as people know it: client number, pid or TLS subject.
     pub who: String,
     pub reason: String,
     pub until: std::time::Instant,
+    /// Shown only to the holder: never in events, logs or `qmpmux status`.
+    pub token: LeaseToken,
+}
+
+/// A lease's fencing token, `<n>-<32 hex digits>`: `n` grows with every new
+/// lease of the VM (renewals keep it), the rest is 128 random bits. Over
+/// NATS it is what makes a command the holder's. Its `Debug` hides it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct LeaseToken(Box<str>);
+
+impl LeaseToken {
+    pub fn new(token: impl Into<Box<str>>) -> LeaseToken {
+        LeaseToken(token.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether `other` is this token, in time independent of where they
+    /// differ (a requester cannot learn it byte by byte).
+    pub fn matches(&self, other: &LeaseToken) -> bool {
+        let (a, b) = (self.0.as_bytes(), other.0.as_bytes());
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+}
+
+impl fmt::Debug for LeaseToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("LeaseToken(..)")
+    }
 }
 
 impl LeaseHolder {

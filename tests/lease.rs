@@ -149,3 +149,42 @@ async fn policy_decides_who_may_lease() {
     assert!(r.get("return").is_some(), "{r}");
     daemon.stop().await;
 }
+
+/// A socket holder gets the lease's token (and sees it in `query-proxy`);
+/// nobody else sees it, nor the lease events. A reason longer than 1 KiB
+/// is refused with a clear error, and no lease is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_is_the_holders_alone_and_the_reason_is_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (up, sock) = (dir.path().join("q.sock"), dir.path().join("vm.sock"));
+    let _qemu = Qemu::start(&up).await;
+    let daemon = Daemon::start(&[("vm", &up, &sock)]).await;
+    let mut a = Client::ready(&sock).await;
+    let mut b = Client::ready(&sock).await;
+
+    let r = lease(&mut a, 30, &"x".repeat(1025)).await;
+    assert_eq!(r["error"]["class"], "GenericError", "{r}");
+    assert!(desc_of(&r).contains("'reason' must be at most 1024 bytes"), "{r}");
+    let r = b.cmd(r#"{"execute":"stop","id":"s"}"#).await;
+    assert!(r.get("return").is_some(), "no lease was taken: {r}");
+
+    let r = lease(&mut a, 30, &"x".repeat(1024)).await;
+    let token = r["return"]["token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a token: {r}"))
+        .to_string();
+    let acquired = b.event("__org.qmpmux_LEASE_ACQUIRED").await;
+    assert!(!acquired.to_string().contains(&token), "{acquired}");
+    let mine = a.cmd(r#"{"execute":"__org.qmpmux_query-proxy"}"#).await;
+    assert_eq!(mine["return"]["lease"]["token"], token.as_str(), "{mine}");
+    let theirs = b.cmd(r#"{"execute":"__org.qmpmux_query-proxy"}"#).await;
+    assert!(!theirs.to_string().contains(&token), "{theirs}");
+    // Renewing keeps the token.
+    let r = lease(&mut a, 60, "").await;
+    assert_eq!(r["return"]["token"], token.as_str(), "{r}");
+    daemon.stop().await;
+}
+
+fn desc_of(r: &Value) -> &str {
+    r["error"]["desc"].as_str().unwrap_or_default()
+}

@@ -546,6 +546,7 @@ impl Client {
                     fd,
                     fdname,
                     exempt,
+                    lease: None,
                 };
                 if self.ctx.session.execute(self.id, request).await.is_err() {
                     let vm = self.ctx.vm.clone();
@@ -688,6 +689,7 @@ impl Client {
         let ext = crate::upstream::Extension {
             ext,
             who: self.peer.describe(self.id),
+            token: None,
         };
         if self.ctx.session.extension(self.id, seq, ext).await.is_err() {
             let vm = self.ctx.vm.clone();
@@ -704,12 +706,17 @@ impl Client {
         };
         let now = Instant::now();
         let lease = lease.map(|h| {
-            serde_json::json!({
+            let mut lease = serde_json::json!({
                 "client": h.client,
                 "holder": h.who,
                 "reason": h.reason,
                 "seconds-left": h.until.saturating_duration_since(now).as_secs_f64().ceil() as u64,
-            })
+            });
+            // The token only to its holder.
+            if h.connection && h.client == self.id {
+                lease["token"] = h.token.as_str().into();
+            }
+            lease
         });
         let m = &self.ctx.metrics;
         let ret = serde_json::json!({

@@ -5,13 +5,14 @@
 //! One task on qmpmux's main runtime owns the NATS connection (async-nats
 //! reconnects by itself) and, per VM, an event publisher ([`publish`]) and,
 //! with `commands = true`, a commander ([`commands`]) attached to the VM's
-//! session like a client. The publishers read from each VM's event history
+//! session as one client per requester ([`lanes`]). The publishers read from each VM's event history
 //! (the session owns it), so while NATS is unreachable nothing piles up
 //! here and local clients are unaffected; once it is back, publishing
 //! resumes from the last acknowledged number.
 
 mod commands;
 mod connect;
+mod lanes;
 mod publish;
 pub mod subjects;
 

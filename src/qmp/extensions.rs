@@ -9,6 +9,10 @@ use serde_json::{Map, Value};
 /// Largest `seconds` of a lease: a day. A holder that needs longer renews.
 pub const MAX_LEASE_SECONDS: u64 = 86_400;
 
+/// Longest `reason` of a lease, in bytes (UTF-8): it goes into every
+/// refusal, both lease events, the audit log and `qmpmux status`.
+pub const MAX_LEASE_REASON_BYTES: usize = 1024;
+
 /// `limit` of `query-events` when not given.
 pub const DEFAULT_QUERY_LIMIT: usize = 100;
 
@@ -95,10 +99,14 @@ pub fn parse(command: &str, arguments: Option<&RawValue>) -> Result<Extension, R
                     "Parameter 'seconds' must be between 1 and {MAX_LEASE_SECONDS}"
                 )));
             }
-            Extension::Lease {
-                seconds,
-                reason: args.string("reason")?.unwrap_or_default(),
+            let reason = args.string("reason")?.unwrap_or_default();
+            if reason.len() > MAX_LEASE_REASON_BYTES {
+                return Err(generic(format!(
+                    "Parameter 'reason' must be at most {MAX_LEASE_REASON_BYTES} bytes (it has {})",
+                    reason.len()
+                )));
             }
+            Extension::Lease { seconds, reason }
         }
         "release" => Extension::Release,
         _ => {
@@ -280,5 +288,18 @@ mod tests {
             })
         );
         assert!(p("query-events", r#"{"limit": 0}"#).is_err());
+    }
+
+    #[test]
+    fn a_lease_reason_is_bounded() {
+        let at = "é".repeat(MAX_LEASE_REASON_BYTES / 2);
+        let ok = p("lease", &format!(r#"{{"seconds": 5, "reason": "{at}"}}"#));
+        assert!(ok.is_ok(), "{ok:?}");
+        let over = p("lease", &format!(r#"{{"seconds": 5, "reason": "{at}x"}}"#)).unwrap_err();
+        assert_eq!(over.class, "GenericError");
+        assert_eq!(
+            over.desc,
+            format!("Parameter 'reason' must be at most {MAX_LEASE_REASON_BYTES} bytes (it has 1025)")
+        );
     }
 }

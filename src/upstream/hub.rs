@@ -5,7 +5,7 @@
 //! inbox, and it answers them through their mailboxes.
 
 use super::fdnames::FdNames;
-use super::lease::{Ended, Held, Lease};
+use super::lease::{Ask, Claim, Ended, Held, Lease, NotGranted, Refused};
 use super::mailbox::{MailboxSender, SendError};
 use super::{Answer, Extension, Fetched, Request, Runstate, Status, ToClient, ToSession};
 use crate::events::actions::Actions;
@@ -17,7 +17,7 @@ use crate::qmp::incoming::ReplyBytes;
 use crate::qmp::outgoing::{closefd_tail, json_str, numbered, proxy_event};
 use crate::router::{Route, Router};
 use crate::runtime::fanout::{self, Sent};
-use crate::state::FailKind;
+use crate::state::{FailKind, LeaseToken};
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -49,6 +49,8 @@ struct Member {
     filter: EventFilter,
     /// Events reach it with `__org.qmpmux_seq`.
     numbered: bool,
+    /// A NATS requester's lane (`SessionHandle::attach_requester`).
+    requester: bool,
 }
 
 pub(super) struct Hub {
@@ -104,12 +106,14 @@ impl Hub {
                 client,
                 mailbox,
                 events,
+                requester,
                 attached,
             } => {
                 let member = Member {
                     mailbox,
                     filter: EventFilter::new(events),
                     numbered: false,
+                    requester,
                 };
                 self.clients.insert(client, member);
                 let _ = attached.send(());
@@ -139,7 +143,7 @@ impl Hub {
         let names = self.fd_names.detached(client, |r| router.is_in_flight(r));
         self.router.forget_client(client);
         self.close_fd_names(names);
-        if let Some(held) = self.lease.release(client) {
+        if let Some(held) = self.lease.disconnected(client) {
             self.lease_ended(held, Ended::Disconnected);
         }
     }
@@ -159,9 +163,19 @@ impl Hub {
         if request.exempt {
             return Ok(());
         }
-        self.lease.check(client, now).map_err(|held| {
+        let claim = Claim {
+            client,
+            token: request.lease.as_ref(),
+        };
+        self.lease.check(claim, now).map_err(|refused| {
             self.metrics.lease_refusals.inc();
-            Answer::Leased(held.refusal(&self.vm, now))
+            match refused {
+                Refused::Held(held) => Answer::Leased(held.refusal(&self.vm, now)),
+                Refused::Stale => Answer::Leased(format!(
+                    "qmpmux: the lease this command names (its token) is no longer held on VM '{}' (released or expired); the command was not executed",
+                    self.vm
+                )),
+            }
         })
     }
 
@@ -377,33 +391,87 @@ impl Hub {
                 self.answer(client, seq, answer);
             }
             extensions::Extension::Lease { seconds, reason } => {
-                match self.lease.acquire(client, ext.who, reason, seconds, now) {
-                    Ok(held) => {
-                        let held = held.clone();
-                        self.lease_timer.as_mut().reset(held.until.into());
-                        self.answer(client, seq, Answer::Return(format!("{{\"seconds\": {seconds}}}")));
-                        self.lease_granted(&held, seconds);
-                    }
-                    Err(held) => {
-                        let desc = format!("qmpmux: VM '{}' is already leased by {}", self.vm, held.describe(now));
-                        let class = "GenericError";
-                        self.answer(client, seq, Answer::Error { class, desc });
-                    }
-                }
+                let ask = Ask {
+                    connection: !self.is_requester(client),
+                    who: ext.who,
+                    reason,
+                    seconds,
+                };
+                self.take_lease(client, seq, ext.token, ask, now)
             }
-            extensions::Extension::Release => match self.lease.release(client) {
-                Some(held) => {
-                    self.answer(client, seq, Answer::Return("{}".into()));
-                    self.lease_ended(held, Ended::Released);
-                }
-                None => {
-                    let desc = format!("qmpmux: this client does not hold the lease of VM '{}'", self.vm);
-                    let class = "GenericError";
-                    self.answer(client, seq, Answer::Error { class, desc });
-                }
-            },
+            extensions::Extension::Release => self.release_lease(client, seq, ext.token),
             // Answered by the client task itself.
             extensions::Extension::QueryProxy => {}
+        }
+    }
+
+    /// `__org.qmpmux_lease`: granted (or renewed) with the token in the
+    /// answer, or refused.
+    fn take_lease(&mut self, client: u64, seq: u64, token: Option<LeaseToken>, ask: Ask, now: Instant) {
+        let seconds = ask.seconds;
+        let claim = Claim {
+            client,
+            token: token.as_ref(),
+        };
+        let desc = match self.lease.acquire(claim, ask, now, super::lease::random_bytes) {
+            Ok(held) => {
+                let held = held.clone();
+                self.lease_timer.as_mut().reset(held.until.into());
+                let ret = format!(
+                    "{{\"seconds\": {seconds}, \"token\": {}}}",
+                    json_str(held.token.as_str())
+                );
+                self.answer(client, seq, Answer::Return(ret));
+                return self.lease_granted(&held, seconds);
+            }
+            Err(NotGranted::Held(held)) => {
+                format!("qmpmux: VM '{}' is already leased by {}", self.vm, held.describe(now))
+            }
+            Err(NotGranted::NoToken(e)) => {
+                warn!(error = %e, "cannot make a lease token");
+                format!(
+                    "qmpmux: cannot make a lease token ({e}); VM '{}' is not leased",
+                    self.vm
+                )
+            }
+        };
+        let class = "GenericError";
+        self.answer(client, seq, Answer::Error { class, desc });
+    }
+
+    /// `__org.qmpmux_release`: by the holding connection, or with the
+    /// lease's token.
+    fn release_lease(&mut self, client: u64, seq: u64, token: Option<LeaseToken>) {
+        let claim = Claim {
+            client,
+            token: token.as_ref(),
+        };
+        match self.lease.release(claim) {
+            Some(held) => {
+                self.answer(client, seq, Answer::Return("{}".into()));
+                self.lease_ended(held, Ended::Released);
+            }
+            None => {
+                let desc = self.not_holder(client);
+                let class = "GenericError";
+                self.answer(client, seq, Answer::Error { class, desc });
+            }
+        }
+    }
+
+    fn is_requester(&self, client: u64) -> bool {
+        self.clients.get(&client).is_some_and(|m| m.requester)
+    }
+
+    /// Why `client` may not release the lease: over NATS, only the token
+    /// makes a requester the holder.
+    fn not_holder(&self, client: u64) -> String {
+        match self.is_requester(client) {
+            true => format!(
+                "qmpmux: this request does not hold the lease of VM '{}' (over NATS, send the lease's token in the Qmpmux-Lease header)",
+                self.vm
+            ),
+            false => format!("qmpmux: this client does not hold the lease of VM '{}'", self.vm),
         }
     }
 
@@ -461,7 +529,12 @@ impl Hub {
         let since = since.unwrap_or_else(|| self.history.oldest().saturating_sub(1));
         let r = self.history.since(since);
         let mut events = Vec::new();
-        for e in r.events.filter(|e| m.filter.matches(&e.name)).take(limit) {
+        // A NATS requester sees every event, as NATS does.
+        for e in r
+            .events
+            .filter(|e| m.requester || m.filter.matches(&e.name))
+            .take(limit)
+        {
             let line = numbered(&e.line, e.seq);
             events.push(String::from_utf8_lossy(line.trim_ascii_end()).into_owned());
         }

@@ -30,6 +30,9 @@ enum ToSession {
         mailbox: mailbox::MailboxSender,
         /// The events the client's socket lets through (`None`: all).
         events: Option<std::sync::Arc<[crate::policy::Glob]>>,
+        /// A NATS requester's lane, not a connection (see
+        /// [`SessionHandle::attach_requester`]).
+        requester: bool,
         attached: tokio::sync::oneshot::Sender<()>,
     },
     Detach {
@@ -74,6 +77,8 @@ pub struct Extension {
     pub ext: crate::qmp::extensions::Extension,
     /// The client as people know it (for the lease holder).
     pub who: String,
+    /// The lease token the command carries (`Qmpmux-Lease` over NATS).
+    pub token: Option<crate::state::LeaseToken>,
 }
 
 /// The session's answer to a command it answers itself.
@@ -201,6 +206,9 @@ pub struct Request {
     /// Runs even while another client holds the VM's lease (`query-*`
     /// and `lease_exempt` commands).
     pub exempt: bool,
+    /// The lease token the command carries (`Qmpmux-Lease` over NATS):
+    /// the holder's with the right one, refused with an ended one.
+    pub lease: Option<crate::state::LeaseToken>,
 }
 
 impl SessionHandle {
@@ -217,6 +225,24 @@ impl SessionHandle {
             client,
             mailbox,
             events,
+            requester: false,
+            attached,
+        };
+        self.tx.send(msg).await.map_err(|_| SessionGone)?;
+        ack.await.map_err(|_| SessionGone)
+    }
+
+    /// Registers a NATS requester's lane as client `client`: no events
+    /// reach its mailbox (the fleet publishes them), `query-events` sees
+    /// every event (what NATS gets), and its number is no lease identity
+    /// (over NATS the lease's token is).
+    pub async fn attach_requester(&self, client: u64, mailbox: mailbox::MailboxSender) -> Result<(), SessionGone> {
+        let (attached, ack) = tokio::sync::oneshot::channel();
+        let msg = ToSession::Attach {
+            client,
+            mailbox,
+            events: Some(std::sync::Arc::from(Vec::new())),
+            requester: true,
             attached,
         };
         self.tx.send(msg).await.map_err(|_| SessionGone)?;

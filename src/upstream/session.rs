@@ -464,6 +464,7 @@ impl Session {
             fd,
             fdname,
             exempt: _,
+            lease: _,
         } = request;
         self.metrics.commands.inc();
         let route = Route { client, seq };
