@@ -15,6 +15,8 @@ mod connect;
 mod publish;
 pub mod subjects;
 
+pub use commands::one_frame as request_frame;
+
 use crate::config::NatsConfig;
 use crate::ops::control::NatsStatus;
 use crate::ops::metrics::NatsMetrics;
