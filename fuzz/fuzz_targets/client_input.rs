@@ -40,7 +40,7 @@ fuzz_target!(|data: &[u8]| {
                     serde_json::from_slice::<serde_json::Value>(&line).expect("refusals are JSON");
                 }
                 Decision::Forward(fwd) => {
-                    let mut msg = b"{\"id\": [1".to_vec();
+                    let mut msg = b"{\"id\": 1".to_vec();
                     msg.extend_from_slice(&fwd.tail);
                     serde_json::from_slice::<serde_json::Value>(&msg).expect("forwarded requests are JSON");
                 }
