@@ -49,6 +49,9 @@ mod upstream;
 mod wildcard;
 
 pub use downstream::{fds::MAX_FDS_PER_MESSAGE, MAX_HANDSHAKES};
+/// A NATS command request's payload as one QMP message, or `None` (for the
+/// fuzz targets, which feed it to `qmp::request::decide` as the commander does).
+pub use fleet::request_frame as nats_request_frame;
 pub use listen::{ListenError, Listeners};
 /// Unix sockets registered for reading only; also the benchmark's clients
 /// and fake upstream, which must not wake qmpmux's peers for nothing.

@@ -400,8 +400,13 @@ async fn async_main(args: Args) -> ExitCode {
             }
         }
     };
+    // Not in demo mode: its configuration is made, not read.
+    let exposed = (!args.demo).then(|| config.exposed_secrets(&args.config)).flatten();
     if args.check_config {
         print_summary(&args, &config);
+        if let Some(e) = &exposed {
+            eprintln!("qmpmux: warning: {e}");
+        }
         return ExitCode::SUCCESS;
     }
     let (_log_guards, log_file) = match init_logging(&config) {
@@ -411,6 +416,9 @@ async fn async_main(args: Args) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(e) = &exposed {
+        warn!("{e}");
+    }
     // Each client is a file descriptor: allow as many as the hard limit.
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(n) => info!(max_fds = n, "file descriptor limit"),
@@ -514,6 +522,9 @@ fn reopen_log(log_file: Option<&LogFile>) {
 async fn reload(path: &std::path::Path, reloads: &mpsc::Sender<Reload>) {
     info!(path = %path.display(), "SIGHUP: reloading configuration");
     let config = Config::load(path).map_err(|e| qmpmux::error::chain(&e).replace('\n', " "));
+    if let Some(e) = config.as_ref().ok().and_then(|c| c.exposed_secrets(path)) {
+        warn!("{e}");
+    }
     let (done, answer) = oneshot::channel();
     if reloads.send(Reload { config, done }).await.is_ok() {
         let _ = answer.await;

@@ -497,6 +497,9 @@ impl Supervisor {
         info!(path = %path.display(), "reload requested on the control socket: reloading configuration");
         crate::ops::systemd::notify_reloading();
         let config = Config::load(&path).map_err(|e| crate::error::chain(&e).replace('\n', " "));
+        if let Some(e) = config.as_ref().ok().and_then(|c| c.exposed_secrets(&path)) {
+            warn!("{e}");
+        }
         let need_restart = match &config {
             Ok(new) => self.config.need_restart(new),
             Err(_) => Vec::new(),

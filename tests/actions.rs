@@ -149,3 +149,123 @@ async fn on_connect_commands_run_before_clients_after_every_qemu_restart() {
     }
     daemon.stop().await;
 }
+
+/// Processes still running (zombies aside) whose command line or
+/// environment holds one of `marks`, read from /proc: a minimal Debian has
+/// no procps, so no `ps` or `pgrep`.
+fn running_with(marks: &[String]) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let pid = entry.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let dir = entry.path();
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
+        let state = stat.rsplit_once(") ").map(|(_, rest)| rest.chars().next());
+        if matches!(state, None | Some(Some('Z'))) {
+            continue;
+        }
+        let read =
+            |f: &str| String::from_utf8_lossy(&std::fs::read(dir.join(f)).unwrap_or_default()).replace('\0', " ");
+        let (cmdline, environ) = (read("cmdline"), read("environ"));
+        if marks.iter().any(|m| cmdline.contains(m) || environ.contains(m)) {
+            found.push(format!("{pid}: {cmdline}"));
+        }
+    }
+    found
+}
+
+/// Waits until no process is `program` or was started by it (killed
+/// processes take a moment to go).
+async fn none_left(program: &Path) {
+    let marks = [program.display().to_string(), mark(program.parent().unwrap())];
+    let deadline = std::time::Instant::now() + common::STEP;
+    loop {
+        let left = running_with(&marks);
+        if left.is_empty() {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "processes left behind: {left:#?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Log lines that hold every one of `parts`.
+fn log_lines_with(parts: &[&str]) -> usize {
+    let text = String::from_utf8_lossy(&logs().lock().unwrap()).into_owned();
+    text.lines().filter(|l| parts.iter().all(|p| l.contains(p))).count()
+}
+
+/// What marks the processes a script of [`marked_script`] starts.
+fn mark(dir: &Path) -> String {
+    format!("QMPMUX_TEST_MARK={}", dir.display())
+}
+
+/// A shell script `name` in `dir` that marks what it starts (through the
+/// environment, which children inherit), then runs `body`.
+fn marked_script(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let script = dir.join(name);
+    std::fs::write(&script, format!("#!/bin/sh\nexport '{}'\n{body}", mark(dir))).unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    script
+}
+
+/// qmpmux serving real QEMU as `vm`, running `program` on every STOP and
+/// RESUME with time limit `timeout`; a negotiated client.
+async fn with_program(dir: &Path, program: &Path, timeout: Duration) -> (common::Qemu, Daemon, Client) {
+    let (up, sock) = (dir.join("q.sock"), dir.join("vm.sock"));
+    let qemu = Qemu::start(&up).await;
+    let daemon = Daemon::start_with(&[("vm", &up, &sock)], |c| {
+        c.vms[0].on_event = ["STOP", "RESUME"]
+            .into_iter()
+            .map(|e| OnEvent {
+                event: Glob::new(e),
+                run: vec![program.display().to_string()],
+                timeout,
+            })
+            .collect();
+    })
+    .await;
+    let client = Client::ready(&sock).await;
+    (qemu, daemon, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_program_past_its_time_is_killed_with_what_it_started() {
+    logs();
+    let dir = tempfile::tempdir().unwrap();
+    // A child in the background, then the program itself outlives its limit.
+    let program = marked_script(dir.path(), "slow.sh", "sleep 300 &\nsleep 300\n");
+    let (_qemu, daemon, mut c) = with_program(dir.path(), &program, Duration::from_millis(300)).await;
+    // Six programs, more than run at once.
+    c.stop_cont(3).await;
+    let done = [program.to_str().unwrap(), "on_event: program timed out; killed"];
+    common::eventually("six programs timed out", async || log_lines_with(&done) == 6).await;
+    // Neither the programs nor their children are left.
+    none_left(&program).await;
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_program_that_exits_frees_its_turn_though_a_child_holds_its_output() {
+    logs();
+    let dir = tempfile::tempdir().unwrap();
+    // Exits at once; its child keeps the program's stdout open. The limit
+    // is far beyond the test's: the turn must come back on exit.
+    let program = marked_script(dir.path(), "forks.sh", "sleep 300 &\necho started\n");
+    let (_qemu, daemon, mut c) = with_program(dir.path(), &program, Duration::from_secs(120)).await;
+    let start = std::time::Instant::now();
+    // Six programs, more than run at once: the last two need freed turns.
+    c.stop_cont(3).await;
+    let done = [
+        program.to_str().unwrap(),
+        "on_event: program finished",
+        "stdout=started",
+    ];
+    common::eventually("six programs finished", async || log_lines_with(&done) == 6).await;
+    let took = start.elapsed();
+    none_left(&program).await;
+    eprintln!("six programs whose children held their output: all finished in {took:?}");
+    daemon.stop().await;
+}

@@ -5,17 +5,22 @@
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use qmpmux::qmp::framing::{JsonFramer, Limits};
 use qmpmux::policy::{Glob, Policy};
+use qmpmux::qmp::framing::{JsonFramer, Limits};
 use qmpmux::qmp::request::{decide, Caps, Decision, Session};
 use tokio_util::codec::Decoder;
 
 const MAX: usize = 4096;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&chunk, data)) = data.split_first() else { return };
+    let Some((&chunk, data)) = data.split_first() else {
+        return;
+    };
     let chunk = usize::from(chunk).max(1);
-    let mut framer = JsonFramer::new(Limits { max_message: MAX, max_depth: 64 });
+    let mut framer = JsonFramer::new(Limits {
+        max_message: MAX,
+        max_depth: 64,
+    });
     let mut session = Session::default();
     // A restricted policy, so that refusals are exercised too.
     let policy = Policy {
@@ -35,7 +40,7 @@ fuzz_target!(|data: &[u8]| {
                     serde_json::from_slice::<serde_json::Value>(&line).expect("refusals are JSON");
                 }
                 Decision::Forward(fwd) => {
-                    let mut msg = b"{\"id\": [1".to_vec();
+                    let mut msg = b"{\"id\": 1".to_vec();
                     msg.extend_from_slice(&fwd.tail);
                     serde_json::from_slice::<serde_json::Value>(&msg).expect("forwarded requests are JSON");
                 }

@@ -3,8 +3,10 @@
 
 mod nats;
 mod raw;
+mod secrets;
 
 pub use nats::is_token;
+pub use secrets::ExposedSecrets;
 
 use raw::RawConfig;
 

@@ -7,6 +7,10 @@
 //! process driver: the VM threads do not) starts the programs.
 
 use crate::config::OnEvent;
+use nix::errno::Errno;
+use nix::sys::signal::{killpg, Signal};
+use nix::sys::wait::{waitid, Id, WaitPidFlag};
+use nix::unistd::Pid;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +24,11 @@ pub const CONCURRENCY: usize = 4;
 const QUEUE: usize = 64;
 /// Output of a program kept for the log, per stream.
 const OUTPUT_KEPT: usize = 4096;
+/// How long the output of a program that has exited may still take to end
+/// once its group is killed (at most its time left, at least
+/// [`MIN_GRACE`]): only a process that left the group can make it last.
+const OUTPUT_GRACE: Duration = Duration::from_millis(500);
+const MIN_GRACE: Duration = Duration::from_millis(50);
 
 /// One program to run.
 #[derive(Debug)]
@@ -122,35 +131,119 @@ async fn execute(job: Job) {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        // A program past its time is killed when its future is dropped.
+        // A group of its own: what it starts (`sleep 60 &`) is killed with
+        // it, so that "CONCURRENCY at once" holds for those too.
+        .process_group(0)
+        // Should this future be dropped (qmpmux stopping), the program
+        // goes too; `Group`'s drop takes the rest of its group.
         .kill_on_drop(true);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => return warn!(event = %job.event, %program, error = %e, "on_event: cannot run program"),
     };
     let (out, err) = (child.stdout.take(), child.stderr.take());
-    let finished = async {
-        let (status, out, err) = tokio::join!(child.wait(), kept(out), kept(err));
-        (status, out, err)
+    // Declared after `child`, so dropped before it: the group is killed
+    // while its leader is still unreaped.
+    let Some(mut group) = child.id().map(Group::new) else {
+        return warn!(event = %job.event, %program, "on_event: program gone at once");
     };
-    match tokio::time::timeout(job.timeout, finished).await {
-        Ok((Ok(status), out, err)) => {
-            let (stdout, stderr) = (String::from_utf8_lossy(&out), String::from_utf8_lossy(&err));
-            if status.success() {
-                info!(event = %job.event, %program, %status, %stdout, %stderr, "on_event: program finished");
-            } else {
-                warn!(event = %job.event, %program, %status, %stdout, %stderr, "on_event: program failed");
+    let deadline = tokio::time::Instant::now() + job.timeout;
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    let timed_out = {
+        let reading = async { tokio::join!(keep(out, &mut stdout), keep(err, &mut stderr)) };
+        tokio::pin!(reading);
+        let exited = tokio::time::timeout_at(deadline, group.leader_exited());
+        tokio::pin!(exited);
+        let mut read_all = false;
+        // Read its output while waiting for it to exit (a full pipe would
+        // block it). Both arms are cancel-safe here: `reading` keeps what
+        // it read in the buffers, and `exited` is polled to its end.
+        let timed_out = loop {
+            tokio::select! {
+                r = &mut exited => break r.is_err(),
+                _ = &mut reading, if !read_all => read_all = true,
             }
+        };
+        // Its leftovers (or, past its time, all of it): a child that
+        // still holds its stdout must not keep the turn until the time
+        // limit, and would run outside the limit on programs at once.
+        group.kill();
+        if !read_all {
+            // The group is gone, so the pipes end at once, unless a
+            // process left the group (setsid) and keeps them: then what
+            // was read so far is logged.
+            let grace = OUTPUT_GRACE.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+            let _ = tokio::time::timeout(grace.max(MIN_GRACE), &mut reading).await;
         }
-        Ok((Err(e), ..)) => warn!(event = %job.event, %program, error = %e, "on_event: waiting for program"),
-        Err(_) => warn!(event = %job.event, %program, timeout = ?job.timeout, "on_event: program timed out; killed"),
+        timed_out
+    };
+    let status = child.wait().await;
+    let (stdout, stderr) = (String::from_utf8_lossy(&stdout), String::from_utf8_lossy(&stderr));
+    match status {
+        _ if timed_out => warn!(
+            event = %job.event, %program, timeout = ?job.timeout, %stdout, %stderr,
+            "on_event: program timed out; killed"
+        ),
+        Ok(status) if status.success() => {
+            info!(event = %job.event, %program, %status, %stdout, %stderr, "on_event: program finished")
+        }
+        Ok(status) => warn!(event = %job.event, %program, %status, %stdout, %stderr, "on_event: program failed"),
+        Err(e) => warn!(event = %job.event, %program, error = %e, "on_event: waiting for program"),
     }
 }
 
-/// Reads a stream to its end, keeping the first [`OUTPUT_KEPT`] bytes.
-async fn kept(stream: Option<impl AsyncRead + Unpin>) -> Vec<u8> {
-    let mut keep = Vec::new();
-    let Some(mut s) = stream else { return keep };
+/// A program's process group (its id is the program's pid), killed on
+/// drop unless killed before. The program is reaped only after
+/// [`Group::kill`]: until then its pid, and so the group's id, cannot be
+/// taken by an unrelated group.
+struct Group {
+    id: Pid,
+    killed: bool,
+}
+
+impl Group {
+    fn new(pid: u32) -> Group {
+        Group {
+            id: Pid::from_raw(pid as i32),
+            killed: false,
+        }
+    }
+
+    /// Resolves once the program (the group's leader) has exited, leaving
+    /// it unreaped (`WNOWAIT`). `waitid` blocks, so it runs on a blocking
+    /// thread, which returns at the latest when [`Group::kill`] kills the
+    /// leader.
+    fn leader_exited(&self) -> impl std::future::Future<Output = ()> + 'static {
+        let pid = self.id;
+        async move {
+            let _ = tokio::task::spawn_blocking(move || {
+                // Interrupted by a signal: wait again. Any other error
+                // (no such child) means there is nothing to wait for.
+                while let Err(Errno::EINTR) = waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {}
+            })
+            .await;
+        }
+    }
+
+    /// SIGKILL to every process of the group; none left is fine.
+    fn kill(&mut self) {
+        let _ = killpg(self.id, Signal::SIGKILL);
+        self.killed = true;
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        if !self.killed {
+            self.kill();
+        }
+    }
+}
+
+/// Reads a stream to its end into `keep`, up to [`OUTPUT_KEPT`] bytes (the
+/// rest is read and dropped). Cancel-safe: what was read is in `keep`.
+async fn keep(stream: Option<impl AsyncRead + Unpin>, keep: &mut Vec<u8>) {
+    let Some(mut s) = stream else { return };
     let mut buf = [0u8; 4096];
     while let Ok(n) = s.read(&mut buf).await {
         if n == 0 {
@@ -159,5 +252,4 @@ async fn kept(stream: Option<impl AsyncRead + Unpin>) -> Vec<u8> {
         let room = OUTPUT_KEPT.saturating_sub(keep.len());
         keep.extend_from_slice(&buf[..n.min(room)]);
     }
-    keep
 }

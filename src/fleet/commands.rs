@@ -390,8 +390,8 @@ fn lease_token(msg: &Message) -> Option<LeaseToken> {
 }
 
 /// The payload as one frame, with the socket's size and depth limits; `None`
-/// unless it is exactly one message.
-fn one_frame(payload: &[u8]) -> Option<Frame> {
+/// unless it is exactly one message. Public for the fuzz targets.
+pub fn one_frame(payload: &[u8]) -> Option<Frame> {
     let opts = ClientOptions::default();
     let mut framer = JsonFramer::new(Limits {
         max_message: opts.max_message_bytes,

@@ -16,6 +16,8 @@ mod lanes;
 mod publish;
 pub mod subjects;
 
+pub use commands::one_frame as request_frame;
+
 use crate::config::NatsConfig;
 use crate::ops::control::NatsStatus;
 use crate::ops::metrics::NatsMetrics;
