@@ -450,7 +450,7 @@ async fn events_lost_to_a_long_outage_are_counted() {
             stored = s.info().await.unwrap().state.messages;
         }
         let body = common::http::metrics(addr).await;
-        dropped = common::http::sample(&body, "qmpmux_nats_dropped_total").unwrap_or(0.0) as u64;
+        dropped = common::http::sample(&body, "qmpmux_nats_dropped_total{reason=\"history\"}").unwrap_or(0.0) as u64;
         if stored + dropped >= 20 {
             break;
         }

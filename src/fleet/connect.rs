@@ -6,7 +6,7 @@ use crate::ops::metrics::NatsMetrics;
 use async_nats::connection::State;
 use async_nats::{ConnectOptions, Event};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use tracing::{info, warn};
 
 /// Connects in the background (qmpmux serves its VMs whether or not NATS
@@ -61,11 +61,24 @@ async fn options(config: &NatsConfig, metrics: NatsMetrics) -> ConnectOptions {
         opts = opts.require_tls(true);
     }
     let seen = Arc::new(AtomicBool::new(false));
+    // The last connection failure logged: a failing connection is retried
+    // for ever, so each distinct failure is said once until connected.
+    // (A std Mutex: held for a comparison, never across an await.)
+    let failed = Arc::new(Mutex::new(None::<String>));
     opts.event_callback(move |event| {
-        let (metrics, seen) = (metrics.clone(), seen.clone());
+        let (metrics, seen, failed) = (metrics.clone(), seen.clone(), failed.clone());
         async move {
             match event {
+                Event::ClientError(e) => {
+                    let text = e.to_string();
+                    let mut last = failed.lock().unwrap_or_else(|p| p.into_inner());
+                    if last.as_deref() != Some(text.as_str()) {
+                        warn!(error = %text, hint = failure_hint(&text), "cannot connect to NATS; retrying");
+                        *last = Some(text);
+                    }
+                }
                 Event::Connected => {
+                    *failed.lock().unwrap_or_else(|p| p.into_inner()) = None;
                     metrics.connected.set(1);
                     if seen.swap(true, Ordering::Relaxed) {
                         metrics.reconnects.inc();
@@ -85,6 +98,19 @@ async fn options(config: &NatsConfig, metrics: NatsMetrics) -> ConnectOptions {
             }
         }
     })
+}
+
+/// What to check, for a connection failure as async-nats words it (it
+/// keeps the cause, e.g. the certificate's problem, to its debug log).
+fn failure_hint(error: &str) -> &'static str {
+    if error.contains("TLS") {
+        "the TLS handshake failed: is the server's certificate signed by tls_ca (or a system CA without it), \
+         for the host name or address in `servers`, and does the server accept tls_cert?"
+    } else if error.contains("authorization") || error.contains("signing nonce") {
+        "the server refused qmpmux's credentials"
+    } else {
+        "the server is unreachable or not speaking NATS"
+    }
 }
 
 pub fn state_name(state: State) -> &'static str {

@@ -10,6 +10,7 @@
 //! here and local clients are unaffected; once it is back, publishing
 //! resumes from the last acknowledged number.
 
+mod chain;
 mod commands;
 mod connect;
 mod publish;
@@ -69,6 +70,8 @@ pub struct FleetHandle {
 struct Shared {
     client: async_nats::Client,
     jetstream: Option<async_nats::jetstream::Context>,
+    /// The order of the host's JetStream publishes (all VMs share a stream).
+    chain: Arc<chain::Chain>,
     config: Arc<NatsConfig>,
     /// `[client] lease_exempt`: commands a lease does not hold up.
     lease_exempt: Arc<[crate::policy::Glob]>,
@@ -95,6 +98,7 @@ impl FleetHandle {
         let shared = Shared {
             client: client.clone(),
             jetstream,
+            chain: Arc::default(),
             subjects: Subjects::new(&config.prefix),
             config: Arc::new(config.clone()),
             lease_exempt: lease_exempt.into(),
@@ -137,7 +141,7 @@ impl FleetHandle {
             published: m.published.get(),
             acknowledged: m.acknowledged.get(),
             pending: m.pending.get(),
-            dropped: m.dropped.get(),
+            dropped: m.dropped.get() + m.too_large.get(),
             reconnects: m.reconnects.get(),
         }
     }
