@@ -1,6 +1,7 @@
 //! The NATS connection: options from `[nats]`, connection events into
 //! the log and metrics.
 
+use super::probe;
 use crate::config::{NatsAuth, NatsConfig};
 use crate::ops::metrics::NatsMetrics;
 use async_nats::connection::State;
@@ -65,16 +66,24 @@ async fn options(config: &NatsConfig, metrics: NatsMetrics) -> ConnectOptions {
     // for ever, so each distinct failure is said once until connected.
     // (A std Mutex: held for a comparison, never across an await.)
     let failed = Arc::new(Mutex::new(None::<String>));
+    let config = Arc::new(config.clone());
     opts.event_callback(move |event| {
-        let (metrics, seen, failed) = (metrics.clone(), seen.clone(), failed.clone());
+        let (metrics, seen, failed, config) = (metrics.clone(), seen.clone(), failed.clone(), config.clone());
         async move {
             match event {
                 Event::ClientError(e) => {
                     let text = e.to_string();
-                    let mut last = failed.lock().unwrap_or_else(|p| p.into_inner());
-                    if last.as_deref() != Some(text.as_str()) {
+                    let new = {
+                        let mut last = failed.lock().unwrap_or_else(|p| p.into_inner());
+                        let new = last.as_deref() != Some(text.as_str());
+                        *last = Some(text.clone());
+                        new
+                    };
+                    if new {
                         warn!(error = %text, hint = failure_hint(&text), "cannot connect to NATS; retrying");
-                        *last = Some(text);
+                        if probe::applies(&config) {
+                            tokio::spawn(explain_tls(config));
+                        }
                     }
                 }
                 Event::Connected => {
@@ -98,6 +107,18 @@ async fn options(config: &NatsConfig, metrics: NatsMetrics) -> ConnectOptions {
             }
         }
     })
+}
+
+/// Says, for each server whose TLS handshake fails, why.
+async fn explain_tls(config: Arc<NatsConfig>) {
+    for server in &config.servers {
+        if let Some(why) = probe::tls_failure(&config, server).await {
+            let ca = config.tls_ca.as_deref().map(|p| p.display().to_string());
+            warn!(%server, error = %why, tls_ca = ca.as_deref().unwrap_or("-"),
+                "cannot connect to NATS: the TLS handshake fails (is the server's certificate signed by tls_ca, \
+                 and for the host name or address in `servers`?)");
+        }
+    }
 }
 
 /// What to check, for a connection failure as async-nats words it (it

@@ -13,6 +13,7 @@
 mod chain;
 mod commands;
 mod connect;
+mod probe;
 mod publish;
 pub mod subjects;
 

@@ -260,7 +260,8 @@ impl Publisher {
                 }
                 continue;
             }
-            let front = self.window.front_mut().expect("not empty");
+            // Empty if all that was left was too large to send.
+            let Some(front) = self.window.front_mut() else { continue };
             let (ack, ticket) = front.ack.take().expect("the first `sent` are in flight");
             let seq = front.entry.seq;
             // Cancel-safe: an ack dropped with its ticket counts as failed.
