@@ -59,9 +59,14 @@ async fn until<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
 /// once it holds at least `n` (read through a client of `urls`).
 async fn stream_seqs(urls: &[String], stream: &str, n: u64) -> Vec<u64> {
     let js = jetstream::new(async_nats::connect(urls).await.unwrap());
+    let mut last = None;
     let count = until(&format!("{n} messages in {stream}"), async || {
         let mut s = js.get_stream(stream).await.ok()?;
         let count = s.info().await.ok()?.state.messages;
+        if last != Some(count) {
+            eprintln!("{stream}: {count} messages");
+            last = Some(count);
+        }
         (count >= n).then_some(count)
     })
     .await;
@@ -89,7 +94,9 @@ async fn long_named_job(c: &mut Client, dir: &Path, len: usize) {
             break;
         }
     }
-    let r = c.cmd(&json!({"execute": "job-dismiss", "arguments": {"id": id}}).to_string()).await;
+    let r = c
+        .cmd(&json!({"execute": "job-dismiss", "arguments": {"id": id}}).to_string())
+        .await;
     assert!(r.get("return").is_some(), "{r}");
 }
 
@@ -107,10 +114,16 @@ async fn too_large_events_are_dropped_and_publishing_goes_on(stream: Option<&str
     let mut live = watcher.subscribe("qmpmux.hv1.web01.event.>").await.unwrap();
     watcher.flush().await.unwrap();
     let daemon = Daemon::start_with(&[("web01", &up, &sock)], |c| {
-        c.nats = Some(qmpmux_config(&[url.clone()], stream));
+        c.nats = Some(qmpmux_config(std::slice::from_ref(&url), stream));
         c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
     })
     .await;
+    if let Some(stream) = stream {
+        // Publishes before qmpmux has made its stream are sent again, and
+        // a live subscriber would see those twice.
+        let js = jetstream::new(watcher.clone());
+        until("qmpmux's stream", async || js.get_stream(stream).await.ok()).await;
+    }
     let mut c = Client::ready(&sock).await;
     let first = next_number(&mut c).await;
     long_named_job(&mut c, dir.path(), 1500).await;
@@ -127,11 +140,23 @@ async fn too_large_events_are_dropped_and_publishing_goes_on(stream: Option<&str
             .await
             .unwrap_or_else(|_| panic!("only {} of the small events reached NATS: {seen:?}", seen.len()))
             .unwrap();
-        seen.push(m.headers.unwrap().get("Qmpmux-Seq").unwrap().as_str().parse::<u64>().unwrap());
+        seen.push(
+            m.headers
+                .unwrap()
+                .get("Qmpmux-Seq")
+                .unwrap()
+                .as_str()
+                .parse::<u64>()
+                .unwrap(),
+        );
     }
     assert_eq!(seen, small);
     if let Some(stream) = stream {
-        assert_eq!(stream_seqs(&[url.clone()], stream, 10).await, small, "the stream holds the small ones once");
+        assert_eq!(
+            stream_seqs(std::slice::from_ref(&url), stream, 10).await,
+            small,
+            "the stream holds the small ones once"
+        );
     }
     // Counted by reason, and logged once each with its number.
     let addr = daemon.metrics_addr.unwrap();
@@ -229,12 +254,15 @@ async fn events_flow_to_a_nats_server_over_tls() {
     let mut events = watcher.subscribe("qmpmux.hv1.web01.event.>").await.unwrap();
     watcher.flush().await.unwrap();
     let daemon = Daemon::start_with(&[("web01", &up, &sock)], |c| {
-        let mut n = qmpmux_config(&[url.clone()], Some("QMPMUX"));
+        let mut n = qmpmux_config(std::slice::from_ref(&url), Some("QMPMUX"));
         n.tls_ca = Some(ca_pem.clone());
         n.tls_required = true;
         c.nats = Some(n);
     })
     .await;
+    // As above: events once the stream is there, each published once.
+    let js = jetstream::new(watcher.clone());
+    until("qmpmux's stream", async || js.get_stream("QMPMUX").await.ok()).await;
     let mut c = Client::ready(&sock).await;
     let first = next_number(&mut c).await;
     c.stop_cont(2).await;
@@ -243,7 +271,14 @@ async fn events_flow_to_a_nats_server_over_tls() {
             .await
             .expect("an event over TLS")
             .unwrap();
-        let seq = m.headers.unwrap().get("Qmpmux-Seq").unwrap().as_str().parse::<u64>().unwrap();
+        let seq = m
+            .headers
+            .unwrap()
+            .get("Qmpmux-Seq")
+            .unwrap()
+            .as_str()
+            .parse::<u64>()
+            .unwrap();
         assert_eq!(seq, first + i);
     }
     assert_eq!(
@@ -288,7 +323,7 @@ async fn a_nats_server_whose_certificate_is_not_from_tls_ca_is_refused() {
     let mut events = watcher.subscribe("qmpmux.>").await.unwrap();
     watcher.flush().await.unwrap();
     let daemon = Daemon::start_with(&[("web01", &up, &sock)], |c| {
-        let mut n = qmpmux_config(&[url.clone()], None);
+        let mut n = qmpmux_config(std::slice::from_ref(&url), None);
         n.tls_ca = Some(wrong_ca.clone());
         c.nats = Some(n);
         c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
@@ -310,11 +345,17 @@ async fn a_nats_server_whose_certificate_is_not_from_tls_ca_is_refused() {
     assert!(c.reply().await.get("return").is_some());
     c.stop_cont(3).await;
     let body = common::http::metrics(daemon.metrics_addr.unwrap()).await;
-    assert_eq!(common::http::sample(&body, "qmpmux_nats_connected"), Some(0.0), "{body}");
+    assert_eq!(
+        common::http::sample(&body, "qmpmux_nats_connected"),
+        Some(0.0),
+        "{body}"
+    );
     // Nothing reached the server: not the VM list, not an event.
     watcher.flush().await.unwrap();
     assert!(
-        tokio::time::timeout(Duration::from_millis(200), events.next()).await.is_err(),
+        tokio::time::timeout(Duration::from_millis(200), events.next())
+            .await
+            .is_err(),
         "qmpmux published through a server it must not trust"
     );
     // Once, not at every retry.
@@ -337,7 +378,9 @@ async fn a_nats_server_whose_certificate_is_not_from_tls_ca_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_losing_qmpmuxs_server_stores_every_event_once_in_order() {
     logs();
-    let Some(mut cluster) = NatsCluster::start_or_skip().await else { return };
+    let Some(mut cluster) = NatsCluster::start_or_skip().await else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let (up, sock) = (dir.path().join("q.sock"), dir.path().join("vm.sock"));
     let _qemu = Qemu::start(&up).await;
@@ -348,9 +391,6 @@ async fn a_cluster_losing_qmpmuxs_server_stores_every_event_once_in_order() {
         c.nats = Some(n);
     })
     .await;
-    let js = jetstream::new(async_nats::connect(&urls).await.unwrap());
-    let info = until("qmpmux's stream", async || js.get_stream("QMPMUX").await.ok()).await;
-    assert_eq!(info.cached_info().config.num_replicas, 3);
     let mut c = Client::ready(&sock).await;
     let first = next_number(&mut c).await;
     let victim = until("qmpmux's server", async || cluster.serving("qmpmux hv1").await).await;
@@ -370,11 +410,25 @@ async fn a_cluster_losing_qmpmuxs_server_stores_every_event_once_in_order() {
     let mut c = burst.await.unwrap();
     // All of them through the other two while it is down.
     let during = stream_seqs(&others, "QMPMUX", 200).await;
-    assert_eq!(during, (first..first + 200).collect::<Vec<_>>(), "with server {victim} down");
-    assert_ne!(cluster.serving("qmpmux hv1").await, None, "qmpmux moved to another server");
+    assert_eq!(
+        during,
+        (first..first + 200).collect::<Vec<_>>(),
+        "with server {victim} down"
+    );
+    assert_ne!(
+        cluster.serving("qmpmux hv1").await,
+        None,
+        "qmpmux moved to another server"
+    );
     cluster.servers[victim].restart().await;
     c.stop_cont(25).await;
     let seqs = stream_seqs(&urls, "QMPMUX", 250).await;
     assert_eq!(seqs, (first..first + 250).collect::<Vec<_>>(), "each once, in order");
+    let replicas = until("the stream's info", async || {
+        let mut s = watcher.get_stream("QMPMUX").await.ok()?;
+        Some(s.info().await.ok()?.config.num_replicas)
+    })
+    .await;
+    assert_eq!(replicas, 3);
     daemon.stop().await;
 }

@@ -333,22 +333,22 @@ impl Publisher {
     /// while more, and makes sure of the stream; then everything left is
     /// sent again. False once stopped.
     async fn recover(&mut self, js: &jetstream::Context, delay: &mut Duration) -> bool {
-        let mut stored = 0;
-        for i in 0..self.sent {
-            let Some((ack, ticket)) = self.window[i].ack.take() else {
-                continue;
-            };
-            // Cancel-safe: as in `publish_windowed`.
-            let outcome = tokio::select! {
-                r = ack => Outcome::of(r),
-                () = self.stop.cancelled() => return false,
-            };
-            let ok = matches!(outcome, Outcome::Stored);
+        // All at once: each waits out its own timeout, and lost ones would
+        // take a timeout each in turn.
+        let flights: Vec<_> = self.window.iter_mut().take(self.sent).map(|f| f.ack.take()).collect();
+        let decide = flights.into_iter().map(|flight| async move {
+            let (ack, ticket) = flight?;
+            let ok = matches!(Outcome::of(ack.await), Outcome::Stored);
             ticket.decide(ok);
-            if ok && stored == i {
-                stored += 1;
-            }
-        }
+            Some(ok)
+        });
+        // Cancel-safe: as in `publish_windowed`.
+        let decided = tokio::select! {
+            d = futures_util::future::join_all(decide) => d,
+            () = self.stop.cancelled() => return false,
+        };
+        // A stored beginning counts (the failed front, taken already, ends it).
+        let stored = decided.iter().take_while(|d| **d == Some(true)).count();
         for _ in 0..stored {
             let f = self.window.pop_front().expect("stored ones are in the window");
             self.shared.metrics.acknowledged.inc();

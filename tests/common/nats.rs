@@ -481,7 +481,11 @@ impl NatsCluster {
             assert!(
                 Instant::now() < deadline,
                 "the NATS cluster has no JetStream meta leader; logs:\n{}",
-                self.servers.iter().map(|s| s.failure_log()).collect::<Vec<_>>().join("\n")
+                self.servers
+                    .iter()
+                    .map(|s| s.failure_log())
+                    .collect::<Vec<_>>()
+                    .join("\n")
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -494,7 +498,9 @@ impl NatsCluster {
             if self.servers[i].pid().is_none() {
                 continue;
             }
-            let Some(connz) = http_get_json(*port, "/connz").await else { continue };
+            let Some(connz) = http_get_json(*port, "/connz").await else {
+                continue;
+            };
             let conns = connz["connections"].as_array().cloned().unwrap_or_default();
             if conns.iter().any(|c| c["name"] == name) {
                 return Some(i);
