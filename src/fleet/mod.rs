@@ -92,10 +92,7 @@ impl FleetHandle {
     ) -> FleetHandle {
         let stop = parent.child_token();
         let client = connect::connect(&config, metrics.clone()).await;
-        let jetstream = config
-            .stream
-            .as_ref()
-            .map(|_| async_nats::jetstream::new(client.clone()));
+        let jetstream = config.stream.as_ref().map(|_| publish::context(client.clone()));
         let shared = Shared {
             client: client.clone(),
             jetstream,

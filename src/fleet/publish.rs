@@ -42,12 +42,29 @@ const LOCAL_FIRST: Duration = Duration::from_millis(1);
 /// Events fetched from the history at a time.
 const BATCH: usize = 128;
 /// Events of one VM sent to JetStream and not yet acknowledged, at most.
-/// One at a time, a host published 7-8k events/s (each waits for its
-/// acknowledgement, a round trip through the stream's storage); a window
-/// lets the server store them in batches. Within the client's own bound of
-/// acknowledgements in flight (5000, shared by the host's VMs, which then
-/// wait their turn).
-pub const WINDOW: usize = 1024;
+/// One at a time, a host published 4.6-5.8k events/s here (each waits for
+/// its acknowledgement, a round trip through the stream's storage); with
+/// this window 28-46k/s, with 1024 20-41k/s (benchmark section 9, on a
+/// loaded 2-core machine). Fetched from the history as room frees.
+pub const WINDOW: usize = 4096;
+/// Events of all the host's VMs in flight to JetStream, at most: beyond,
+/// a VM's publisher waits for its own acknowledgements (or, with none in
+/// flight, a moment) before it sends more.
+const HOST_WINDOW: usize = 16384;
+
+/// The JetStream context the publishers use: a send beyond
+/// [`HOST_WINDOW`] fails at once rather than waiting (a publisher waiting
+/// for a slot while holding the chain would keep the others from
+/// collecting the acknowledgements that free one).
+pub fn context(client: async_nats::Client) -> jetstream::Context {
+    jetstream::ContextBuilder::new()
+        .max_ack_inflight(HOST_WINDOW)
+        .backpressure_on_inflight(false)
+        .build(client)
+}
+/// How long a publisher with nothing in flight waits while the other VMs
+/// fill the host's window.
+const HOST_WINDOW_FULL: Duration = Duration::from_millis(5);
 /// Retry delays while NATS does not acknowledge.
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
@@ -203,7 +220,7 @@ impl Publisher {
             return self.publish_windowed(&js).await;
         }
         loop {
-            if !self.fetch().await {
+            if !self.fetch(BATCH).await {
                 return false;
             }
             let batch: Vec<Entry> = self.window.drain(..).map(|f| f.entry).collect();
@@ -217,10 +234,10 @@ impl Publisher {
         }
     }
 
-    /// Fetches the events after `fetched` into the window; counts those
-    /// lost to the history's bounds. False once the session is gone.
-    async fn fetch(&mut self) -> bool {
-        let Ok(fetched) = self.vm.session.fetch_events(self.fetched, BATCH).await else {
+    /// Fetches up to `n` events after `fetched` into the window; counts
+    /// those lost to the history's bounds. False once the session is gone.
+    async fn fetch(&mut self, n: usize) -> bool {
+        let Ok(fetched) = self.vm.session.fetch_events(self.fetched, n).await else {
             return false;
         };
         if fetched.lost && fetched.oldest > self.fetched + 1 {
@@ -247,7 +264,7 @@ impl Publisher {
         let mut delay = RETRY_MIN;
         loop {
             let more = *self.events.borrow() > self.fetched + 1;
-            if more && self.window.len() + BATCH <= WINDOW && !self.fetch().await {
+            if more && self.window.len() + BATCH <= WINDOW && !self.fetch(WINDOW - self.window.len()).await {
                 return false;
             }
             if self.window.is_empty() {
@@ -260,8 +277,15 @@ impl Publisher {
                 }
                 continue;
             }
-            // Empty if all that was left was too large to send.
-            let Some(front) = self.window.front_mut() else { continue };
+            if self.sent == 0 {
+                // Empty (all that was left was too large to send), or the
+                // other VMs hold all of the host's window for now.
+                if !self.window.is_empty() && self.pause(HOST_WINDOW_FULL).await {
+                    return false;
+                }
+                continue;
+            }
+            let front = self.window.front_mut().expect("sent > 0");
             let (ack, ticket) = front.ack.take().expect("the first `sent` are in flight");
             let seq = front.entry.seq;
             // Cancel-safe: an ack dropped with its ticket counts as failed.
@@ -304,12 +328,15 @@ impl Publisher {
         let mut sender = chain.sender().await;
         while self.sent < self.window.len() {
             let (subject, headers, payload, id) = self.message(&self.window[self.sent].entry, true);
+            let id = id.expect("asked for");
             match sender.send(js, subject, headers, payload, id).await {
                 Ok(flight) => {
                     self.window[self.sent].ack = Some(flight);
                     self.sent += 1;
                     self.shared.metrics.published.inc();
                 }
+                // The host's bound: collect acknowledgements first.
+                Err(SendError::Publish(e)) if e.kind() == PublishErrorKind::MaxAckPending => break,
                 Err(SendError::Publish(e)) if is_too_large(&e) => {
                     let gone = self.window.remove(self.sent).expect("in the window");
                     self.too_large(gone.entry.seq, &e.to_string());
@@ -433,17 +460,17 @@ impl Publisher {
         }
     }
 
-    /// The subject, headers and payload of event `e`, and its message id
-    /// (in the headers `with_id`).
-    fn message(&self, e: &Entry, with_id: bool) -> (String, HeaderMap, bytes::Bytes, Arc<str>) {
+    /// The subject, headers and payload of event `e`, and `with_id` its
+    /// message id (also in the headers).
+    fn message(&self, e: &Entry, with_id: bool) -> (String, HeaderMap, bytes::Bytes, Option<Arc<str>>) {
         let cfg = &self.shared.config;
         let mut headers = HeaderMap::new();
         headers.insert("Qmpmux-Seq", e.seq.to_string().as_str());
         headers.insert("Qmpmux-Vm", self.vm.name.as_str());
         headers.insert("Qmpmux-Host", cfg.host.as_str());
-        let id: Arc<str> = format!("{}.{}.{}", cfg.host, self.vm.name, e.seq).into();
-        if with_id {
-            headers.insert("Nats-Msg-Id", &*id);
+        let id = with_id.then(|| Arc::<str>::from(format!("{}.{}.{}", cfg.host, self.vm.name, e.seq)));
+        if let Some(id) = &id {
+            headers.insert("Nats-Msg-Id", &**id);
         }
         let payload = e.line.slice(..e.line.trim_ascii_end().len());
         (self.shared.subjects.event(&self.vm.name, &e.name), headers, payload, id)
