@@ -9,7 +9,7 @@ use async_nats::jetstream;
 use common::nats::NatsServer;
 use common::{Client, Daemon, Qemu};
 use futures_util::StreamExt;
-use qmpmux::config::{NatsAuth, NatsConfig, StreamConfig};
+use qmpmux::config::{NatsAuth, NatsConfig};
 use qmpmux::policy::{Glob, Policy};
 use serde_json::Value;
 use std::time::Duration;
@@ -18,29 +18,13 @@ const SEQ: &str = "__org.qmpmux_seq";
 const WAIT: Duration = Duration::from_secs(20);
 
 fn nats_config(url: &str, stream: Option<&str>, commands: bool) -> NatsConfig {
-    NatsConfig {
-        servers: vec![url.to_string()],
-        auth: NatsAuth::None,
-        tls_ca: None,
-        tls_cert: None,
-        tls_key: None,
-        tls_required: false,
-        host: "hv1".into(),
-        prefix: "qmpmux.hv1".into(),
-        stream: stream.map(|name| StreamConfig {
-            name: name.into(),
-            max_age: None,
-            max_msgs: None,
-            max_bytes: None,
-            replicas: 1,
-            duplicate_window: Duration::from_secs(120),
-        }),
-        commands,
-        policy: Policy {
-            allow: Vec::new(),
-            deny: vec![Glob::new("system_reset")],
-        },
-    }
+    let mut config = common::nats::qmpmux_config(&[url.to_string()], stream);
+    config.commands = commands;
+    config.policy = Policy {
+        allow: Vec::new(),
+        deny: vec![Glob::new("system_reset")],
+    };
+    config
 }
 
 async fn nats_client(url: &str) -> async_nats::Client {
@@ -450,7 +434,7 @@ async fn events_lost_to_a_long_outage_are_counted() {
             stored = s.info().await.unwrap().state.messages;
         }
         let body = common::http::metrics(addr).await;
-        dropped = common::http::sample(&body, "qmpmux_nats_dropped_total").unwrap_or(0.0) as u64;
+        dropped = common::http::sample(&body, "qmpmux_nats_dropped_total{reason=\"history\"}").unwrap_or(0.0) as u64;
         if stored + dropped >= 20 {
             break;
         }

@@ -1,12 +1,13 @@
 //! The NATS connection: options from `[nats]`, connection events into
 //! the log and metrics.
 
+use super::probe;
 use crate::config::{NatsAuth, NatsConfig};
 use crate::ops::metrics::NatsMetrics;
 use async_nats::connection::State;
 use async_nats::{ConnectOptions, Event};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use tracing::{info, warn};
 
 /// Connects in the background (qmpmux serves its VMs whether or not NATS
@@ -61,11 +62,32 @@ async fn options(config: &NatsConfig, metrics: NatsMetrics) -> ConnectOptions {
         opts = opts.require_tls(true);
     }
     let seen = Arc::new(AtomicBool::new(false));
+    // The last connection failure logged: a failing connection is retried
+    // for ever, so each distinct failure is said once until connected.
+    // (A std Mutex: held for a comparison, never across an await.)
+    let failed = Arc::new(Mutex::new(None::<String>));
+    let config = Arc::new(config.clone());
     opts.event_callback(move |event| {
-        let (metrics, seen) = (metrics.clone(), seen.clone());
+        let (metrics, seen, failed, config) = (metrics.clone(), seen.clone(), failed.clone(), config.clone());
         async move {
             match event {
+                Event::ClientError(e) => {
+                    let text = e.to_string();
+                    let new = {
+                        let mut last = failed.lock().unwrap_or_else(|p| p.into_inner());
+                        let new = last.as_deref() != Some(text.as_str());
+                        *last = Some(text.clone());
+                        new
+                    };
+                    if new {
+                        warn!(error = %text, hint = failure_hint(&text), "cannot connect to NATS; retrying");
+                        if probe::applies(&config) {
+                            tokio::spawn(explain_tls(config));
+                        }
+                    }
+                }
                 Event::Connected => {
+                    *failed.lock().unwrap_or_else(|p| p.into_inner()) = None;
                     metrics.connected.set(1);
                     if seen.swap(true, Ordering::Relaxed) {
                         metrics.reconnects.inc();
@@ -85,6 +107,31 @@ async fn options(config: &NatsConfig, metrics: NatsMetrics) -> ConnectOptions {
             }
         }
     })
+}
+
+/// Says, for each server whose TLS handshake fails, why.
+async fn explain_tls(config: Arc<NatsConfig>) {
+    for server in &config.servers {
+        if let Some(why) = probe::tls_failure(&config, server).await {
+            let ca = config.tls_ca.as_deref().map(|p| p.display().to_string());
+            warn!(%server, error = %why, tls_ca = ca.as_deref().unwrap_or("-"),
+                "cannot connect to NATS: the TLS handshake fails (is the server's certificate signed by tls_ca, \
+                 and for the host name or address in `servers`?)");
+        }
+    }
+}
+
+/// What to check, for a connection failure as async-nats words it (it
+/// keeps the cause, e.g. the certificate's problem, to its debug log).
+fn failure_hint(error: &str) -> &'static str {
+    if error.contains("TLS") {
+        "the TLS handshake failed: is the server's certificate signed by tls_ca (or a system CA without it), \
+         for the host name or address in `servers`, and does the server accept tls_cert?"
+    } else if error.contains("authorization") || error.contains("signing nonce") {
+        "the server refused qmpmux's credentials"
+    } else {
+        "the server is unreachable or not speaking NATS"
+    }
 }
 
 pub fn state_name(state: State) -> &'static str {

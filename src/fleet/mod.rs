@@ -10,9 +10,11 @@
 //! here and local clients are unaffected; once it is back, publishing
 //! resumes from the last acknowledged number.
 
+mod chain;
 mod commands;
 mod connect;
 mod lanes;
+mod probe;
 mod publish;
 pub mod subjects;
 
@@ -72,6 +74,8 @@ pub struct FleetHandle {
 struct Shared {
     client: async_nats::Client,
     jetstream: Option<async_nats::jetstream::Context>,
+    /// The order of the host's JetStream publishes (all VMs share a stream).
+    chain: Arc<chain::Chain>,
     config: Arc<NatsConfig>,
     /// `[client] lease_exempt`: commands a lease does not hold up.
     lease_exempt: Arc<[crate::policy::Glob]>,
@@ -91,13 +95,11 @@ impl FleetHandle {
     ) -> FleetHandle {
         let stop = parent.child_token();
         let client = connect::connect(&config, metrics.clone()).await;
-        let jetstream = config
-            .stream
-            .as_ref()
-            .map(|_| async_nats::jetstream::new(client.clone()));
+        let jetstream = config.stream.as_ref().map(|_| publish::context(client.clone()));
         let shared = Shared {
             client: client.clone(),
             jetstream,
+            chain: Arc::default(),
             subjects: Subjects::new(&config.prefix),
             config: Arc::new(config.clone()),
             lease_exempt: lease_exempt.into(),
@@ -140,7 +142,7 @@ impl FleetHandle {
             published: m.published.get(),
             acknowledged: m.acknowledged.get(),
             pending: m.pending.get(),
-            dropped: m.dropped.get(),
+            dropped: m.dropped.get() + m.too_large.get(),
             reconnects: m.reconnects.get(),
         }
     }

@@ -43,6 +43,12 @@ struct ReasonLabel {
     reason: String,
 }
 
+/// Why an event was not published to NATS.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DropLabel {
+    reason: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VersionLabel {
     version: String,
@@ -180,8 +186,12 @@ pub struct NatsMetrics {
     pub acknowledged: Counter,
     /// Events numbered but not acknowledged yet, over all VMs.
     pub pending: Gauge,
-    /// Events that fell out of a VM's history before they were published.
+    /// Events that fell out of a VM's history before they were published
+    /// (`reason="history"`).
     pub dropped: Counter,
+    /// Events larger than the server's `max_payload` (or the stream's
+    /// `max_msg_size`), never publishable (`reason="too_large"`).
+    pub too_large: Counter,
     /// Commands received over NATS.
     pub commands: Counter,
 }
@@ -266,7 +276,7 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Metrics {
         let mut root = Registry::default();
-        let m = Metrics {
+        let mut m = Metrics {
             commands: Family::default(),
             errors: Family::default(),
             events: Family::default(),
@@ -378,16 +388,22 @@ impl Metrics {
                 "Events JetStream acknowledged (or flushed to the server, without a stream)",
                 &m.nats.acknowledged,
             ),
-            (
-                "nats_dropped",
-                "Events that fell out of a VM's history before they were published",
-                &m.nats.dropped,
-            ),
             ("nats_reconnects", "Reconnections to NATS", &m.nats.reconnects),
             ("nats_commands", "QMP commands received over NATS", &m.nats.commands),
         ] {
             registry.register(name, help, metric.clone());
         }
+        // One counter per reason; the publishers' handles are clones of
+        // the family's (a clone shares the count).
+        let dropped = Family::<DropLabel, Counter>::default();
+        let by_reason = |reason: &str| dropped.get_or_create(&DropLabel { reason: reason.into() }).clone();
+        m.nats.dropped = by_reason("history");
+        m.nats.too_large = by_reason("too_large");
+        registry.register(
+            "nats_dropped",
+            "Events not published to NATS, by reason: fell out of a VM's history first (history), larger than the server accepts (too_large)",
+            dropped,
+        );
         registry.register(
             "nats_connected",
             "Whether qmpmux is connected to NATS",

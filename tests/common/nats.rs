@@ -20,16 +20,23 @@
 //! - every connection first gets `INFO {json}\r\n`, before any
 //!   authentication; the JSON has `"jetstream":true` with JetStream on;
 //! - SIGTERM is a clean shutdown (JetStream flushed, then exit).
+//!
+//! [`NatsCluster`] starts three such servers routed into one cluster with
+//! JetStream (each with a `server_name`, cluster and monitoring ports picked
+//! free), for replicated streams and a server lost mid-stream;
+//! [`qmpmux_config`] is the `[nats]` the fleet tests give qmpmux.
 
 use super::process::{guard_child, log_file};
 use super::STEP;
+use qmpmux::config::{NatsAuth, NatsConfig, StreamConfig};
+use qmpmux::policy::Policy;
 use serde_json::Value;
 use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -333,7 +340,7 @@ impl NatsServer {
     }
 
     /// Where the log is, and its last lines, for a panic message.
-    fn failure_log(&self) -> String {
+    pub fn failure_log(&self) -> String {
         let log = self.log();
         let lines: Vec<&str> = log.lines().collect();
         format!(
@@ -375,4 +382,146 @@ pub async fn read_info(addr: SocketAddr) -> Option<Value> {
     tokio::time::timeout(STEP, read).await.ok()??;
     let line = std::str::from_utf8(&seen).ok()?.trim_end();
     serde_json::from_str(line.strip_prefix("INFO ")?).ok()
+}
+
+/// qmpmux's `[nats]` for tests: host `hv1` (prefix `qmpmux.hv1`), these
+/// servers, a stream of that name (one replica, 120 s duplicate window) or
+/// plain NATS, no commands.
+pub fn qmpmux_config(servers: &[String], stream: Option<&str>) -> NatsConfig {
+    NatsConfig {
+        servers: servers.to_vec(),
+        auth: NatsAuth::None,
+        tls_ca: None,
+        tls_cert: None,
+        tls_key: None,
+        tls_required: false,
+        host: "hv1".into(),
+        prefix: "qmpmux.hv1".into(),
+        stream: stream.map(|name| StreamConfig {
+            name: name.into(),
+            max_age: None,
+            max_msgs: None,
+            max_bytes: None,
+            replicas: 1,
+            duplicate_window: Duration::from_secs(120),
+        }),
+        commands: false,
+        policy: Policy::default(),
+    }
+}
+
+/// A port on 127.0.0.1 that was free a moment ago (for ports a server's
+/// config must name before it starts: cluster routes, monitoring).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Three nats-servers routed into one cluster, JetStream on each: streams
+/// may have three replicas. Each keeps its store, ports and config across
+/// [`NatsServer::kill`] and [`NatsServer::restart`] (it rejoins).
+pub struct NatsCluster {
+    pub servers: Vec<NatsServer>,
+    /// Each server's monitoring port (`/connz`, `/jsz`).
+    pub http_ports: Vec<u16>,
+}
+
+impl NatsCluster {
+    /// Starts the three and waits until JetStream answers (a meta leader
+    /// is elected); `None` (saying so) without nats-server outside CI.
+    pub async fn start_or_skip() -> Option<NatsCluster> {
+        nats_or_skip()?;
+        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let http_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let mut servers = Vec::new();
+        for i in 0..3 {
+            let others: Vec<String> = routes
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, p)| format!("nats-route://127.0.0.1:{p}"))
+                .collect();
+            let config = format!(
+                "server_name: n{i}\nhttp: 127.0.0.1:{http}\n\
+                 cluster {{\n  name: qmpmux-test\n  listen: 127.0.0.1:{route}\n  routes: [{others}]\n}}\n",
+                http = http_ports[i],
+                route = routes[i],
+                others = others.join(", ")
+            );
+            servers.push(NatsServer::start_with_config(&config).await);
+        }
+        let cluster = NatsCluster { servers, http_ports };
+        cluster.wait_for_jetstream(&cluster.urls()).await;
+        Some(cluster)
+    }
+
+    /// Every server's client URL.
+    pub fn urls(&self) -> Vec<String> {
+        self.servers.iter().map(NatsServer::url).collect()
+    }
+
+    /// Waits until a client of `urls` gets JetStream's account information
+    /// without an error (which needs a meta leader).
+    pub async fn wait_for_jetstream(&self, urls: &[String]) {
+        let deadline = Instant::now() + 6 * STEP;
+        loop {
+            // The raw request: async-nats 0.51's account type does not
+            // parse every server's answer.
+            let ready = async {
+                let client = async_nats::connect(urls).await.ok()?;
+                let answer = client.request("$JS.API.INFO", "".into()).await.ok()?;
+                let v: Value = serde_json::from_slice(&answer.payload).ok()?;
+                v.get("error").is_none().then_some(())
+            };
+            if tokio::time::timeout(STEP, ready).await.ok().flatten().is_some() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the NATS cluster has no JetStream meta leader; logs:\n{}",
+                self.servers
+                    .iter()
+                    .map(|s| s.failure_log())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The index of the server that has a client connection named `name`
+    /// (async-nats's `ConnectOptions::name`), if one has.
+    pub async fn serving(&self, name: &str) -> Option<usize> {
+        for (i, port) in self.http_ports.iter().enumerate() {
+            if self.servers[i].pid().is_none() {
+                continue;
+            }
+            let Some(connz) = http_get_json(*port, "/connz").await else {
+                continue;
+            };
+            let conns = connz["connections"].as_array().cloned().unwrap_or_default();
+            if conns.iter().any(|c| c["name"] == name) {
+                return Some(i);
+            }
+        }
+        None
+    }
+}
+
+/// `GET path` on 127.0.0.1:`port`, the body as JSON; `None` if it fails.
+async fn http_get_json(port: u16, path: &str) -> Option<Value> {
+    let get = async {
+        let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await.ok()?;
+        // HTTP/1.0: the whole body at once, never chunked.
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.ok()?;
+        let (_, body) = out.split_once("\r\n\r\n")?;
+        serde_json::from_str(body).ok()
+    };
+    tokio::time::timeout(STEP, get).await.ok().flatten()
 }
