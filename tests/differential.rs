@@ -51,6 +51,30 @@ impl Peer {
         let stream = UnixStream::connect(path)
             .await
             .unwrap_or_else(|e| panic!("connect {name} to {}: {e}", path.display()));
+        Peer::from_stream(name, stream)
+    }
+
+    /// QEMU's monitor, right after the readiness probe let go of it: on
+    /// loaded CI machines QEMU 7.2 has refused the next connection for a
+    /// moment (ECONNREFUSED, seen once in a run with two test suites at
+    /// once). That is QEMU's, not qmpmux's, so it is retried for up to
+    /// [`STEP`]; qmpmux's own socket is connected to once, strictly.
+    async fn connect_qemu(path: &Path) -> Peer {
+        let deadline = tokio::time::Instant::now() + STEP;
+        loop {
+            match UnixStream::connect(path).await {
+                Ok(stream) => return Peer::from_stream("QEMU", stream),
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::ConnectionRefused && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) => panic!("connect QEMU to {}: {e}", path.display()),
+            }
+        }
+    }
+
+    fn from_stream(name: &'static str, stream: UnixStream) -> Peer {
         let (reader, writer) = stream.into_split();
         Peer {
             name,
@@ -212,7 +236,7 @@ impl Diff {
         let sock = dir.path().join("mux.sock");
         let (qemu1, qemu2) = tokio::join!(Qemu::start(&q1), Qemu::start(&q2));
         let daemon = Daemon::start(&[("vm", &q2, &sock)]).await;
-        let mut direct = Peer::connect("QEMU", &q1).await;
+        let mut direct = Peer::connect_qemu(&q1).await;
         let mut mux = Peer::connect("qmpmux", &sock).await;
         let g1 = parse(&direct.line().await);
         let g2 = parse(&mux.line().await);
