@@ -8,6 +8,7 @@
 
 mod common;
 
+use common::process::rss_kib;
 use common::{die_with_parent, Client, Qemu};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,15 +25,6 @@ struct Counts {
     down: AtomicU64,
     unknown: AtomicU64,
     other_errors: AtomicU64,
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

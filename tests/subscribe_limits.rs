@@ -6,6 +6,7 @@
 mod common;
 
 use common::binary::Binary;
+use common::process::rss_kib;
 use common::{Client, Daemon, Qemu};
 use qmpmux::config::{Endpoint, ListenerConfig};
 use qmpmux::policy::Glob;
@@ -86,13 +87,6 @@ async fn too_many_or_too_long_patterns_are_refused_and_the_filter_kept() {
     main.stop_cont(1).await;
     assert_eq!(c.recv().await["event"], "RESUME");
     daemon.stop().await;
-}
-
-/// qmpmux's resident memory, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
 /// The median time of a `stop` then `cont` (each awaited), over `rounds`.

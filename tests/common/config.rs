@@ -37,16 +37,7 @@ pub fn config_toml(vms: &[Vm], max_clients: usize) -> String {
 /// no stream, and the default policy.
 pub fn nats_commands(url: &str) -> qmpmux::config::NatsConfig {
     qmpmux::config::NatsConfig {
-        servers: vec![url.to_string()],
-        auth: qmpmux::config::NatsAuth::None,
-        tls_ca: None,
-        tls_cert: None,
-        tls_key: None,
-        tls_required: false,
-        host: "hv1".into(),
-        prefix: "qmpmux.hv1".into(),
-        stream: None,
         commands: true,
-        policy: qmpmux::policy::Policy::default(),
+        ..super::nats::qmpmux_config(&[url.to_string()], None)
     }
 }
