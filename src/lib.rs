@@ -56,4 +56,6 @@ pub use listen::{ListenError, Listeners};
 /// Unix sockets registered for reading only; also the benchmark's clients
 /// and fake upstream, which must not wake qmpmux's peers for nothing.
 pub use runtime::sock;
-pub use supervisor::{run, run_from_file, run_with_reload, Reload, ReloadSummary, RunError, STOP_GRACE};
+pub use supervisor::{
+    load_for_reload, run, run_from_file, run_with_reload, Reload, ReloadSummary, RunError, STOP_GRACE,
+};

@@ -521,10 +521,7 @@ fn reopen_log(log_file: Option<&LogFile>) {
 /// SIGHUP: the supervisor applies the file and logs the outcome.
 async fn reload(path: &std::path::Path, reloads: &mpsc::Sender<Reload>) {
     info!(path = %path.display(), "SIGHUP: reloading configuration");
-    let config = Config::load(path).map_err(|e| qmpmux::error::chain(&e).replace('\n', " "));
-    if let Some(e) = config.as_ref().ok().and_then(|c| c.exposed_secrets(path)) {
-        warn!("{e}");
-    }
+    let config = qmpmux::load_for_reload(path);
     let (done, answer) = oneshot::channel();
     if reloads.send(Reload { config, done }).await.is_ok() {
         let _ = answer.await;

@@ -53,6 +53,20 @@ pub struct ReloadSummary {
     pub removed: Vec<String>,
     pub restarted: Vec<String>,
     pub unchanged: Vec<String>,
+    /// Settings that changed but are read only at start (see
+    /// [`Config::need_restart`]): left as they were.
+    pub need_restart: Vec<&'static str>,
+}
+
+/// Reads the configuration file for a reload (SIGHUP or the control
+/// socket): the error on one line, and a warning when the file shows its
+/// NATS secrets to others.
+pub fn load_for_reload(path: &Path) -> Result<Config, String> {
+    let config = Config::load(path).map_err(|e| crate::error::chain(&e).replace('\n', " "));
+    if let Some(e) = config.as_ref().ok().and_then(|c| c.exposed_secrets(path)) {
+        warn!("{e}");
+    }
+    config
 }
 
 /// A request to apply a new configuration; the answer says what changed.
@@ -464,13 +478,14 @@ impl Supervisor {
     async fn apply(&mut self, config: Result<Config, String>) -> Result<ReloadSummary, RunError> {
         let result = match config {
             Ok(config) => {
-                for setting in self.config.need_restart(&config) {
+                let need_restart = self.config.need_restart(&config);
+                for setting in &need_restart {
                     warn!(
                         setting,
                         "reload: this setting changed; it takes effect only when qmpmux restarts"
                     );
                 }
-                self.reload(config).await
+                self.reload(config).await.map(|s| ReloadSummary { need_restart, ..s })
             }
             Err(why) => Err(RunError::Rejected(why)),
         };
@@ -496,15 +511,7 @@ impl Supervisor {
         };
         info!(path = %path.display(), "reload requested on the control socket: reloading configuration");
         crate::ops::systemd::notify_reloading();
-        let config = Config::load(&path).map_err(|e| crate::error::chain(&e).replace('\n', " "));
-        if let Some(e) = config.as_ref().ok().and_then(|c| c.exposed_secrets(&path)) {
-            warn!("{e}");
-        }
-        let need_restart = match &config {
-            Ok(new) => self.config.need_restart(new),
-            Err(_) => Vec::new(),
-        };
-        let result = self.apply(config).await;
+        let result = self.apply(load_for_reload(&path)).await;
         crate::ops::systemd::notify_ready();
         match result {
             Ok(s) => ReloadReply {
@@ -513,7 +520,7 @@ impl Supervisor {
                 removed: s.removed,
                 restarted: s.restarted,
                 unchanged: s.unchanged,
-                need_restart: need_restart.into_iter().map(String::from).collect(),
+                need_restart: s.need_restart.into_iter().map(String::from).collect(),
                 ..ReloadReply::default()
             },
             Err(e) => ReloadReply {
