@@ -27,8 +27,9 @@
 //! - [`error`]: formatting error chains; each module has its own errors.
 // The exceptions: `recvmsg` and taking ownership of the fds it receives
 // with SCM_RIGHTS, whatever the control data (downstream::fds),
-// `malloc_trim` (trim) and registering descriptors with tokio
-// (upstream::socketwatch, runtime::sock), which have no safe API.
+// `malloc_trim` (trim), registering descriptors with tokio
+// (upstream::socketwatch, runtime::sock) and mapping the event journal's
+// memfd (events::journal), which have no safe API.
 #![deny(unsafe_code)]
 
 pub mod config;
