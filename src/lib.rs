@@ -22,14 +22,18 @@
 //! - [`config`]: the TOML file, validated into [`config::Config`].
 //! - [`listen`]: binding every socket before serving, and undoing it.
 //! - `supervisor`: [`run`], the set of VMs, reload and stop.
+//! - [`handover`]: what a restart of qmpmux itself hands to the next
+//!   process (re-execution on SIGUSR2, systemd's file descriptor store).
 //! - [`ops`]: control socket, metrics, systemd, memory trim, demo VM.
 //! - `runtime`: the threads VMs run on, and quiet futures.
 //! - [`error`]: formatting error chains; each module has its own errors.
 // The exceptions: `recvmsg` and taking ownership of the fds it receives
 // with SCM_RIGHTS, whatever the control data (downstream::fds),
 // `malloc_trim` (trim), registering descriptors with tokio
-// (upstream::socketwatch, runtime::sock) and mapping the event journal's
-// memfd (events::journal), which have no safe API.
+// (upstream::socketwatch, runtime::sock), mapping the event journal's
+// memfd (events::journal), taking ownership of the fds handed over by the
+// previous process and ignoring signals before a re-execution (handover),
+// which have no safe API.
 #![deny(unsafe_code)]
 
 pub mod config;
@@ -37,6 +41,7 @@ mod downstream;
 pub mod error;
 pub mod events;
 mod fleet;
+pub mod handover;
 pub mod listen;
 pub mod ops;
 pub mod policy;

@@ -4,15 +4,17 @@
 use clap::Parser;
 use futures_util::StreamExt;
 use qmpmux::config::{Config, LogFormat};
+use qmpmux::handover::{exec, Handover, Inherited, Keeper};
 use qmpmux::ops::demo;
 use qmpmux::ops::logging::{self, Journal, LogFile, TextFields};
 use qmpmux::ops::systemd::notify;
 use qmpmux::{run_from_file, Listeners, Reload};
 use sd_notify::NotifyState;
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -173,10 +175,13 @@ The documentation: behaviour, configuration, operations, security, fleet, perfor
 .SH SIGNALS
 .TP
 \fBSIGTERM\fR, \fBSIGINT\fR
-Stop gracefully: sockets removed at once, clients get up to 5 s for replies to commands in flight, then qmpmux exits 0. QEMU keeps running.
+Stop gracefully: sockets removed at once, clients get up to 5 s for replies to commands in flight, then qmpmux exits 0. Under systemd, qmpmux hands everything to systemd's file descriptor store instead: a restart then costs clients nothing, a stop ends it all. QEMU keeps running.
 .TP
 \fBSIGHUP\fR
 Reload the configuration file, as \fBqmpmux reload\fR does (whose exit status tells the outcome).
+.TP
+\fBSIGUSR2\fR
+Re\-execute the binary at the path qmpmux was started from (after checking it with \fB\-\-version\fR and \fB\-\-check\-config\fR), in place: same pid, every listening socket, connection to QEMU, event history and unix client handed over; clients do not notice.
 .TP
 \fBSIGUSR1\fR
 Reopen \fBlog_file\fR (after logrotate moved it).
@@ -280,6 +285,14 @@ fn main() -> ExitCode {
     if let Some(Cmd::Generate { what }) = &args.command {
         return generate(what);
     }
+    // Before anything opens a file: what the previous process (systemd's
+    // store, or this same process before a re-execution) handed over.
+    let daemon = args.command.is_none() && !args.check_config;
+    let inherited = if daemon {
+        Inherited::from_env()
+    } else {
+        Inherited::none()
+    };
     // The VMs run on threads of their own (see `qmpmux::runtime::shards`); this one
     // only has signals, reloads, the control socket and metrics to serve.
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -289,7 +302,19 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async_main(args))
+    let program = exec::program_path();
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let (code, reexec) = runtime.block_on(async_main(args, inherited));
+    drop(runtime);
+    let Some(keeper) = reexec else { return code };
+    let Some(program) = program else {
+        fail("cannot re-execute: the path qmpmux was started from is unknown");
+        return ExitCode::FAILURE;
+    };
+    // Only now, with every runtime and its descriptors gone.
+    let e = exec::reexec(&program, &argv, keeper.take_all());
+    fail(&format!("cannot re-execute {}: {e}", program.display()));
+    ExitCode::FAILURE
 }
 
 /// The control socket: `--control`, else the config file's (read even
@@ -372,12 +397,23 @@ async fn status(args: &Args, control: Option<PathBuf>, json: bool) -> ExitCode {
     }
 }
 
-async fn async_main(args: Args) -> ExitCode {
+/// The daemon, or a subcommand; with the keeper to re-execute with, when
+/// `SIGUSR2` asked for that.
+async fn async_main(args: Args, inherited: Inherited) -> (ExitCode, Option<Arc<Keeper>>) {
     match &args.command {
-        Some(Cmd::Status { control, json }) => return status(&args, control.clone(), *json).await,
-        Some(Cmd::Reload { control, json, pid }) => return reload_command(&args, control.clone(), *json, *pid).await,
+        Some(Cmd::Status { control, json }) => return (status(&args, control.clone(), *json).await, None),
+        Some(Cmd::Reload { control, json, pid }) => {
+            return (reload_command(&args, control.clone(), *json, *pid).await, None)
+        }
         _ => {}
     }
+    let mut reexec = None;
+    let code = daemon(args, inherited, &mut reexec).await;
+    (code, reexec)
+}
+
+/// Serves until stopped; sets `reexec` when it stopped to re-execute.
+async fn daemon(args: Args, mut inherited: Inherited, reexec: &mut Option<Arc<Keeper>>) -> ExitCode {
     let mut demo_vm = None;
     let config = if args.demo {
         match demo::start(args.demo_listen.clone()).await {
@@ -427,14 +463,29 @@ async fn async_main(args: Args) -> ExitCode {
     // Handlers first: once a socket exists, tools (and systemd, after
     // READY=1) may signal qmpmux, and SIGHUP or SIGUSR1 would otherwise
     // kill it. A signal that comes before the handling task runs waits.
-    let signals = match signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1]) {
+    let signals = match signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2]) {
         Ok(s) => s,
         Err(e) => {
             error!(error = %e, "cannot install signal handlers");
             return ExitCode::FAILURE;
         }
     };
-    let listeners = match Listeners::bind(&config).await {
+    // The demo's QEMU is this process's child, started afresh each time:
+    // nothing to hand over.
+    let keeper = Arc::new(if args.demo {
+        Keeper::disabled()
+    } else {
+        Keeper::for_daemon()
+    });
+    if !keeper.enabled() {
+        inherited.close_rest(&keeper);
+    }
+    let handover = Handover {
+        keeper: keeper.clone(),
+        inherited,
+        fallback: false,
+    };
+    let listeners = match Listeners::bind_with(&config, handover).await {
         Ok(l) => l,
         Err(e) => {
             error!("{}", qmpmux::error::chain(&e));
@@ -451,6 +502,7 @@ async fn async_main(args: Args) -> ExitCode {
     let signal_task = tokio::spawn(handle_signals(
         signals,
         shutdown.clone(),
+        keeper.clone(),
         reload_tx,
         config_path,
         log_file,
@@ -460,6 +512,11 @@ async fn async_main(args: Args) -> ExitCode {
     signal_task.abort();
     drop(demo_vm);
     match result {
+        Ok(()) if keeper.is_frozen() && REEXEC.load(std::sync::atomic::Ordering::SeqCst) => {
+            info!("re-executing");
+            *reexec = Some(keeper);
+            ExitCode::SUCCESS
+        }
         Ok(()) => {
             info!("stopped");
             ExitCode::SUCCESS
@@ -478,9 +535,13 @@ fn print_summary(args: &Args, config: &Config) {
     }
 }
 
+/// Set once `SIGUSR2`'s checks passed: the daemon stops to re-execute.
+static REEXEC: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 async fn handle_signals(
     mut signals: signal_hook_tokio::Signals,
     shutdown: CancellationToken,
+    keeper: Arc<Keeper>,
     reloads: mpsc::Sender<Reload>,
     config_path: Option<PathBuf>,
     log_file: Option<LogFile>,
@@ -490,7 +551,25 @@ async fn handle_signals(
             reopen_log(log_file.as_ref());
             continue;
         }
+        if sig == SIGUSR2 {
+            if shutdown.is_cancelled() {
+                continue;
+            }
+            if reexec_checked(&keeper, config_path.as_deref()).await {
+                info!("SIGUSR2: handing over to the new binary");
+                qmpmux::ops::systemd::notify_reloading();
+                REEXEC.store(true, std::sync::atomic::Ordering::SeqCst);
+                keeper.freeze_for_exec();
+                shutdown.cancel();
+            }
+            continue;
+        }
         if sig != SIGHUP {
+            // Under systemd, its store keeps what this process kept: a
+            // stop ends it all, but a restart (or an upgrade) hands over.
+            if keeper.under_systemd() {
+                keeper.freeze();
+            }
             info!(signal = sig, "stopping");
             notify(&[NotifyState::Stopping]);
             shutdown.cancel();
@@ -503,6 +582,30 @@ async fn handle_signals(
         qmpmux::ops::systemd::notify_reloading();
         reload(path, &reloads).await;
         qmpmux::ops::systemd::notify_ready();
+    }
+}
+
+/// SIGUSR2: whether re-executing can go ahead: not in demo mode, and the
+/// binary at the path qmpmux was started from says its version and
+/// accepts the configuration. Why not is logged; qmpmux keeps serving.
+async fn reexec_checked(keeper: &Keeper, config: Option<&std::path::Path>) -> bool {
+    if !keeper.enabled() {
+        warn!("SIGUSR2: re-execution is not available in demo mode; ignored");
+        return false;
+    }
+    let Some(program) = exec::program_path() else {
+        error!("SIGUSR2: the path qmpmux was started from is unknown; not re-executing");
+        return false;
+    };
+    match exec::check(&program, config).await {
+        Ok(version) => {
+            info!(path = %program.display(), %version, "SIGUSR2: new binary checked");
+            true
+        }
+        Err(e) => {
+            error!(error = %qmpmux::error::chain(&e), "SIGUSR2: not re-executing; still serving");
+            false
+        }
     }
 }
 

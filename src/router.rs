@@ -345,6 +345,17 @@ impl Router {
         self.oob_queue.retain(|q| q.route.client != client);
     }
 
+    /// Numbers requests from `base` on, on a connection the previous qmpmux
+    /// handed over: replies it still gets to that process's requests (small
+    /// numbers, or an earlier base) match none of this one's and are
+    /// dropped. A new connection starts from 0 again.
+    pub fn number_from(&mut self, base: u64) {
+        if self.sent.is_empty() {
+            self.next_n = base;
+            self.free.clear();
+        }
+    }
+
     /// The connection ended: everything outstanding, in sending order
     /// (in flight), then in submission order (queued).
     pub fn abandon(&mut self) -> Abandoned {

@@ -6,6 +6,8 @@ use crate::config::{Config, VmConfig};
 use crate::downstream::client::ClientContext;
 use crate::downstream::slots::VmSlots;
 use crate::downstream::{accept_loop, accept_tcp_loop};
+use crate::handover::state::VmState;
+use crate::handover::{names, Counts, Handover, Keeper};
 use crate::listen::sockfile::SocketFile;
 use crate::listen::{bind_or_undo, bind_vm, shares_a_path, Bound, ListenError, Listeners, VmSockets};
 use crate::ops::control::{
@@ -92,6 +94,11 @@ struct Vm {
     shard: Lease,
     /// Its socket files, removed when it stops (if still ours).
     files: Vec<SocketFile>,
+    keeper: Arc<Keeper>,
+    /// The names its sockets are kept under for the next process.
+    kept: Vec<String>,
+    /// Hand the clients over to the next process.
+    handover: CancellationToken,
 }
 
 struct Supervisor {
@@ -108,6 +115,10 @@ struct Supervisor {
     /// The file the configuration came from: what `reload` on the control
     /// socket reads (`None`: the demo, or a test's configuration).
     source: Option<PathBuf>,
+    /// What the previous process handed over (until the VMs took it), and
+    /// what is kept for the next.
+    handover: Handover,
+    counts: Counts,
 }
 
 /// Runs the daemon until `shutdown` is cancelled, then stops cleanly and
@@ -150,10 +161,29 @@ pub async fn run_from_file(
         fleet: None,
         shutdown: shutdown.clone(),
         source,
+        handover: std::mem::replace(&mut listeners.handover, Handover::none()),
+        counts: Counts::default(),
     };
+    // What the previous process wrote when it handed over, if it did.
+    let state = sup.handover.take_state();
+    let mut restored: HashMap<String, VmState> = HashMap::new();
+    if let Some(state) = state {
+        sup.counts = Counts::after(&state);
+        restored = state.vms.into_iter().map(|v| (v.name.clone(), v)).collect();
+    } else if sup.handover.after_crash() {
+        sup.counts.crash_recoveries += 1;
+        if sup.handover.fallback {
+            sup.counts.fallbacks += 1;
+        }
+        warn!("started from what a crash of the previous qmpmux left (its clients were closed)");
+    }
+    sup.metrics.record_handovers(&sup.counts);
     for vm in &config.vms {
         let started = match listeners.vms.remove(&vm.name) {
-            Some(sockets) => sup.start_vm(vm.clone(), sockets),
+            Some(sockets) => {
+                let restored = restored.remove(&vm.name);
+                sup.start_vm(vm.clone(), sockets, restored)
+            }
             None => Err(RunError::MissingListener(vm.name.clone())),
         };
         if let Err(e) = started {
@@ -163,6 +193,8 @@ pub async fn run_from_file(
             return Err(listeners.undo(e));
         }
     }
+    let keeper = sup.handover.keeper.clone();
+    sup.handover.inherited.close_rest(&keeper);
     sup.sync_fleet().await;
     let services = TaskTracker::new();
     let (request_tx, mut requests) = mpsc::channel(16);
@@ -217,22 +249,93 @@ pub async fn run_from_file(
     }
     services.close();
     services.wait().await;
-    for s in control_file.iter().flat_map(|c| &c.sockets) {
-        s.remove();
+    // Handing over: the next process serves the same socket files.
+    if !keeper.is_frozen() {
+        for s in control_file.iter().flat_map(|c| &c.sockets) {
+            s.remove();
+        }
     }
     let all: Vec<Vm> = sup.vms.drain().map(|(_, vm)| vm).collect();
-    futures_util::future::join_all(all.into_iter().map(stop_vm)).await;
+    if keeper.is_frozen() {
+        sup.hand_over(all).await;
+    } else {
+        futures_util::future::join_all(all.into_iter().map(stop_vm)).await;
+    }
     Ok(())
 }
 
 impl Supervisor {
-    fn start_vm(&mut self, vm: VmConfig, sockets: VmSockets) -> Result<(), RunError> {
+    /// Hands every VM over to the next process: their clients once each
+    /// one's commands are answered, then the state that describes them,
+    /// kept (in a sealed memfd) with the rest.
+    async fn hand_over(&mut self, all: Vec<Vm>) {
+        let frozen_at_us = crate::events::History::first_number();
+        let vms: Vec<VmState> = futures_util::future::join_all(all.into_iter().map(hand_over_vm))
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        let clients: usize = vms.iter().map(|v| v.clients.len()).sum();
+        let state = crate::handover::state::State {
+            version: env!("CARGO_PKG_VERSION").into(),
+            frozen_at_us,
+            handovers: self.counts.handovers,
+            crash_recoveries: self.counts.crash_recoveries,
+            fallbacks: self.counts.fallbacks,
+            vms,
+        };
+        match crate::handover::state::to_memfd(&crate::handover::state::encode(&state)) {
+            Ok(fd) => {
+                self.handover.keeper.keep(names::STATE, std::os::fd::AsFd::as_fd(&fd));
+                info!(clients, "handed over");
+            }
+            Err(e) => error!(error = %e, "cannot write the handover state: the next process closes the clients"),
+        }
+        let keeper = self.handover.keeper.clone();
+        let flushed = tokio::task::spawn_blocking(move || keeper.flush(Duration::from_secs(10))).await;
+        if !matches!(flushed, Ok(true)) {
+            error!("systemd's file descriptor store did not take everything in time; some clients may be closed");
+        }
+    }
+}
+
+/// Hands one VM over: no new clients (connections wait in the backlog),
+/// each unix client handed over once its commands are answered (TLS ones
+/// closed after theirs), then the session's state; the connection to QEMU
+/// and the journal stay kept.
+async fn hand_over_vm(vm: Vm) -> Option<VmState> {
+    vm.handover.cancel();
+    vm.clients.close();
+    if tokio::time::timeout(STOP_GRACE + Duration::from_secs(1), vm.clients.wait())
+        .await
+        .is_err()
+    {
+        warn!(vm = %vm.config.name, "clients still busy after {STOP_GRACE:?}; closing them");
+        vm.stop.cancel();
+    }
+    let state = match tokio::time::timeout(STOP_GRACE, vm.session.freeze()).await {
+        Ok(Ok(s)) => Some(s),
+        _ => {
+            warn!(vm = %vm.config.name, "the VM's session did not hand over its state");
+            None
+        }
+    };
+    vm.hard.cancel();
+    vm.tasks.close();
+    vm.clients.wait().await;
+    vm.tasks.wait().await;
+    state
+}
+
+impl Supervisor {
+    fn start_vm(&mut self, vm: VmConfig, sockets: VmSockets, restored: Option<VmState>) -> Result<(), RunError> {
         // Programs run on events start from the main runtime, which has the
         // process driver; everything else runs on the VM's shard.
         let actions = crate::events::actions::Actions::spawn(&vm.name, &vm.on_event);
         let shard = self.shards.place();
         let _on_shard = shard.handle.enter();
         let files = sockets.files.sockets.clone();
+        let kept = sockets.kept.clone();
         let sockets = sockets.rehome().map_err(|source| {
             files.iter().for_each(SocketFile::remove);
             RunError::Rehome {
@@ -240,10 +343,50 @@ impl Supervisor {
                 source,
             }
         })?;
-        let (stop, hard) = (CancellationToken::new(), CancellationToken::new());
+        let (stop, hard, handover) = (
+            CancellationToken::new(),
+            CancellationToken::new(),
+            CancellationToken::new(),
+        );
         let (tasks, clients) = (TaskTracker::new(), TaskTracker::new());
         let upstream_opts = self.config.upstream.clone();
         let metrics = self.metrics.vm(&vm.name);
+        let keeper = self.handover.keeper.clone();
+        // Clients handed over: members of the session from its first
+        // event on, each with the mailbox its task will read.
+        let mut resumed = Vec::new();
+        let mut members = Vec::new();
+        let mut restored = restored.unwrap_or_default();
+        for state in std::mem::take(&mut restored.clients) {
+            let Some(fd) = self.handover.take(&names::client(&vm.name, state.id)) else {
+                info!(vm = %vm.name, client = state.id, "a client handed over has gone meanwhile");
+                continue;
+            };
+            // Out of systemd's store: the connection is this process's now
+            // (the store's copy would keep it open after a close).
+            keeper.release(&names::client(&vm.name, state.id));
+            let passed = state
+                .passed_fd
+                .then(|| self.handover.take(&names::passed(&vm.name, state.id)))
+                .flatten();
+            keeper.release(&names::passed(&vm.name, state.id));
+            crate::downstream::numbers_above(state.id);
+            let Some(l) = vm.all_listeners().nth(state.listener) else {
+                warn!(vm = %vm.name, client = state.id, "a client handed over came in on a listener no longer configured; closed");
+                continue;
+            };
+            let (tx, rx) = crate::upstream::mailbox::mailbox(self.config.client.max_queue_bytes);
+            members.push(crate::upstream::ResumedMember {
+                client: state.id,
+                mailbox: tx,
+                events: l.events.clone(),
+                resumed: crate::upstream::Resumed {
+                    numbered: state.numbered,
+                    narrowed: state.narrowed.clone(),
+                },
+            });
+            resumed.push((state, fd, passed, rx));
+        }
         let spec = upstream::Spec {
             vm: vm.clone(),
             opts: upstream_opts,
@@ -251,6 +394,10 @@ impl Supervisor {
             listener: sockets.upstream,
             metrics: metrics.clone(),
             actions,
+            keeper: keeper.clone(),
+            inherited_qemu: self.handover.take(&names::qemu(&vm.name)),
+            inherited_journal: self.handover.take(&names::journal(&vm.name)),
+            restored: (restored, members),
         };
         let session = upstream::spawn(spec, hard.clone(), &tasks);
         let max_clients = self.config.client.max_clients;
@@ -263,12 +410,16 @@ impl Supervisor {
             hard: hard.clone(),
             metrics: metrics.clone(),
             listener: Arc::new(vm.main.clone()),
+            listener_index: 0,
+            handover: handover.clone(),
+            keeper: keeper.clone(),
         };
         info!(vm = %vm.name, listen = %vm.listen().display(), upstream = %vm.upstream.display(), "serving VM");
         // Listener 0 is the main socket: slots kept for it, no limit of its own.
         for (n, (l, bound)) in vm.all_listeners().zip(sockets.listeners).enumerate() {
             let ctx = ClientContext {
                 listener: Arc::new(l.clone()),
+                listener_index: n,
                 ..ctx.clone()
             };
             let slots = if n == 0 {
@@ -276,6 +427,16 @@ impl Supervisor {
             } else {
                 slots.listener(l.max_clients)
             };
+            let shared = Arc::new(ctx.clone());
+            for (state, fd, passed, mailbox) in resumed.extract_if(.., |r| r.0.listener == n) {
+                let Some(slot) = crate::downstream::take_slot(&slots, &shared, None) else {
+                    continue;
+                };
+                let id = state.id;
+                if let Err(e) = crate::downstream::resume_client(&clients, &shared, slot, fd, passed, state, mailbox) {
+                    warn!(vm = %vm.name, client = id, error = %e, "cannot serve a client handed over; closed");
+                }
+            }
             let policy = l.policy.describe();
             match bound {
                 Bound::Unix(sock) => {
@@ -304,6 +465,9 @@ impl Supervisor {
                 tasks,
                 shard,
                 files,
+                keeper,
+                kept,
+                handover,
             },
         );
         Ok(())
@@ -328,13 +492,13 @@ impl Supervisor {
                         to_stop.push(vm.name.clone());
                         to_start.push((vm.clone(), None));
                     } else {
-                        let bound = bind_or_undo(vm, &new.socket, &mut to_start).await?;
+                        let bound = bind_or_undo(vm, &new.socket, &mut to_start, &mut self.handover).await?;
                         to_start.push((vm.clone(), Some(bound)));
                         to_stop.push(vm.name.clone());
                     }
                 }
                 None => {
-                    let bound = bind_or_undo(vm, &new.socket, &mut to_start).await?;
+                    let bound = bind_or_undo(vm, &new.socket, &mut to_start, &mut self.handover).await?;
                     to_start.push((vm.clone(), Some(bound)));
                     summary.added.push(vm.name.clone());
                 }
@@ -355,7 +519,7 @@ impl Supervisor {
         for (vm, listener) in to_start {
             let listener = match listener {
                 Some(l) => l,
-                None => match bind_vm(&vm, &self.config.socket).await {
+                None => match bind_vm(&vm, &self.config.socket, &mut self.handover).await {
                     Ok(l) => l,
                     Err(e) => {
                         error!(vm = %vm.name, error = %crate::error::chain(&e), "cannot restart VM after reload");
@@ -363,7 +527,7 @@ impl Supervisor {
                     }
                 },
             };
-            if let Err(e) = self.start_vm(vm, listener) {
+            if let Err(e) = self.start_vm(vm, listener, None) {
                 error!(error = %crate::error::chain(&e), "cannot start VM after reload");
             }
         }
@@ -383,8 +547,12 @@ impl Supervisor {
 /// to what is in flight for up to [`STOP_GRACE`], then everything.
 async fn stop_vm(vm: Vm) {
     vm.stop.cancel();
-    for f in &vm.files {
-        f.remove();
+    // Handing over: the next process serves the same socket files, and
+    // everything kept stays kept.
+    if !vm.keeper.is_frozen() {
+        for f in &vm.files {
+            f.remove();
+        }
     }
     vm.clients.close();
     if tokio::time::timeout(STOP_GRACE, vm.clients.wait()).await.is_err() {
@@ -394,6 +562,14 @@ async fn stop_vm(vm: Vm) {
     vm.tasks.close();
     vm.clients.wait().await;
     vm.tasks.wait().await;
+    // Not handing over: nobody needs its sockets and journal any more (a
+    // VM restarted by a reload keeps sockets, and a journal, of its own).
+    if !vm.keeper.is_frozen() {
+        for name in &vm.kept {
+            vm.keeper.forget(name);
+        }
+        vm.keeper.forget(&names::journal(&vm.config.name));
+    }
     info!(vm = %vm.config.name, "VM stopped");
 }
 
@@ -443,6 +619,7 @@ impl Supervisor {
             started_at: self.metrics.start_time(),
             uptime_seconds: self.started.elapsed().as_secs_f64(),
             last_reload: self.last_reload.clone(),
+            handover: Some(self.counts.clone()),
             vms,
             nats: self.fleet.as_ref().map(|f| f.status()),
         }

@@ -298,13 +298,28 @@ async fn binary_tells_systemd_ready_watchdog_reloading_and_stopping() {
         .spawn()
         .unwrap();
     let pid = child.id() as i32;
-    let next = async || {
+    // The file descriptor store: what qmpmux keeps there, by name (the fds
+    // themselves are dropped here).
+    let stored = std::sync::Mutex::new(std::collections::BTreeSet::<String>::new());
+    let next = async || loop {
         let mut buf = [0u8; 512];
         let n = tokio::time::timeout(Duration::from_secs(10), systemd.recv(&mut buf))
             .await
             .expect("no notification from qmpmux within 10 s")
             .unwrap();
-        String::from_utf8_lossy(&buf[..n]).trim_end().to_owned()
+        let msg = String::from_utf8_lossy(&buf[..n]).trim_end().to_owned();
+        let name = msg
+            .lines()
+            .find_map(|l| l.strip_prefix("FDNAME="))
+            .unwrap_or_default()
+            .to_string();
+        if msg.starts_with("FDSTORE=1") {
+            stored.lock().unwrap().insert(name);
+        } else if msg.starts_with("FDSTOREREMOVE=1") {
+            stored.lock().unwrap().remove(&name);
+        } else {
+            return msg;
+        }
     };
     // Skips watchdog pings while waiting for `what`.
     let expect = async |what: &str| loop {
@@ -325,6 +340,15 @@ async fn binary_tells_systemd_ready_watchdog_reloading_and_stopping() {
     expect("RELOADING=1").await;
     expect("READY=1").await;
     assert_eq!(next().await, "WATCHDOG=1");
+    // Kept for a restart: the listening socket, the connection to QEMU,
+    // the event journal (sent from a thread of qmpmux's own: not
+    // necessarily before READY=1).
+    let names = stored.lock().unwrap().clone();
+    assert!(
+        names.iter().any(|n| n.starts_with("listen.0.") && n.ends_with(".one")),
+        "{names:?}"
+    );
+    assert!(names.contains("qemu.one") && names.contains("journal.one"), "{names:?}");
     signal(pid, libc::SIGTERM);
     expect("STOPPING=1").await;
     let status = tokio::task::spawn_blocking(move || child.wait())
@@ -332,6 +356,14 @@ async fn binary_tells_systemd_ready_watchdog_reloading_and_stopping() {
         .unwrap()
         .unwrap();
     assert!(status.success(), "exit status {status}");
+    // Under systemd a stop may be a restart: the state for the next
+    // process went to the store too (systemd drops it all on a stop).
+    let mut buf = [0u8; 512];
+    let mut state = false;
+    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(200), systemd.recv(&mut buf)).await {
+        state |= String::from_utf8_lossy(&buf[..n]).contains("FDSTORE=1\nFDNAME=state");
+    }
+    assert!(state, "no handover state stored at the stop");
 }
 
 #[test]

@@ -23,7 +23,7 @@
 //! - `floors.rs`: the least any proxy must do, as child processes
 //! - one file per section: `sequential.rs` (1), `throughput.rs` (2, 3),
 //!   `fanout.rs` (4), `memory.rs` (5), `reconnect.rs` (6), `fairness.rs` (7),
-//!   `filters.rs` (8), `nats.rs` (9)
+//!   `filters.rs` (8), `nats.rs` (9), `restarts.rs` (10)
 
 /// Prints a line to stdout and flushes: the table is the output. Progress
 /// goes to stderr ([`progress`]).
@@ -45,6 +45,7 @@ mod floors;
 mod memory;
 mod nats;
 mod reconnect;
+mod restarts;
 mod sequential;
 mod stats;
 mod throughput;
@@ -281,6 +282,9 @@ fn main() {
     }
     if let Some(runs) = reconnects {
         results["reconnect"] = reconnect::report(&runs);
+    }
+    if plan.wants(10) {
+        results["restarts"] = restarts::run(&plan, dir.path());
     }
 
     let total = started.elapsed().as_secs_f64();

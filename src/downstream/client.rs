@@ -47,6 +47,11 @@ use tracing::{debug, error, info, warn};
 /// one included: whatever answers them, QEMU, the session or this task.
 const OUTBUF_HIGH: usize = 1 << 20;
 
+/// How long a client handing over waits for QEMU's replies to its
+/// commands in flight; those still unanswered then get an error with
+/// their id (their outcome is unknown), as when qmpmux stops.
+const DRAIN_BOUND: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// How long a stopping qmpmux tries to write a client's last replies.
 const FINAL_FLUSH: std::time::Duration = std::time::Duration::from_millis(500);
 
@@ -67,6 +72,13 @@ pub struct ClientContext {
     pub metrics: crate::ops::metrics::VmMetrics,
     /// The socket this client came in on, and its policy.
     pub listener: Arc<ListenerConfig>,
+    /// Its place in the VM's listeners (0: the main socket).
+    pub listener_index: usize,
+    /// qmpmux hands over to its next process: read no more requests,
+    /// answer those in flight, then hand the connection over.
+    pub handover: CancellationToken,
+    /// Keeps handed-over connections for the next process.
+    pub keeper: Arc<crate::handover::Keeper>,
 }
 
 enum Slot {
@@ -159,6 +171,11 @@ struct Client {
     /// reach the client from its answer on (see `takes_events`).
     early_subscribe: Option<u64>,
     subscribed_early: bool,
+    /// Handing over: no request is read; once every one is answered, the
+    /// connection goes to the next process. Until then, this bounds the
+    /// wait for QEMU (see [`DRAIN_BOUND`]).
+    draining: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    handing_over: bool,
 }
 
 /// Why the client's connection ended.
@@ -174,6 +191,8 @@ enum End {
     Limit,
     /// A bug in qmpmux; only this client is affected.
     Panic,
+    /// Handed to the next qmpmux process, connection open.
+    HandedOver,
 }
 
 /// Serves one client until it leaves; `direct`: its socket, for events the
@@ -189,6 +208,15 @@ where
         .catch_unwind()
         .await
         .unwrap_or(End::Panic);
+    after(end, id, &ctx).await;
+}
+
+/// The client's task ends with `end`: the session is told, and the log.
+async fn after(end: End, id: u64, ctx: &ClientContext) {
+    if matches!(end, End::HandedOver) {
+        info!(client = id, "client handed over to the next qmpmux process");
+        return;
+    }
     ctx.session.detach(id).await;
     let by_qmpmux = match end {
         End::Dropped => Some(Disconnect::SlowReader),
@@ -196,7 +224,7 @@ where
         End::NoGreeting => Some(Disconnect::NoUpstream),
         End::Shutdown => Some(Disconnect::Shutdown),
         End::Panic => Some(Disconnect::InternalError),
-        End::ClientClosed | End::Io(_) => None,
+        End::ClientClosed | End::Io(_) | End::HandedOver => None,
     };
     if let Some(why) = by_qmpmux {
         ctx.metrics.disconnected(why);
@@ -217,7 +245,7 @@ where
     }
 }
 
-async fn serve<R, W>(read: R, mut write: W, direct: Option<Direct>, id: u64, peer: Peer, ctx: Arc<ClientContext>) -> End
+async fn serve<R, W>(read: R, write: W, direct: Option<Direct>, id: u64, peer: Peer, ctx: Arc<ClientContext>) -> End
 where
     R: AsyncRead + Unpin + ClientReader,
     W: AsyncWrite + Unpin,
@@ -229,13 +257,9 @@ where
             End::NoGreeting
         };
     };
-    let limits = Limits {
-        max_message: ctx.opts.max_message_bytes,
-        max_depth: ctx.opts.max_depth,
-    };
     // Small to start with: most clients are idle most of the time; the
     // buffer grows for the rare large request.
-    let mut reader: Reader<R> = Quiet::new(FramedRead::with_capacity(read, JsonFramer::new(limits), 256));
+    let reader: Reader<R> = Quiet::new(FramedRead::with_capacity(read, JsonFramer::new(limits(&ctx)), 256));
     let (mailbox_tx, mut mailbox) = mailbox(ctx.opts.max_queue_bytes);
     if let Some(direct) = direct {
         mailbox.set_direct(direct);
@@ -250,36 +274,145 @@ where
     {
         return End::Shutdown;
     }
-    let mut client = Client {
-        id,
-        peer,
-        // OOB is offered when QEMU offers it: qmpmux forwards exec-oob at
-        // once and lets its reply overtake.
-        offered: Caps { oob: greeting.oob },
-        ctx,
-        qmp: Session::default(),
-        slots: VecDeque::new(),
-        next_seq: 0,
-        outbuf: BytesMut::from(&greeting.line(true)[..]),
-        closing: None,
-        pending_bytes: 0,
-        eof: false,
-        recheck: None,
-        expecting: None,
-        ready_bytes: 0,
-        hold: None,
-        returned_fd: None,
-        early_subscribe: None,
-        subscribed_early: false,
+    let mut client = Client::new(id, peer, ctx, greeting.oob);
+    client.outbuf.extend_from_slice(&greeting.line(true));
+    client.serve(reader, write, mailbox).await
+}
+
+/// Serves a client the previous qmpmux process handed over, from where it
+/// stood: no greeting (it had it), its negotiation, the bytes it had sent
+/// that were not yet a whole request, the bytes owed to it.
+pub async fn resume<R, W>(
+    read: R,
+    write: W,
+    direct: Direct,
+    mut mailbox: MailboxReceiver,
+    state: crate::handover::state::ClientState,
+    peer: Peer,
+    ctx: Arc<ClientContext>,
+) where
+    R: AsyncRead + Unpin + Send + ClientReader + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let id = state.id;
+    let (pid, uid, gid) = peer.ids();
+    info!(client = id, listener = %ctx.listener.name, pid, uid, gid, "client resumed from the previous qmpmux process");
+    let serve = async {
+        let oob = ctx.session.status().greeting.as_ref().is_some_and(|g| g.oob);
+        let mut reader: Reader<R> = Quiet::new(FramedRead::with_capacity(read, JsonFramer::new(limits(&ctx)), 256));
+        reader.get_mut().read_buffer_mut().extend_from_slice(&state.unread);
+        // The session made it a member when it started.
+        mailbox.set_direct(direct);
+        let mut client = Client::new(id, peer, ctx.clone(), oob);
+        client.qmp.negotiated = state.negotiated;
+        client.qmp.enabled = Caps { oob: state.oob };
+        client.subscribed_early = state.subscribed_early;
+        client.outbuf.extend_from_slice(&state.unwritten);
+        client.serve(reader, write, mailbox).await
     };
-    let end = client.run(&mut reader, &mut write, &mut mailbox).await;
-    client.finish(end, &mut write, &mut mailbox).await
+    let end = AssertUnwindSafe(serve).catch_unwind().await.unwrap_or(End::Panic);
+    after(end, id, &ctx).await;
+}
+
+fn limits(ctx: &ClientContext) -> Limits {
+    Limits {
+        max_message: ctx.opts.max_message_bytes,
+        max_depth: ctx.opts.max_depth,
+    }
 }
 
 /// What the loop of [`Client::run`] reads from.
 type Reader<R> = Quiet<FramedRead<R, JsonFramer>>;
 
 impl Client {
+    /// A client that has sent nothing yet; QEMU offers OOB if `oob`.
+    fn new(id: u64, peer: Peer, ctx: Arc<ClientContext>, oob: bool) -> Client {
+        Client {
+            id,
+            peer,
+            // OOB is offered when QEMU offers it: qmpmux forwards exec-oob at
+            // once and lets its reply overtake.
+            offered: Caps { oob },
+            ctx,
+            qmp: Session::default(),
+            slots: VecDeque::new(),
+            next_seq: 0,
+            outbuf: BytesMut::new(),
+            closing: None,
+            pending_bytes: 0,
+            eof: false,
+            recheck: None,
+            expecting: None,
+            ready_bytes: 0,
+            hold: None,
+            returned_fd: None,
+            early_subscribe: None,
+            subscribed_early: false,
+            draining: None,
+            handing_over: false,
+        }
+    }
+
+    /// Serves the connection until it ends or is handed over.
+    async fn serve<R, W>(mut self, mut reader: Reader<R>, mut write: W, mut mailbox: MailboxReceiver) -> End
+    where
+        R: AsyncRead + Unpin + ClientReader,
+        W: AsyncWrite + Unpin,
+    {
+        let end = self.run(&mut reader, &mut write, &mut mailbox).await;
+        if matches!(end, End::HandedOver) {
+            return self.hand_over(reader, mailbox).await;
+        }
+        self.finish(end, &mut write, &mut mailbox).await
+    }
+
+    /// Hands the connection to the next process: what it is in the
+    /// session's terms, the bytes read but not yet a request, those owed
+    /// but not yet written; the socket (and a passed fd) kept under names
+    /// of its own. Its events from now on wait in the mailbox, which the
+    /// session takes.
+    async fn hand_over<R: AsyncRead + Unpin + ClientReader>(
+        mut self,
+        mut reader: Reader<R>,
+        mut mailbox: MailboxReceiver,
+    ) -> End {
+        mailbox.allow_direct(false);
+        while let Some(msg) = mailbox.try_recv() {
+            self.on_session(msg);
+        }
+        self.flush_ready();
+        let vm = self.ctx.vm.clone();
+        let keeper = self.ctx.keeper.clone();
+        let unread = reader.get_ref().read_buffer().to_vec();
+        let passed = self.returned_fd.take().or_else(|| reader.get_mut().get_mut().take_fd());
+        let Some(socket) = reader.get_ref().get_ref().socket() else {
+            return End::Shutdown;
+        };
+        keeper.keep(&crate::handover::names::client(&vm, self.id), socket);
+        if let Some(fd) = &passed {
+            keeper.keep(
+                &crate::handover::names::passed(&vm, self.id),
+                std::os::fd::AsFd::as_fd(fd),
+            );
+        }
+        let state = crate::handover::state::ClientState {
+            id: self.id,
+            listener: self.ctx.listener_index,
+            negotiated: self.qmp.negotiated,
+            oob: self.qmp.enabled.oob,
+            subscribed_early: self.subscribed_early,
+            numbered: false,
+            narrowed: None,
+            unread,
+            unwritten: std::mem::take(&mut self.outbuf).to_vec(),
+            passed_fd: passed.is_some(),
+        };
+        if self.ctx.session.hand_over(self.id, state, mailbox).await.is_err() {
+            return End::Shutdown;
+        }
+        End::HandedOver
+    }
+
     /// Serves the connection until it ends: requests in, replies and events
     /// out, in one `select!` whose arms are the methods below.
     async fn run<R, W>(&mut self, reader: &mut Reader<R>, write: &mut W, mailbox: &mut MailboxReceiver) -> End
@@ -290,15 +423,20 @@ impl Client {
         let (stop, hard) = (self.ctx.stop.clone(), self.ctx.hard.clone());
         // Created once, not on every pass of the loop, and polled only once
         // they have something to say (see `quiet`).
-        let (stopped, killed) = (stop.cancelled(), hard.cancelled());
-        tokio::pin!(stopped, killed);
-        let (mut stopped, mut killed) = (Quiet::new(stopped), Quiet::new(killed));
+        let handover = self.ctx.handover.clone();
+        let (stopped, killed, handing) = (stop.cancelled(), hard.cancelled(), handover.cancelled());
+        tokio::pin!(stopped, killed, handing);
+        let (mut stopped, mut killed, mut handing) = (Quiet::new(stopped), Quiet::new(killed), Quiet::new(handing));
         let outbuf_high = OUTBUF_HIGH.min(self.ctx.opts.max_queue_bytes / 2);
         loop {
+            if self.handing_over && self.closing.is_none() && self.slots.is_empty() {
+                return End::HandedOver;
+            }
             if (self.eof || self.closing.is_some()) && self.slots.is_empty() && self.outbuf.is_empty() {
                 return self.closing.take().unwrap_or(End::ClientClosed);
             }
             let can_read = !self.eof
+                && !self.handing_over
                 && self.closing.is_none()
                 && self.hold.is_none()
                 && self.slots.len() < self.ctx.opts.max_in_flight
@@ -329,11 +467,33 @@ impl Client {
                     self.closing = Some(End::Shutdown);
                     None
                 }
+                () = &mut handing, if !self.handing_over && self.closing.is_none() => {
+                    self.start_handover(reader.get_ref().get_ref().socket().is_some());
+                    None
+                }
+                () = async { if let Some(d) = self.draining.as_mut() { d.await } }, if self.draining.is_some() => {
+                    self.draining = None;
+                    warn!(client = self.id, "QEMU did not answer in time for the handover; failing the commands still in flight");
+                    self.stop_waiting();
+                    None
+                }
                 () = &mut killed => Some(End::Shutdown),
             };
             if let Some(end) = ended {
                 return end;
             }
+        }
+    }
+
+    /// qmpmux hands over: a unix client stops reading and goes to the next
+    /// process once its commands are answered; any other (TLS: its session
+    /// cannot move) is closed after its replies, as when qmpmux stops.
+    fn start_handover(&mut self, movable: bool) {
+        if movable {
+            self.handing_over = true;
+            self.draining = Some(Box::pin(tokio::time::sleep(DRAIN_BOUND)));
+        } else {
+            self.closing = Some(End::Shutdown);
         }
     }
 

@@ -188,6 +188,12 @@ pub trait ClientReader {
     fn peer_gone(&self) -> bool {
         false
     }
+
+    /// The connection, if it can be handed to the next qmpmux process (a
+    /// unix socket; a TLS session cannot move to another process).
+    fn socket(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
 }
 
 impl ClientReader for FdReader {
@@ -207,6 +213,18 @@ impl ClientReader for FdReader {
     /// whose peer only shut down its sending side does not.
     fn peer_gone(&self) -> bool {
         self.half.peer_gone()
+    }
+
+    fn socket(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        Some(self.half.as_fd())
+    }
+}
+
+impl FdReader {
+    /// A reader for a connection handed over with `waiting`, the fd its
+    /// client had passed.
+    pub fn resumed(half: ReadHalf, waiting: Option<OwnedFd>) -> FdReader {
+        FdReader { half, waiting }
     }
 }
 

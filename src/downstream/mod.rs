@@ -24,6 +24,52 @@ use tracing::{error, warn, Instrument};
 /// Client ids are unique across the whole daemon, for logs.
 static NEXT_CLIENT: AtomicU64 = AtomicU64::new(1);
 
+/// New clients get numbers above `id` (one handed over keeps its own).
+pub fn numbers_above(id: u64) {
+    NEXT_CLIENT.fetch_max(id + 1, Ordering::Relaxed);
+}
+
+/// Serves client `state.id`, whose connection `fd` the previous process
+/// handed over (with `passed`, the fd it had passed), on the listener
+/// `ctx` is for; it holds `slot` while connected.
+pub fn resume_client(
+    tracker: &TaskTracker,
+    ctx: &Arc<ClientContext>,
+    slot: Slot,
+    fd: std::os::fd::OwnedFd,
+    passed: Option<std::os::fd::OwnedFd>,
+    state: crate::handover::state::ClientState,
+    mailbox: crate::upstream::mailbox::MailboxReceiver,
+) -> io::Result<()> {
+    let std = std::os::unix::net::UnixStream::from(fd);
+    std.set_nonblocking(true)?;
+    let stream = tokio::net::UnixStream::from_std(std)?;
+    let peer = match stream.peer_cred() {
+        Ok(c) => Peer::Unix {
+            pid: c.pid().unwrap_or(0),
+            uid: c.uid(),
+            gid: c.gid(),
+        },
+        Err(_) => Peer::Unix { pid: 0, uid: 0, gid: 0 },
+    };
+    let (read, write) = crate::runtime::sock::split(stream)?;
+    let direct = write.direct();
+    let id = state.id;
+    let counted = Counted::new(ctx.metrics.clients.clone(), slot);
+    let client = client::resume(
+        fds::FdReader::resumed(read, passed),
+        write,
+        direct,
+        mailbox,
+        state,
+        peer,
+        ctx.clone(),
+    )
+    .map(move |()| drop(counted));
+    tracker.spawn(client.instrument(tracing::info_span!("client", id)));
+    Ok(())
+}
+
 /// A number for a new client (also for qmpmux's own, such as the NATS
 /// commander of a VM).
 pub fn next_client_id() -> u64 {
@@ -83,6 +129,9 @@ where
         let accepted = tokio::select! {
             a = accept() => a,
             () = ctx.stop.cancelled() => return None,
+            // Handing over: what connects now waits in the backlog for the
+            // next process.
+            () = ctx.handover.cancelled() => return None,
         };
         match accepted {
             Ok(a) => return Some(a),
@@ -103,7 +152,7 @@ async fn after_accept_error(e: io::Error) {
 }
 
 /// A client slot, or `None` (logged and counted) when a limit is reached.
-fn take_slot(slots: &Slots, ctx: &ClientContext, remote: Option<&str>) -> Option<Slot> {
+pub fn take_slot(slots: &Slots, ctx: &ClientContext, remote: Option<&str>) -> Option<Slot> {
     slots
         .try_take()
         .map_err(|full| {

@@ -69,6 +69,13 @@ impl EventFilter {
         };
     }
 
+    /// The client's own patterns, if it narrowed the socket's set.
+    pub fn narrowing(&self) -> Option<Vec<String>> {
+        self.client
+            .as_ref()
+            .map(|n| n.patterns.iter().map(|g| g.as_str().to_string()).collect())
+    }
+
     pub fn matches(&self, event: &str) -> bool {
         let Some(narrowing) = &self.client else {
             // Not narrowed (most clients): the socket's few patterns.

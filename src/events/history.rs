@@ -10,6 +10,7 @@
 //! anything kept now, and resuming from it reports the gap instead of
 //! replaying the wrong events. They stay below 2^53, exact in JavaScript.
 
+use super::journal::Journal;
 use bytes::Bytes;
 use std::collections::VecDeque;
 
@@ -34,6 +35,8 @@ pub struct History {
     max_bytes: usize,
     /// Events that fell out (for metrics).
     evicted: u64,
+    /// A copy of every event that outlives the process (see `journal`).
+    journal: Option<Journal>,
 }
 
 /// What a consumer resuming after `since` gets.
@@ -62,7 +65,34 @@ impl History {
             max_events,
             max_bytes,
             evicted: 0,
+            journal: None,
         }
+    }
+
+    /// A history that goes on from what an earlier process numbered and
+    /// kept: `events` (oldest first, numbered without a gap) and the
+    /// number the next event gets.
+    pub fn restored(events: Vec<Entry>, next: u64, max_events: usize, max_bytes: usize) -> History {
+        let first = events.first().map_or(next, |e| e.seq);
+        let mut h = History::new(first, max_events, max_bytes);
+        for e in events {
+            if e.seq == h.next {
+                h.push(&e.name, e.line);
+            }
+        }
+        h.next = h.next.max(next);
+        h
+    }
+
+    /// Writes every event from now on to `journal` as well.
+    pub fn with_journal(mut self, journal: Journal) -> History {
+        self.journal = Some(journal);
+        self
+    }
+
+    /// The journal events are written to, if any.
+    pub fn journal_mut(&mut self) -> Option<&mut Journal> {
+        self.journal.as_mut()
     }
 
     /// The first number for a session starting now.
@@ -77,6 +107,9 @@ impl History {
     pub fn push(&mut self, name: &str, line: Bytes) -> u64 {
         let seq = self.next;
         self.next += 1;
+        if let Some(j) = self.journal.as_mut() {
+            j.append(seq, name, &line);
+        }
         if self.max_events == 0 {
             self.evicted += 1;
             return seq;

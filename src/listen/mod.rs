@@ -7,8 +7,10 @@ pub mod sockfile;
 
 use crate::config::{Config, Endpoint, SocketPerms, UpstreamMode, VmConfig};
 use crate::downstream::tls;
+use crate::handover::{names, Handover};
 use sockfile::{bind, BindError, Created};
 use std::collections::HashMap;
+use std::os::fd::AsFd;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_rustls::TlsAcceptor;
 use tracing::{error, warn};
@@ -79,6 +81,8 @@ pub struct VmSockets {
     pub upstream: Option<UnixListener>,
     /// The socket files (and directories) binding created.
     pub files: Created,
+    /// The names its sockets are kept under for the next process.
+    pub kept: Vec<String>,
 }
 
 /// An extra listener, bound.
@@ -104,6 +108,7 @@ impl VmSockets {
             listeners,
             upstream: self.upstream.map(unix).transpose()?,
             files: self.files,
+            kept: self.kept,
         })
     }
 }
@@ -118,11 +123,25 @@ impl std::fmt::Debug for Bound {
 }
 
 /// Everything the daemon listens on, bound before it runs.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Listeners {
     pub(crate) vms: HashMap<String, VmSockets>,
     pub(crate) control: Option<(UnixListener, Created)>,
     pub(crate) metrics: Option<TcpListener>,
+    /// What the previous process handed over and is not used yet (its
+    /// QEMU connections and journals), and what to keep for the next.
+    pub(crate) handover: Handover,
+}
+
+impl Default for Listeners {
+    fn default() -> Listeners {
+        Listeners {
+            vms: HashMap::new(),
+            control: None,
+            metrics: None,
+            handover: Handover::none(),
+        }
+    }
 }
 
 impl Listeners {
@@ -136,9 +155,18 @@ impl Listeners {
     /// created are removed; the control socket and the metrics endpoint are
     /// not worth failing for (each is logged and left out).
     pub async fn bind(config: &Config) -> Result<Listeners, ListenError> {
-        let mut out = Listeners::default();
+        Listeners::bind_with(config, Handover::none()).await
+    }
+
+    /// [`Listeners::bind`], first taking the sockets `handover` holds from
+    /// the previous process, and keeping every socket for the next one.
+    pub async fn bind_with(config: &Config, handover: Handover) -> Result<Listeners, ListenError> {
+        let mut out = Listeners {
+            handover,
+            ..Listeners::default()
+        };
         for vm in &config.vms {
-            match bind_vm(vm, &config.socket).await {
+            match bind_vm(vm, &config.socket, &mut out.handover).await {
                 Ok(s) => out.vms.insert(vm.name.clone(), s),
                 Err(e) => return Err(out.undo(e)),
             };
@@ -146,7 +174,16 @@ impl Listeners {
         if let Some(path) = &config.control_socket {
             // Status reporting is not worth refusing to serve VMs over.
             let mut created = Created::default();
-            match bind(path, &config.socket, &mut created).await {
+            match bind_unix(
+                path,
+                &config.socket,
+                &mut created,
+                &mut out.handover,
+                Kept::Control,
+                &mut Vec::new(),
+            )
+            .await
+            {
                 Ok(l) => out.control = Some((l, created)),
                 Err(e) => warn!(error = %crate::error::chain(&e), "no control socket: `qmpmux status` will not work"),
             }
@@ -182,9 +219,9 @@ impl Listeners {
 
 /// Binds a VM's sockets; on failure, removes those it did bind and the
 /// directories it created.
-pub async fn bind_vm(vm: &VmConfig, perms: &SocketPerms) -> Result<VmSockets, ListenError> {
+pub async fn bind_vm(vm: &VmConfig, perms: &SocketPerms, ho: &mut Handover) -> Result<VmSockets, ListenError> {
     let mut files = Created::default();
-    match bind_vm_into(vm, perms, &mut files).await {
+    match bind_vm_into(vm, perms, &mut files, ho).await {
         Ok(mut s) => {
             s.files = files;
             Ok(s)
@@ -196,15 +233,110 @@ pub async fn bind_vm(vm: &VmConfig, perms: &SocketPerms) -> Result<VmSockets, Li
     }
 }
 
-async fn bind_vm_into(vm: &VmConfig, perms: &SocketPerms, files: &mut Created) -> Result<VmSockets, ListenError> {
+/// Which socket of the daemon's an fd is, for the handover (see
+/// `handover::names`).
+#[derive(Clone, Copy)]
+enum Kept<'a> {
+    Listen(&'a str, usize),
+    Upstream(&'a str),
+    Control,
+}
+
+impl Kept<'_> {
+    fn name(self, file: Option<(u64, u64)>) -> String {
+        match self {
+            Kept::Listen(vm, n) => names::listen(vm, n, file),
+            Kept::Upstream(vm) => names::upstream(vm, file.unwrap_or_default()),
+            Kept::Control => names::control(file.unwrap_or_default()),
+        }
+    }
+
+    fn take(self, ho: &mut Handover) -> Option<(String, std::os::fd::OwnedFd)> {
+        match self {
+            Kept::Listen(vm, n) => ho.inherited.take_socket("listen", Some(n), Some(vm)),
+            Kept::Upstream(vm) => ho.inherited.take_socket("upstream", None, Some(vm)),
+            Kept::Control => ho.inherited.take_socket("control", None, None),
+        }
+    }
+}
+
+/// A unix listening socket at `path`: the one handed over for it if its
+/// file is still there, else bound afresh; kept for the next process.
+async fn bind_unix(
+    path: &std::path::Path,
+    perms: &SocketPerms,
+    files: &mut Created,
+    ho: &mut Handover,
+    kept: Kept<'_>,
+    names: &mut Vec<String>,
+) -> Result<UnixListener, BindError> {
+    if let Some((name, fd)) = kept.take(ho) {
+        let file = names::parse(&name).and_then(|p| p.file).unwrap_or_default();
+        if let Some(l) = sockfile::adopt(path, fd, file, files) {
+            ho.keeper.adopted(&name, l.as_fd());
+            names.push(name);
+            return Ok(l);
+        }
+        // Out of systemd's store: it would keep the old socket listening.
+        ho.keeper.release(&name);
+    }
+    let l = bind(path, perms, files).await?;
+    let name = kept.name(files.sockets.last().map(sockfile::SocketFile::id));
+    ho.keeper.keep(&name, l.as_fd());
+    names.push(name);
+    Ok(l)
+}
+
+/// A TCP listener on `addr`: the one handed over if it listens there, else
+/// bound afresh; kept for the next process.
+async fn bind_tcp(
+    addr: std::net::SocketAddr,
+    ho: &mut Handover,
+    kept: Kept<'_>,
+    names: &mut Vec<String>,
+) -> std::io::Result<TcpListener> {
+    if let Some((name, fd)) = kept.take(ho) {
+        let l = std::net::TcpListener::from(fd);
+        let here = l
+            .local_addr()
+            .is_ok_and(|a| a == addr || (addr.port() == 0 && a.ip() == addr.ip()));
+        let adopted = here
+            .then_some(l)
+            .and_then(|l| l.set_nonblocking(true).ok().map(|()| l))
+            .and_then(|l| TcpListener::from_std(l).ok());
+        if let Some(l) = adopted {
+            ho.keeper.adopted(&name, l.as_fd());
+            names.push(name);
+            return Ok(l);
+        }
+        ho.keeper.release(&name);
+    }
+    let l = TcpListener::bind(addr).await?;
+    let name = kept.name(None);
+    ho.keeper.keep(&name, l.as_fd());
+    names.push(name);
+    Ok(l)
+}
+
+async fn bind_vm_into(
+    vm: &VmConfig,
+    perms: &SocketPerms,
+    files: &mut Created,
+    ho: &mut Handover,
+) -> Result<VmSockets, ListenError> {
     let err = |source| ListenError::Bind {
         vm: vm.name.clone(),
         source,
     };
     let mut listeners = Vec::new();
-    for l in vm.all_listeners() {
+    let mut kept_names = Vec::new();
+    let names = &mut kept_names;
+    for (n, l) in vm.all_listeners().enumerate() {
+        let kept = Kept::Listen(&vm.name, n);
         listeners.push(match &l.endpoint {
-            Endpoint::Unix { path, .. } => Bound::Unix(bind(path, perms, files).await.map_err(err)?),
+            Endpoint::Unix { path, .. } => {
+                Bound::Unix(bind_unix(path, perms, files, ho, kept, names).await.map_err(err)?)
+            }
             Endpoint::Tcp {
                 addr, tls: tls_files, ..
             } => {
@@ -216,23 +348,30 @@ async fn bind_vm_into(vm: &VmConfig, perms: &SocketPerms, files: &mut Created) -
                     })?),
                     None => None,
                 };
-                let listener = TcpListener::bind(addr).await.map_err(|source| ListenError::Tcp {
-                    vm: vm.name.clone(),
-                    addr: *addr,
-                    source,
-                })?;
+                let listener = bind_tcp(*addr, ho, kept, names)
+                    .await
+                    .map_err(|source| ListenError::Tcp {
+                        vm: vm.name.clone(),
+                        addr: *addr,
+                        source,
+                    })?;
                 Bound::Tcp(listener, acceptor)
             }
         });
     }
     let upstream = match vm.upstream_mode {
         UpstreamMode::Connect => None,
-        UpstreamMode::Accept => Some(bind(&vm.upstream, perms, files).await.map_err(err)?),
+        UpstreamMode::Accept => Some(
+            bind_unix(&vm.upstream, perms, files, ho, Kept::Upstream(&vm.name), names)
+                .await
+                .map_err(err)?,
+        ),
     };
     Ok(VmSockets {
         listeners,
         upstream,
         files: Created::default(),
+        kept: kept_names,
     })
 }
 
@@ -243,8 +382,9 @@ pub async fn bind_or_undo(
     vm: &VmConfig,
     perms: &SocketPerms,
     done: &mut Vec<(VmConfig, Option<VmSockets>)>,
+    ho: &mut Handover,
 ) -> Result<VmSockets, ListenError> {
-    let result = bind_vm(vm, perms).await;
+    let result = bind_vm(vm, perms, ho).await;
     if result.is_err() {
         // All sockets first, then directories, so that one VM's socket does
         // not keep a directory another created.

@@ -61,6 +61,11 @@ pub struct SocketFile {
 }
 
 impl SocketFile {
+    /// Its device and inode.
+    pub fn id(&self) -> (u64, u64) {
+        (self.dev, self.ino)
+    }
+
     /// Removes the file if it is still the socket qmpmux created (not one
     /// another process has put there since, nor anything else).
     pub fn remove(&self) {
@@ -157,6 +162,30 @@ fn create_dirs(dir: &Path, created: &mut Created) -> Result<(), BindError> {
         }
     }
     Ok(())
+}
+
+/// A listening socket the previous qmpmux handed over for `path` (see
+/// `handover`), whose socket file was `file` (device, inode): taken if
+/// that file is still at `path` (connections made meanwhile wait in its
+/// backlog); `None` otherwise, and the fd is closed (the caller binds
+/// afresh). The file is recorded in `created` as if bound now.
+pub fn adopt(path: &Path, fd: std::os::fd::OwnedFd, file: (u64, u64), created: &mut Created) -> Option<UnixListener> {
+    let listener = std::os::unix::net::UnixListener::from(fd);
+    let same = std::fs::symlink_metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == file);
+    if !same {
+        info!(path = %path.display(), "the socket file handed over was replaced or removed; binding afresh");
+        return None;
+    }
+    let listener = listener
+        .set_nonblocking(true)
+        .and_then(|()| UnixListener::from_std(listener))
+        .ok()?;
+    created.sockets.push(SocketFile {
+        path: path.to_owned(),
+        dev: file.0,
+        ino: file.1,
+    });
+    Some(listener)
 }
 
 /// Fails unless nothing is at `path` or a stale socket is.

@@ -97,6 +97,10 @@ pub struct StatusReport {
     /// The last `SIGHUP`; `None` if there was none.
     #[serde(default)]
     pub last_reload: Option<ReloadStatus>,
+    /// Restarts of qmpmux itself that clients did not see (re-execution,
+    /// restart under systemd) and crash recoveries.
+    #[serde(default)]
+    pub handover: Option<crate::handover::Counts>,
     pub vms: Vec<VmStatus>,
     /// The NATS connection, with `[nats]`.
     #[serde(default)]
@@ -401,6 +405,26 @@ pub fn render(report: &StatusReport) -> String {
             }
         }
     };
+    if let Some(h) = report
+        .handover
+        .as_ref()
+        .filter(|h| h.handovers + h.crash_recoveries > 0)
+    {
+        let _ = write!(out, "handovers: {}", h.handovers);
+        if let Some(pause) = h.last_pause_seconds {
+            let _ = write!(
+                out,
+                " (last: {:.1} ms pause, {} clients handed over)",
+                pause * 1000.0,
+                h.clients_handed_over
+            );
+        }
+        let _ = writeln!(
+            out,
+            "; crash recoveries: {}; fallbacks to the crash path: {}",
+            h.crash_recoveries, h.fallbacks
+        );
+    }
     out
 }
 

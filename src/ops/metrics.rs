@@ -153,6 +153,11 @@ pub struct Metrics {
     reload_ok: Gauge,
     reload_success_time: Gauge<f64, AtomicU64>,
     reloads: Family<ResultLabel, Counter>,
+    handovers: Counter,
+    crash_recoveries: Counter,
+    handover_fallbacks: Counter,
+    handover_pause: Gauge<f64, AtomicU64>,
+    handover_clients: Gauge,
     refusals: Family<VmLabel, Counter>,
     disconnects: Family<ReasonLabel, Counter>,
     refused: Family<ReasonLabel, Counter>,
@@ -290,6 +295,11 @@ impl Metrics {
             reload_ok: Gauge::default(),
             reload_success_time: Gauge::default(),
             reloads: Family::default(),
+            handovers: Counter::default(),
+            crash_recoveries: Counter::default(),
+            handover_fallbacks: Counter::default(),
+            handover_pause: Gauge::default(),
+            handover_clients: Gauge::default(),
             refusals: Family::default(),
             disconnects: Family::default(),
             refused: Family::default(),
@@ -330,6 +340,31 @@ impl Metrics {
             "config_reloads",
             "Configuration reloads (SIGHUP), by result",
             m.reloads.clone(),
+        );
+        registry.register(
+            "handovers",
+            "Restarts of qmpmux that handed everything over to the next process (re-execution, restart under systemd), since it last started from nothing",
+            m.handovers.clone(),
+        );
+        registry.register(
+            "crash_recoveries",
+            "Starts from what a crash of the previous process left (its clients were closed)",
+            m.crash_recoveries.clone(),
+        );
+        registry.register(
+            "handover_fallbacks",
+            "Handover states that could not be read (the crash path was taken)",
+            m.handover_fallbacks.clone(),
+        );
+        registry.register(
+            "handover_last_pause_seconds",
+            "The last handover's pause, from the old process's stop to the new one serving",
+            m.handover_pause.clone(),
+        );
+        registry.register(
+            "handover_last_clients",
+            "Clients the last handover moved to the new process",
+            m.handover_clients.clone(),
         );
         registry.register("commands", "Commands forwarded to QEMU", m.commands.clone());
         registry.register("errors", "Error replies to forwarded commands", m.errors.clone());
@@ -440,6 +475,17 @@ impl Metrics {
         if ok {
             self.reload_success_time.set(unix_seconds(at));
         }
+    }
+
+    /// What the handovers so far were (carried over from the previous
+    /// process).
+    pub fn record_handovers(&self, c: &crate::handover::Counts) {
+        self.handovers.inc_by(c.handovers);
+        self.crash_recoveries.inc_by(c.crash_recoveries);
+        self.handover_fallbacks.inc_by(c.fallbacks);
+        self.handover_pause.set(c.last_pause_seconds.unwrap_or(0.0));
+        self.handover_clients
+            .set(i64::try_from(c.clients_handed_over).unwrap_or(i64::MAX));
     }
 
     /// When qmpmux started, in Unix time.

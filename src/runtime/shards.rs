@@ -20,6 +20,10 @@ use tokio_util::sync::CancellationToken;
 pub struct Shards {
     shards: Vec<Shard>,
     stop: CancellationToken,
+    /// One message from each thread once its runtime is gone, with its
+    /// sockets, timers and epoll descriptor: a re-execution must not have
+    /// a thread closing descriptor numbers it is reusing.
+    gone: Vec<std::sync::mpsc::Receiver<()>>,
 }
 
 #[derive(Debug)]
@@ -51,6 +55,7 @@ impl Shards {
         let mut all = Shards {
             shards: Vec::with_capacity(n),
             stop: CancellationToken::new(),
+            gone: Vec::with_capacity(n),
         };
         for i in 0..n {
             // Sockets and timers only: signals and child processes are the
@@ -58,11 +63,17 @@ impl Shards {
             let runtime = Builder::new_current_thread().enable_io().enable_time().build()?;
             let handle = runtime.handle().clone();
             let stopped = all.stop.clone();
+            let (gone_tx, gone) = std::sync::mpsc::channel();
             std::thread::Builder::new()
                 .name(format!("qmpmux-vm-{i}"))
                 // Drives the runtime's tasks until the daemon stops; the
                 // runtime, and what is left on it, goes with the thread.
-                .spawn(move || runtime.block_on(stopped.cancelled_owned()))?;
+                .spawn(move || {
+                    runtime.block_on(stopped.cancelled_owned());
+                    drop(runtime);
+                    let _ = gone_tx.send(());
+                })?;
+            all.gone.push(gone);
             all.shards.push(Shard {
                 handle,
                 load: Arc::new(()),
@@ -156,8 +167,14 @@ impl Liveness {
 }
 
 impl Drop for Shards {
+    /// Stops the threads, and waits (a moment at most) until each has
+    /// dropped its runtime.
     fn drop(&mut self) {
         self.stop.cancel();
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        for gone in &self.gone {
+            let _ = gone.recv_timeout(until.saturating_duration_since(std::time::Instant::now()));
+        }
     }
 }
 

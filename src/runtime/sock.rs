@@ -63,6 +63,11 @@ impl ReadHalf {
         self.shared.fd.as_raw_fd()
     }
 
+    /// The socket (both halves').
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.shared.fd.get_ref().as_fd()
+    }
+
     /// Polls until `read` (a non-blocking read of the socket) gets
     /// something other than `WouldBlock`. `read` also says whether it
     /// drained the socket (a short read): the readiness is then cleared

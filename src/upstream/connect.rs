@@ -74,6 +74,21 @@ pub struct Connection {
     pub reader: UpstreamReader,
     pub writer: WriteHalf,
     pub greeting: Greeting,
+    /// Negotiated by the previous qmpmux process, which handed it over.
+    pub handed_over: Option<HandedOver>,
+}
+
+/// How a connection handed over by the previous process starts.
+#[derive(Debug, Clone, Copy)]
+pub struct HandedOver {
+    /// It crashed: the first bytes may be the end of a message it had
+    /// begun to read.
+    pub resync: bool,
+}
+
+/// Reads QEMU's messages from `read`.
+pub fn reader_for(read: ReadHalf) -> UpstreamReader {
+    FramedRead::new(read, UpstreamCodec(JsonFramer::new(upstream_limits())))
 }
 
 /// Upstream messages are QEMU's replies; they can be large (QEMU itself
@@ -169,6 +184,7 @@ async fn negotiate(mut reader: UpstreamReader, mut writer: WriteHalf) -> Result<
             reader,
             writer,
             greeting,
+            handed_over: None,
         });
     }
 }

@@ -100,6 +100,23 @@ impl FdNames {
         }
     }
 
+    /// Each name and the client that owns it (for a handover: between
+    /// two requests nothing is pending).
+    pub fn owned(&self) -> Vec<(String, u64)> {
+        let mut out: Vec<(String, u64)> = self
+            .owners
+            .iter()
+            .filter_map(|(n, c)| c.map(|c| (n.clone(), c)))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Names and owners handed over by the previous process.
+    pub fn restore(&mut self, owned: impl IntoIterator<Item = (String, u64)>) {
+        self.owners.extend(owned.into_iter().map(|(n, c)| (n, Some(c))));
+    }
+
     /// Names tracked, and requests pending (for tests and leak checks).
     #[cfg(test)]
     pub fn len(&self) -> (usize, usize) {

@@ -6,10 +6,11 @@
 
 use super::fdnames::FdNames;
 use super::lease::{Ask, Claim, Ended, Held, Lease, NotGranted, Refused};
-use super::mailbox::{MailboxSender, SendError};
+use super::mailbox::{MailboxReceiver, MailboxSender, SendError};
 use super::{Answer, Extension, Fetched, Request, Runstate, Status, ToClient, ToSession};
 use crate::events::actions::Actions;
 use crate::events::{EventFilter, History};
+use crate::handover::state::{ClientState, LeaseState, VmState};
 use crate::ops::metrics::VmMetrics;
 use crate::policy::Glob;
 use crate::qmp::extensions::{self, Subscribe};
@@ -51,6 +52,9 @@ struct Member {
     numbered: bool,
     /// A NATS requester's lane (`SessionHandle::attach_requester`).
     requester: bool,
+    /// Handed over to the next process: its state so far, and its
+    /// mailbox, where its events wait until the session's own handover.
+    handed: Option<(Box<ClientState>, MailboxReceiver)>,
 }
 
 pub(super) struct Hub {
@@ -70,6 +74,8 @@ pub(super) struct Hub {
     actions: Actions,
     /// The number the next event will get, for publishers waiting.
     events_tx: watch::Sender<u64>,
+    /// Handed over to the next process: the session stops.
+    pub frozen: bool,
 }
 
 impl Hub {
@@ -95,6 +101,7 @@ impl Hub {
             metrics,
             actions,
             events_tx,
+            frozen: false,
         }
     }
 
@@ -114,11 +121,28 @@ impl Hub {
                     filter: EventFilter::new(events),
                     numbered: false,
                     requester,
+                    handed: None,
                 };
                 self.clients.insert(client, member);
                 let _ = attached.send(());
             }
             ToSession::Detach { client } => self.detach(client),
+            ToSession::HandOver {
+                client,
+                mut state,
+                mailbox,
+            } => match self.clients.get_mut(&client) {
+                Some(m) => {
+                    state.numbered = m.numbered;
+                    state.narrowed = m.filter.narrowing();
+                    m.handed = Some((state, mailbox));
+                }
+                None => warn!(client, "a client handed over after it was dropped; not handed over"),
+            },
+            ToSession::Freeze { done } => {
+                let _ = done.send(self.freeze());
+                self.frozen = true;
+            }
             ToSession::Extension { client, seq, ext } => self.extension(client, seq, *ext),
             ToSession::Fetch { since, limit, reply } => {
                 let r = self.history.since(since);
@@ -132,6 +156,100 @@ impl Hub {
             other => return Some(other),
         }
         None
+    }
+
+    /// Records QEMU's greeting for the connection up now (`None`: none is)
+    /// in the journal, for a successor that takes the connection over.
+    pub fn journal_greeting(&mut self, greeting: Option<&[u8]>) {
+        if let Some(j) = self.history.journal_mut() {
+            j.set_greeting(greeting);
+        }
+    }
+
+    /// Records bytes read from QEMU that are not yet a whole message, for
+    /// the process this one hands over to (which reads on after them).
+    pub fn hand_over_leftover(&mut self, bytes: &[u8]) {
+        let Some(j) = self.history.journal_mut() else { return };
+        let mut marked = Vec::with_capacity(bytes.len() + 1);
+        marked.push(b'G');
+        marked.extend_from_slice(bytes);
+        if !j.set_leftover(&marked) {
+            warn!(
+                bytes = bytes.len(),
+                "a partial message from QEMU is too large to hand over; the next process skips it"
+            );
+        }
+    }
+
+    /// The VM's state for the next process: each client handed over, with
+    /// the events that came for it since (in its unwritten bytes), the
+    /// lease and the `getfd` names.
+    fn freeze(&mut self) -> VmState {
+        let mut clients = Vec::new();
+        for (_, m) in self.clients.drain() {
+            let Some((mut state, mut mailbox)) = m.handed else {
+                continue;
+            };
+            let takes_events = state.negotiated || state.subscribed_early;
+            while let Some(msg) = mailbox.try_recv() {
+                match msg {
+                    ToClient::Event(line) if takes_events => state.unwritten.extend_from_slice(&line),
+                    ToClient::Replay(lines) => lines.iter().for_each(|l| state.unwritten.extend_from_slice(l)),
+                    _ => {}
+                }
+            }
+            clients.push(*state);
+        }
+        clients.sort_by_key(|c| c.id);
+        let now = Instant::now();
+        let lease = self.lease.holder().map(|h| LeaseState {
+            client: h.client,
+            connection: h.connection,
+            who: h.who.clone(),
+            reason: h.reason.clone(),
+            token: h.token.as_str().to_string(),
+            left_ms: u64::try_from(h.until.saturating_duration_since(now).as_millis()).unwrap_or(u64::MAX),
+        });
+        VmState {
+            name: self.vm.to_string(),
+            clients,
+            lease,
+            fd_names: self.fd_names.owned(),
+        }
+    }
+
+    /// The clients, lease and `getfd` names the previous process handed
+    /// over.
+    pub fn restore(&mut self, state: &VmState, members: Vec<super::ResumedMember>) {
+        for m in members {
+            let mut filter = EventFilter::new(m.events);
+            if let Some(patterns) = m.resumed.narrowed {
+                filter.narrow(patterns.into_iter().map(Glob::new).collect());
+            }
+            let member = Member {
+                mailbox: m.mailbox,
+                filter,
+                numbered: m.resumed.numbered,
+                requester: false,
+                handed: None,
+            };
+            self.clients.insert(m.client, member);
+        }
+        self.fd_names.restore(state.fd_names.iter().cloned());
+        if let Some(l) = &state.lease {
+            let held = Held {
+                client: l.client,
+                connection: l.connection,
+                who: l.who.clone(),
+                reason: l.reason.clone(),
+                until: Instant::now() + std::time::Duration::from_millis(l.left_ms),
+                token: LeaseToken::new(l.token.clone()),
+            };
+            self.lease_timer.as_mut().reset(held.until.into());
+            self.status.send_modify(|s| s.lease = Some(held.clone()));
+            self.metrics.lease_held.set(1);
+            self.lease.restore(held);
+        }
     }
 
     fn detach(&mut self, client: u64) {

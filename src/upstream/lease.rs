@@ -146,6 +146,14 @@ impl Lease {
         self.held.as_ref()
     }
 
+    /// The lease the previous process handed over (its token's number
+    /// goes on counting).
+    pub fn restore(&mut self, held: Held) {
+        let n = held.token.as_str().split('-').next().and_then(|n| n.parse().ok());
+        self.granted = self.granted.max(n.unwrap_or(0));
+        self.held = Some(held);
+    }
+
     /// When the lease runs out.
     pub fn deadline(&self) -> Option<Instant> {
         self.held.as_ref().map(|h| h.until)

@@ -35,6 +35,18 @@ enum ToSession {
         requester: bool,
         attached: tokio::sync::oneshot::Sender<()>,
     },
+    /// A client hands its connection to the next process (see
+    /// `handover`): it stays a member, its events wait in `mailbox`
+    /// (which the session now holds) until the session's own handover.
+    HandOver {
+        client: u64,
+        state: Box<crate::handover::state::ClientState>,
+        mailbox: mailbox::MailboxReceiver,
+    },
+    /// The process hands over: answer with the VM's state and stop.
+    Freeze {
+        done: tokio::sync::oneshot::Sender<crate::handover::state::VmState>,
+    },
     Detach {
         client: u64,
     },
@@ -56,6 +68,24 @@ enum ToSession {
         limit: usize,
         reply: tokio::sync::oneshot::Sender<Fetched>,
     },
+}
+
+/// A client handed over by the previous process, a member of the session
+/// from its start (so that it misses no event QEMU sent meanwhile).
+#[derive(Debug)]
+pub struct ResumedMember {
+    pub client: u64,
+    pub mailbox: mailbox::MailboxSender,
+    /// Its socket's event patterns.
+    pub events: Option<std::sync::Arc<[crate::policy::Glob]>>,
+    pub resumed: Resumed,
+}
+
+/// A resumed client's event settings.
+#[derive(Debug, Clone, Default)]
+pub struct Resumed {
+    pub numbered: bool,
+    pub narrowed: Option<Vec<String>>,
 }
 
 /// Kept events, as [`SessionHandle::fetch_events`] returns them.
@@ -230,6 +260,33 @@ impl SessionHandle {
         };
         self.tx.send(msg).await.map_err(|_| SessionGone)?;
         ack.await.map_err(|_| SessionGone)
+    }
+
+    /// Client `client` hands its connection over (see [`ToSession::HandOver`]).
+    pub async fn hand_over(
+        &self,
+        client: u64,
+        state: crate::handover::state::ClientState,
+        mailbox: mailbox::MailboxReceiver,
+    ) -> Result<(), SessionGone> {
+        let msg = ToSession::HandOver {
+            client,
+            state: Box::new(state),
+            mailbox,
+        };
+        self.tx.send(msg).await.map_err(|_| SessionGone)
+    }
+
+    /// The process hands over: the VM's state (its clients handed over
+    /// so far, the lease, `getfd` names); the session then stops without
+    /// closing QEMU's connection (which is kept for the next process).
+    pub async fn freeze(&self) -> Result<crate::handover::state::VmState, SessionGone> {
+        let (done, answer) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(ToSession::Freeze { done })
+            .await
+            .map_err(|_| SessionGone)?;
+        answer.await.map_err(|_| SessionGone)
     }
 
     /// Registers a NATS requester's lane as client `client`: no events

@@ -2,13 +2,15 @@
 //! reconnecting with backoff for as long as qmpmux runs.
 
 use super::backoff::Backoff;
-use super::connect::{accept, connect, Connection, UpstreamReader};
+use super::connect::{accept, connect, reader_for, Connection, HandedOver, UpstreamReader};
 use super::hub::Hub;
 use super::socketwatch::{self, SocketWatch};
 use super::{FailKind, Request, Runstate, SessionHandle, Status, ToClient, ToSession};
 use crate::config::{UpstreamOptions, VmConfig};
 use crate::events::actions::Actions;
+use crate::events::journal::{Journal, Recovered};
 use crate::events::History;
+use crate::handover::{names, Keeper};
 use crate::ops::metrics::VmMetrics;
 use crate::qmp::framing::Frame;
 use crate::qmp::incoming::{classify, Incoming};
@@ -75,9 +77,26 @@ struct Session {
     quick_retries: u32,
     /// Setting up the socket watch failed, and that was logged.
     watch_failed: bool,
+    /// Dropping what cannot be parsed until the first whole message (see
+    /// `on_upstream`).
+    resync: bool,
     /// Accept mode: QEMU dials in here instead of qmpmux connecting.
     listener: Option<Arc<UnixListener>>,
     metrics: VmMetrics,
+    /// Keeps the connection to QEMU for the next qmpmux process.
+    keeper: Arc<Keeper>,
+    /// The connection the previous process handed over, served first.
+    adopted: Option<Adopted>,
+}
+
+/// A connection to QEMU handed over by the previous qmpmux process.
+struct Adopted {
+    fd: OwnedFd,
+    greeting: crate::qmp::incoming::Greeting,
+    /// Bytes that process read from QEMU that were not yet a whole
+    /// message; `None` after a crash, when nobody knows: what comes first
+    /// may be the end of a message it had begun to read.
+    leftover: Option<Vec<u8>>,
 }
 
 /// What one VM's session starts with.
@@ -90,6 +109,15 @@ pub struct Spec {
     pub listener: Option<UnixListener>,
     pub metrics: VmMetrics,
     pub actions: Actions,
+    /// Keeps the connection to QEMU and the event journal for the next
+    /// qmpmux process.
+    pub keeper: Arc<Keeper>,
+    /// What the previous process handed over: the connection to QEMU and
+    /// the event journal.
+    pub inherited_qemu: Option<OwnedFd>,
+    pub inherited_journal: Option<OwnedFd>,
+    /// The VM's clients, lease and `getfd` names, handed over.
+    pub restored: (crate::handover::state::VmState, Vec<super::ResumedMember>),
 }
 
 /// Starts the session task of one VM.
@@ -101,6 +129,10 @@ pub fn spawn(spec: Spec, shutdown: CancellationToken, tracker: &TaskTracker) -> 
         listener,
         metrics,
         actions,
+        keeper,
+        inherited_qemu,
+        inherited_journal,
+        restored,
     } = spec;
     let (tx, rx) = mpsc::channel(INBOX);
     let (status, status_rx) = watch::channel(Status {
@@ -110,12 +142,20 @@ pub fn spawn(spec: Spec, shutdown: CancellationToken, tracker: &TaskTracker) -> 
         lease: None,
     });
     let span = tracing::info_span!("vm", vm = %vm.name);
-    let history = History::new(History::first_number(), opts.event_history, opts.event_history_bytes);
+    let _in_span = span.enter();
+    let (mut history, recovered) = open_history(&vm.name, &opts, inherited_journal, &keeper);
+    let adopted = adopt(&vm.name, inherited_qemu, recovered, &keeper, &mut history);
+    drop(_in_span);
     let (events_tx, events_rx) = watch::channel(history.next());
-    let router = Router::new(UPSTREAM_WINDOW, ahead);
+    let mut router = Router::new(UPSTREAM_WINDOW, ahead);
+    if adopted.is_some() {
+        router.number_from(History::first_number());
+    }
+    let mut hub = Hub::new(&vm.name, router, history, status, metrics.clone(), actions, events_tx);
+    hub.restore(&restored.0, restored.1);
     let session = Session {
         backoff: Backoff::new(opts.backoff),
-        hub: Hub::new(&vm.name, router, history, status, metrics.clone(), actions, events_tx),
+        hub,
         vm,
         opts,
         rx,
@@ -123,8 +163,11 @@ pub fn spawn(spec: Spec, shutdown: CancellationToken, tracker: &TaskTracker) -> 
         failures: 0,
         quick_retries: 0,
         watch_failed: false,
+        resync: false,
         listener: listener.map(Arc::new),
         metrics,
+        keeper,
+        adopted,
     };
     tracker.spawn(session.run().instrument(span));
     SessionHandle {
@@ -136,6 +179,26 @@ pub fn spawn(spec: Spec, shutdown: CancellationToken, tracker: &TaskTracker) -> 
 
 impl Session {
     async fn run(mut self) {
+        if let Some(adopted) = self.adopted.take() {
+            match adopted.connection() {
+                Ok(conn) => {
+                    info!("serving the connection to QEMU handed over by the previous qmpmux");
+                    match AssertUnwindSafe(self.running(conn)).catch_unwind().await {
+                        Ok(Exit::Shutdown) => return,
+                        Ok(_) => {}
+                        Err(_) => {
+                            error!("upstream session failed (a bug in qmpmux); reconnecting");
+                            self.hub.fail_outstanding(FailKind::Lost, FailKind::NotSent);
+                            self.forget_connection();
+                        }
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot serve the connection to QEMU handed over; connecting afresh");
+                    self.forget_connection();
+                }
+            }
+        }
         loop {
             self.set_state(Runstate::Connecting);
             let (path, opts, listener) = (self.vm.upstream.clone(), self.opts.clone(), self.listener.clone());
@@ -167,6 +230,7 @@ impl Session {
                         Err(_) => {
                             error!("upstream session failed (a bug in qmpmux); reconnecting");
                             self.hub.fail_outstanding(FailKind::Lost, FailKind::NotSent);
+                            self.forget_connection();
                         }
                     }
                 }
@@ -256,14 +320,22 @@ impl Session {
             mut reader,
             mut writer,
             greeting,
+            handed_over,
         } = conn;
-        if let Err(exit) = self.on_connect(&mut reader, &mut writer).await {
-            drop(writer);
-            drop(reader);
-            self.disconnected(&exit);
-            return exit;
+        if handed_over.is_none() {
+            self.keeper.keep(&names::qemu(&self.vm.name), reader.get_ref().as_fd());
+            if let Err(exit) = self.on_connect(&mut reader, &mut writer).await {
+                drop(writer);
+                drop(reader);
+                self.disconnected(&exit);
+                return exit;
+            }
+        } else {
+            self.keeper
+                .adopted(&names::qemu(&self.vm.name), reader.get_ref().as_fd());
         }
-        self.connected(greeting);
+        self.resync = handed_over.is_some_and(|h| h.resync);
+        self.connected(greeting, handed_over.is_some());
         let mut wbuf = BytesMut::with_capacity(4096);
         // A passed fd, and where in `wbuf` the request it goes with starts.
         let mut pending_fd: Option<(OwnedFd, usize)> = None;
@@ -312,10 +384,22 @@ impl Session {
         };
         // Replies QEMU gave before the end.
         self.hub.flush();
+        if matches!(exit, Exit::Shutdown) && self.keeper.is_frozen() {
+            // The next process reads on from where this one stopped.
+            self.hub.hand_over_leftover(reader.read_buffer());
+        }
         drop(writer);
         drop(reader);
         self.disconnected(&exit);
         exit
+    }
+
+    /// The connection to QEMU is closed for good: nothing to hand over.
+    fn forget_connection(&mut self) {
+        self.keeper.forget(&names::qemu(&self.vm.name));
+        if !self.keeper.is_frozen() {
+            self.hub.journal_greeting(None);
+        }
     }
 
     /// `[[vm.on_connect]]`: qmpmux's own commands, sent one by one on a
@@ -370,16 +454,29 @@ impl Session {
         };
         self.on_client(msg);
         for _ in 1..INBOX_BATCH {
+            if self.hub.frozen {
+                break;
+            }
             let Ok(msg) = self.rx.try_recv() else { break };
             self.on_client(msg);
         }
-        None
+        self.hub.frozen.then_some(Exit::Shutdown)
     }
 
-    /// A connection is up: publish it, and tell clients if they asked.
-    fn connected(&mut self, greeting: crate::qmp::incoming::Greeting) {
-        info!(version = %greeting.version, oob = greeting.oob, "connected to QEMU monitor");
+    /// A connection is up: publish it, and tell clients if they asked
+    /// (not for one handed over: for clients nothing happened).
+    fn connected(&mut self, greeting: crate::qmp::incoming::Greeting, handed_over: bool) {
         self.metrics.connections.inc();
+        self.hub.journal_greeting(Some(&greeting.line(true)));
+        if handed_over {
+            self.hub.status.send_modify(|s| {
+                s.greeting = Some(Arc::new(greeting));
+                s.last_error = None;
+            });
+            self.set_state(Runstate::Running);
+            return;
+        }
+        info!(version = %greeting.version, oob = greeting.oob, "connected to QEMU monitor");
         self.hub.status.send_modify(|s| {
             s.greeting = Some(Arc::new(greeting));
             s.last_error = None;
@@ -416,6 +513,7 @@ impl Session {
             self.hub.proxy_event("UPSTREAM_LOST", &data, self.opts.proxy_events);
         }
         self.hub.status.send_modify(|s| s.last_error = error);
+        self.forget_connection();
         if matches!(exit, Exit::Shutdown) {
             self.hub
                 .fail_outstanding(FailKind::Stopping { sent: true }, FailKind::Stopping { sent: false });
@@ -504,7 +602,26 @@ impl Session {
         }
     }
 
+    /// One message from QEMU. On a connection handed over after a crash,
+    /// what comes before the first whole event or reply may be the end of
+    /// a message the crashed process had begun to read: dropped, not taken
+    /// for QEMU breaking the protocol.
     fn on_upstream(&mut self, frame: Frame) -> Result<(), Exit> {
+        let result = self.on_message(frame);
+        if self.resync {
+            match result {
+                Err(Exit::Desync(what)) => {
+                    warn!(message = %what, "dropped the end of a message the previous qmpmux had begun to read");
+                    return Ok(());
+                }
+                Ok(()) => self.resync = false,
+                Err(e) => return Err(e),
+            }
+        }
+        result
+    }
+
+    fn on_message(&mut self, frame: Frame) -> Result<(), Exit> {
         let bytes = match frame {
             Frame::Message(b) => b,
             Frame::Error(e) | Frame::Limit(e) => return Err(Exit::Desync(e)),
@@ -591,6 +708,9 @@ async fn serve_down(rx: &mut mpsc::Receiver<ToSession>, hub: &mut Hub, state: Ru
         if let Some(ToSession::Execute { client, request }) = hub.membership(msg) {
             hub.refuse_down(client, request, state);
         }
+        if hub.frozen {
+            return;
+        }
     }
 }
 
@@ -626,4 +746,120 @@ async fn write_some(
         None => None,
     };
     Ok(())
+}
+
+/// What the previous process's journal says about its connection to QEMU.
+struct Journaled {
+    greeting: Option<Vec<u8>>,
+    leftover: Vec<u8>,
+}
+
+/// The VM's event history: the one the previous process journaled, if it
+/// handed one over that can be read (numbering goes on without a gap),
+/// else a new one; journaled from now on, and the journal kept for the
+/// next process.
+fn open_history(
+    vm: &str,
+    opts: &UpstreamOptions,
+    inherited: Option<OwnedFd>,
+    keeper: &Keeper,
+) -> (History, Option<Journaled>) {
+    let (max_events, max_bytes) = (opts.event_history, opts.event_history_bytes);
+    let name = names::journal(vm);
+    if let Some(fd) = inherited {
+        match Journal::adopt(fd) {
+            Ok((journal, recovered)) => {
+                let Recovered {
+                    events,
+                    next,
+                    greeting,
+                    leftover,
+                    truncated,
+                } = recovered;
+                let history = History::restored(events, next, max_events, max_bytes);
+                info!(
+                    kept = history.len(),
+                    next = history.next(),
+                    truncated,
+                    "event history handed over by the previous qmpmux"
+                );
+                keeper.adopted(&name, journal.fd());
+                return (history.with_journal(journal), Some(Journaled { greeting, leftover }));
+            }
+            Err(e) => {
+                warn!(error = %crate::error::chain(&e), "the event journal handed over cannot be read; numbering events afresh");
+                keeper.release(&name);
+            }
+        }
+    }
+    let history = History::new(History::first_number(), max_events, max_bytes);
+    match Journal::create(
+        vm,
+        crate::events::journal::capacity_for(max_events, max_bytes),
+        history.next(),
+    ) {
+        Ok(journal) => {
+            keeper.keep(&name, journal.fd());
+            (history.with_journal(journal), None)
+        }
+        Err(e) => {
+            if keeper.enabled() {
+                warn!(error = %crate::error::chain(&e), "no event journal: a crash of qmpmux will lose the event history");
+            }
+            (history, None)
+        }
+    }
+}
+
+/// The connection to QEMU the previous process handed over, with the
+/// greeting its journal recorded; `None` (and the fd released) when there
+/// is none or no greeting to go with it.
+fn adopt(
+    vm: &str,
+    fd: Option<OwnedFd>,
+    recovered: Option<Journaled>,
+    keeper: &Keeper,
+    history: &mut History,
+) -> Option<Adopted> {
+    let fd = fd?;
+    let greeting = recovered.as_ref().and_then(|r| r.greeting.as_deref()).and_then(|g| {
+        match classify(&bytes::Bytes::copy_from_slice(g)) {
+            Ok(Incoming::Greeting(g)) => Some(g),
+            _ => None,
+        }
+    });
+    let Some(greeting) = greeting else {
+        warn!("a connection to QEMU was handed over without its greeting; connecting afresh");
+        drop(fd);
+        keeper.release(&names::qemu(vm));
+        return None;
+    };
+    // "G" marks bytes a graceful handover left; nothing: a crash.
+    let leftover = recovered
+        .as_ref()
+        .and_then(|r| r.leftover.strip_prefix(b"G"))
+        .map(<[u8]>::to_vec);
+    if let Some(j) = history.journal_mut() {
+        j.set_leftover(&[]);
+    }
+    Some(Adopted { fd, greeting, leftover })
+}
+
+impl Adopted {
+    fn connection(self) -> std::io::Result<Connection> {
+        let std = std::os::unix::net::UnixStream::from(self.fd);
+        std.set_nonblocking(true)?;
+        let (read, writer) = crate::runtime::sock::split(tokio::net::UnixStream::from_std(std)?)?;
+        let mut reader = reader_for(read);
+        let resync = self.leftover.is_none();
+        if let Some(bytes) = self.leftover {
+            reader.read_buffer_mut().extend_from_slice(&bytes);
+        }
+        Ok(Connection {
+            reader,
+            writer,
+            greeting: self.greeting,
+            handed_over: Some(HandedOver { resync }),
+        })
+    }
 }

@@ -8,6 +8,7 @@
 //! - `config.rs`: the one place that builds qmpmux configuration
 //! - `daemon.rs`: qmpmux in-process; `binary.rs`: its binary as a subprocess
 //! - `client.rs`: a raw async QMP client with assertions
+//! - `fdstore.rs`: systemd's file descriptor store, scripted (crash tests)
 //! - `fake/`: a scripted fake QMP server (`mod.rs`) and one answering every
 //!   request at once (`instant.rs`), for upstreams QEMU cannot imitate
 //! - `logs.rs`: qmpmux's log, captured
@@ -22,6 +23,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod fake;
+pub mod fdstore;
 pub mod http;
 pub mod logs;
 pub mod nats;
