@@ -470,6 +470,7 @@ async fn daemon(args: Args, mut inherited: Inherited, reexec: &mut Option<Arc<Ke
             return ExitCode::FAILURE;
         }
     };
+    inherited.log();
     // The demo's QEMU is this process's child, started afresh each time:
     // nothing to hand over.
     let keeper = Arc::new(if args.demo {

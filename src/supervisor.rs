@@ -270,6 +270,7 @@ impl Supervisor {
     /// kept (in a sealed memfd) with the rest.
     async fn hand_over(&mut self, all: Vec<Vm>) {
         let frozen_at_us = crate::events::History::first_number();
+        let connected = self.clients();
         let vms: Vec<VmState> = futures_util::future::join_all(all.into_iter().map(hand_over_vm))
             .await
             .into_iter()
@@ -282,12 +283,13 @@ impl Supervisor {
             handovers: self.counts.handovers,
             crash_recoveries: self.counts.crash_recoveries,
             fallbacks: self.counts.fallbacks,
+            clients_closed: connected.saturating_sub(clients) as u64,
             vms,
         };
         match crate::handover::state::to_memfd(&crate::handover::state::encode(&state)) {
             Ok(fd) => {
                 self.handover.keeper.keep(names::STATE, std::os::fd::AsFd::as_fd(&fd));
-                info!(clients, "handed over");
+                info!(clients, closed = connected.saturating_sub(clients), "handed over");
             }
             Err(e) => error!(error = %e, "cannot write the handover state: the next process closes the clients"),
         }

@@ -11,14 +11,20 @@
 //! them through a restart, a package upgrade and a crash, and gives them
 //! back to the next process as `LISTEN_FDS`/`LISTEN_FDNAMES`. A re-execution
 //! in place (`SIGUSR2`) passes the same fds the same way itself
-//! ([`reexec`]), so a starting qmpmux has one path whatever came before:
-//! [`Inherited`] by name.
+//! ([`exec::reexec`]), so a starting qmpmux has one path whatever came
+//! before: [`Inherited`] by name.
 //!
-//! Names: `listen.VM.N` (listener N of VM, in `all_listeners` order),
-//! `upstream.VM` (accept mode: where QEMU dials in), `qemu.VM` (the
-//! connection to QEMU's monitor), `journal.VM`, `control`. VM names are
-//! letters, digits, `-`, `_` and `.`, so no name holds the `:` that
-//! separates them in `LISTEN_FDNAMES`.
+//! At a handover (re-execution, or `SIGTERM` under systemd, which may be a
+//! restart) each unix client is kept too, between two of its requests, with
+//! a [`state`] describing it; the successor serves it from where it stood.
+//!
+//! Names (see [`names`]): `listen.N.DEV.INO.VM` (listener N of VM, in
+//! `all_listeners` order, and its socket file), `upstream.DEV.INO.VM`
+//! (accept mode: where QEMU dials in), `qemu.VM` (the connection to QEMU's
+//! monitor), `journal.VM`, `control.DEV.INO`, and at a handover
+//! `client.ID.VM`, `passed.ID.VM` (an fd that client passed) and `state`.
+//! VM names are letters, digits, `-`, `_` and `.`, so no name holds the `:`
+//! that separates them in `LISTEN_FDNAMES`.
 
 pub mod exec;
 pub mod state;
@@ -140,6 +146,10 @@ pub struct Counts {
     pub last_pause_seconds: Option<f64>,
     /// Clients the last handover moved.
     pub clients_handed_over: u64,
+    /// Clients the last handover closed instead (TLS ones; those that left
+    /// while it waited for their commands).
+    #[serde(default)]
+    pub clients_closed: u64,
 }
 
 impl Counts {
@@ -155,6 +165,7 @@ impl Counts {
             fallbacks: state.fallbacks,
             last_pause_seconds: Some(now.saturating_sub(state.frozen_at_us) as f64 / 1e6),
             clients_handed_over: state.vms.iter().map(|v| v.clients.len() as u64).sum(),
+            clients_closed: state.clients_closed,
         }
     }
 }
@@ -247,12 +258,23 @@ impl Inherited {
                 out.fds.entry(name).or_default().push(fd);
             }
         }
-        if !out.fds.is_empty() {
-            let mut names: Vec<&str> = out.fds.keys().map(String::as_str).collect();
-            names.sort_unstable();
-            info!(count = names.len(), names = %names.join(" "), "file descriptors handed over");
-        }
         out
+    }
+
+    /// Logs what was handed over (once logging is set up).
+    pub fn log(&self) {
+        if self.fds.is_empty() {
+            return;
+        }
+        let mut names: Vec<&str> = self.fds.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        let shown: Vec<&str> = names.iter().copied().filter(|n| !n.starts_with("client.")).collect();
+        info!(
+            count = self.fds.values().map(Vec::len).sum::<usize>(),
+            clients = names.len() - shown.len(),
+            names = %shown.join(" "),
+            "file descriptors handed over"
+        );
     }
 
     /// Builds a set from fds and names (for tests).

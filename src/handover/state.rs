@@ -48,6 +48,9 @@ pub struct State {
     pub crash_recoveries: u64,
     /// Fallbacks to the crash path (a state that could not be read).
     pub fallbacks: u64,
+    /// Clients this handover closed instead (TLS ones, whose session
+    /// cannot move; those that left while it drained).
+    pub clients_closed: u64,
     pub vms: Vec<VmState>,
 }
 
@@ -224,6 +227,7 @@ mod tests {
             handovers: 3,
             crash_recoveries: 1,
             fallbacks: 0,
+            clients_closed: 2,
             vms: vec![VmState {
                 name: "web.01".into(),
                 clients: vec![ClientState {

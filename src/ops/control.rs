@@ -414,9 +414,10 @@ pub fn render(report: &StatusReport) -> String {
         if let Some(pause) = h.last_pause_seconds {
             let _ = write!(
                 out,
-                " (last: {:.1} ms pause, {} clients handed over)",
+                " (last: {:.1} ms pause, {} clients handed over, {} closed)",
                 pause * 1000.0,
-                h.clients_handed_over
+                h.clients_handed_over,
+                h.clients_closed
             );
         }
         let _ = writeln!(

@@ -158,6 +158,7 @@ pub struct Metrics {
     handover_fallbacks: Counter,
     handover_pause: Gauge<f64, AtomicU64>,
     handover_clients: Gauge,
+    handover_closed: Gauge,
     refusals: Family<VmLabel, Counter>,
     disconnects: Family<ReasonLabel, Counter>,
     refused: Family<ReasonLabel, Counter>,
@@ -300,6 +301,7 @@ impl Metrics {
             handover_fallbacks: Counter::default(),
             handover_pause: Gauge::default(),
             handover_clients: Gauge::default(),
+            handover_closed: Gauge::default(),
             refusals: Family::default(),
             disconnects: Family::default(),
             refused: Family::default(),
@@ -365,6 +367,11 @@ impl Metrics {
             "handover_last_clients",
             "Clients the last handover moved to the new process",
             m.handover_clients.clone(),
+        );
+        registry.register(
+            "handover_last_closed_clients",
+            "Clients the last handover closed instead of moving them (TLS clients; clients that left during it)",
+            m.handover_closed.clone(),
         );
         registry.register("commands", "Commands forwarded to QEMU", m.commands.clone());
         registry.register("errors", "Error replies to forwarded commands", m.errors.clone());
