@@ -356,6 +356,64 @@ impl Router {
         }
     }
 
+    /// Takes `client`'s requests out for a handover: those in QEMU (their
+    /// numbers stay taken until their replies come, which the next process
+    /// routes), as `(n, seq, oob)`; and those not sent yet, in submission
+    /// order, as `(seq, tail, oob, fd)`.
+    #[allow(clippy::type_complexity)]
+    pub fn hand_over_client(
+        &mut self,
+        client: u64,
+    ) -> (Vec<(u64, u64, bool)>, Vec<(u64, Bytes, bool, Option<OwnedFd>)>) {
+        let mut sent: Vec<(u64, u64, bool)> = self
+            .sent
+            .iter()
+            .filter(|(_, s)| s.route.client == client && !s.expired)
+            .map(|(n, s)| (*n, s.route.seq, s.oob))
+            .collect();
+        sent.sort_unstable();
+        let mut queued: Vec<(u64, u64, Bytes, bool, Option<OwnedFd>)> = Vec::new();
+        if let Some(lane) = self.lanes.get_mut(&client) {
+            self.queued -= lane.queue.len();
+            queued.extend(
+                lane.queue
+                    .drain(..)
+                    .map(|q| (q.order, q.route.seq, q.tail, false, q.fd)),
+            );
+            lane.has_turn = false;
+        }
+        let (mine, others): (VecDeque<Queued>, VecDeque<Queued>) = std::mem::take(&mut self.oob_queue)
+            .into_iter()
+            .partition(|q| q.route.client == client);
+        self.oob_queue = others;
+        queued.extend(mine.into_iter().map(|q| (q.order, q.route.seq, q.tail, true, q.fd)));
+        queued.sort_unstable_by_key(|q| q.0);
+        let queued = queued
+            .into_iter()
+            .map(|(_, seq, tail, oob, fd)| (seq, tail, oob, fd))
+            .collect();
+        (sent, queued)
+    }
+
+    /// A request the previous process sent as number `n` and QEMU has not
+    /// answered: its reply goes to `route`.
+    pub fn restore_sent(&mut self, n: u64, route: Route, oob: bool, now: Instant) {
+        if !oob {
+            self.in_band += 1;
+            self.lanes.entry(route.client).or_default().in_flight += 1;
+        }
+        self.sent.insert(
+            n,
+            Sent {
+                route,
+                since: now,
+                sent_at: now,
+                oob,
+                expired: false,
+            },
+        );
+    }
+
     /// The connection ended: everything outstanding, in sending order
     /// (in flight), then in submission order (queued).
     pub fn abandon(&mut self) -> Abandoned {
@@ -435,6 +493,45 @@ mod tests {
         assert_eq!(rt.complete(n).map(|(r, _)| r), None);
         let (n2, _) = rt.next_to_send().unwrap();
         assert_eq!(rt.complete(n2).map(|(r, _)| r), Some(r(2, 0)));
+    }
+
+    #[test]
+    fn a_client_s_requests_move_to_another_router_and_are_routed_there() {
+        let mut old = Router::new(2, Duration::MAX);
+        for s in 0..3 {
+            old.submit(r(1, s), Bytes::from(format!("t{s}")), now());
+        }
+        old.submit(r(2, 0), Bytes::from("other"), now());
+        old.submit_oob(r(1, 3), Bytes::from("oob"), now());
+        let (oob_n, _) = old.next_to_send().unwrap();
+        let (n0, _) = old.next_to_send().unwrap();
+        let (n_other, _) = old.next_to_send().unwrap();
+        let (sent, queued) = old.hand_over_client(1);
+        let mut sent_seqs: Vec<(u64, u64, bool)> = sent.clone();
+        sent_seqs.sort_by_key(|s| s.1);
+        assert_eq!(sent_seqs, vec![(n0, 0, false), (oob_n, 3, true)]);
+        let queued: Vec<(u64, Bytes)> = queued.into_iter().map(|(seq, t, _, _)| (seq, t)).collect();
+        assert_eq!(queued, vec![(1, Bytes::from("t1")), (2, Bytes::from("t2"))]);
+        // The other client's request stays where it is.
+        assert_eq!(old.complete(n_other).map(|(r, _)| r), Some(r(2, 0)));
+
+        let mut new = Router::new(2, Duration::MAX);
+        new.number_from(1_000_000);
+        for (n, seq, oob) in sent {
+            new.restore_sent(n, r(1, seq), oob, now());
+        }
+        for (seq, tail) in queued {
+            new.submit(r(1, seq), tail, now());
+        }
+        // The window counts the in-band one QEMU still has.
+        let (n1, t1) = new.next_to_send().unwrap();
+        assert_eq!(&t1[..], b"t1");
+        assert!(n1 >= 1_000_000, "a number QEMU may still hold was given out: {n1}");
+        assert!(new.next_to_send().is_none(), "window of 2: one restored, one sent");
+        assert_eq!(new.complete(n0).map(|(r, _)| r), Some(r(1, 0)));
+        assert_eq!(new.complete(oob_n).map(|(r, _)| r), Some(r(1, 3)));
+        assert_eq!(new.complete(n1).map(|(r, _)| r), Some(r(1, 1)));
+        assert_eq!(&new.next_to_send().unwrap().1[..], b"t2");
     }
 
     #[test]

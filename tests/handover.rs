@@ -524,3 +524,59 @@ async fn a_state_that_cannot_be_read_falls_back_to_the_crash_path() {
     assert!(text.contains("fallbacks to the crash path: 1"), "{text}");
     drop(qemu);
 }
+
+/// A command QEMU takes longer over than the handover waits for goes to
+/// the next process with its client: the reply reaches the client, with its
+/// id, in order. (A scripted upstream: QEMU cannot be made slow on demand.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_qemu_gives_after_the_handover_reach_their_clients_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let fake = common::fake::FakeServer::bind(&p("fake.sock"));
+    let config = format!(
+        "control_socket = \"\"\n[[vm]]\nname = \"vm\"\nupstream = {:?}\nlisten = {:?}\n",
+        p("fake.sock"),
+        p("vm.sock")
+    );
+    let upstream = tokio::spawn(async move {
+        let conn = fake.accept_ready().await;
+        (fake, conn)
+    });
+    let daemon = Daemon::start(dir.path(), &config);
+    let (_fake, mut up) = upstream.await.unwrap();
+    let mut c = Client::ready(&p("vm.sock")).await;
+    c.send(r#"{"execute":"slow-one","id":"a"}"#).await;
+    c.send(r#"{"execute":"slow-two","id":{"b":[1]}}"#).await;
+    // QEMU has the first; the second waits its turn in qmpmux (a client
+    // adds commands to QEMU's queue only while they are cheap).
+    let a = up.read().await.expect("first request");
+    assert_eq!(a["execute"], "slow-one");
+
+    // qmpmux re-executes while QEMU has the first; it waits for it a
+    // while, then hands both over with the client.
+    daemon.reexec().await;
+    assert!(
+        daemon.log().contains("they go to the next process with it"),
+        "{}",
+        daemon.log()
+    );
+    // Another client's request now gets a number QEMU does not still have.
+    let mut d = Client::ready(&p("vm.sock")).await;
+    d.send(r#"{"execute":"query-status","id":"d"}"#).await;
+    let r = up.read().await.expect("another client's request");
+    assert_ne!(r["id"], a["id"], "a number still in QEMU's hands was given out again");
+    up.reply(&r, json!({"status": "running"})).await;
+    assert_eq!(d.recv().await["id"], "d");
+    up.reply(&a, json!({"one": 1})).await;
+    // The new process sends the second, and routes both replies.
+    let b = up.read().await.expect("second request");
+    assert_eq!(b["execute"], "slow-two");
+    up.reply(&b, json!({})).await;
+    assert_eq!(c.recv().await, json!({"return": {"one": 1}, "id": "a"}));
+    assert_eq!(c.recv().await, json!({"return": {}, "id": {"b": [1]}}));
+    // The connection goes on.
+    c.send(r#"{"execute":"query-status","id":"c"}"#).await;
+    let r = up.read().await.expect("third request");
+    up.reply(&r, json!({"status": "running"})).await;
+    assert_eq!(c.recv().await["id"], "c");
+}

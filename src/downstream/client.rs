@@ -48,8 +48,8 @@ use tracing::{debug, error, info, warn};
 const OUTBUF_HIGH: usize = 1 << 20;
 
 /// How long a client handing over waits for QEMU's replies to its
-/// commands in flight; those still unanswered then get an error with
-/// their id (their outcome is unknown), as when qmpmux stops.
+/// commands in flight; those still unanswered then go to the next process
+/// with it, which routes their replies to it (in order, with their ids).
 const DRAIN_BOUND: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How long a stopping qmpmux tries to write a client's last replies.
@@ -176,6 +176,9 @@ struct Client {
     /// wait for QEMU (see [`DRAIN_BOUND`]).
     draining: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     handing_over: bool,
+    /// The wait is over: the commands still unanswered go to the next
+    /// process with the connection (their replies too).
+    drained: bool,
 }
 
 /// Why the client's connection ended.
@@ -308,6 +311,23 @@ pub async fn resume<R, W>(
         client.qmp.enabled = Caps { oob: state.oob };
         client.subscribed_early = state.subscribed_early;
         client.outbuf.extend_from_slice(&state.unwritten);
+        client.next_seq = state.next_seq;
+        for slot in state.slots {
+            if slot.answered {
+                client.ready_bytes += slot.line.len();
+                client.slots.push_back(Slot::Ready(slot.line.into()));
+            } else {
+                client.pending_bytes += slot.bytes;
+                client.slots.push_back(Slot::Waiting {
+                    seq: slot.seq,
+                    id: slot.id.and_then(|j| RawValue::from_string(j).ok()),
+                    audit: None,
+                    oob: slot.oob,
+                    bytes: slot.bytes,
+                });
+            }
+        }
+        client.flush_ready();
         client.serve(reader, write, mailbox).await
     };
     let end = AssertUnwindSafe(serve).catch_unwind().await.unwrap_or(End::Panic);
@@ -350,6 +370,7 @@ impl Client {
             subscribed_early: false,
             draining: None,
             handing_over: false,
+            drained: false,
         }
     }
 
@@ -376,11 +397,33 @@ impl Client {
         mut reader: Reader<R>,
         mut mailbox: MailboxReceiver,
     ) -> End {
+        // From now on the session writes nothing to the socket itself.
+        mailbox.expect(None);
         mailbox.allow_direct(false);
         while let Some(msg) = mailbox.try_recv() {
             self.on_session(msg);
         }
         self.flush_ready();
+        let slots = std::mem::take(&mut self.slots)
+            .into_iter()
+            .map(|slot| match slot {
+                Slot::Waiting {
+                    seq, id, oob, bytes, ..
+                } => crate::handover::state::SlotState {
+                    seq,
+                    id: id.map(|i| i.get().to_string()),
+                    oob,
+                    bytes,
+                    answered: false,
+                    line: Vec::new(),
+                },
+                Slot::Ready(line) => crate::handover::state::SlotState {
+                    answered: true,
+                    line: line.to_vec(),
+                    ..Default::default()
+                },
+            })
+            .collect();
         let vm = self.ctx.vm.clone();
         let keeper = self.ctx.keeper.clone();
         let unread = reader.get_ref().read_buffer().to_vec();
@@ -406,6 +449,8 @@ impl Client {
             unread,
             unwritten: std::mem::take(&mut self.outbuf).to_vec(),
             passed_fd: passed.is_some(),
+            slots,
+            next_seq: self.next_seq,
         };
         if self.ctx.session.hand_over(self.id, state, mailbox).await.is_err() {
             return End::Shutdown;
@@ -429,7 +474,7 @@ impl Client {
         let (mut stopped, mut killed, mut handing) = (Quiet::new(stopped), Quiet::new(killed), Quiet::new(handing));
         let outbuf_high = OUTBUF_HIGH.min(self.ctx.opts.max_queue_bytes / 2);
         loop {
-            if self.handing_over && self.closing.is_none() && self.slots.is_empty() {
+            if self.handing_over && self.closing.is_none() && (self.slots.is_empty() || self.drained) {
                 return End::HandedOver;
             }
             if (self.eof || self.closing.is_some()) && self.slots.is_empty() && self.outbuf.is_empty() {
@@ -473,8 +518,8 @@ impl Client {
                 }
                 () = async { if let Some(d) = self.draining.as_mut() { d.await } }, if self.draining.is_some() => {
                     self.draining = None;
-                    warn!(client = self.id, "QEMU did not answer in time for the handover; failing the commands still in flight");
-                    self.stop_waiting();
+                    self.drained = true;
+                    info!(client = self.id, waiting = self.slots.len(), "QEMU still has commands of this client; they go to the next process with it");
                     None
                 }
                 () = &mut killed => Some(End::Shutdown),

@@ -64,6 +64,52 @@ pub struct VmState {
     pub lease: Option<LeaseState>,
     /// `getfd` names in QEMU's monitor and the client that owns each.
     pub fd_names: Vec<(String, u64)>,
+    /// Requests QEMU has not answered yet (still so when the handover
+    /// stopped waiting for them): their replies come to the next process.
+    pub in_flight: Vec<InFlight>,
+    /// Requests not sent to QEMU yet, in the order they were submitted.
+    pub queued: Vec<QueuedRequest>,
+}
+
+/// A request QEMU has and has not answered.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct InFlight {
+    /// The number qmpmux gave it upstream (QEMU's reply carries it).
+    pub n: u64,
+    pub client: u64,
+    /// The client's own number for it.
+    pub seq: u64,
+    pub oob: bool,
+}
+
+/// A request not sent to QEMU yet.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct QueuedRequest {
+    pub client: u64,
+    pub seq: u64,
+    pub oob: bool,
+    /// What follows `{"id": N` upstream.
+    #[serde(with = "hex")]
+    pub tail: Vec<u8>,
+}
+
+/// One of a client's requests, in its order: waiting for its reply, or
+/// answered and waiting for those before it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SlotState {
+    pub seq: u64,
+    /// The id the client gave it (JSON text), if any.
+    pub id: Option<String>,
+    pub oob: bool,
+    /// Bytes of the request, counted against the client's budget.
+    pub bytes: usize,
+    pub answered: bool,
+    /// The reply line, once answered.
+    #[serde(with = "hex")]
+    pub line: Vec<u8>,
 }
 
 /// The lease as it stands.
@@ -106,6 +152,11 @@ pub struct ClientState {
     /// A passed fd waits for its next `getfd`/`add-fd` (handed over with
     /// it).
     pub passed_fd: bool,
+    /// Its requests still waiting for a reply when the handover stopped
+    /// waiting for QEMU, and answered ones behind them, in order.
+    pub slots: Vec<SlotState>,
+    /// The number its next request gets.
+    pub next_seq: u64,
 }
 
 /// Encodes `state` for the successor.
@@ -240,6 +291,21 @@ mod tests {
                     unread: b"{\"execute\": \"qu".to_vec(),
                     unwritten: vec![0, 255, b'\r', b'\n'],
                     passed_fd: true,
+                    slots: vec![
+                        SlotState {
+                            seq: 9,
+                            id: Some("\"a\"".into()),
+                            bytes: 30,
+                            ..SlotState::default()
+                        },
+                        SlotState {
+                            seq: 8,
+                            answered: true,
+                            line: b"{\"return\": {}}\r\n".to_vec(),
+                            ..SlotState::default()
+                        },
+                    ],
+                    next_seq: 11,
                     ..ClientState::default()
                 }],
                 lease: Some(LeaseState {
@@ -251,6 +317,18 @@ mod tests {
                     left_ms: 1500,
                 }),
                 fd_names: vec![("fd0".into(), 7)],
+                in_flight: vec![InFlight {
+                    n: 3,
+                    client: 7,
+                    seq: 9,
+                    oob: false,
+                }],
+                queued: vec![QueuedRequest {
+                    client: 7,
+                    seq: 10,
+                    oob: false,
+                    tail: b", \"execute\": \"cont\"}".to_vec(),
+                }],
             }],
         }
     }

@@ -10,7 +10,7 @@ use super::mailbox::{MailboxReceiver, MailboxSender, SendError};
 use super::{Answer, Extension, Fetched, Request, Runstate, Status, ToClient, ToSession};
 use crate::events::actions::Actions;
 use crate::events::{EventFilter, History};
-use crate::handover::state::{ClientState, LeaseState, VmState};
+use crate::handover::state::{ClientState, InFlight, LeaseState, QueuedRequest, VmState};
 use crate::ops::metrics::VmMetrics;
 use crate::policy::Glob;
 use crate::qmp::extensions::{self, Subscribe};
@@ -186,7 +186,9 @@ impl Hub {
     /// lease and the `getfd` names.
     fn freeze(&mut self) -> VmState {
         let mut clients = Vec::new();
-        for (_, m) in self.clients.drain() {
+        let (mut in_flight, mut queued) = (Vec::new(), Vec::new());
+        let members: Vec<(u64, Member)> = self.clients.drain().collect();
+        for (id, m) in members {
             let Some((mut state, mut mailbox)) = m.handed else {
                 continue;
             };
@@ -195,7 +197,40 @@ impl Hub {
                 match msg {
                     ToClient::Event(line) if takes_events => state.unwritten.extend_from_slice(&line),
                     ToClient::Replay(lines) => lines.iter().for_each(|l| state.unwritten.extend_from_slice(l)),
+                    ToClient::Reply { seq, reply, .. } => answer(&mut state, seq, |id| {
+                        reply.line(id.map(crate::qmp::json::qemu_style).as_deref())
+                    }),
+                    ToClient::Failed { seq, kind } => {
+                        answer(&mut state, seq, |id| super::failure_line(&self.vm, id, kind))
+                    }
+                    ToClient::Answer { seq, answer: a } => answer(&mut state, seq, |id| a.line(id)),
+                    ToClient::Written(w) => answer(&mut state, w.seq, |_| w.rest),
                     _ => {}
+                }
+            }
+            // Its commands QEMU still has: their replies go to the next
+            // process, which routes them by these numbers.
+            let (sent, waiting) = self.router.hand_over_client(id);
+            in_flight.extend(sent.into_iter().map(|(n, seq, oob)| InFlight {
+                n,
+                client: id,
+                seq,
+                oob,
+            }));
+            for (seq, tail, oob, fd) in waiting {
+                if fd.is_some() {
+                    // An fd that never reached QEMU cannot follow its
+                    // command: answered as not sent (not executed).
+                    answer(&mut state, seq, |id| {
+                        super::failure_line(&self.vm, id, FailKind::NotSent)
+                    });
+                } else {
+                    queued.push(QueuedRequest {
+                        client: id,
+                        seq,
+                        oob,
+                        tail: tail.to_vec(),
+                    });
                 }
             }
             clients.push(*state);
@@ -215,12 +250,34 @@ impl Hub {
             clients,
             lease,
             fd_names: self.fd_names.owned(),
+            in_flight,
+            queued,
         }
     }
 
     /// The clients, lease and `getfd` names the previous process handed
     /// over.
     pub fn restore(&mut self, state: &VmState, members: Vec<super::ResumedMember>) {
+        let now = Instant::now();
+        for r in &state.in_flight {
+            let route = Route {
+                client: r.client,
+                seq: r.seq,
+            };
+            self.router.restore_sent(r.n, route, r.oob, now);
+        }
+        for q in &state.queued {
+            let route = Route {
+                client: q.client,
+                seq: q.seq,
+            };
+            let tail = Bytes::from(q.tail.clone());
+            if q.oob {
+                self.router.submit_oob(route, tail, now);
+            } else {
+                self.router.submit(route, tail, now);
+            }
+        }
         for m in members {
             let mut filter = EventFilter::new(m.events);
             if let Some(patterns) = m.resumed.narrowed {
@@ -718,5 +775,31 @@ impl Hub {
                 }
             }
         }
+    }
+}
+
+/// Fills the handed-over request `seq` of `state` with the reply `make`
+/// builds from its id: in its place among the requests, or (`exec-oob`)
+/// at once, as the client would have.
+fn answer(state: &mut ClientState, seq: u64, make: impl FnOnce(Option<&serde_json::value::RawValue>) -> Bytes) {
+    let Some(at) = state.slots.iter().position(|s| s.seq == seq && !s.answered) else {
+        return;
+    };
+    let id = state.slots[at]
+        .id
+        .as_ref()
+        .and_then(|j| serde_json::value::RawValue::from_string(j.clone()).ok());
+    let line = make(id.as_deref());
+    if state.slots[at].oob {
+        state.slots.remove(at);
+        state.unwritten.extend_from_slice(&line);
+    } else {
+        state.slots[at].answered = true;
+        state.slots[at].line = line.to_vec();
+    }
+    // Answered ones at the front go out, as the client's own would.
+    while state.slots.first().is_some_and(|s| s.answered) {
+        let s = state.slots.remove(0);
+        state.unwritten.extend_from_slice(&s.line);
     }
 }

@@ -384,6 +384,20 @@ impl Session {
         };
         // Replies QEMU gave before the end.
         self.hub.flush();
+        if matches!(exit, Exit::Shutdown) && self.keeper.is_frozen() && !wbuf.is_empty() {
+            // Handing over: requests already numbered for QEMU reach it
+            // (their replies go to the next process).
+            let flush = async {
+                while !wbuf.is_empty() {
+                    if write_some(&mut writer, &mut wbuf, &mut pending_fd).await.is_err() {
+                        break;
+                    }
+                }
+            };
+            if tokio::time::timeout(Duration::from_secs(2), flush).await.is_err() {
+                warn!("QEMU did not take the last requests in time for the handover");
+            }
+        }
         if matches!(exit, Exit::Shutdown) && self.keeper.is_frozen() {
             // The next process reads on from where this one stopped.
             self.hub.hand_over_leftover(reader.read_buffer());
