@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::fdstore::Supervised;
 use common::process::{guard_child, log_file};
 use common::qemu::Monitor;
 use common::{Client, Qemu, STEP};
@@ -284,81 +285,28 @@ async fn reexecution_costs_clients_nothing() {
     drop(qemu);
 }
 
-/// qmpmux under a scripted file descriptor store (see `common::fdstore`):
-/// started with what the store holds, like systemd does.
-struct Supervised {
-    store: common::fdstore::FakeStore,
-    child: Option<Child>,
-    dir: PathBuf,
-    log: PathBuf,
-}
-
-impl Supervised {
-    fn new(dir: &Path, config: &str) -> Supervised {
-        std::fs::write(dir.join("qmpmux.toml"), config).unwrap();
-        Supervised {
-            store: common::fdstore::FakeStore::new(dir),
-            child: None,
-            dir: dir.to_owned(),
-            log: dir.join("qmpmux.log"),
-        }
-    }
-
-    /// Starts qmpmux with what the store holds; waits until `listen` greets.
-    fn start(&mut self, listen: &Path) {
-        let config = self.dir.join("qmpmux.toml");
-        let mut cmd = self.store.command(
-            Path::new(env!("CARGO_BIN_EXE_qmpmux")),
-            &[std::ffi::OsStr::new("--config"), config.as_os_str()],
-        );
-        cmd.env("RUST_LOG", "qmpmux=info")
-            .stdin(Stdio::null())
-            .stdout(log_file(&self.log))
-            .stderr(log_file(&self.log));
-        guard_child(&mut cmd, None);
-        self.child = Some(cmd.spawn().expect("spawn qmpmux"));
-        let deadline = Instant::now() + STEP;
-        assert!(
-            common::ready::wait_greeted_blocking(listen, deadline, Duration::from_millis(10)),
-            "qmpmux did not serve; log:\n{}",
-            self.log()
-        );
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGKILL, then what it stored is all there is.
-    fn crash(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().unwrap();
-            c.wait().unwrap();
-        }
-        self.store.pump();
-    }
-
-    /// SIGTERM, as systemd stops (or restarts) it; waits for the exit.
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            )
-            .unwrap();
-            assert!(c.wait().unwrap().success(), "log:\n{}", self.log());
-        }
-        self.store.pump();
-    }
-}
-
-impl Drop for Supervised {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+/// QEMU with a second monitor (`truth.sock`, the ground truth, negotiated
+/// here), and qmpmux under a scripted fd store serving it on `vm.sock`
+/// (with a control socket `ctl.sock` if `control`).
+async fn supervised(dir: &Path, control: bool) -> (Qemu, Supervised, Client) {
+    let p = |n: &str| dir.join(n);
+    let qemu = Qemu::spawn(&[Monitor::Serve(&p("q.sock")), Monitor::Serve(&p("truth.sock"))], None)
+        .listening()
+        .await;
+    let control = if control {
+        format!("{:?}", p("ctl.sock"))
+    } else {
+        "\"\"".into()
+    };
+    let config = format!(
+        "control_socket = {control}\n[[vm]]\nname = \"vm\"\nupstream = {:?}\nlisten = {:?}\n",
+        p("q.sock"),
+        p("vm.sock")
+    );
+    let mut qmpmux = Supervised::new(dir, &config);
+    qmpmux.start(&p("vm.sock"));
+    let truth = Client::ready(&p("truth.sock")).await;
+    (qemu, qmpmux, truth)
 }
 
 /// Reads `c`'s events until it has `n` (or EOF: `false`).
@@ -393,17 +341,7 @@ async fn subscribe(path: &Path, since: Option<u64>) -> (Client, Value) {
 async fn a_crash_loses_no_event_and_connections_made_meanwhile_are_served() {
     let dir = tempfile::tempdir().unwrap();
     let p = |n: &str| dir.path().join(n);
-    let qemu = Qemu::spawn(&[Monitor::Serve(&p("q.sock")), Monitor::Serve(&p("truth.sock"))], None)
-        .listening()
-        .await;
-    let config = format!(
-        "control_socket = \"\"\n[[vm]]\nname = \"vm\"\nupstream = {:?}\nlisten = {:?}\n",
-        p("q.sock"),
-        p("vm.sock")
-    );
-    let mut qmpmux = Supervised::new(dir.path(), &config);
-    qmpmux.start(&p("vm.sock"));
-    let mut truth = Client::ready(&p("truth.sock")).await;
+    let (qemu, mut qmpmux, mut truth) = supervised(dir.path(), false).await;
     let mut truth_events = Vec::new();
     let (mut consumer, _) = subscribe(&p("vm.sock"), None).await;
     let mut got = Vec::new();
@@ -457,18 +395,7 @@ async fn a_crash_loses_no_event_and_connections_made_meanwhile_are_served() {
 async fn a_state_that_cannot_be_read_falls_back_to_the_crash_path() {
     let dir = tempfile::tempdir().unwrap();
     let p = |n: &str| dir.path().join(n);
-    let qemu = Qemu::spawn(&[Monitor::Serve(&p("q.sock")), Monitor::Serve(&p("truth.sock"))], None)
-        .listening()
-        .await;
-    let config = format!(
-        "control_socket = {:?}\n[[vm]]\nname = \"vm\"\nupstream = {:?}\nlisten = {:?}\n",
-        p("ctl.sock"),
-        p("q.sock"),
-        p("vm.sock")
-    );
-    let mut qmpmux = Supervised::new(dir.path(), &config);
-    qmpmux.start(&p("vm.sock"));
-    let mut truth = Client::ready(&p("truth.sock")).await;
+    let (qemu, mut qmpmux, mut truth) = supervised(dir.path(), true).await;
     let mut truth_events = Vec::new();
     for (what, damage) in [
         (

@@ -12,8 +12,7 @@
 //! wait over as many replies is what QEMU alone costs.
 
 use crate::clients::{SyncClient, CAPS, CAPS_OOB};
-use crate::common::fdstore::FakeStore;
-use crate::common::process::{guard_child, log_file};
+use crate::common::fdstore::Supervised;
 use crate::common::qemu::{Monitor, Qemu};
 use crate::common::STEP;
 use crate::stats::median_f;
@@ -21,8 +20,7 @@ use crate::{progress, Plan};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -42,81 +40,24 @@ impl Kind {
     }
 }
 
-/// qmpmux as a subprocess under a scripted fd store.
-struct Daemon {
-    store: FakeStore,
-    child: Option<Child>,
-    config: PathBuf,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start(&mut self, listen: &Path) {
-        let mut cmd = self.store.command(
-            Path::new(env!("CARGO_BIN_EXE_qmpmux")),
-            &[std::ffi::OsStr::new("--config"), self.config.as_os_str()],
-        );
-        // Quiet, but for the line that says a handover is done.
-        cmd.env("RUST_LOG", "warn,qmpmux::upstream::session=info")
-            .stdin(Stdio::null())
-            .stdout(log_file(&self.log))
-            .stderr(log_file(&self.log));
-        guard_child(&mut cmd, None);
-        self.child = Some(cmd.spawn().expect("spawn qmpmux"));
-        wait_served(listen);
-    }
-
-    fn log_count(&self, what: &str) -> usize {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .matches(what)
-            .count()
-    }
-
-    fn signal(&self, sig: nix::sys::signal::Signal) {
-        let pid = self.child.as_ref().map_or(0, |c| c.id() as i32);
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).expect("signal qmpmux");
-    }
-
-    /// One handover; returns when the new process serves.
-    fn hand_over(&mut self, kind: Kind, listen: &Path) {
-        let before = self.log_count("serving the connection to QEMU handed over");
-        match kind {
-            Kind::Reexec => {
-                self.signal(nix::sys::signal::Signal::SIGUSR2);
-                let deadline = Instant::now() + STEP;
-                while self.log_count("serving the connection to QEMU handed over") == before {
-                    assert!(Instant::now() < deadline, "no re-execution");
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-            }
-            Kind::Restart => {
-                self.signal(nix::sys::signal::Signal::SIGTERM);
-                if let Some(mut c) = self.child.take() {
-                    c.wait().expect("qmpmux exit");
-                }
-                self.start(listen);
+/// One handover of `kind`; returns when the new process serves.
+fn hand_over(daemon: &mut Supervised, kind: Kind, listen: &Path) {
+    match kind {
+        Kind::Reexec => {
+            let done = "serving the connection to QEMU handed over";
+            let before = daemon.count(done);
+            daemon.signal(nix::sys::signal::Signal::SIGUSR2);
+            let deadline = Instant::now() + STEP;
+            while daemon.count(done) == before {
+                assert!(Instant::now() < deadline, "no re-execution");
+                std::thread::sleep(Duration::from_millis(1));
             }
         }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        Kind::Restart => {
+            daemon.stop();
+            daemon.start(listen);
         }
     }
-}
-
-fn wait_served(listen: &Path) {
-    let deadline = Instant::now() + STEP;
-    assert!(
-        crate::common::ready::wait_greeted_blocking(listen, deadline, Duration::from_millis(1)),
-        "qmpmux did not serve {}",
-        listen.display()
-    );
 }
 
 /// A client pipelining `query-status` (8 in flight) until `stop`, recording
@@ -182,20 +123,12 @@ fn measure(dir: &Path, qemu_sock: &Path, kind: Kind, idle: usize, runs: usize) -
     let sub = dir.join(&tag);
     std::fs::create_dir_all(&sub).unwrap();
     let listen = sub.join("vm.sock");
-    let config = sub.join("qmpmux.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "control_socket = \"\"\n[client]\nmax_clients = 4096\n[[vm]]\nname = \"vm\"\nupstream = {qemu_sock:?}\nlisten = {listen:?}\n"
-        ),
-    )
-    .unwrap();
-    let mut daemon = Daemon {
-        store: FakeStore::new(&sub),
-        child: None,
-        config,
-        log: sub.join("qmpmux.log"),
-    };
+    let config = format!(
+        "control_socket = \"\"\n[client]\nmax_clients = 4096\n[[vm]]\nname = \"vm\"\nupstream = {qemu_sock:?}\nlisten = {listen:?}\n"
+    );
+    let mut daemon = Supervised::new(&sub, &config);
+    // Quiet, but for the line that says a handover is done.
+    daemon.rust_log = "warn,qmpmux::upstream::session=info";
     daemon.start(&listen);
     let idle_clients: Vec<SyncClient> = (0..idle)
         .map(|_| SyncClient::open(&listen, CAPS).expect("idle client"))
@@ -207,7 +140,7 @@ fn measure(dir: &Path, qemu_sock: &Path, kind: Kind, idle: usize, runs: usize) -
     for _ in 0..runs {
         std::thread::sleep(Duration::from_millis(100));
         let at = Instant::now();
-        daemon.hand_over(kind, &listen);
+        hand_over(&mut daemon, kind, &listen);
         std::thread::sleep(Duration::from_millis(200));
         waits.push(longest_wait(&times.lock().unwrap(), at));
     }

@@ -44,14 +44,7 @@ pub fn resume_client(
     let std = std::os::unix::net::UnixStream::from(fd);
     std.set_nonblocking(true)?;
     let stream = tokio::net::UnixStream::from_std(std)?;
-    let peer = match stream.peer_cred() {
-        Ok(c) => Peer::Unix {
-            pid: c.pid().unwrap_or(0),
-            uid: c.uid(),
-            gid: c.gid(),
-        },
-        Err(_) => Peer::Unix { pid: 0, uid: 0, gid: 0 },
-    };
+    let peer = unix_peer(&stream)?;
     let (read, write) = crate::runtime::sock::split(stream)?;
     let direct = write.direct();
     let id = state.id;
@@ -85,12 +78,8 @@ pub async fn accept_loop(listener: UnixListener, ctx: ClientContext, tracker: Ta
         let Some(slot) = take_slot(&slots, &ctx, None) else {
             continue;
         };
-        let peer = match stream.peer_cred() {
-            Ok(c) => Peer::Unix {
-                pid: c.pid().unwrap_or(0),
-                uid: c.uid(),
-                gid: c.gid(),
-            },
+        let peer = match unix_peer(&stream) {
+            Ok(p) => p,
             Err(e) => {
                 warn!(error = %e, "cannot identify a client (SO_PEERCRED); refusing it");
                 continue;
@@ -116,6 +105,16 @@ pub async fn accept_loop(listener: UnixListener, ctx: ClientContext, tracker: Ta
             client::run(fds::FdReader::new(read), write, Some(direct), id, peer, ctx)
         });
     }
+}
+
+/// Who is on the other end of a unix connection (SO_PEERCRED).
+fn unix_peer(stream: &tokio::net::UnixStream) -> io::Result<Peer> {
+    let c = stream.peer_cred()?;
+    Ok(Peer::Unix {
+        pid: c.pid().unwrap_or(0),
+        uid: c.uid(),
+        gid: c.gid(),
+    })
 }
 
 /// The next accepted connection; `None` once `ctx.stop` is cancelled.

@@ -124,10 +124,6 @@ pub mod names {
         p.vm.is_none_or(|v| !v.is_empty()).then_some(p)
     }
 
-    /// Whether `name` is one of VM `vm`'s.
-    pub fn of_vm(name: &str, vm: &str) -> bool {
-        parse(name).is_some_and(|p| p.vm == Some(vm))
-    }
 }
 
 /// Handovers so far (carried from process to process in the state), for
@@ -156,9 +152,7 @@ impl Counts {
     /// The counts of a process that took over from the one that wrote
     /// `state`.
     pub fn after(state: &state::State) -> Counts {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+        let now = crate::events::History::first_number();
         Counts {
             handovers: state.handovers + 1,
             crash_recoveries: state.crash_recoveries,
@@ -482,13 +476,6 @@ impl Keeper {
         }
     }
 
-    /// Forgets every name of VM `vm`.
-    pub fn forget_vm(&self, vm: &str) {
-        let names: Vec<String> = self.lock().keys().filter(|n| names::of_vm(n, vm)).cloned().collect();
-        for n in names {
-            self.forget(&n);
-        }
-    }
 
     /// From now on, what stops stays kept: the process hands over.
     pub fn freeze(&self) {
@@ -612,14 +599,15 @@ mod tests {
                 names::qemu(vm),
                 names::journal(vm),
                 names::upstream(vm, (3, 4)),
+                names::client(vm, 7),
+                names::passed(vm, 7),
             ] {
-                assert!(names::of_vm(&n, vm), "{n}");
-                assert!(!names::of_vm(&n, "b"), "{n}");
+                assert_eq!(names::parse(&n).and_then(|p| p.vm), Some(vm), "{n}");
                 assert!(!n.contains(':') && n.len() < 256, "{n}");
             }
         }
-        assert!(!names::of_vm(&names::qemu("a.1"), "a"));
-        assert!(!names::of_vm(&names::listen("a.1", 0, None), "a"));
+        let other = names::listen("a.1", 0, None);
+        assert_eq!(names::parse(&other).and_then(|p| p.vm), Some("a.1"));
         let p = names::parse("listen.3.66.77.a.1").unwrap();
         assert_eq!((p.listener, p.file, p.vm), (Some(3), Some((66, 77)), Some("a.1")));
         let up = names::upstream("x.y.z", (5, 6));
@@ -659,7 +647,7 @@ mod tests {
         on.forget("qemu.x");
         assert_eq!(on.names(), ["listen.x.0"]);
         on.freeze();
-        on.forget_vm("x");
+        on.forget("listen.x.0");
         assert_eq!(on.names(), ["listen.x.0"], "a frozen keeper forgets nothing");
         assert_eq!(on.take_all().len(), 1);
     }

@@ -183,14 +183,8 @@ impl Session {
             match adopted.connection() {
                 Ok(conn) => {
                     info!("serving the connection to QEMU handed over by the previous qmpmux");
-                    match AssertUnwindSafe(self.running(conn)).catch_unwind().await {
-                        Ok(Exit::Shutdown) => return,
-                        Ok(_) => {}
-                        Err(_) => {
-                            error!("upstream session failed (a bug in qmpmux); reconnecting");
-                            self.hub.fail_outstanding(FailKind::Lost, FailKind::NotSent);
-                            self.forget_connection();
-                        }
+                    if matches!(self.serve(conn).await, Some(Exit::Shutdown)) {
+                        return;
                     }
                 }
                 Err(e) => {
@@ -220,18 +214,11 @@ impl Session {
                     self.failures = 0;
                     self.quick_retries = 0;
                     self.backoff.reset();
-                    // A bug while serving must not take the VM's monitor away
-                    // for good: log it, fail what was outstanding, reconnect.
-                    match AssertUnwindSafe(self.running(conn)).catch_unwind().await {
-                        Ok(Exit::Shutdown) => return,
+                    match self.serve(conn).await {
+                        Some(Exit::Shutdown) => return,
                         // QEMU dials back in by itself: wait for it at once.
-                        Ok(_) if self.listener.is_some() => continue,
-                        Ok(_) => {}
-                        Err(_) => {
-                            error!("upstream session failed (a bug in qmpmux); reconnecting");
-                            self.hub.fail_outstanding(FailKind::Lost, FailKind::NotSent);
-                            self.forget_connection();
-                        }
+                        Some(_) if self.listener.is_some() => continue,
+                        _ => {}
                     }
                 }
                 Err(e) => {
@@ -268,6 +255,22 @@ impl Session {
                 }
                 () = serve_down(&mut self.rx, &mut self.hub, Runstate::Idle) => return,
                 () = self.shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// Serves one connection until it ends; `None` if a bug in qmpmux
+    /// ended it (a panic): that must not take the VM's monitor away for
+    /// good, so it is logged, what was outstanding fails, and the session
+    /// reconnects.
+    async fn serve(&mut self, conn: Connection) -> Option<Exit> {
+        match AssertUnwindSafe(self.running(conn)).catch_unwind().await {
+            Ok(exit) => Some(exit),
+            Err(_) => {
+                error!("upstream session failed (a bug in qmpmux); reconnecting");
+                self.hub.fail_outstanding(FailKind::Lost, FailKind::NotSent);
+                self.forget_connection();
+                None
             }
         }
     }

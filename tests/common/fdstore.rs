@@ -3,15 +3,19 @@
 //! qmpmux with what it holds as `LISTEN_FDS`/`LISTEN_FDNAMES`, as systemd
 //! does after a restart or a crash. For what the real systemd cannot do on
 //! demand in a test (a `kill -9` at a chosen point, a corrupt state); the
-//! real one is proven in `.ci/systemd-test`.
+//! real one is proven in `.ci/systemd-test`. [`Supervised`]: qmpmux's
+//! binary run under it, for the handover tests and the benchmark.
 
+use super::process::{guard_child, log_file};
+use super::STEP;
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 pub struct FakeStore {
     inner: Arc<Mutex<Inner>>,
@@ -180,5 +184,93 @@ impl FakeStore {
             });
         }
         cmd
+    }
+}
+
+/// qmpmux under a scripted file descriptor store (see `common::fdstore`):
+/// started with what the store holds, like systemd does.
+pub struct Supervised {
+    pub store: FakeStore,
+    child: Option<Child>,
+    dir: PathBuf,
+    log: PathBuf,
+    /// Its `RUST_LOG`.
+    pub rust_log: &'static str,
+}
+
+impl Supervised {
+    /// Writes `config` (to `dir/qmpmux.toml`); nothing runs yet.
+    pub fn new(dir: &Path, config: &str) -> Supervised {
+        std::fs::write(dir.join("qmpmux.toml"), config).unwrap();
+        Supervised {
+            store: FakeStore::new(dir),
+            child: None,
+            dir: dir.to_owned(),
+            log: dir.join("qmpmux.log"),
+            rust_log: "qmpmux=info",
+        }
+    }
+
+    /// Starts qmpmux with what the store holds; waits until `listen` greets.
+    pub fn start(&mut self, listen: &Path) {
+        let config = self.dir.join("qmpmux.toml");
+        let mut cmd = self.store.command(
+            Path::new(env!("CARGO_BIN_EXE_qmpmux")),
+            &[std::ffi::OsStr::new("--config"), config.as_os_str()],
+        );
+        cmd.env("RUST_LOG", self.rust_log)
+            .stdin(Stdio::null())
+            .stdout(log_file(&self.log))
+            .stderr(log_file(&self.log));
+        guard_child(&mut cmd, None);
+        self.child = Some(cmd.spawn().expect("spawn qmpmux"));
+        let deadline = Instant::now() + STEP;
+        assert!(
+            super::ready::wait_greeted_blocking(listen, deadline, Duration::from_millis(1)),
+            "qmpmux did not serve; log:\n{}",
+            self.log()
+        );
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, then what it stored is all there is.
+    pub fn crash(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+        self.store.pump();
+    }
+
+    /// SIGTERM, as systemd stops (or restarts) it; waits for the exit.
+    pub fn stop(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        if let Some(mut c) = self.child.take() {
+            assert!(c.wait().unwrap().success(), "log:\n{}", self.log());
+        }
+        self.store.pump();
+    }
+
+    /// How many times its log says `what`.
+    pub fn count(&self, what: &str) -> usize {
+        self.log().matches(what).count()
+    }
+
+    /// Sends `sig` to it.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let pid = self.child.as_ref().map_or(0, |c| c.id() as i32);
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).expect("signal qmpmux");
+    }
+}
+
+impl Drop for Supervised {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
