@@ -123,7 +123,6 @@ pub mod names {
         }
         p.vm.is_none_or(|v| !v.is_empty()).then_some(p)
     }
-
 }
 
 /// Handovers so far (carried from process to process in the state), for
@@ -475,7 +474,6 @@ impl Keeper {
             self.send(StoreOp::Remove(name.to_string()));
         }
     }
-
 
     /// From now on, what stops stays kept: the process hands over.
     pub fn freeze(&self) {
