@@ -36,6 +36,7 @@
 // which have no safe API.
 #![deny(unsafe_code)]
 
+pub mod cli;
 pub mod config;
 mod downstream;
 pub mod error;

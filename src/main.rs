@@ -48,6 +48,8 @@ struct Args {
 
 #[derive(Debug, clap::Subcommand)]
 enum Cmd {
+    Exec(qmpmux::cli::exec::ExecArgs),
+    Events(qmpmux::cli::events::EventsArgs),
     /// Show the running daemon's VMs: runstate, clients, commands in flight,
     /// reconnects, last error.
     Status {
@@ -401,6 +403,8 @@ async fn status(args: &Args, control: Option<PathBuf>, json: bool) -> ExitCode {
 /// `SIGUSR2` asked for that.
 async fn async_main(args: Args, inherited: Inherited) -> (ExitCode, Option<Arc<Keeper>>) {
     match &args.command {
+        Some(Cmd::Exec(a)) => return (ExitCode::from(qmpmux::cli::exec::run(a, &args.config).await), None),
+        Some(Cmd::Events(a)) => return (ExitCode::from(qmpmux::cli::events::run(a, &args.config).await), None),
         Some(Cmd::Status { control, json }) => return (status(&args, control.clone(), *json).await, None),
         Some(Cmd::Reload { control, json, pid }) => {
             return (reload_command(&args, control.clone(), *json, *pid).await, None)
