@@ -1,6 +1,8 @@
 //! A QMP client for the command line: connects to a VM's socket, reads
 //! the greeting, negotiates, runs commands and reads events. Events that
 //! arrive while it waits for a reply are kept for [`Client::next`].
+//! [`Client::into_split`] hands its two directions to a caller that reads
+//! in a task of its own while it writes (`qmpmux shell`).
 
 use super::CliError;
 use serde_json::Value;
@@ -49,13 +51,33 @@ impl Line {
 
 pub struct Client {
     vm: String,
-    read: BufReader<OwnedReadHalf>,
+    reader: Reader,
     write: OwnedWriteHalf,
     /// QEMU's greeting, as qmpmux passed it on.
     pub greeting: Line,
+    next_id: u64,
+}
+
+/// The reading half of a connection: every message in the order qmpmux
+/// sent it, after the events the [`Client`] kept while it waited for
+/// replies.
+pub struct Reader {
+    vm: String,
+    read: BufReader<OwnedReadHalf>,
     /// Events read while waiting for a reply, oldest first.
     pending: VecDeque<Line>,
-    next_id: u64,
+}
+
+impl Reader {
+    /// The next message (kept events first); `None` when the connection
+    /// ends. Cancel-safe only between messages: a partly read line is lost
+    /// if the future is dropped.
+    pub async fn next(&mut self) -> Result<Option<Line>, CliError> {
+        if let Some(line) = self.pending.pop_front() {
+            return Ok(Some(line));
+        }
+        read_line(&mut self.read, &self.vm).await
+    }
 }
 
 impl Client {
@@ -88,10 +110,13 @@ impl Client {
         };
         Ok(Client {
             vm: vm.to_owned(),
-            read,
+            reader: Reader {
+                vm: vm.to_owned(),
+                read,
+                pending: VecDeque::new(),
+            },
             write,
             greeting,
-            pending: VecDeque::new(),
             next_id: 1,
         })
     }
@@ -120,14 +145,14 @@ impl Client {
         line.push('\n');
         self.send_raw(&line).await?;
         loop {
-            let Some(msg) = read_line(&mut self.read, &self.vm).await? else {
+            let Some(msg) = read_line(&mut self.reader.read, &self.vm).await? else {
                 return Err(CliError::Closed {
                     vm: self.vm.clone(),
                     during: " before the reply came",
                 });
             };
             if msg.event().is_some() {
-                self.pending.push_back(msg);
+                self.reader.pending.push_back(msg);
             } else if msg.value.get("id") == Some(&id) {
                 return Ok(msg);
             } else {
@@ -153,15 +178,20 @@ impl Client {
     /// The next message: events kept while waiting for a reply first;
     /// `None` when the connection ends.
     pub async fn next(&mut self) -> Result<Option<Line>, CliError> {
-        if let Some(line) = self.pending.pop_front() {
-            return Ok(Some(line));
-        }
-        read_line(&mut self.read, &self.vm).await
+        self.reader.next().await
     }
 
     /// Events kept while waiting for replies, taken.
     pub fn take_pending(&mut self) -> Vec<Line> {
-        self.pending.drain(..).collect()
+        self.reader.pending.drain(..).collect()
+    }
+
+    /// The connection's two directions: the reader (with the events kept
+    /// so far) and the writing half. Requests written from then on are the
+    /// caller's to match with replies (QMP answers one client's commands in
+    /// the order it sent them).
+    pub fn into_split(self) -> (Reader, OwnedWriteHalf) {
+        (self.reader, self.write)
     }
 }
 

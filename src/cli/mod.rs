@@ -14,6 +14,7 @@ pub mod args;
 pub mod client;
 pub mod events;
 pub mod exec;
+pub mod shell;
 pub mod show;
 
 use crate::ops::control::{query_status, QueryError, VmStatus};

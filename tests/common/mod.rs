@@ -15,6 +15,8 @@
 //! - `http.rs`: scraping the metrics endpoint
 //! - `nats.rs`: a real nats-server (JetStream, random port, own store,
 //!   restartable on the same port), or a skip outside CI without one
+//! - `tmux.rs`: a terminal to drive interactive commands in (tmux), or a
+//!   skip outside CI without one
 // Each test binary and the benchmark use a different part of the harness.
 #![allow(dead_code, unused_imports)]
 
@@ -30,6 +32,7 @@ pub mod nats;
 pub mod process;
 pub mod qemu;
 pub mod ready;
+pub mod tmux;
 
 pub use client::Client;
 pub use daemon::Daemon;

@@ -42,7 +42,7 @@ use tokio::time::Instant;
 
 /// Whether this is CI (`CI` set, and not to `false` or `0`), where a missing
 /// nats-server is a failure rather than a reason to skip.
-fn in_ci() -> bool {
+pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
 }
 
