@@ -14,6 +14,7 @@ pub mod args;
 pub mod client;
 pub mod events;
 pub mod exec;
+pub mod fleet;
 pub mod show;
 
 use crate::ops::control::{query_status, QueryError, VmStatus};
@@ -65,6 +66,8 @@ pub enum CliError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Fleet(#[from] fleet::FleetError),
 }
 
 /// Exit statuses (see the module's documentation).
@@ -89,6 +92,7 @@ impl CliError {
             | CliError::Closed { .. }
             | CliError::Protocol { .. }
             | CliError::Io { .. } => exit::UNREACHABLE,
+            CliError::Fleet(e) => e.exit_code(),
         }
     }
 }
