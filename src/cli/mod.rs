@@ -12,6 +12,7 @@
 
 pub mod args;
 pub mod client;
+pub mod complete;
 pub mod events;
 pub mod exec;
 pub mod show;
