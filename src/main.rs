@@ -507,8 +507,13 @@ async fn daemon(args: Args, mut inherited: Inherited, reexec: &mut Option<Arc<Ke
             return ExitCode::FAILURE;
         }
     };
-    if let Some(vm) = config.vms.first().filter(|_| demo_vm.is_some()) {
-        info!("demo VM ready: try `socat - UNIX-CONNECT:{}`", vm.listen().display());
+    if let (Some(vm), Some(ctl)) = (config.vms.first().filter(|_| demo_vm.is_some()), &config.control_socket) {
+        let me = invocation();
+        info!(
+            "demo VM ready; in another terminal: `export QMPMUX_CONTROL={}`, then `{me} shell demo`, `{me} exec demo query-status` or `{me} events demo` (or `socat - UNIX-CONNECT:{}`)",
+            ctl.display(),
+            vm.listen().display()
+        );
     }
     qmpmux::ops::systemd::notify_ready();
     let shutdown = CancellationToken::new();
@@ -540,6 +545,24 @@ async fn daemon(args: Args, mut inherited: Inherited, reexec: &mut Option<Arc<Ke
             error!("{}", qmpmux::error::chain(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// How to run this binary again from a shell: `qmpmux` when that is what
+/// the PATH finds, else its full path (`cargo run` leaves it in target/).
+fn invocation() -> String {
+    let me = std::env::current_exe().ok();
+    let on_path = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("qmpmux"))
+            .find(|candidate| candidate.is_file())
+    });
+    match (me, on_path) {
+        (Some(me), Some(found)) if std::fs::canonicalize(&found).ok() == std::fs::canonicalize(&me).ok() => {
+            "qmpmux".into()
+        }
+        (Some(me), _) => me.display().to_string(),
+        (None, _) => "qmpmux".into(),
     }
 }
 

@@ -413,3 +413,46 @@ async fn shells_complete_vm_names_from_the_daemon() {
     }
     s.daemon.stop().await;
 }
+
+/// The README's quickstart: `qmpmux --demo` says how to reach its VM, and
+/// `qmpmux exec` does, by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_says_how_to_reach_it_and_exec_does() {
+    use tokio::io::AsyncBufReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_qmpmux"));
+    cmd.args(["--demo", "--demo-listen"])
+        .arg(dir.path().join("demo.sock"))
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut demo = cmd.spawn().unwrap();
+    let mut lines = tokio::io::BufReader::new(demo.stdout.take().unwrap()).lines();
+    let ready = tokio::time::timeout(common::STEP, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("demo VM ready") {
+                return line;
+            }
+        }
+        panic!("the demo stopped without getting ready");
+    })
+    .await
+    .expect("the demo got ready");
+    let ctl = ready
+        .split("`export QMPMUX_CONTROL=")
+        .nth(1)
+        .and_then(|rest| rest.split('`').next())
+        .unwrap_or_else(|| panic!("no QMPMUX_CONTROL in {ready}"));
+    assert!(ready.contains(" exec demo query-status`"), "{ready}");
+    let ran = qmpmux(Path::new(ctl), &["exec", "demo", "query-status"]).await;
+    assert_eq!(ran.code, 0, "{}", ran.err);
+    let status: Value = serde_json::from_str(&ran.out).unwrap();
+    assert_eq!(status["status"], "running");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(demo.id().unwrap() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(demo.wait().await.unwrap().success());
+}

@@ -70,7 +70,13 @@ pub fn run(plan: &Plan, rig: &Rig) -> Value {
         ctl.display(),
         config_toml(&[("vm", &qc, &listen)], 64)
     );
-    let _daemon = Binary::start(&rig.path("oneshot.toml"), &toml, &rig.path("oneshot.log"), &[&listen], None);
+    let _daemon = Binary::start(
+        &rig.path("oneshot.toml"),
+        &toml,
+        &rig.path("oneshot.log"),
+        &[&listen],
+        None,
+    );
     let input = b"{\"execute\": \"qmp_capabilities\"}\n{\"execute\": \"query-status\"}\n";
     let socat = |path: &Path| {
         let mut cmd = Command::new("socat");
@@ -88,8 +94,14 @@ pub fn run(plan: &Plan, rig: &Rig) -> Value {
     run_ok(&mut exec(), None);
 
     let rows: Vec<(&str, Vec<u64>)> = vec![
-        ("client in this process, QEMU directly (QEMU's own time)", times(n, || one_client(&rig.qa))),
-        ("client in this process, through qmpmux", times(n, || one_client(&listen))),
+        (
+            "client in this process, QEMU directly (QEMU's own time)",
+            times(n, || one_client(&rig.qa)),
+        ),
+        (
+            "client in this process, through qmpmux",
+            times(n, || one_client(&listen)),
+        ),
         (
             "qmpmux --version (the binary starting and exiting)",
             times(n, || {
@@ -113,7 +125,10 @@ pub fn run(plan: &Plan, rig: &Rig) -> Value {
     for (name, t) in &rows {
         let (p50, p95) = (ms(pct(t, 50.0)), ms(pct(t, 95.0)));
         out!("  {name:<58} {p50:>9.2} {p95:>9.2}");
-        json_rows.insert((*name).to_owned(), json!({"p50_ms": p50, "p95_ms": p95, "runs": t.len()}));
+        json_rows.insert(
+            (*name).to_owned(),
+            json!({"p50_ms": p50, "p95_ms": p95, "runs": t.len()}),
+        );
     }
     let own = ms(pct(&rows[0].1, 50.0));
     let exec50 = ms(pct(&rows[3].1, 50.0));
