@@ -158,6 +158,15 @@ pub fn report(error: &CliError) {
     eprintln!("qmpmux: {}", crate::error::chain(error));
 }
 
+/// A `--timeout` value: a number of seconds, not negative, finite (clap
+/// value parser: bad values are usage errors, status 2).
+pub fn seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(s) if s.is_finite() && s >= 0.0 && s < 1e9 => Ok(s),
+        _ => Err(format!("'{text}' is not a number of seconds")),
+    }
+}
+
 /// How a subcommand reaches the daemon.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct Reach {
