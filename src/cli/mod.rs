@@ -12,6 +12,7 @@
 
 pub mod args;
 pub mod client;
+pub mod complete;
 pub mod events;
 pub mod exec;
 pub mod fleet;
@@ -159,6 +160,15 @@ pub fn out(text: &str) {
 /// Prints `error` to standard error, with its sources.
 pub fn report(error: &CliError) {
     eprintln!("qmpmux: {}", crate::error::chain(error));
+}
+
+/// A `--timeout` value: a number of seconds, not negative, finite (clap
+/// value parser: bad values are usage errors, status 2).
+pub fn seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(s) if (0.0..1e9).contains(&s) => Ok(s),
+        _ => Err(format!("'{text}' is not a number of seconds")),
+    }
 }
 
 /// How a subcommand reaches the daemon.

@@ -30,7 +30,7 @@ pub struct EventsArgs {
     #[arg(long, value_name = "N")]
     pub count: Option<u64>,
     /// Stop after this many seconds.
-    #[arg(long, value_name = "SECONDS")]
+    #[arg(long, value_name = "SECONDS", value_parser = crate::cli::seconds)]
     pub timeout: Option<f64>,
     /// One JSON object per event.
     #[arg(long)]
@@ -137,10 +137,9 @@ impl Event {
 
 /// Runs `qmpmux fleet events`; the exit status.
 pub async fn run(args: &EventsArgs, nats: &NatsArgs, config: &Path) -> Result<u8, CliError> {
-    let deadline = match args.timeout {
-        Some(s) => Some(Instant::now() + super::seconds("--timeout", s)?),
-        None => None,
-    };
+    let deadline = args
+        .timeout
+        .map(|s| Instant::now() + std::time::Duration::from_secs_f64(s));
     let selection = Selection::new(PrefixPattern::parse(&nats.prefix)?, args);
     if args.count == Some(0) {
         return Ok(crate::cli::exit::OK);

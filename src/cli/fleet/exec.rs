@@ -40,7 +40,7 @@ pub struct ExecArgs {
     #[arg(long)]
     pub json: bool,
     /// Give up on a VM after this many seconds without its reply.
-    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0, value_parser = crate::cli::seconds)]
     pub timeout: f64,
     /// Commands in flight at once.
     #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
@@ -121,7 +121,7 @@ pub async fn run(args: &ExecArgs, nats: &NatsArgs, config: &Path) -> Result<u8, 
         (None, Some(command)) => (command.clone(), crate::cli::args::parse(&args.arguments)?),
         (None, None) => return Err(CliError::Usage("no COMMAND (nor --hmp) given".into())),
     };
-    let timeout = super::seconds("--timeout", args.timeout)?;
+    let timeout = Duration::from_secs_f64(args.timeout);
     let (conn, hosts) = args.find.find(Some(&args.pattern), nats, config).await?;
     let request = bytes::Bytes::from(crate::cli::args::request(&command, arguments.as_ref(), None));
     let targets: Vec<(String, String, String)> = hosts

@@ -31,7 +31,7 @@ pub struct FindArgs {
     pub hosts: Vec<String>,
     /// How long hosts have to answer, in seconds (with --host naming hosts
     /// without wildcards: until they have).
-    #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
+    #[arg(long, value_name = "SECONDS", default_value_t = 1.0, value_parser = crate::cli::seconds)]
     pub wait: f64,
 }
 
@@ -39,7 +39,7 @@ impl FindArgs {
     /// Connects and asks every host; the hosts and VMs `vm` and `--host`
     /// select, never none (a usage error, exit status 2).
     pub async fn find(&self, vm: Option<&str>, nats: &NatsArgs, config: &Path) -> Result<(Nats, Vec<Host>), CliError> {
-        let wait = super::seconds("--wait", self.wait)?;
+        let wait = std::time::Duration::from_secs_f64(self.wait);
         let prefix = PrefixPattern::parse(&nats.prefix)?;
         prefix.discovery()?;
         let settings = nats.settings(|| from_file(config))?;

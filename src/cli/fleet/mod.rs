@@ -111,9 +111,3 @@ pub async fn run(args: &FleetArgs, config: &Path) -> u8 {
         }
     }
 }
-
-/// `--timeout`/`--wait` seconds as a duration, or why not.
-fn seconds(option: &str, s: f64) -> Result<std::time::Duration, CliError> {
-    std::time::Duration::try_from_secs_f64(s)
-        .map_err(|_| CliError::Usage(format!("{option} {s}: not a number of seconds")))
-}
