@@ -51,16 +51,21 @@ enum Cmd {
     Exec(qmpmux::cli::exec::ExecArgs),
     Events(qmpmux::cli::events::EventsArgs),
     Shell(qmpmux::cli::shell::ShellArgs),
+    Fleet(Box<qmpmux::cli::fleet::FleetArgs>),
     /// Show the running daemon's VMs: runstate, clients, commands in flight,
     /// reconnects, last error.
     Status {
         /// The daemon's control socket (default: `control_socket` from
         /// --config, else /run/qmpmux/qmpmux.ctl).
-        #[arg(long)]
+        #[arg(long, env = "QMPMUX_CONTROL", value_name = "PATH")]
         control: Option<PathBuf>,
         /// Print the raw JSON report.
         #[arg(long)]
         json: bool,
+        /// Print only the VMs' names, one per line (for scripts and shell
+        /// completion).
+        #[arg(long, conflicts_with = "json")]
+        names: bool,
     },
     /// Make the running daemon reload its configuration file, wait for the
     /// outcome and print it (what `systemctl reload qmpmux` runs). Exit
@@ -70,7 +75,7 @@ enum Cmd {
     Reload {
         /// The daemon's control socket (default: `control_socket` from
         /// --config, else /run/qmpmux/qmpmux.ctl).
-        #[arg(long)]
+        #[arg(long, env = "QMPMUX_CONTROL", value_name = "PATH")]
         control: Option<PathBuf>,
         /// Print the daemon's answer as JSON.
         #[arg(long)]
@@ -113,8 +118,7 @@ fn generate(what: &Generate) -> ExitCode {
         Generate::Man { dir: None } => man_page(&cmd, &mut out),
         Generate::Man { dir: Some(dir) } => man_pages(cmd, dir),
         Generate::Completions { shell } => {
-            clap_complete::generate(*shell, &mut cmd, "qmpmux", &mut out);
-            Ok(())
+            std::io::Write::write_all(&mut out, qmpmux::cli::complete::script(*shell, &mut cmd).as_bytes())
         }
     };
     match written {
@@ -168,7 +172,7 @@ const MAN_SECTIONS: &str = r#".SH FILES
 The configuration (\fB\-\-config\fR): the VMs, their sockets and policies, limits, logging, NATS. Examples in \fI/usr/share/doc/qmpmux/examples/\fR.
 .TP
 \fI/run/qmpmux/\fR
-The VMs' client sockets (\fBlisten\fR, \fBsocket_dir\fR) and the control socket \fIqmpmux.ctl\fR (\fBcontrol_socket\fR), through which \fBqmpmux status\fR and \fBqmpmux reload\fR reach the daemon.
+The VMs' client sockets (\fBlisten\fR, \fBsocket_dir\fR) and the control socket \fIqmpmux.ctl\fR (\fBcontrol_socket\fR), through which the subcommands reach the daemon and find VMs by name.
 .TP
 \fI/usr/lib/systemd/system/qmpmux.service\fR
 The systemd unit (\fBsystemctl reload qmpmux\fR runs \fBqmpmux reload\fR).
@@ -194,14 +198,20 @@ Reopen \fBlog_file\fR (after logrotate moved it).
 A clean stop; a valid \fB\-\-check\-config\fR; a subcommand that succeeded.
 .TP
 \fB1\fR
-Start\-up failed (a socket could not be created or bound, \fBlog_file\fR could not be opened, ...); \fBstatus\fR could not reach the daemon; \fBreload\fR failed (a socket could not be bound; the running configuration stays).
+Start\-up failed (a socket could not be created or bound, \fBlog_file\fR could not be opened, ...); \fBstatus\fR could not reach the daemon; \fBreload\fR failed (a socket could not be bound; the running configuration stays); \fBexec\fR, \fBshell\fR (reading a script) or \fBfleet exec\fR got an error reply from QEMU or from the socket's policy.
 .TP
 \fB2\fR
-The configuration file is unreadable or invalid (at start, with \fB\-\-check\-config\fR, or rejected by \fBreload\fR), or bad command\-line arguments.
+The configuration file is unreadable or invalid (at start, with \fB\-\-check\-config\fR, or rejected by \fBreload\fR), or bad command\-line arguments, or no VM of the name given.
 .TP
 \fB3\fR
-\fBreload\fR could not reach the daemon.
+\fBreload\fR could not reach the daemon; \fBexec\fR, \fBevents\fR, \fBshell\fR, \fBtap\fR or \fBfleet\fR could not reach the daemon, the VM's socket (absent, or its permissions do not let the user in), QEMU (not connected) or NATS, or the connection ended.
+.TP
+\fB4\fR
+\fB\-\-timeout\fR passed first: no reply came (\fBexec\fR), or fewer events than \fB\-\-count\fR (\fBevents\fR).
 .SH ENVIRONMENT
+.TP
+\fBQMPMUX_CONTROL\fR
+The daemon's control socket for the subcommands (as \fB\-\-control\fR), e.g. the demo's.
 .TP
 \fBRUST_LOG\fR
 A log filter (e.g. \fIqmpmux=debug\fR) that overrides \fBlog_level\fR.
@@ -320,16 +330,9 @@ fn main() -> ExitCode {
     ExitCode::FAILURE
 }
 
-/// The control socket: `--control`, else the config file's (read even
-/// when the file is otherwise invalid, as a reload of a broken file must
-/// still reach the daemon to be judged), else the default.
+/// The control socket (see [`qmpmux::cli::control_path`]).
 fn control_path(args: &Args, control: Option<PathBuf>) -> PathBuf {
-    control
-        .or_else(|| match Config::load(&args.config) {
-            Ok(c) => c.control_socket,
-            Err(_) => qmpmux::config::control_socket_of(&args.config),
-        })
-        .unwrap_or_else(|| PathBuf::from(qmpmux::config::DEFAULT_DIR).join("qmpmux.ctl"))
+    qmpmux::cli::control_path(&args.config, control)
 }
 
 /// `qmpmux reload`.
@@ -379,11 +382,17 @@ fn sighup(pid: i32, control: &std::path::Path) -> ExitCode {
     }
 }
 
-async fn status(args: &Args, control: Option<PathBuf>, json: bool) -> ExitCode {
+async fn status(args: &Args, control: Option<PathBuf>, json: bool, names: bool) -> ExitCode {
     let path = control_path(args, control);
     match qmpmux::ops::control::query_status(&path).await {
         Ok(report) => {
-            let text = if json {
+            let text = if names {
+                report
+                    .vms
+                    .iter()
+                    .map(|vm| qmpmux::ops::escape::escaped(&vm.name) + "\n")
+                    .collect()
+            } else if json {
                 // Escaped beyond JSON's needs: it goes to a terminal.
                 qmpmux::ops::escape::to_json(&report, true) + "\n"
             } else {
@@ -407,7 +416,10 @@ async fn async_main(args: Args, inherited: Inherited) -> (ExitCode, Option<Arc<K
         Some(Cmd::Exec(a)) => return (ExitCode::from(qmpmux::cli::exec::run(a, &args.config).await), None),
         Some(Cmd::Events(a)) => return (ExitCode::from(qmpmux::cli::events::run(a, &args.config).await), None),
         Some(Cmd::Shell(a)) => return (ExitCode::from(qmpmux::cli::shell::run(a, &args.config).await), None),
-        Some(Cmd::Status { control, json }) => return (status(&args, control.clone(), *json).await, None),
+        Some(Cmd::Fleet(a)) => return (ExitCode::from(qmpmux::cli::fleet::run(a, &args.config).await), None),
+        Some(Cmd::Status { control, json, names }) => {
+            return (status(&args, control.clone(), *json, *names).await, None)
+        }
         Some(Cmd::Reload { control, json, pid }) => {
             return (reload_command(&args, control.clone(), *json, *pid).await, None)
         }
@@ -499,8 +511,13 @@ async fn daemon(args: Args, mut inherited: Inherited, reexec: &mut Option<Arc<Ke
             return ExitCode::FAILURE;
         }
     };
-    if let Some(vm) = config.vms.first().filter(|_| demo_vm.is_some()) {
-        info!("demo VM ready: try `socat - UNIX-CONNECT:{}`", vm.listen().display());
+    if let (Some(vm), Some(ctl)) = (config.vms.first().filter(|_| demo_vm.is_some()), &config.control_socket) {
+        let me = invocation();
+        info!(
+            "demo VM ready; in another terminal: `export QMPMUX_CONTROL={}`, then `{me} shell demo`, `{me} exec demo query-status` or `{me} events demo` (or `socat - UNIX-CONNECT:{}`)",
+            ctl.display(),
+            vm.listen().display()
+        );
     }
     qmpmux::ops::systemd::notify_ready();
     let shutdown = CancellationToken::new();
@@ -532,6 +549,24 @@ async fn daemon(args: Args, mut inherited: Inherited, reexec: &mut Option<Arc<Ke
             error!("{}", qmpmux::error::chain(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// How to run this binary again from a shell: `qmpmux` when that is what
+/// the PATH finds, else its full path (`cargo run` leaves it in target/).
+fn invocation() -> String {
+    let me = std::env::current_exe().ok();
+    let on_path = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("qmpmux"))
+            .find(|candidate| candidate.is_file())
+    });
+    match (me, on_path) {
+        (Some(me), Some(found)) if std::fs::canonicalize(&found).ok() == std::fs::canonicalize(&me).ok() => {
+            "qmpmux".into()
+        }
+        (Some(me), _) => me.display().to_string(),
+        (None, _) => "qmpmux".into(),
     }
 }
 

@@ -240,12 +240,12 @@ authorization {
   users = [
     { user: qmpmux, password: qmpmux-secret, permissions: {
         publish: ["qmpmux.>", "$JS.API.>", "_INBOX.>"]
-        subscribe: ["qmpmux.*.*.execute", "qmpmux.*.vms", "_INBOX.>"] } }
+        subscribe: ["qmpmux.*.*.execute", "qmpmux.*.vms", "qmpmux.vms", "_INBOX.>"] } }
     { user: monitor, password: monitor-secret, permissions: {
-        publish: ["qmpmux.*.vms"]
+        publish: ["qmpmux.*.vms", "qmpmux.vms"]
         subscribe: ["qmpmux.*.*.event.>", "qmpmux.*.*.state", "qmpmux.*.vms", "_INBOX.>"] } }
     { user: orchestrator, password: orchestrator-secret, permissions: {
-        publish: ["qmpmux.*.*.execute", "qmpmux.*.vms"]
+        publish: ["qmpmux.*.*.execute", "qmpmux.*.vms", "qmpmux.vms"]
         subscribe: ["_INBOX.>"] } }
   ]
 }
@@ -303,6 +303,13 @@ async fn accounts_decide_who_watches_and_who_commands() {
         .request("qmpmux.hv1.web01.execute", r#"{"execute":"cont"}"#.into())
         .await;
     assert!(refused.is_err(), "the monitor's command went through");
+    // ...and finds the hosts with a request on `qmpmux.vms`.
+    let list = monitor
+        .request("qmpmux.vms", "".into())
+        .await
+        .expect("qmpmux.vms answered");
+    let list: Value = serde_json::from_slice(&list.payload).unwrap();
+    assert_eq!(list["host"], "hv1", "{list}");
     let r = c.cmd(r#"{"execute":"query-status"}"#).await;
     assert_eq!(
         r["return"]["status"], "paused",

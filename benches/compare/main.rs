@@ -23,7 +23,7 @@
 //! - `floors.rs`: the least any proxy must do, as child processes
 //! - one file per section: `sequential.rs` (1), `throughput.rs` (2, 3),
 //!   `fanout.rs` (4), `memory.rs` (5), `reconnect.rs` (6), `fairness.rs` (7),
-//!   `filters.rs` (8), `nats.rs` (9), `restarts.rs` (10)
+//!   `filters.rs` (8), `nats.rs` (9), `restarts.rs` (10), `oneshot.rs` (11)
 
 /// Prints a line to stdout and flushes: the table is the output. Progress
 /// goes to stderr ([`progress`]).
@@ -44,6 +44,7 @@ mod filters;
 mod floors;
 mod memory;
 mod nats;
+mod oneshot;
 mod reconnect;
 mod restarts;
 mod sequential;
@@ -269,6 +270,9 @@ fn main() {
     }
     if plan.wants(9) {
         results["nats"] = nats::run(&plan, &rt, &rig);
+    }
+    if plan.wants(11) {
+        results["oneshot"] = oneshot::run(&plan, &rig);
     }
     // 7 is measured here, on the daemon of 1-4, before 6 restarts its QEMU.
     if plan.wants(7) {

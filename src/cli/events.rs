@@ -33,7 +33,7 @@ pub struct EventsArgs {
     #[arg(long, value_name = "N")]
     pub count: Option<u64>,
     /// Stop after this many seconds.
-    #[arg(long, value_name = "SECONDS")]
+    #[arg(long, value_name = "SECONDS", value_parser = super::seconds)]
     pub timeout: Option<f64>,
     /// Print each event's line as qmpmux sent it (JSON, numbered).
     #[arg(long)]
@@ -54,13 +54,7 @@ pub async fn run(args: &EventsArgs, config: &std::path::Path) -> u8 {
 }
 
 async fn follow(args: &EventsArgs, config: &std::path::Path) -> Result<u8, CliError> {
-    let deadline = match args.timeout {
-        Some(s) if !(s >= 0.0 && s.is_finite()) => {
-            return Err(CliError::Usage(format!("--timeout {s}: not a number of seconds")))
-        }
-        Some(s) => Some(Instant::now() + Duration::from_secs_f64(s)),
-        None => None,
-    };
+    let deadline = args.timeout.map(|s| Instant::now() + Duration::from_secs_f64(s));
     if args.count == Some(0) {
         return Ok(super::exit::OK);
     }

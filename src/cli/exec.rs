@@ -31,7 +31,7 @@ pub struct ExecArgs {
     #[arg(long)]
     pub json: bool,
     /// Give up after this many seconds without a reply (exit status 4).
-    #[arg(long, value_name = "SECONDS")]
+    #[arg(long, value_name = "SECONDS", value_parser = super::seconds)]
     pub timeout: Option<f64>,
     #[command(flatten)]
     pub reach: Reach,
@@ -67,7 +67,7 @@ async fn exec(args: &ExecArgs, config: &std::path::Path) -> Result<u8, CliError>
     };
     let reply = match args.timeout {
         None => work.await?,
-        Some(s) => tokio::time::timeout(Duration::from_secs_f64(s.max(0.0)), work)
+        Some(s) => tokio::time::timeout(Duration::from_secs_f64(s), work)
             .await
             .map_err(|_| CliError::Timeout {
                 vm: target.name.clone(),

@@ -12,8 +12,10 @@
 
 pub mod args;
 pub mod client;
+pub mod complete;
 pub mod events;
 pub mod exec;
+pub mod fleet;
 pub mod shell;
 pub mod show;
 
@@ -66,6 +68,8 @@ pub enum CliError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Fleet(#[from] fleet::FleetError),
 }
 
 /// Exit statuses (see the module's documentation).
@@ -90,6 +94,7 @@ impl CliError {
             | CliError::Closed { .. }
             | CliError::Protocol { .. }
             | CliError::Io { .. } => exit::UNREACHABLE,
+            CliError::Fleet(e) => e.exit_code(),
         }
     }
 }
@@ -156,6 +161,15 @@ pub fn out(text: &str) {
 /// Prints `error` to standard error, with its sources.
 pub fn report(error: &CliError) {
     eprintln!("qmpmux: {}", crate::error::chain(error));
+}
+
+/// A `--timeout` value: a number of seconds, not negative, finite (clap
+/// value parser: bad values are usage errors, status 2).
+pub fn seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(s) if (0.0..1e9).contains(&s) => Ok(s),
+        _ => Err(format!("'{text}' is not a number of seconds")),
+    }
 }
 
 /// How a subcommand reaches the daemon.

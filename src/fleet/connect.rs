@@ -1,11 +1,13 @@
-//! The NATS connection: options from `[nats]`, connection events into
-//! the log and metrics.
+//! The NATS connection: options from `[nats]` (authentication and TLS
+//! shared with `qmpmux fleet`), connection events into the log and
+//! metrics.
 
 use super::probe;
 use crate::config::{NatsAuth, NatsConfig};
 use crate::ops::metrics::NatsMetrics;
 use async_nats::connection::State;
 use async_nats::{ConnectOptions, Event};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use tracing::{info, warn};
@@ -29,38 +31,21 @@ pub async fn connect(config: &NatsConfig, metrics: NatsMetrics) -> async_nats::C
 }
 
 async fn options(config: &NatsConfig, metrics: NatsMetrics) -> ConnectOptions {
-    let mut opts = ConnectOptions::new()
+    let opts = ConnectOptions::new()
         .name(format!("qmpmux {}", config.host))
         .retry_on_initial_connect()
         .max_reconnects(None);
-    opts = match &config.auth {
-        NatsAuth::None => opts,
-        NatsAuth::Credentials(path) => match opts.clone().credentials_file(path).await {
-            Ok(o) => o,
-            Err(e) => {
-                warn!(path = %path.display(), error = %e, "cannot read the NATS credentials file");
-                opts
-            }
-        },
-        NatsAuth::NkeyFile(path) => match std::fs::read_to_string(path) {
-            Ok(seed) => opts.nkey(seed.trim().to_string()),
-            Err(e) => {
-                warn!(path = %path.display(), error = %e, "cannot read the NATS nkey seed file");
-                opts
-            }
-        },
-        NatsAuth::Token(t) => opts.token(t.clone()),
-        NatsAuth::UserPassword { user, password } => opts.user_and_password(user.clone(), password.clone()),
+    // Without them qmpmux still serves its VMs; the server's refusal says
+    // the rest.
+    let opts = match with_auth(opts.clone(), &config.auth).await {
+        Ok(o) => o,
+        Err(e) => {
+            warn!(error = %crate::error::chain(&e), "cannot use the NATS credentials");
+            opts
+        }
     };
-    if let Some(ca) = &config.tls_ca {
-        opts = opts.add_root_certificates(ca.clone());
-    }
-    if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
-        opts = opts.add_client_certificate(cert.clone(), key.clone());
-    }
-    if config.tls_required {
-        opts = opts.require_tls(true);
-    }
+    let client_cert = config.tls_cert.as_deref().zip(config.tls_key.as_deref());
+    let opts = with_tls(opts, config.tls_ca.as_deref(), client_cert, config.tls_required);
     let seen = Arc::new(AtomicBool::new(false));
     // The last connection failure logged: a failing connection is retried
     // for ever, so each distinct failure is said once until connected.
@@ -107,6 +92,67 @@ async fn options(config: &NatsConfig, metrics: NatsMetrics) -> ConnectOptions {
             }
         }
     })
+}
+
+/// Why credentials cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("cannot read the NATS credentials file {}", path.display())]
+    Credentials {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read the NATS nkey seed file {}", path.display())]
+    NkeyFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// `opts` authenticating with `auth` (qmpmux's `[nats]`, and `qmpmux
+/// fleet`'s options).
+pub async fn with_auth(opts: ConnectOptions, auth: &NatsAuth) -> Result<ConnectOptions, AuthError> {
+    Ok(match auth {
+        NatsAuth::None => opts,
+        NatsAuth::Credentials(path) => opts
+            .credentials_file(path)
+            .await
+            .map_err(|source| AuthError::Credentials {
+                path: path.clone(),
+                source,
+            })?,
+        NatsAuth::NkeyFile(path) => {
+            let seed = std::fs::read_to_string(path).map_err(|source| AuthError::NkeyFile {
+                path: path.clone(),
+                source,
+            })?;
+            opts.nkey(seed.trim().to_string())
+        }
+        NatsAuth::Token(t) => opts.token(t.clone()),
+        NatsAuth::UserPassword { user, password } => opts.user_and_password(user.clone(), password.clone()),
+    })
+}
+
+/// `opts` trusting `ca` (else the system's CAs), presenting `client_cert`
+/// (certificate, key), and requiring TLS if `required`.
+pub fn with_tls(
+    mut opts: ConnectOptions,
+    ca: Option<&Path>,
+    client_cert: Option<(&Path, &Path)>,
+    required: bool,
+) -> ConnectOptions {
+    if let Some(ca) = ca {
+        opts = opts.add_root_certificates(ca.to_owned());
+    }
+    if let Some((cert, key)) = client_cert {
+        opts = opts.add_client_certificate(cert.to_owned(), key.to_owned());
+    }
+    if required {
+        opts = opts.require_tls(true);
+    }
+    opts
 }
 
 /// Says, for each server whose TLS handshake fails, why.

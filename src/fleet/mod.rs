@@ -19,6 +19,7 @@ mod publish;
 pub mod subjects;
 
 pub use commands::one_frame as request_frame;
+pub use connect::{with_auth, with_tls, AuthError};
 
 use crate::config::NatsConfig;
 use crate::ops::control::NatsStatus;
@@ -167,8 +168,9 @@ struct Served {
     commander: Option<commands::Commander>,
 }
 
-/// Owns the set of served VMs; answers `<prefix>.vms` requests and routes
-/// `<prefix>.<vm>.execute` requests to the VM's commander.
+/// Owns the set of served VMs; answers `<prefix>.vms` and `<parent>.vms`
+/// requests and routes `<prefix>.<vm>.execute` requests to the VM's
+/// commander.
 async fn run(shared: Shared, mut vms_rx: mpsc::Receiver<Vec<FleetVm>>, tasks: TaskTracker) {
     if let (Some(js), Some(stream)) = (shared.jetstream.clone(), shared.config.stream.clone()) {
         // Not waited for: NATS may be down; publishers retry it.
@@ -177,6 +179,7 @@ async fn run(shared: Shared, mut vms_rx: mpsc::Receiver<Vec<FleetVm>>, tasks: Ta
     }
     let client = &shared.client;
     let mut list_requests = subscribe(client, shared.subjects.vms()).await;
+    let mut discovery = subscribe(client, shared.subjects.discovery()).await;
     let mut execute = match shared.config.commands {
         true => subscribe(client, shared.subjects.all_execute()).await,
         false => None,
@@ -189,11 +192,8 @@ async fn run(shared: Shared, mut vms_rx: mpsc::Receiver<Vec<FleetVm>>, tasks: Ta
                 Some(vms) => set_vms(&shared, &tasks, &mut served, vms).await,
                 None => break,
             },
-            Some(msg) = next(&mut list_requests) => {
-                if let Some(reply) = msg.reply {
-                    let _ = client.publish(reply, vm_list(&shared, &served).into()).await;
-                }
-            }
+            Some(msg) = next(&mut list_requests) => answer_list(&shared, &served, msg).await,
+            Some(msg) = next(&mut discovery) => answer_list(&shared, &served, msg).await,
             Some(msg) = next(&mut execute) => route_command(&shared, &served, msg).await,
             () = shared.stop.cancelled() => break,
         }
@@ -251,6 +251,14 @@ async fn set_vms(shared: &Shared, tasks: &TaskTracker, served: &mut HashMap<Stri
         warn!(error = %e, "cannot publish the VM list");
     } else {
         shared.metrics.published.inc();
+    }
+}
+
+/// A request for the VM list (on `<prefix>.vms` or the parent's
+/// `<parent>.vms`), answered.
+async fn answer_list(shared: &Shared, served: &HashMap<String, Served>, msg: async_nats::Message) {
+    if let Some(reply) = msg.reply {
+        let _ = shared.client.publish(reply, vm_list(shared, served).into()).await;
     }
 }
 

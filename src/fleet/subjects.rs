@@ -45,6 +45,19 @@ impl Subjects {
         format!("{}.vms", self.prefix)
     }
 
+    /// `<parent>.vms`: the prefix's last token replaced by `vms`
+    /// (`qmpmux.vms` for `qmpmux.hv01`; `vms` for a one-token prefix).
+    /// Every host under the same parent answers a request there with its
+    /// VM list, so that one request finds them all (`qmpmux fleet`): a
+    /// request to `qmpmux.*.vms` reaches no one, NATS does not publish to
+    /// wildcards.
+    pub fn discovery(&self) -> String {
+        match self.prefix.rsplit_once('.') {
+            Some((parent, _)) => format!("{parent}.vms"),
+            None => "vms".into(),
+        }
+    }
+
     /// `<prefix>.*.execute`: commands for any VM.
     pub fn all_execute(&self) -> String {
         format!("{}.*.execute", self.prefix)
@@ -75,6 +88,9 @@ mod tests {
         assert_eq!(s.all_events(), "qmpmux.hv01.*.event.>");
         assert_eq!(s.state("web01"), "qmpmux.hv01.web01.state");
         assert_eq!(s.vms(), "qmpmux.hv01.vms");
+        assert_eq!(s.discovery(), "qmpmux.vms");
+        assert_eq!(Subjects::new("dc1.eu.hv01").discovery(), "dc1.eu.vms");
+        assert_eq!(Subjects::new("hv01").discovery(), "vms");
         assert_eq!(s.execute_vm("qmpmux.hv01.web01.execute"), Some("web01"));
         assert_eq!(s.execute_vm("qmpmux.hv02.web01.execute"), None);
         assert_eq!(s.execute_vm("qmpmux.hv01.a.b.execute"), None);
