@@ -172,17 +172,30 @@ async fn a_shell_in_a_terminal_completes_runs_shows_events_and_remembers() {
     t.wait("a fresh prompt", |s| s.ends_with("web01> query-status\nweb01>\n"))
         .await;
 
+    // Lines pasted together run in turn.
+    t.paste("query-status\nqom-get path=/machine property=type");
+    t.wait_line("qom-get path=/machine property=type").await;
+    t.press(&["Enter"]);
+    let screen = t.wait_line("web01>").await;
+    assert!(
+        after(&screen, "property=type\n").starts_with(&format!("{status}\n{machine}\nweb01>")),
+        "{screen}"
+    );
+
     // Ctrl-D leaves, with status 0; the history stays for the next shell.
     t.press(&["C-d"]);
     t.wait_line("[exit 0]").await;
     let file = vm.state().join("qmpmux/history/web01");
     let kept = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-    assert!(kept.contains("qom-get path=/machine property=type\n"), "{kept}");
+    assert!(
+        kept.ends_with("\nquery-status\nqom-get path=/machine property=type\n"),
+        "{kept}"
+    );
     let again = vm.terminal("again", &[], "web01>").await;
     again.press(&["Up"]);
-    again.wait_line("web01> query-status").await;
+    again.wait_line("web01> qom-get path=/machine property=type").await;
     again.press(&["Up"]);
-    again.wait_line("web01> no-such-command").await;
+    again.wait_line("web01> query-status").await;
     again.press(&["C-u", "C-d"]);
     again.wait_line("[exit 0]").await;
 }

@@ -77,6 +77,13 @@ impl Tmux {
         self.run(&["send-keys", "-l", text]);
     }
 
+    /// Pastes `text` as a terminal does, bracketed where the program asked
+    /// for that.
+    pub fn paste(&self, text: &str) {
+        self.run(&["set-buffer", "--", text]);
+        self.run(&["paste-buffer", "-p", "-d"]);
+    }
+
     /// Presses keys by tmux's names: `Enter`, `Tab`, `Up`, `C-c`, `C-d`.
     pub fn press(&self, keys: &[&str]) {
         let mut args = vec!["send-keys"];

@@ -98,27 +98,35 @@ impl Prompted {
                     return exit::UNREACHABLE;
                 }
             };
-            self.remember(&line);
-            let input = if self.hmp {
-                Ok(line::hmp(&line))
-            } else {
-                line::qmp(&line)
-            };
-            let go_on = match input {
-                Ok(Input::Nothing) => Some(()),
-                Ok(Input::Leave) => return exit::OK,
-                Ok(Input::Help) => self.handle.say(help(self.history.as_deref())),
-                Ok(input @ Input::Send { .. }) if line::stops_qemu(&input, self.hmp) && !self.confirmed() => {
-                    self.handle.say("(not sent)\n".into())
+            // Several lines pasted at once: each in turn.
+            for part in line.split(['\n', '\r']) {
+                // `false`: leave; `None`: the session has ended (the
+                // caller says why).
+                if self.run_line(part) != Some(true) {
+                    return exit::OK;
                 }
-                Ok(Input::Send { name, request }) => self.handle.run(&name, request).map(drop),
-                Err(e) => self.handle.say(output::note(&e.to_string(), self.color)),
-            };
-            if go_on.is_none() {
-                // The session has ended; the caller says why.
-                return exit::OK;
             }
         }
+    }
+
+    /// Runs one typed line: whether to go on (`false`: leave), `None` once
+    /// the session has ended.
+    fn run_line(&mut self, text: &str) -> Option<bool> {
+        self.remember(text);
+        let input = if self.hmp { Ok(line::hmp(text)) } else { line::qmp(text) };
+        match input {
+            Ok(Input::Nothing) => {}
+            Ok(Input::Leave) => return Some(false),
+            Ok(Input::Help) => self.handle.say(help(self.history.as_deref()))?,
+            Ok(input @ Input::Send { .. }) if line::stops_qemu(&input, self.hmp) && !self.confirmed() => {
+                self.handle.say("(not sent)\n".into())?
+            }
+            Ok(Input::Send { name, request }) => {
+                self.handle.run(&name, request)?;
+            }
+            Err(e) => self.handle.say(output::note(&e.to_string(), self.color))?,
+        }
+        Some(true)
     }
 
     /// One line from the editor; `None` once the shell is ending.
