@@ -62,6 +62,19 @@ fn generic(desc: String) -> Refusal {
     }
 }
 
+impl Extension {
+    /// The command's name, as clients send it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Extension::QueryProxy => "__org.qmpmux_query-proxy",
+            Extension::Subscribe(_) => "__org.qmpmux_subscribe",
+            Extension::QueryEvents { .. } => "__org.qmpmux_query-events",
+            Extension::Lease { .. } => "__org.qmpmux_lease",
+            Extension::Release => "__org.qmpmux_release",
+        }
+    }
+}
+
 /// Whether `command` is one of qmpmux's (by its prefix).
 pub fn is_extension(command: &str) -> bool {
     command.starts_with(EXTENSION_PREFIX)
