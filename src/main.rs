@@ -50,6 +50,7 @@ struct Args {
 enum Cmd {
     Exec(qmpmux::cli::exec::ExecArgs),
     Events(qmpmux::cli::events::EventsArgs),
+    Tap(qmpmux::cli::tap::TapArgs),
     /// Show the running daemon's VMs: runstate, clients, commands in flight,
     /// reconnects, last error.
     Status {
@@ -405,6 +406,7 @@ async fn async_main(args: Args, inherited: Inherited) -> (ExitCode, Option<Arc<K
     match &args.command {
         Some(Cmd::Exec(a)) => return (ExitCode::from(qmpmux::cli::exec::run(a, &args.config).await), None),
         Some(Cmd::Events(a)) => return (ExitCode::from(qmpmux::cli::events::run(a, &args.config).await), None),
+        Some(Cmd::Tap(a)) => return (ExitCode::from(qmpmux::cli::tap::run(a, &args.config).await), None),
         Some(Cmd::Status { control, json }) => return (status(&args, control.clone(), *json).await, None),
         Some(Cmd::Reload { control, json, pid }) => {
             return (reload_command(&args, control.clone(), *json, *pid).await, None)

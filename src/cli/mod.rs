@@ -15,6 +15,7 @@ pub mod client;
 pub mod events;
 pub mod exec;
 pub mod show;
+pub mod tap;
 
 use crate::ops::control::{query_status, QueryError, VmStatus};
 use crate::ops::escape::escaped;
