@@ -61,6 +61,9 @@ pub async fn run(args: &TapArgs, config: &std::path::Path) -> u8 {
 }
 
 async fn tap(args: &TapArgs, config: &std::path::Path) -> Result<(), CliError> {
+    // What the VMs need comes first: on busy CPUs a tap falls behind, and
+    // qmpmux counts the lines it loses.
+    crate::runtime::background::lowest_priority();
     let control = super::control_path(config, args.reach.control.clone());
     let vm = escaped(&args.vm);
     let mut stream = UnixStream::connect(&control)
@@ -103,17 +106,9 @@ async fn tap(args: &TapArgs, config: &std::path::Path) -> Result<(), CliError> {
                 what: "qmpmux sent a tap line that is not JSON".into(),
             });
         };
-        match str_of(&line, "type") {
-            Some("error") => return Err(refusal(vm, &line)),
-            Some("end") => {
-                let _ = out.flush();
-                let reason = str_of(&line, "reason").unwrap_or("no reason given");
-                return Err(CliError::Protocol {
-                    vm,
-                    what: format!("the tap ended: {}", escaped(reason)),
-                });
-            }
-            _ => {}
+        let kind = str_of(&line, "type");
+        if kind == Some("error") {
+            return Err(refusal(vm, &line));
         }
         let text = if args.json {
             let mut t = line.compact();
@@ -122,6 +117,17 @@ async fn tap(args: &TapArgs, config: &std::path::Path) -> Result<(), CliError> {
         } else {
             shown.human(&line)
         };
+        if kind == Some("end") {
+            if args.json {
+                let _ = out.write_all(text.as_bytes());
+            }
+            let _ = out.flush();
+            let reason = str_of(&line, "reason").unwrap_or("no reason given");
+            return Err(CliError::Protocol {
+                vm,
+                what: format!("the tap ended: {}", escaped(reason)),
+            });
+        }
         // A closed pipe (`| head`) is the reader's choice.
         if out.write_all(text.as_bytes()).is_err() {
             return Ok(());

@@ -321,13 +321,21 @@ async fn tap(
         }
         _ => return Ok(()),
     };
+    // Served on the background thread, which yields to the VMs' threads:
+    // the connection moves to its runtime.
+    let stream = read
+        .reunite(write)
+        .map_err(|_| std::io::Error::other("a connection's halves do not match"))?
+        .into_std()?;
     let stop = taps.stop.clone();
     let served = taps.running.track_future(async move {
+        let (read, write) = UnixStream::from_std(stream)?.into_split();
         let result = super::tap::serve(read, write, &vm, tap, filter, &stop).await;
         drop(slot);
         result
     });
-    served.await
+    crate::runtime::background::handle()?.spawn(served);
+    Ok(())
 }
 
 /// Where the supervisor's answer comes from.

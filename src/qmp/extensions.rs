@@ -220,6 +220,19 @@ impl Args {
 mod tests {
     use super::*;
 
+    #[test]
+    fn names_are_what_clients_send() {
+        for name in ["query-proxy", "subscribe", "query-events", "release"] {
+            let command = format!("__org.qmpmux_{name}");
+            assert_eq!(parse(&command, None).unwrap().name(), command);
+        }
+        let args = serde_json::value::RawValue::from_string(r#"{"seconds": 5}"#.into()).unwrap();
+        assert_eq!(
+            parse("__org.qmpmux_lease", Some(&args)).unwrap().name(),
+            "__org.qmpmux_lease"
+        );
+    }
+
     fn p(command: &str, args: &str) -> Result<Extension, Refusal> {
         let raw = RawValue::from_string(args.to_string()).unwrap();
         parse(&format!("{EXTENSION_PREFIX}{command}"), Some(&raw))

@@ -3,10 +3,10 @@
 //! client tasks and the session as they happen, to the taps attached.
 //!
 //! The VM's thread never waits for a tap: each record is pushed onto each
-//! tap's bounded queue under a lock held for a few instructions (the tap
-//! takes its whole queue at once under the same lock); what does not fit
-//! is counted, and the tap finds a [`What::Lost`] where the records went
-//! missing. A record holds shared bytes and integers only: parsing,
+//! tap's bounded queue under a lock held for a few instructions, and only
+//! tried (the tap takes its whole queue at once under the same lock); what
+//! does not fit is counted, and the tap finds a [`What::Lost`] where the
+//! records went missing. A record holds shared bytes and integers only: parsing,
 //! masking and formatting are the tap's work, on the control socket's
 //! thread. With no tap attached an offer costs one atomic load; the
 //! directory of who is connected (for taps attached later) costs a lock
@@ -18,7 +18,7 @@ use crate::qmp::incoming::ReplyBytes;
 use crate::state::FailKind;
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Poll, Waker};
 use std::time::{Duration, SystemTime};
@@ -27,8 +27,10 @@ use std::time::{Duration, SystemTime};
 /// busiest VM (two records per command at 160k commands/s).
 pub const MAX_RECORDS: usize = 32 * 1024;
 /// Bytes of messages one tap's queue holds at most (shared with the
-/// clients' copies while they are in flight, then the tap's alone).
-pub const MAX_BYTES: usize = 16 << 20;
+/// clients' copies while they are in flight, then the tap's alone). A tap
+/// that does not read holds twice this: its queue, and the batch it took
+/// last and cannot write.
+pub const MAX_BYTES: usize = 8 << 20;
 
 /// One thing that happened, and when.
 #[derive(Debug, Clone)]
@@ -131,16 +133,23 @@ pub struct TapPoint {
     /// Taps attached: read on every offer, so that with none an offer is
     /// this one load.
     taps: AtomicUsize,
-    /// A std mutex: held for a few instructions at a time (a push, a
-    /// swap), never across an await, by the VM's thread and the taps'.
-    inner: Mutex<Inner>,
+    /// The taps' queues. A std mutex, held for a few instructions at a
+    /// time (a push, a swap), never across an await. The VM's thread only
+    /// ever tries it: the taps run at the lowest priority, and one that
+    /// the kernel stopped while holding it must not stop the VM's thread
+    /// (a record offered meanwhile is counted in `missed`).
+    sinks: Mutex<Sinks>,
+    /// Records no tap got because `sinks` was held.
+    missed: AtomicU64,
+    /// Who is connected, for taps attached later; held by the VMs'
+    /// threads and the supervisor's, never by a tap's. Taken before
+    /// `sinks` when both are.
+    clients: Mutex<HashMap<u64, Who>>,
 }
 
 #[derive(Debug, Default)]
-struct Inner {
+struct Sinks {
     sinks: Vec<Sink>,
-    /// Who is connected, for taps attached later.
-    clients: HashMap<u64, Who>,
     next_sink: u64,
     /// The session has ended: no more records.
     closed: bool,
@@ -179,6 +188,12 @@ impl Sink {
     }
 }
 
+/// A poisoned lock (a panic while it was held) leaves nothing half done
+/// that matters here: go on with what is there.
+fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl TapPoint {
     pub fn new() -> Arc<TapPoint> {
         Arc::new(TapPoint::default())
@@ -190,14 +205,8 @@ impl TapPoint {
         self.taps.load(Ordering::Relaxed) != 0
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        // A panic elsewhere while holding it leaves nothing half done that
-        // matters here: go on with what is there.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Offers `what`, timed now, to every tap (check [`TapPoint::on`]
-    /// before making it).
+    /// before making it). Never waits.
     pub fn offer(&self, what: What) {
         let rec = Record {
             at: SystemTime::now(),
@@ -206,13 +215,22 @@ impl TapPoint {
         let size = rec.what.bytes();
         let mut wake = Vec::new();
         {
-            let mut inner = self.lock();
+            let mut inner = match self.sinks.try_lock() {
+                Ok(g) => g,
+                Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    self.missed.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            };
             if inner.closed {
                 return;
             }
+            let missed = self.missed.swap(0, Ordering::Relaxed);
             let n = inner.sinks.len();
             let mut rec = Some(rec);
             for (i, sink) in inner.sinks.iter_mut().enumerate() {
+                sink.lost += missed;
                 let r = if i + 1 == n { rec.take() } else { rec.clone() };
                 if let Some(w) = r.and_then(|r| sink.push(r, size)) {
                     wake.push(w);
@@ -224,7 +242,8 @@ impl TapPoint {
 
     /// Client `who` connected: in the directory, and told to the taps.
     pub fn joined(&self, who: Who) {
-        self.lock().clients.insert(who.client, who.clone());
+        let mut clients = locked(&self.clients);
+        clients.insert(who.client, who.clone());
         if self.on() {
             self.offer(What::Joined(who));
         }
@@ -232,22 +251,24 @@ impl TapPoint {
 
     /// Client `client` left.
     pub fn left(&self, client: u64) {
-        let was = self.lock().clients.remove(&client).is_some();
-        if was && self.on() {
+        let mut clients = locked(&self.clients);
+        if clients.remove(&client).is_some() && self.on() {
             self.offer(What::Left { client });
         }
     }
 
     /// Attaches a tap: it gets every record from now on, and knows who is
-    /// connected now.
+    /// connected now (a client joins either before, and is in
+    /// [`Tap::clients`], or after, and its record comes).
     pub fn attach(self: &Arc<Self>) -> Tap {
-        let mut inner = self.lock();
+        let clients = locked(&self.clients);
+        let mut inner = locked(&self.sinks);
         let id = inner.next_sink;
         inner.next_sink += 1;
         inner.sinks.push(Sink { id, ..Sink::default() });
-        let mut clients: Vec<Who> = inner.clients.values().cloned().collect();
-        clients.sort_by_key(|w| w.client);
         self.taps.fetch_add(1, Ordering::Relaxed);
+        let mut clients: Vec<Who> = clients.values().cloned().collect();
+        clients.sort_by_key(|w| w.client);
         Tap {
             point: self.clone(),
             id,
@@ -258,7 +279,7 @@ impl TapPoint {
     /// The session ended: every tap ends once it has taken what it has.
     pub fn close(&self) {
         let wake: Vec<Waker> = {
-            let mut inner = self.lock();
+            let mut inner = locked(&self.sinks);
             inner.closed = true;
             inner.sinks.iter_mut().filter_map(|s| s.waker.take()).collect()
         };
@@ -293,7 +314,9 @@ impl Tap {
     /// ended and everything was taken. Cancel-safe.
     pub async fn next(&mut self, into: &mut VecDeque<Record>) -> bool {
         std::future::poll_fn(|cx| {
-            let mut inner = self.point.lock();
+            let mut inner = locked(&self.point.sinks);
+            let missed = self.point.missed.swap(0, Ordering::Relaxed);
+            inner.sinks.iter_mut().for_each(|s| s.lost += missed);
             let closed = inner.closed;
             let Some(sink) = inner.sinks.iter_mut().find(|s| s.id == self.id) else {
                 return Poll::Ready(false);
@@ -322,7 +345,7 @@ impl Tap {
 
 impl Drop for Tap {
     fn drop(&mut self) {
-        let mut inner = self.point.lock();
+        let mut inner = locked(&self.point.sinks);
         inner.sinks.retain(|s| s.id != self.id);
         self.point.taps.fetch_sub(1, Ordering::Relaxed);
     }
@@ -408,6 +431,28 @@ mod tests {
         let mut batch = VecDeque::new();
         assert!(tap.next(&mut batch).await);
         assert_eq!(events(&batch)[1..], ["lost 1", "e1"]);
+    }
+
+    /// The VM's thread does not wait for a tap holding the lock (the
+    /// kernel may have stopped it there): the record is counted lost.
+    #[tokio::test]
+    async fn a_held_lock_loses_the_record_and_says_so() {
+        let point = TapPoint::new();
+        let mut tap = point.attach();
+        let held = point.sinks.lock().unwrap();
+        point.offer(event(1));
+        point.offer(event(2));
+        drop(held);
+        let mut batch = VecDeque::new();
+        assert!(tap.next(&mut batch).await);
+        assert_eq!(events(&batch), ["lost 2"]);
+        let held = point.sinks.lock().unwrap();
+        point.offer(event(3));
+        drop(held);
+        point.offer(event(4));
+        batch.clear();
+        assert!(tap.next(&mut batch).await);
+        assert_eq!(events(&batch), ["lost 1", "e4"]);
     }
 
     #[tokio::test]
