@@ -33,7 +33,8 @@
 // (upstream::socketwatch, runtime::sock), mapping the event journal's
 // memfd (events::journal), taking ownership of the fds handed over by the
 // previous process and ignoring signals before a re-execution (handover),
-// which have no safe API.
+// lowering a thread's CPU priority (runtime::background), which have no
+// safe API.
 #![deny(unsafe_code)]
 
 pub mod cli;

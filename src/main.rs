@@ -51,6 +51,7 @@ enum Cmd {
     Exec(qmpmux::cli::exec::ExecArgs),
     Events(qmpmux::cli::events::EventsArgs),
     Shell(qmpmux::cli::shell::ShellArgs),
+    Tap(qmpmux::cli::tap::TapArgs),
     Fleet(Box<qmpmux::cli::fleet::FleetArgs>),
     /// Show the running daemon's VMs: runstate, clients, commands in flight,
     /// reconnects, last error.
@@ -416,6 +417,7 @@ async fn async_main(args: Args, inherited: Inherited) -> (ExitCode, Option<Arc<K
         Some(Cmd::Exec(a)) => return (ExitCode::from(qmpmux::cli::exec::run(a, &args.config).await), None),
         Some(Cmd::Events(a)) => return (ExitCode::from(qmpmux::cli::events::run(a, &args.config).await), None),
         Some(Cmd::Shell(a)) => return (ExitCode::from(qmpmux::cli::shell::run(a, &args.config).await), None),
+        Some(Cmd::Tap(a)) => return (ExitCode::from(qmpmux::cli::tap::run(a, &args.config).await), None),
         Some(Cmd::Fleet(a)) => return (ExitCode::from(qmpmux::cli::fleet::run(a, &args.config).await), None),
         Some(Cmd::Status { control, json, names }) => {
             return (status(&args, control.clone(), *json, *names).await, None)

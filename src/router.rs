@@ -79,6 +79,14 @@ impl Lane {
     }
 }
 
+/// When an answered request was submitted, and when it was handed out to
+/// be written to QEMU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Times {
+    pub since: Instant,
+    pub sent_at: Instant,
+}
+
 /// Requests given up on (connection ended, or timed out).
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Abandoned {
@@ -264,15 +272,15 @@ impl Router {
     }
 
     /// The reply with upstream number `n` arrived: who gets it, and when
-    /// the request was submitted. `None` for a reply nobody waits for any
-    /// more (timed out, or unknown).
+    /// the request was submitted and sent. `None` for a reply nobody waits
+    /// for any more (timed out, or unknown).
     #[cfg(test)]
-    pub fn complete(&mut self, n: u64) -> Option<(Route, Instant)> {
+    pub fn complete(&mut self, n: u64) -> Option<(Route, Times)> {
         self.complete_at(n, Instant::now())
     }
 
     /// [`Router::complete`], the reply having come at `now`.
-    pub fn complete_at(&mut self, n: u64, now: Instant) -> Option<(Route, Instant)> {
+    pub fn complete_at(&mut self, n: u64, now: Instant) -> Option<(Route, Times)> {
         if self.fd_in_flight == Some(n) {
             self.fd_in_flight = None;
         }
@@ -296,7 +304,11 @@ impl Router {
                 }
             }
         }
-        (!sent.expired).then_some((sent.route, sent.since))
+        let times = Times {
+            since: sent.since,
+            sent_at: sent.sent_at,
+        };
+        (!sent.expired).then_some((sent.route, times))
     }
 
     /// Gives up on requests submitted longer than `timeout` ago.

@@ -239,6 +239,9 @@ pub async fn run_from_file(
                     let reply = sup.reload_file().await;
                     let _ = done.send(reply);
                 }
+                ControlRequest::Tap { vm, reply } => {
+                    let _ = reply.send(sup.tap(&vm));
+                }
             },
             Ok(()) = stuck.changed() => sup.mark_responding(&stuck.borrow_and_update()),
         }
@@ -604,6 +607,18 @@ impl Supervisor {
             }
             let _ = query.send(report);
         });
+    }
+
+    /// Attaches a tap to VM `vm`; no such VM: the names there are.
+    fn tap(&self, vm: &str) -> Result<crate::upstream::tap::Tap, Vec<String>> {
+        match self.vms.get(vm) {
+            Some(v) => Ok(v.session.tap().attach()),
+            None => {
+                let mut known: Vec<String> = self.vms.keys().cloned().collect();
+                known.sort();
+                Err(known)
+            }
+        }
     }
 
     /// Sets each VM's `responding` gauge from the latest probe.

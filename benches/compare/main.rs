@@ -23,7 +23,8 @@
 //! - `floors.rs`: the least any proxy must do, as child processes
 //! - one file per section: `sequential.rs` (1), `throughput.rs` (2, 3),
 //!   `fanout.rs` (4), `memory.rs` (5), `reconnect.rs` (6), `fairness.rs` (7),
-//!   `filters.rs` (8), `nats.rs` (9), `restarts.rs` (10), `oneshot.rs` (11)
+//!   `filters.rs` (8), `nats.rs` (9), `restarts.rs` (10), `oneshot.rs` (11),
+//!   `tap.rs` (12)
 
 /// Prints a line to stdout and flushes: the table is the output. Progress
 /// goes to stderr ([`progress`]).
@@ -49,6 +50,7 @@ mod reconnect;
 mod restarts;
 mod sequential;
 mod stats;
+mod tap;
 mod throughput;
 
 use common::binary::Binary;
@@ -154,6 +156,8 @@ struct Rig {
     /// qmpmux's sockets for QEMU B and for the fake.
     mux_qemu: PathBuf,
     mux_fake: PathBuf,
+    /// qmpmux's control socket (for section 11's taps).
+    control: PathBuf,
 }
 
 impl Rig {
@@ -166,9 +170,11 @@ impl Rig {
         let qemu_a = Qemu::start_blocking(&[Monitor::Serve(&qa)], &p("qemu-a.log"));
         let qemu_b = Qemu::start_blocking(&[Monitor::Serve(&qb)], &p("qemu-b.log"));
         let fire = FakeServer::bind(&fake_sock).answer_all();
+        let control = p("qmpmux.ctl");
+        let config = config_toml(&[("qemu", &qb, &mux_qemu), ("fake", &fake_sock, &mux_fake)], 4096);
         let daemon = Binary::start(
             &p("qmpmux.toml"),
-            &config_toml(&[("qemu", &qb, &mux_qemu), ("fake", &fake_sock, &mux_fake)], 4096),
+            &format!("control_socket = {:?}\n{config}", control.display().to_string()),
             &p("qmpmux.log"),
             &[&mux_qemu, &mux_fake],
             None,
@@ -182,6 +188,7 @@ impl Rig {
             qa,
             mux_qemu,
             mux_fake,
+            control,
         }
     }
 
@@ -273,6 +280,9 @@ fn main() {
     }
     if plan.wants(11) {
         results["oneshot"] = oneshot::run(&plan, &rig);
+    }
+    if plan.wants(12) {
+        results["tap"] = tap::run(&plan, &rt, &rig);
     }
     // 7 is measured here, on the daemon of 1-4, before 6 restarts its QEMU.
     if plan.wants(7) {

@@ -17,18 +17,18 @@ use std::time::Instant;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::runtime::Runtime;
 
-struct Scenario {
-    label: String,
+pub struct Scenario {
+    pub label: String,
     path: PathBuf,
     caps: &'static [u8],
-    clients: usize,
+    pub clients: usize,
     /// Whether qmpmux is on the path (its CPU is then reported).
     via_mux: bool,
     /// QEMU's pid, or this process for the fake upstream.
     upstream_pid: u32,
 }
 
-fn scenario(
+pub fn scenario(
     label: &str,
     path: &Path,
     caps: &'static [u8],
@@ -170,15 +170,16 @@ async fn pipeline_client(
 }
 
 #[derive(Default, Clone)]
-struct TputSample {
-    rate: f64,
+pub struct TputSample {
+    pub rate: f64,
     errors: u64,
-    mux_cpu: f64,
+    pub mux_cpu: f64,
     upstream_cpu: f64,
     bench_cpu: f64,
 }
 
-async fn tput_once(plan: &Plan, sc: &Scenario, mux_pid: u32) -> TputSample {
+/// One measuring window of scenario `sc` (after a warm-up).
+pub async fn tput_once(plan: &Plan, sc: &Scenario, mux_pid: u32) -> TputSample {
     let conns = open_many(&sc.path, sc.caps, sc.clients, 64).await;
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
@@ -216,7 +217,7 @@ async fn tput_once(plan: &Plan, sc: &Scenario, mux_pid: u32) -> TputSample {
 
 struct TputRow {
     label: String,
-    clients: usize,
+    pub clients: usize,
     via_mux: bool,
     median: TputSample,
     min: f64,

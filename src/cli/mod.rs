@@ -18,6 +18,7 @@ pub mod exec;
 pub mod fleet;
 pub mod shell;
 pub mod show;
+pub mod tap;
 
 use crate::ops::control::{query_status, QueryError, VmStatus};
 use crate::ops::escape::escaped;

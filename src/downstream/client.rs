@@ -125,6 +125,20 @@ impl Peer {
         }
     }
 
+    /// Client `id` as `qmpmux tap` shows it.
+    fn tap_who(&self, id: u64, listener: &Arc<ListenerConfig>) -> crate::upstream::tap::Who {
+        use crate::upstream::tap::PeerId;
+        let peer = match self {
+            Peer::Unix { pid, uid, .. } => PeerId::Unix { pid: *pid, uid: *uid },
+            Peer::Tcp { remote } => PeerId::Remote(remote.clone()),
+        };
+        crate::upstream::tap::Who {
+            client: id,
+            peer,
+            listener: Some(listener.clone()),
+        }
+    }
+
     /// The remote address and identity, for logs: `-` for a unix peer.
     fn remote(&self) -> &str {
         match self {
@@ -207,6 +221,7 @@ where
 {
     let (pid, uid, gid) = peer.ids();
     info!(client = id, listener = %ctx.listener.name, pid, uid, gid, remote = peer.remote(), "client connected");
+    ctx.session.tap().joined(peer.tap_who(id, &ctx.listener));
     let end = AssertUnwindSafe(serve(read, write, direct, id, peer, ctx.clone()))
         .catch_unwind()
         .await
@@ -300,6 +315,7 @@ pub async fn resume<R, W>(
     let id = state.id;
     let (pid, uid, gid) = peer.ids();
     info!(client = id, listener = %ctx.listener.name, pid, uid, gid, "client resumed from the previous qmpmux process");
+    ctx.session.tap().joined(peer.tap_who(id, &ctx.listener));
     let serve = async {
         let oob = ctx.session.status().greeting.as_ref().is_some_and(|g| g.oob);
         let mut reader: Reader<R> = Quiet::new(FramedRead::with_capacity(read, JsonFramer::new(limits(&ctx)), 256));
@@ -683,6 +699,20 @@ impl Client {
         status.lease.as_ref().is_some_and(|h| h.client != self.id)
     }
 
+    /// A reply line made here to `request` (as the client sent it, when a
+    /// tap is attached), which taps see: ready to go in this client's order.
+    fn push_local(&mut self, request: Option<Bytes>, line: Bytes) {
+        let tap = self.ctx.session.tap();
+        if tap.on() {
+            tap.offer(crate::upstream::tap::What::Local {
+                client: self.id,
+                request,
+                reply: line.clone(),
+            });
+        }
+        self.push_ready(line);
+    }
+
     /// A reply line made by qmpmux, ready to go in this client's order.
     fn push_ready(&mut self, line: Bytes) {
         let line = bounded(&self.ctx.vm, self.ctx.opts.max_reply_bytes, line);
@@ -699,13 +729,18 @@ impl Client {
         if let Some(fd) = self.returned_fd.take() {
             passed.restore_fd(fd);
         }
+        // What the client sent, for taps (only when one is attached).
+        let raw = match &frame {
+            Frame::Message(bytes) if self.ctx.session.tap().on() => Some(bytes.clone()),
+            _ => None,
+        };
         let policy = &self.ctx.listener.policy;
         match decide(frame, &mut self.qmp, self.offered, |c, a| policy.admit(c, a)) {
-            Decision::Local(line) => self.push_ready(line),
+            Decision::Local(line) => self.push_local(raw, line),
             Decision::Denied { line, command } => {
                 self.ctx.metrics.refusals.inc();
                 self.audit(&command, Outcome::Denied, Instant::now());
-                self.push_ready(line);
+                self.push_local(raw, line);
             }
             // QEMU's own answer, given here: forwarded, it could take
             // another client's fd, one that reaches QEMU's shared
@@ -714,9 +749,9 @@ impl Client {
                 let id = fwd.id.as_deref().map(qemu_style);
                 let line = error_line(id.as_deref(), "GenericError", NO_FD_PASSED);
                 self.audit(&fwd.command, Outcome::Error, Instant::now());
-                self.push_ready(line);
+                self.push_local(raw, line);
             }
-            Decision::Forward(fwd) if extensions::is_extension(&fwd.command) => self.extension(fwd).await,
+            Decision::Forward(fwd) if extensions::is_extension(&fwd.command) => self.extension(fwd, raw).await,
             Decision::Forward(fwd) => {
                 let seq = self.next_seq;
                 self.next_seq += 1;
@@ -861,18 +896,19 @@ impl Client {
     /// One of qmpmux's own commands: `query-proxy` answered here, the
     /// rest by the session (which owns events and the lease), in this
     /// client's order of replies like any command.
-    async fn extension(&mut self, fwd: crate::qmp::request::Forward) {
+    /// `raw`: the request as the client sent it, for taps.
+    async fn extension(&mut self, fwd: crate::qmp::request::Forward, raw: Option<Bytes>) {
         let id = fwd.id.as_deref().map(qemu_style);
         let ext = match extensions::parse(&fwd.command, fwd.ext_arguments.as_deref()) {
             Ok(Extension::QueryProxy) => {
                 let line = self.query_proxy(fwd.id.as_deref());
-                self.push_ready(line);
+                self.push_local(raw, line);
                 return;
             }
             Ok(ext) => ext,
             Err(refusal) => {
                 let line = error_line(id.as_deref(), refusal.class, &refusal.desc);
-                self.push_ready(line);
+                self.push_local(raw, line);
                 return;
             }
         };
@@ -896,7 +932,8 @@ impl Client {
             who: self.peer.describe(self.id),
             token: None,
         };
-        if self.ctx.session.extension(self.id, seq, ext).await.is_err() {
+        let tail = Some(fwd.tail);
+        if self.ctx.session.extension_as(self.id, seq, ext, tail).await.is_err() {
             let vm = self.ctx.vm.clone();
             self.fill(seq, Outcome::QmpmuxError, |id| failure_line(&vm, id, FailKind::NotSent));
         }

@@ -8,6 +8,11 @@
 //! each a time limit ([`Gate`]), so that idle peers cannot use up qmpmux's
 //! file descriptors. Whoever may connect may reload: the socket has the
 //! same permissions as the VMs' sockets, whose clients control the VMs.
+//!
+//! `tap VM [FILTERS]` turns the connection into a stream of the VM's
+//! traffic (see [`super::tap`]): it leaves the slots above for a few of
+//! its own ([`super::tap::MAX_TAPS`]), and lasts as long as the peer
+//! wants.
 
 use super::escape::{escaped, quoted};
 use super::gate::Gate;
@@ -145,6 +150,11 @@ pub enum ControlRequest {
     /// Reload the configuration file the daemon was started with, as
     /// SIGHUP does, and say how it went.
     Reload(oneshot::Sender<ReloadReply>),
+    /// Attach a tap to VM `vm`; no such VM: the names of those there are.
+    Tap {
+        vm: String,
+        reply: oneshot::Sender<Result<crate::upstream::tap::Tap, Vec<String>>>,
+    },
 }
 
 /// The outcome of `reload` on the control socket.
@@ -183,25 +193,56 @@ const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 /// `TimeoutSec=` for `ExecReload=` (90 s).
 pub const RELOAD_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Serves the control socket until `stop`.
+/// The longest request line.
+const MAX_REQUEST: u64 = 16 << 10;
+
+/// Serves the control socket until `stop`; taps get an `end` line then.
 pub async fn serve_control(listener: UnixListener, requests: mpsc::Sender<ControlRequest>, stop: CancellationToken) {
     let mut gate = Gate::new("control socket", CONTROL_MAX_CONNECTIONS);
+    let taps = Taps {
+        slots: std::sync::Arc::new(tokio::sync::Semaphore::new(super::tap::MAX_TAPS)),
+        running: tokio_util::task::TaskTracker::new(),
+        stop: stop.clone(),
+    };
     while let Some(((stream, _), permit)) = gate.accept(&stop, || listener.accept()).await {
         let requests = requests.clone();
+        let taps = taps.clone();
         tokio::spawn(async move {
-            let _ = answer(stream, requests).await;
-            drop(permit);
+            let _ = answer(stream, requests, permit, &taps).await;
         });
     }
+    taps.running.close();
+    let _ = tokio::time::timeout(Duration::from_secs(1), taps.running.wait()).await;
 }
 
-async fn answer(stream: UnixStream, requests: mpsc::Sender<ControlRequest>) -> std::io::Result<()> {
+/// The taps' own slots, and their tasks (waited for briefly at the end,
+/// so that each gets its `end` line out).
+#[derive(Clone)]
+struct Taps {
+    slots: std::sync::Arc<tokio::sync::Semaphore>,
+    running: tokio_util::task::TaskTracker,
+    stop: CancellationToken,
+}
+
+async fn answer(
+    stream: UnixStream,
+    requests: mpsc::Sender<ControlRequest>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    taps: &Taps,
+) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let timed_out = || std::io::Error::from(std::io::ErrorKind::TimedOut);
-    tokio::time::timeout(CONTROL_TIMEOUT, BufReader::new(read.take(1024)).read_line(&mut line))
+    let mut reader = BufReader::new(read.take(MAX_REQUEST));
+    tokio::time::timeout(CONTROL_TIMEOUT, reader.read_line(&mut line))
         .await
         .map_err(|_| timed_out())??;
+    if let Some(rest) = line.trim().strip_prefix("tap ") {
+        // Long-lived: out of the gate's slots, into the taps'.
+        drop(permit);
+        let read = reader.into_inner().into_inner();
+        return tap(rest, read, write, requests, taps).await;
+    }
     let (request, pending) = match line.trim() {
         "status" => {
             let (tx, rx) = oneshot::channel();
@@ -213,8 +254,7 @@ async fn answer(stream: UnixStream, requests: mpsc::Sender<ControlRequest>) -> s
         }
         other => {
             let other = escaped(other);
-            let reply =
-                serde_json::json!({ "error": format!("unknown request \"{other}\"; try \"status\" or \"reload\"") });
+            let reply = serde_json::json!({ "error": format!("unknown request \"{other}\"; try \"status\", \"reload\" or \"tap VM\"") });
             return write_line(&mut write, &reply.to_string()).await;
         }
     };
@@ -234,6 +274,68 @@ async fn answer(stream: UnixStream, requests: mpsc::Sender<ControlRequest>) -> s
     tokio::time::timeout(CONTROL_TIMEOUT, write_line(&mut write, &reply))
         .await
         .map_err(|_| timed_out())?
+}
+
+/// `tap VM [FILTERS]` (`rest` is what follows `tap `): the VM's traffic
+/// until the peer closes, or an `error` line.
+async fn tap(
+    rest: &str,
+    read: tokio::net::unix::OwnedReadHalf,
+    mut write: tokio::net::unix::OwnedWriteHalf,
+    requests: mpsc::Sender<ControlRequest>,
+    taps: &Taps,
+) -> std::io::Result<()> {
+    use super::tap::{error, Filter, Filters};
+    let (vm, filters) = rest.trim().split_once(char::is_whitespace).unwrap_or((rest.trim(), ""));
+    let filters = match filters.trim() {
+        "" => Ok(Filters::default()),
+        json => serde_json::from_str::<Filters>(json).map_err(|e| format!("bad filters: {e}")),
+    };
+    let filter = match filters.and_then(Filter::new) {
+        Ok(f) => f,
+        Err(e) => return write_line(&mut write, error("usage", &e).trim_end()).await,
+    };
+    let Ok(slot) = taps.slots.clone().try_acquire_owned() else {
+        let busy = format!("qmpmux serves {} taps at once, and has them", super::tap::MAX_TAPS);
+        return write_line(&mut write, error("busy", &busy).trim_end()).await;
+    };
+    let (reply, answer) = oneshot::channel();
+    let vm = vm.to_string();
+    if requests
+        .send(ControlRequest::Tap { vm: vm.clone(), reply })
+        .await
+        .is_err()
+    {
+        return Ok(());
+    }
+    let tap = match tokio::time::timeout(CONTROL_TIMEOUT, answer).await {
+        Ok(Ok(Ok(tap))) => tap,
+        Ok(Ok(Err(known))) => {
+            let known = if known.is_empty() {
+                "none".into()
+            } else {
+                known.join(", ")
+            };
+            let text = format!("no VM '{vm}' in qmpmux (VMs: {known})");
+            return write_line(&mut write, error("unknown-vm", &text).trim_end()).await;
+        }
+        _ => return Ok(()),
+    };
+    // Served on the background thread, which yields to the VMs' threads:
+    // the connection moves to its runtime.
+    let stream = read
+        .reunite(write)
+        .map_err(|_| std::io::Error::other("a connection's halves do not match"))?
+        .into_std()?;
+    let stop = taps.stop.clone();
+    let served = taps.running.track_future(async move {
+        let (read, write) = UnixStream::from_std(stream)?.into_split();
+        let result = super::tap::serve(read, write, &vm, tap, filter, &stop).await;
+        drop(slot);
+        result
+    });
+    crate::runtime::background::handle()?.spawn(served);
+    Ok(())
 }
 
 /// Where the supervisor's answer comes from.

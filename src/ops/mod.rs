@@ -10,6 +10,7 @@
 //!   VM threads answer.
 //! - [`trim`]: freed memory handed back after many clients leave.
 //! - [`demo`]: the demo VM `qmpmux` serves when no VM is configured.
+//! - [`tap`]: `qmpmux tap`, a VM's traffic on the control socket.
 
 pub mod control;
 pub mod demo;
@@ -19,4 +20,5 @@ mod gate;
 pub mod logging;
 pub mod metrics;
 pub mod systemd;
+pub mod tap;
 pub mod trim;

@@ -62,6 +62,19 @@ fn generic(desc: String) -> Refusal {
     }
 }
 
+impl Extension {
+    /// The command's name, as clients send it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Extension::QueryProxy => "__org.qmpmux_query-proxy",
+            Extension::Subscribe(_) => "__org.qmpmux_subscribe",
+            Extension::QueryEvents { .. } => "__org.qmpmux_query-events",
+            Extension::Lease { .. } => "__org.qmpmux_lease",
+            Extension::Release => "__org.qmpmux_release",
+        }
+    }
+}
+
 /// Whether `command` is one of qmpmux's (by its prefix).
 pub fn is_extension(command: &str) -> bool {
     command.starts_with(EXTENSION_PREFIX)
@@ -206,6 +219,19 @@ impl Args {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_are_what_clients_send() {
+        for name in ["query-proxy", "subscribe", "query-events", "release"] {
+            let command = format!("__org.qmpmux_{name}");
+            assert_eq!(parse(&command, None).unwrap().name(), command);
+        }
+        let args = serde_json::value::RawValue::from_string(r#"{"seconds": 5}"#.into()).unwrap();
+        assert_eq!(
+            parse("__org.qmpmux_lease", Some(&args)).unwrap().name(),
+            "__org.qmpmux_lease"
+        );
+    }
 
     fn p(command: &str, args: &str) -> Result<Extension, Refusal> {
         let raw = RawValue::from_string(args.to_string()).unwrap();

@@ -3,7 +3,9 @@
 //! - [`quiet`]: futures polled again only once their own waker fired.
 //! - [`sock`]: unix sockets that wake their thread only to be read.
 //! - [`fanout`]: one buffer to many sockets in one system call.
+//! - [`background`]: a low-priority thread for taps.
 
+pub mod background;
 pub mod fanout;
 pub mod quiet;
 pub mod shards;

@@ -76,6 +76,8 @@ pub(super) struct Hub {
     events_tx: watch::Sender<u64>,
     /// Handed over to the next process: the session stops.
     pub frozen: bool,
+    /// What `qmpmux tap` sees of the VM.
+    pub tap: Arc<super::tap::TapPoint>,
 }
 
 impl Hub {
@@ -102,6 +104,7 @@ impl Hub {
             actions,
             events_tx,
             frozen: false,
+            tap: super::tap::TapPoint::new(),
         }
     }
 
@@ -328,7 +331,12 @@ impl Hub {
     pub fn close_fd_names(&mut self, names: impl IntoIterator<Item = String>) {
         let route = Route { client: 0, seq: 0 };
         for name in names {
-            self.router.submit(route, closefd_tail(&name), Instant::now());
+            let tail = closefd_tail(&name);
+            if self.tap.on() {
+                let (client, seq, tail) = (0, 0, tail.clone());
+                self.tap.offer(super::tap::What::Request { client, seq, tail });
+            }
+            self.router.submit(route, tail, Instant::now());
         }
     }
 
@@ -364,6 +372,9 @@ impl Hub {
         self.metrics.evicted.inc_by(self.history.evicted() - evicted);
         self.actions.fire(name, &line, Some(seq));
         self.events_tx.send_replace(seq + 1);
+        if self.tap.on() {
+            self.tap.offer(super::tap::What::Event(line.clone()));
+        }
         let mut with_seq: Option<Bytes> = None;
         let mut gone = Vec::new();
         // Idle clients get the event straight on their sockets, all in one
@@ -486,12 +497,35 @@ impl Hub {
         if let Some((seq, done)) = outcome {
             self.finished(client, seq, done);
         }
+        if self.tap.on() {
+            self.tap_answer(client, &msg);
+        }
         let Some(member) = self.clients.get(&client) else {
             return;
         };
         if let Err(e) = member.mailbox.send(msg) {
             self.drop_client(client, e == SendError::Full);
         }
+    }
+
+    /// qmpmux's own answer (not QEMU's reply, which the session offers
+    /// with its times), for the taps.
+    fn tap_answer(&self, client: u64, msg: &ToClient) {
+        use super::tap::What;
+        let what = match msg {
+            ToClient::Failed { seq, kind } => What::Failed {
+                client,
+                seq: *seq,
+                kind: *kind,
+            },
+            ToClient::Answer { seq, answer } => What::Answer {
+                client,
+                seq: *seq,
+                answer: (**answer).clone(),
+            },
+            _ => return,
+        };
+        self.tap.offer(what);
     }
 
     /// `client`'s request `seq` is over (`done`: it may have run).

@@ -12,6 +12,7 @@ pub mod lease;
 pub mod mailbox;
 mod session;
 pub mod socketwatch;
+pub mod tap;
 
 pub use crate::state::{FailKind, Runstate, Status};
 
@@ -112,7 +113,7 @@ pub struct Extension {
 }
 
 /// The session's answer to a command it answers itself.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Answer {
     /// `{"return": RAW}`: RAW is JSON text in QEMU's layout.
     Return(String),
@@ -213,6 +214,8 @@ pub struct SessionHandle {
     status: watch::Receiver<Status>,
     /// The number the next event will get: changes with every event.
     events: watch::Receiver<u64>,
+    /// What `qmpmux tap` sees of the VM.
+    tap: std::sync::Arc<tap::TapPoint>,
 }
 
 /// The session is gone (the VM is stopping).
@@ -303,11 +306,24 @@ impl SessionHandle {
             attached,
         };
         self.tx.send(msg).await.map_err(|_| SessionGone)?;
-        ack.await.map_err(|_| SessionGone)
+        ack.await.map_err(|_| SessionGone)?;
+        self.tap.joined(tap::Who {
+            client,
+            peer: tap::PeerId::Nats,
+            listener: None,
+        });
+        Ok(())
     }
 
     /// Forwards a request of `client`; the reply comes to its mailbox.
     pub async fn execute(&self, client: u64, request: Request) -> Result<(), SessionGone> {
+        if self.tap.on() {
+            self.tap.offer(tap::What::Request {
+                client,
+                seq: request.seq,
+                tail: request.tail.clone(),
+            });
+        }
         self.tx
             .send(ToSession::Execute { client, request })
             .await
@@ -315,8 +331,29 @@ impl SessionHandle {
     }
 
     /// One of qmpmux's commands the session answers (as
-    /// [`ToClient::Answer`] with `seq`).
+    /// [`ToClient::Answer`] with `seq`); taps see its name.
     pub async fn extension(&self, client: u64, seq: u64, ext: Extension) -> Result<(), SessionGone> {
+        self.extension_as(client, seq, ext, None).await
+    }
+
+    /// [`SessionHandle::extension`], which taps see as `tail` (what
+    /// follows `{"id": N` in the request as the client sent it).
+    pub async fn extension_as(
+        &self,
+        client: u64,
+        seq: u64,
+        ext: Extension,
+        tail: Option<Bytes>,
+    ) -> Result<(), SessionGone> {
+        if self.tap.on() {
+            let tail = tail.unwrap_or_else(|| {
+                Bytes::from(format!(
+                    ",\"execute\":{}}}",
+                    crate::qmp::outgoing::json_str(ext.ext.name())
+                ))
+            });
+            self.tap.offer(tap::What::Request { client, seq, tail });
+        }
         let ext = Box::new(ext);
         self.tx
             .send(ToSession::Extension { client, seq, ext })
@@ -330,7 +367,14 @@ impl SessionHandle {
     /// and its mailbox (and so its task's memory) with the session until
     /// the next event.
     pub async fn detach(&self, client: u64) {
+        self.tap.left(client);
         let _ = self.tx.send(ToSession::Detach { client }).await;
+    }
+
+    /// What `qmpmux tap` sees of the VM: clients join and make records
+    /// there.
+    pub fn tap(&self) -> &std::sync::Arc<tap::TapPoint> {
+        &self.tap
     }
 
     /// Whether both handles reach the same session (a VM restarted by a

@@ -87,6 +87,8 @@ struct Session {
     keeper: Arc<Keeper>,
     /// The connection the previous process handed over, served first.
     adopted: Option<Adopted>,
+    /// Ends the VM's taps when the session ends, however it ends.
+    _taps: super::tap::CloseGuard,
 }
 
 /// A connection to QEMU handed over by the previous qmpmux process.
@@ -152,6 +154,7 @@ pub fn spawn(spec: Spec, shutdown: CancellationToken, tracker: &TaskTracker) -> 
         router.number_from(History::first_number());
     }
     let mut hub = Hub::new(&vm.name, router, history, status, metrics.clone(), actions, events_tx);
+    let tap = hub.tap.clone();
     hub.restore(&restored.0, restored.1);
     let session = Session {
         backoff: Backoff::new(opts.backoff),
@@ -168,12 +171,14 @@ pub fn spawn(spec: Spec, shutdown: CancellationToken, tracker: &TaskTracker) -> 
         metrics,
         keeper,
         adopted,
+        _taps: super::tap::CloseGuard(tap.clone()),
     };
     tracker.spawn(session.run().instrument(span));
     SessionHandle {
         tx,
         status: status_rx,
         events: events_rx,
+        tap,
     }
 }
 
@@ -650,11 +655,21 @@ impl Session {
                 // of what the request cost QEMU.
                 let now = std::time::Instant::now();
                 match self.hub.router.complete_at(reply.n, now) {
-                    Some((route, since)) => {
+                    Some((route, times)) => {
                         self.metrics
-                            .observe_latency(now.saturating_duration_since(since).as_secs_f64());
+                            .observe_latency(now.saturating_duration_since(times.since).as_secs_f64());
                         if reply.error {
                             self.metrics.errors.inc();
+                        }
+                        if self.hub.tap.on() {
+                            self.hub.tap.offer(super::tap::What::Reply {
+                                client: route.client,
+                                seq: route.seq,
+                                reply: reply.bytes.clone(),
+                                error: reply.error,
+                                queued: times.sent_at.saturating_duration_since(times.since),
+                                qemu: now.saturating_duration_since(times.sent_at),
+                            });
                         }
                         self.hub.reply(route.client, route.seq, reply.bytes, reply.error);
                     }
