@@ -45,6 +45,31 @@ pub fn parse(words: &[String]) -> Result<Option<Map<String, Value>>, ArgsError> 
     }
 }
 
+/// The command and arguments that run human monitor (HMP) `command_line`
+/// through QMP's `human-monitor-command`.
+pub fn hmp(command_line: &str) -> (String, Map<String, Value>) {
+    let mut arguments = Map::new();
+    arguments.insert("command-line".into(), Value::String(command_line.to_owned()));
+    ("human-monitor-command".to_owned(), arguments)
+}
+
+/// What `--hmp LINE`, or `COMMAND ARGUMENTS...`, of `qmpmux exec` and
+/// `qmpmux fleet exec` run: the command and its arguments.
+pub fn command_of(
+    hmp_line: Option<&str>,
+    command: Option<&str>,
+    words: &[String],
+) -> Result<(String, Option<Map<String, Value>>), super::CliError> {
+    match (hmp_line, command) {
+        (Some(line), _) => {
+            let (command, arguments) = hmp(line);
+            Ok((command, Some(arguments)))
+        }
+        (None, Some(command)) => Ok((command.to_owned(), parse(words)?)),
+        (None, None) => Err(super::CliError::Usage("no COMMAND (nor --hmp) given".into())),
+    }
+}
+
 /// A `key=value` word's value: JSON where it parses as JSON, else the text.
 pub fn value_of(text: &str) -> Value {
     serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_owned()))

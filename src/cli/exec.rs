@@ -49,15 +49,7 @@ pub async fn run(args: &ExecArgs, config: &std::path::Path) -> u8 {
 }
 
 async fn exec(args: &ExecArgs, config: &std::path::Path) -> Result<u8, CliError> {
-    let (command, arguments) = match (&args.hmp, &args.command) {
-        (Some(line), _) => {
-            let mut map = serde_json::Map::new();
-            map.insert("command-line".into(), line.clone().into());
-            ("human-monitor-command".to_owned(), Some(map))
-        }
-        (None, Some(command)) => (command.clone(), super::args::parse(&args.arguments)?),
-        (None, None) => return Err(CliError::Usage("no COMMAND (nor --hmp) given".into())),
-    };
+    let (command, arguments) = super::args::command_of(args.hmp.as_deref(), args.command.as_deref(), &args.arguments)?;
     let control = super::control_path(config, args.reach.control.clone());
     let target = find(&control, &args.vm).await?;
     let work = async {

@@ -7,7 +7,7 @@ use super::{CliError, FleetError};
 use crate::cli::client::{into_result, Line};
 use crate::cli::show::Ordered;
 use futures_util::StreamExt;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -112,15 +112,8 @@ impl Row {
 
 /// Runs `qmpmux fleet exec`; the exit status.
 pub async fn run(args: &ExecArgs, nats: &NatsArgs, config: &Path) -> Result<u8, CliError> {
-    let (command, arguments) = match (&args.hmp, &args.command) {
-        (Some(line), _) => {
-            let mut map = Map::new();
-            map.insert("command-line".into(), line.clone().into());
-            ("human-monitor-command".to_owned(), Some(map))
-        }
-        (None, Some(command)) => (command.clone(), crate::cli::args::parse(&args.arguments)?),
-        (None, None) => return Err(CliError::Usage("no COMMAND (nor --hmp) given".into())),
-    };
+    let (command, arguments) =
+        crate::cli::args::command_of(args.hmp.as_deref(), args.command.as_deref(), &args.arguments)?;
     let timeout = Duration::from_secs_f64(args.timeout);
     let (conn, hosts) = args.find.find(Some(&args.pattern), nats, config).await?;
     let request = bytes::Bytes::from(crate::cli::args::request(&command, arguments.as_ref(), None));

@@ -10,7 +10,6 @@ use rustyline::highlight::Highlighter;
 use rustyline::hint::Hinter;
 use rustyline::validate::Validator;
 use rustyline::Context;
-use serde_json::Value;
 use std::cell::OnceCell;
 
 pub struct Helper {
@@ -58,11 +57,8 @@ impl Helper {
 
     /// HMP's answer to `command_line`.
     fn hmp_text(&self, command_line: &str) -> Option<String> {
-        let mut arguments = serde_json::Map::new();
-        arguments.insert("command-line".into(), Value::String(command_line.into()));
-        let line = self
-            .handle
-            .fetch(&request("human-monitor-command", Some(&arguments), None))?;
+        let (command, arguments) = crate::cli::args::hmp(command_line);
+        let line = self.handle.fetch(&request(&command, Some(&arguments), None))?;
         line.value.get("return")?.as_str().map(str::to_owned)
     }
 }

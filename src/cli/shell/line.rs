@@ -70,11 +70,10 @@ pub fn hmp(line: &str) -> Input {
         _ if text.starts_with('#') => Input::Nothing,
         "exit" => Input::Leave,
         _ => {
-            let mut arguments = serde_json::Map::new();
-            arguments.insert("command-line".into(), Value::String(text.to_owned()));
+            let (command, arguments) = args::hmp(text);
             Input::Send {
                 name: text.split_whitespace().next().unwrap_or_default().to_owned(),
-                request: args::request("human-monitor-command", Some(&arguments), None),
+                request: args::request(&command, Some(&arguments), None),
             }
         }
     }
